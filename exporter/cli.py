@@ -1,0 +1,26 @@
+"""The `aep-exporter` command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from exporter import __version__
+from exporter.emulator import cli as emulator_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aep-exporter",
+        description="Export Adobe Experience Platform datasets to cloud storage.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    emulator_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

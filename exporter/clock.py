@@ -1,0 +1,83 @@
+"""Time as a seam: everything that reads the clock or sleeps takes a `Clock`.
+
+`SystemClock` is the real one. `FakeClock` moves only when a test advances it, waking the
+sleepers whose deadlines have passed in deadline order, so backoff, deadlines and emulated
+waits are tested without sleeping for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Wall-clock time, epoch seconds."""
+
+    def monotonic(self) -> float:
+        """A clock that never goes backwards, for intervals and deadlines."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait for `seconds` of this clock's time."""
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock:
+    """A clock that stands still until `advance()` is awaited."""
+
+    def __init__(self, start: float = 1_767_225_600.0) -> None:  # 2026-01-01T00:00:00Z
+        self._wall0 = start
+        self._now = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def time(self) -> float:
+        return self._wall0 + self._now
+
+    def monotonic(self) -> float:
+        return self._now
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleeps are waiting for time to pass."""
+        return sum(1 for *_, fut in self._sleepers if not fut.done())
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, waking each sleeper at its deadline and letting it run."""
+        target = self._now + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, fut = heapq.heappop(self._sleepers)
+            self._now = max(self._now, deadline)
+            if not fut.done():
+                fut.set_result(None)
+            await _settle()
+        self._now = target
+        await _settle()
+
+
+async def _settle() -> None:
+    # A few loop turns let woken tasks run until they block again.
+    for _ in range(5):
+        await asyncio.sleep(0)
