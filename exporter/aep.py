@@ -12,7 +12,7 @@ from dataclasses import dataclass
 FLOW_SERVICE_PATH = "/data/foundation/flowservice"
 ADHOC_PATH = "/data/core/activation/disflowprovider/adhocrun"
 LANDING_ZONE_PATH = "/data/foundation/connectors/landingzone"
-IMS_TOKEN_PATH = "/ims/token/v3"
+IMS_TOKEN_PATH = "/ims/token/v3"  # noqa: S105 - a URL path, not a secret
 
 DATALAKE_SOURCE_SPEC_ID = "23598e46-f560-407b-88d5-ea6207e49db0"
 DATALAKE_SOURCE_SPEC_NAME = "activation-datalake"
@@ -21,9 +21,7 @@ SPEC_VERSION = "1.0"
 
 ADHOC_DATASET_ACCEPT = "application/vnd.adobe.adhoc.dataset.activation+json; version=1"
 NOT_READY_PHRASE = "Following order ID(s) are not ready for dataset export"
-NOT_READY_MESSAGE = (
-    f"Invalid parameter: {NOT_READY_PHRASE}, please wait for 10 minutes and retry."
-)
+NOT_READY_MESSAGE = f"Invalid parameter: {NOT_READY_PHRASE}, please wait for 10 minutes and retry."
 NOT_ENABLED_PHRASE = "Adhoc run can not be executed for Flow spec"
 ALREADY_RUNNING_PHRASE = "Run already going on for dataset"
 

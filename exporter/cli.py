@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from exporter import __version__
 from exporter.emulator import cli as emulator_cli
@@ -17,7 +18,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     emulator_cli.add_parser(sub)
+    demo = sub.add_parser("demo", help="walk the export workflow against a local emulator")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        help="where the demo keeps its data (default %(default)s; wiped first)",
+    )
+    demo.set_defaults(func=lambda args: run_demo(args.workdir))
     return parser
+
+
+def run_demo(workdir: Path) -> int:
+    from exporter.demo import main as demo_main
+
+    return demo_main(workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

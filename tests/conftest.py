@@ -44,10 +44,16 @@ class Emulator:
     async def token(self) -> str:
         if self._token is None:
             answer = await self.request(
-                "POST", "/ims/token/v3", form={
-                    "grant_type": "client_credentials", "client_id": DEFAULT_CLIENT_ID,
-                    "client_secret": DEFAULT_CLIENT_SECRET, "scope": "openid,AdobeID"},
-                auth=False)
+                "POST",
+                "/ims/token/v3",
+                form={
+                    "grant_type": "client_credentials",
+                    "client_id": DEFAULT_CLIENT_ID,
+                    "client_secret": DEFAULT_CLIENT_SECRET,
+                    "scope": "openid,AdobeID",
+                },
+                auth=False,
+            )
             assert answer.status == 200, answer.body
             self._token = answer.body["access_token"]
         return self._token
@@ -61,14 +67,22 @@ class Emulator:
         }
 
     async def request(
-        self, method: str, path: str, *, json_body: Any = None, form: dict[str, str] | None = None,
-        params: Any = None, headers: dict[str, str] | None = None, auth: bool = True,
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        form: dict[str, str] | None = None,
+        params: Any = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
         sandbox: str | None = None,
     ) -> Answer:
         sent = dict(await self.headers(sandbox)) if auth else {}
         sent.update(headers or {})
-        async with self.session.request(method, self.url + path, json=json_body, data=form,
-                                        params=params, headers=sent) as resp:
+        async with self.session.request(
+            method, self.url + path, json=json_body, data=form, params=params, headers=sent
+        ) as resp:
             raw = await resp.read()
             try:
                 body = json.loads(raw) if raw else None
@@ -81,22 +95,25 @@ class Emulator:
         return await self.request(method, FLOW_SERVICE_PATH + path, **kwargs)
 
     async def control(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.session.request(method, f"{self.url}/_emulator{path}",
-                                        json=body) as resp:
+        async with self.session.request(method, f"{self.url}/_emulator{path}", json=body) as resp:
             payload = await resp.json()
             assert resp.status < 300, payload
             return payload
 
     async def seed(self, rows: int = 50, count: int = 1, sandbox: str = "prod") -> list[str]:
-        made = await self.control("POST", "/datasets", {"rows": rows, "count": count,
-                                                        "sandbox": sandbox, "seed": 7})
+        made = await self.control(
+            "POST", "/datasets", {"rows": rows, "count": count, "sandbox": sandbox, "seed": 7}
+        )
         return [d["id"] for d in made["datasets"]]
 
 
 def default_knobs(**changes: Any) -> Knobs:
     """Test defaults: no latency, a short not-ready window and short runs (emulated)."""
-    base: dict[str, Any] = {"not_ready_window_s": 60, "run_duration_s": {"min": 5, "max": 5},
-                            "seed": 1234}
+    base: dict[str, Any] = {
+        "not_ready_window_s": 60,
+        "run_duration_s": {"min": 5, "max": 5},
+        "seed": 1234,
+    }
     return Knobs.model_validate({**base, **changes})
 
 

@@ -26,10 +26,12 @@ def create_app(knobs: Knobs, data_dir: Path, *, clock: Clock | None = None) -> w
     fs = FLOW_SERVICE_PATH
     r.add_post(IMS_TOKEN_PATH, ims_token, name="ims.token")
     r.add_get(f"{fs}/connectionSpecs", conn.list_connection_specs, name="connectionSpecs.list")
-    r.add_get(f"{fs}/connectionSpecs/{{id}}", conn.get_connection_spec,
-              name="connectionSpecs.get")
-    r.add_get(f"{fs}/connectionSpecs/{{id}}/configs", conn.exportable_datasets,
-              name="connectionSpecs.configs")
+    r.add_get(f"{fs}/connectionSpecs/{{id}}", conn.get_connection_spec, name="connectionSpecs.get")
+    r.add_get(
+        f"{fs}/connectionSpecs/{{id}}/configs",
+        conn.exportable_datasets,
+        name="connectionSpecs.configs",
+    )
     r.add_get(f"{fs}/flowSpecs", conn.list_flow_specs, name="flowSpecs.list")
     r.add_get(f"{fs}/flowSpecs/{{id}}", conn.get_flow_spec, name="flowSpecs.get")
     for path, collection, create in (
@@ -47,10 +49,16 @@ def create_app(knobs: Knobs, data_dir: Path, *, clock: Clock | None = None) -> w
     r.add_get(f"{fs}/runs", runs.list_runs, name="runs.list")
     r.add_get(f"{fs}/runs/{{id}}", runs.get_run, name="runs.get")
     r.add_post(ADHOC_PATH, runs.adhoc_run, name="adhoc.run")
-    r.add_get(f"{LANDING_ZONE_PATH}/credentials", landingzone.get_credentials,
-              name="landingzone.credentials")
-    r.add_post(f"{LANDING_ZONE_PATH}/credentials", landingzone.refresh_credentials,
-               name="landingzone.refresh")
+    r.add_get(
+        f"{LANDING_ZONE_PATH}/credentials",
+        landingzone.get_credentials,
+        name="landingzone.credentials",
+    )
+    r.add_post(
+        f"{LANDING_ZONE_PATH}/credentials",
+        landingzone.refresh_credentials,
+        name="landingzone.refresh",
+    )
     r.add_get(LANDING_ZONE_PATH, landingzone.container_info, name="landingzone.info")
     control.add_routes(app)
     return app
@@ -58,7 +66,11 @@ def create_app(knobs: Knobs, data_dir: Path, *, clock: Clock | None = None) -> w
 
 @asynccontextmanager
 async def serve(
-    knobs: Knobs, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
+    knobs: Knobs,
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
     clock: Clock | None = None,
 ) -> AsyncIterator[tuple[str, EmulatorState]]:
     """Run the emulator until the block exits; yields its base URL and its state."""
@@ -68,8 +80,7 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     await site.start()
     try:
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        bound = sockets[0].getsockname()[1] if sockets else port
+        bound = runner.addresses[0][1] if runner.addresses else port
         yield f"http://{host}:{bound}", app[STATE_KEY]
     finally:
         await runner.cleanup()

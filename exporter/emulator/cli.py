@@ -33,56 +33,114 @@ def add_parser(subparsers: Any) -> None:
     _common(parser)
     net = parser.add_argument_group("listening")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    net.add_argument("--port", type=int, default=8765,
-                     help="port; 0 picks a free one (default %(default)s)")
+    net.add_argument(
+        "--port", type=int, default=8765, help="port; 0 picks a free one (default %(default)s)"
+    )
     who = parser.add_argument_group("identity")
     who.add_argument("--client-id", default=Knobs().client_id, help="(default %(default)s)")
-    who.add_argument("--client-secret-file", type=Path,
-                     help="file holding the accepted client secret (default: the documented "
-                     "'emulator-secret')")
+    who.add_argument(
+        "--client-secret-file",
+        type=Path,
+        help="file holding the accepted client secret (default: the documented 'emulator-secret')",
+    )
     who.add_argument("--org-id", default=Knobs().org_id, help="(default %(default)s)")
-    who.add_argument("--sandbox", action="append", dest="sandboxes",
-                     help="a sandbox name to serve; repeat for more (default: prod and dev)")
-    who.add_argument("--token-lifetime", type=float, default=Knobs().token_lifetime_s,
-                     metavar="S", help="access token lifetime in seconds (default %(default)s)")
+    who.add_argument(
+        "--sandbox",
+        action="append",
+        dest="sandboxes",
+        help="a sandbox name to serve; repeat for more (default: prod and dev)",
+    )
+    who.add_argument(
+        "--token-lifetime",
+        type=float,
+        default=Knobs().token_lifetime_s,
+        metavar="S",
+        help="access token lifetime in seconds (default %(default)s)",
+    )
     t = parser.add_argument_group("emulated time")
-    t.add_argument("--time-scale", type=float, default=1.0,
-                   help="real seconds per emulated second (0.01: ten minutes take six seconds)")
-    t.add_argument("--not-ready-window", type=float, default=600, metavar="S",
-                   help="emulated seconds after a flow's creation during which ad hoc runs "
-                   "answer 'not ready' (default %(default)s)")
-    t.add_argument("--run-duration", type=Span.parse, default=Span(min=20, max=60),
-                   metavar="A-B", help="emulated run duration, uniform in [A, B] (default 20-60)")
+    t.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="real seconds per emulated second (0.01: ten minutes take six seconds)",
+    )
+    t.add_argument(
+        "--not-ready-window",
+        type=float,
+        default=600,
+        metavar="S",
+        help="emulated seconds after a flow's creation during which ad hoc runs "
+        "answer 'not ready' (default %(default)s)",
+    )
+    t.add_argument(
+        "--run-duration",
+        type=Span.parse,
+        default=Span(min=20, max=60),
+        metavar="A-B",
+        help="emulated run duration, uniform in [A, B] (default 20-60)",
+    )
     t.add_argument("--run-failure-rate", type=float, default=0.0, metavar="P")
-    t.add_argument("--run-partial-rate", type=float, default=0.0, metavar="P",
-                   help="share of successful runs that report warnings in errors[]")
-    t.add_argument("--adhoc-disabled-flow-spec", action="append", default=[], metavar="ID",
-                   help="flow spec id whose ad hoc runs 'can not be executed'")
+    t.add_argument(
+        "--run-partial-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of successful runs that report warnings in errors[]",
+    )
+    t.add_argument(
+        "--adhoc-disabled-flow-spec",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="flow spec id whose ad hoc runs 'can not be executed'",
+    )
     f = parser.add_argument_group("faults on platform calls")
     f.add_argument("--latency-ms", type=Span.parse, default=Span(min=0, max=0), metavar="A-B")
-    f.add_argument("--rate-limit", type=float, metavar="RPS",
-                   help="requests per second per org before 429 (default: unlimited)")
+    f.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="RPS",
+        help="requests per second per org before 429 (default: unlimited)",
+    )
     f.add_argument("--rate-limit-burst", type=float, metavar="N")
-    f.add_argument("--retry-after", choices=["always", "never", "random"], default="always",
-                   help="whether 429 answers carry Retry-After (default %(default)s)")
+    f.add_argument(
+        "--retry-after",
+        choices=["always", "never", "random"],
+        default="always",
+        help="whether 429 answers carry Retry-After (default %(default)s)",
+    )
     f.add_argument("--error-429-rate", type=float, default=0.0, metavar="P")
     f.add_argument("--error-5xx-rate", type=float, default=0.0, metavar="P")
-    f.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
-                   help="share of connections closed with no answer (half before, half after "
-                   "the request took effect)")
+    f.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of connections closed with no answer (half before, half after "
+        "the request took effect)",
+    )
     f.add_argument("--slow-rate", type=float, default=0.0, metavar="P")
     f.add_argument("--slow-ms", type=float, default=5000.0)
-    f.add_argument("--allow-json-uncompressed", action="store_true",
-                   help="accept JSON without GZIP, as Adobe's examples (not its rules) do")
+    f.add_argument(
+        "--allow-json-uncompressed",
+        action="store_true",
+        help="accept JSON without GZIP, as Adobe's examples (not its rules) do",
+    )
     f.add_argument("--seed", type=int, help="random seed for faults and durations")
     s = parser.add_argument_group("datasets")
-    s.add_argument("--seed-datasets", type=int, default=0, metavar="N",
-                   help="create N synthetic datasets before serving")
+    s.add_argument(
+        "--seed-datasets",
+        type=int,
+        default=0,
+        metavar="N",
+        help="create N synthetic datasets before serving",
+    )
     s.add_argument("--rows", type=int, default=10_000, help="rows per seeded dataset")
 
     sub = parser.add_subparsers(dest="emulator_command")
-    seed = sub.add_parser("seed", help="create synthetic feature datasets and print their ids "
-                          "as JSON")
+    seed = sub.add_parser(
+        "seed", help="create synthetic feature datasets and print their ids as JSON"
+    )
     _common(seed)
     seed.add_argument("--count", type=int, default=3, help="datasets to create (default 3)")
     seed.add_argument("--rows", type=int, default=10_000, help="rows each (default 10000)")
@@ -93,37 +151,57 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="where datasets and exported files live (default %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="where datasets and exported files live (default %(default)s)",
+    )
 
 
 def knobs_from(args: argparse.Namespace) -> Knobs:
-    secret = (args.client_secret_file.read_text().strip() if args.client_secret_file
-              else Knobs().client_secret)
+    secret = (
+        args.client_secret_file.read_text().strip()
+        if args.client_secret_file
+        else Knobs().client_secret
+    )
     return Knobs(
-        client_id=args.client_id, client_secret=secret, org_id=args.org_id,
-        sandboxes=args.sandboxes or ["prod", "dev"], token_lifetime_s=args.token_lifetime,
-        time_scale=args.time_scale, not_ready_window_s=args.not_ready_window,
-        run_duration_s=args.run_duration, run_failure_rate=args.run_failure_rate,
+        client_id=args.client_id,
+        client_secret=secret,
+        org_id=args.org_id,
+        sandboxes=args.sandboxes or ["prod", "dev"],
+        token_lifetime_s=args.token_lifetime,
+        time_scale=args.time_scale,
+        not_ready_window_s=args.not_ready_window,
+        run_duration_s=args.run_duration,
+        run_failure_rate=args.run_failure_rate,
         run_partial_rate=args.run_partial_rate,
-        adhoc_disabled_flow_specs=args.adhoc_disabled_flow_spec, latency_ms=args.latency_ms,
-        rate_limit_rps=args.rate_limit, rate_limit_burst=args.rate_limit_burst,
-        retry_after=args.retry_after, error_429_rate=args.error_429_rate,
-        error_5xx_rate=args.error_5xx_rate, drop_rate=args.drop_rate, slow_rate=args.slow_rate,
-        slow_ms=args.slow_ms, allow_json_uncompressed=args.allow_json_uncompressed,
+        adhoc_disabled_flow_specs=args.adhoc_disabled_flow_spec,
+        latency_ms=args.latency_ms,
+        rate_limit_rps=args.rate_limit,
+        rate_limit_burst=args.rate_limit_burst,
+        retry_after=args.retry_after,
+        error_429_rate=args.error_429_rate,
+        error_5xx_rate=args.error_5xx_rate,
+        drop_rate=args.drop_rate,
+        slow_rate=args.slow_rate,
+        slow_ms=args.slow_ms,
+        allow_json_uncompressed=args.allow_json_uncompressed,
         seed=args.seed,
     )
 
 
-def seed_lake(data_dir: Path, *, sandbox: str, name: str, count: int, rows: int,
-              seed: int | None) -> list[dict[str, Any]]:
+def seed_lake(
+    data_dir: Path, *, sandbox: str, name: str, count: int, rows: int, seed: int | None
+) -> list[dict[str, Any]]:
     lake = DataLake(data_dir / "datalake")
     rng = random.Random(seed)
     now = int(time.time() * 1000)
     made = []
     for i in range(count):
-        ds = lake.create_dataset(sandbox, name if count == 1 else f"{name}_{i + 1:02d}", rows,
-                                 rng=rng, now_ms=now)
+        ds = lake.create_dataset(
+            sandbox, name if count == 1 else f"{name}_{i + 1:02d}", rows, rng=rng, now_ms=now
+        )
         made.append({"id": ds.id, "name": ds.name, "rows": ds.rows, "sandbox": sandbox})
     return made
 
@@ -132,8 +210,14 @@ def run_seed(args: argparse.Namespace) -> int:
     if args.count < 1 or args.rows < 0:
         print("error: --count must be at least 1 and --rows at least 0", file=sys.stderr)
         return 2
-    made = seed_lake(args.data_dir, sandbox=args.sandbox, name=args.name, count=args.count,
-                     rows=args.rows, seed=args.seed)
+    made = seed_lake(
+        args.data_dir,
+        sandbox=args.sandbox,
+        name=args.name,
+        count=args.count,
+        rows=args.rows,
+        seed=args.seed,
+    )
     print(json.dumps(made, indent=2))
     return 0
 
@@ -145,8 +229,14 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.seed_datasets:
-        made = seed_lake(args.data_dir, sandbox=knobs.sandboxes[0], name="customer_features",
-                         count=args.seed_datasets, rows=args.rows, seed=args.seed)
+        made = seed_lake(
+            args.data_dir,
+            sandbox=knobs.sandboxes[0],
+            name="customer_features",
+            count=args.seed_datasets,
+            rows=args.rows,
+            seed=args.seed,
+        )
         print(json.dumps({"seeded": made}), flush=True)
     return asyncio.run(_serve(knobs, args.data_dir, args.host, args.port))
 

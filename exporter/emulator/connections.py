@@ -55,10 +55,8 @@ def list_response(
     return json_ok(query.apply(entities, base_path=request.path))
 
 
-def _text_field(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+def _required_text(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value.strip():
         raise invalid(f"'{name}' is required and must be a non-empty string")
     return value
@@ -222,8 +220,7 @@ def _auth(storage: StorageSpec, auth: Any) -> tuple[dict[str, Any] | None, dict[
 
 async def create_connection(request: web.Request) -> web.Response:
     body = require_object(await read_json(request))
-    name = _text_field(body, "name")
-    assert name is not None
+    name = _required_text(body, "name")
     spec_ref = _spec_ref(body)
     storage = _storage(spec_ref["id"])
     public_auth, secret = _auth(storage, body.get("auth"))
@@ -240,8 +237,7 @@ async def create_connection(request: web.Request) -> web.Response:
 
 async def create_source_connection(request: web.Request) -> web.Response:
     body = require_object(await read_json(request))
-    name = _text_field(body, "name")
-    assert name is not None
+    name = _required_text(body, "name")
     spec_ref = _spec_ref(body)
     if spec_ref["id"] != DATALAKE_SOURCE_SPEC_ID:
         raise FlowError(
@@ -299,9 +295,8 @@ def _target_params(storage: StorageType, params: Any, allow_json_plain: bool) ->
 
 async def create_target_connection(request: web.Request) -> web.Response:
     body = require_object(await read_json(request))
-    name = _text_field(body, "name")
-    base_id = _text_field(body, "baseConnectionId")
-    assert name is not None and base_id is not None
+    name = _required_text(body, "name")
+    base_id = _required_text(body, "baseConnectionId")
     spec_ref = _spec_ref(body)
     storage = _storage(spec_ref["id"])
     box = caller(request).sandbox

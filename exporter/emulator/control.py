@@ -171,11 +171,18 @@ async def append_rows(request: web.Request) -> web.Response:
         raise ControlError("invalid append request", exc.errors(include_url=False)) from None
     dataset_id = request.match_info["id"]
     if state.lake.get(ask.sandbox, dataset_id) is None:
-        raise web.HTTPNotFound(text=json_dumps({"error": f"no dataset {dataset_id}"}),
-                               content_type="application/json")
+        raise web.HTTPNotFound(
+            text=json_dumps({"error": f"no dataset {dataset_id}"}), content_type="application/json"
+        )
     rng = random.Random(ask.seed if ask.seed is not None else state.rng.random())
-    batch = await asyncio.to_thread(state.lake.append_rows, ask.sandbox, dataset_id, ask.rows,
-                                    rng=rng, now_ms=state.clock.now_ms())
+    batch = await asyncio.to_thread(
+        state.lake.append_rows,
+        ask.sandbox,
+        dataset_id,
+        ask.rows,
+        rng=rng,
+        now_ms=state.clock.now_ms(),
+    )
     return json_ok({"batch": batch.id, "rows": batch.rows}, status=201)
 
 
@@ -185,11 +192,13 @@ async def run_files(request: web.Request) -> web.Response:
     run_id = request.match_info["id"]
     run = next((r for r in state.all_runs() if r.id == run_id), None)
     if run is None:
-        raise web.HTTPNotFound(text=json_dumps({"error": f"no run {run_id}"}),
-                               content_type="application/json")
+        raise web.HTTPNotFound(
+            text=json_dumps({"error": f"no run {run_id}"}), content_type="application/json"
+        )
     files = [] if run.result is None else [str(f) for f in run.result.files]
-    return json_ok({"id": run.id, "status": run.status, "folder": str(run.dest_dir),
-                    "files": files})
+    return json_ok(
+        {"id": run.id, "status": run.status, "folder": str(run.dest_dir), "files": files}
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -17,8 +17,10 @@ ACCOUNT = "emulatordlz"
 def _check_type(request: web.Request) -> None:
     kind = request.query.get("type")
     if kind != "dlz_destination":
-        raise invalid(f"type must be dlz_destination (the emulator serves the destination "
-                      f"landing zone), got {kind!r}")
+        raise invalid(
+            f"type must be dlz_destination (the emulator serves the destination "
+            f"landing zone), got {kind!r}"
+        )
 
 
 def _credentials() -> dict[str, str]:
@@ -47,5 +49,6 @@ async def container_info(request: web.Request) -> web.Response:
     _check_type(request)
     who = caller(request)
     state_of(request).destinations_dir.joinpath("dlz", who.sandbox.name, CONTAINER).mkdir(
-        parents=True, exist_ok=True)
+        parents=True, exist_ok=True
+    )
     return json_ok({"containerName": CONTAINER, "containerTTL": "7"})

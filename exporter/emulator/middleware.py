@@ -46,8 +46,13 @@ async def journal_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        state.record(request.method, request.path, status, _op(request),
-                     request.headers.get("x-sandbox-name", "prod"))
+        state.record(
+            request.method,
+            request.path,
+            status,
+            _op(request),
+            request.headers.get("x-sandbox-name", "prod"),
+        )
 
 
 class Dropped(Exception):
@@ -95,8 +100,7 @@ def _rate_limited(state: EmulatorState, org: str) -> float:
 
 
 def _throttle(state: EmulatorState, wait: float) -> GatewayError:
-    return GatewayError(429, "429001", "Too many requests",
-                        retry_after=_retry_after(state, wait))
+    return GatewayError(429, "429001", "Too many requests", retry_after=_retry_after(state, wait))
 
 
 @web.middleware
@@ -117,10 +121,12 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _drop(request)
     if fault is not None and fault.action == "status":
         if fault.status == 429:
-            raise GatewayError(429, "429001", "Too many requests",
-                               retry_after=fault.retry_after)
-        raise FlowError(fault.status, 1102 if fault.status < 503 else 1103,
-                        "Injected fault: the service is temporarily unavailable")
+            raise GatewayError(429, "429001", "Too many requests", retry_after=fault.retry_after)
+        raise FlowError(
+            fault.status,
+            1102 if fault.status < 503 else 1103,
+            "Injected fault: the service is temporarily unavailable",
+        )
     wait = _rate_limited(state, request.headers.get("x-gw-ims-org-id", ""))
     if wait > 0:
         raise _throttle(state, wait)
@@ -128,8 +134,11 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise _throttle(state, 1.0)
     if rng.random() < knobs.error_5xx_rate:
         status = rng.choice((500, 502, 503, 504))
-        raise FlowError(status, {500: 1102, 502: 1102, 503: 1103, 504: 1104}[status],
-                        "Injected fault: internal error, please retry")
+        raise FlowError(
+            status,
+            {500: 1102, 502: 1102, 503: 1103, 504: 1104}[status],
+            "Injected fault: internal error, please retry",
+        )
     drop_after = fault is not None and fault.action == "drop_after"
     if not drop_after and rng.random() < knobs.drop_rate:
         drop_after = rng.random() < 0.5
@@ -150,13 +159,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return exc.response(request_id)
     except web.HTTPNotFound:
         return FlowError(404, 1101, f"No API at {request.method} {request.path}").response(
-            request_id)
+            request_id
+        )
     except web.HTTPMethodNotAllowed:
-        return FlowError(405, 1100, f"Method {request.method} is not allowed on "
-                         f"{request.path}").response(request_id)
+        return FlowError(
+            405, 1100, f"Method {request.method} is not allowed on {request.path}"
+        ).response(request_id)
     except web.HTTPRequestEntityTooLarge:
         return ProblemError(413, "PayloadTooLarge", "Request body is too large").response(
-            request_id)
+            request_id
+        )
     except (Dropped, asyncio.CancelledError):
         raise
     except Exception:

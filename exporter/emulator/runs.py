@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from exporter.aep import (
     FileType,
     StorageType,
 )
-from exporter.emulator.common import dumps, new_etag, new_id, read_json, state_of
+from exporter.emulator.common import dumps, new_id, read_json, state_of
 from exporter.emulator.errors import AdhocError, not_found
 from exporter.emulator.exporting import export_batches, render_folder
 from exporter.emulator.gateway import caller
@@ -36,8 +36,14 @@ from exporter.emulator.query import parse_list_query
 from exporter.emulator.state import EmulatorState, Run, Sandbox
 
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]
-PARTIAL_ERRORS = [{"code": "ACTIVATION_BATCH-0002-WARNING", "type": "Warning", "count": 1,
-                   "message": "Export completed with warnings: one file write was retried."}]
+PARTIAL_ERRORS = [
+    {
+        "code": "ACTIVATION_BATCH-0002-WARNING",
+        "type": "Warning",
+        "count": 1,
+        "message": "Export completed with warnings: one file write was retried.",
+    }
+]
 
 
 def _wants_dataset_export(accept: str) -> bool:
@@ -66,10 +72,12 @@ def _requests(body: Any) -> list[tuple[str, list[str]]]:
         if not isinstance(dest, dict) or not isinstance(dest.get("flowId"), str):
             raise _bad(f"{where}.flowId must be a string")
         datasets = dest.get("datasets")
-        if not isinstance(datasets, list) or not datasets or not all(
-            isinstance(d, dict) and isinstance(d.get("id"), str) for d in datasets
+        if (
+            not isinstance(datasets, list)
+            or not datasets
+            or not all(isinstance(d, dict) and isinstance(d.get("id"), str) for d in datasets)
         ):
-            raise _bad(f"{where}.datasets must be a non-empty list of {{\"id\": ...}}")
+            raise _bad(f'{where}.datasets must be a non-empty list of {{"id": ...}}')
         out.append((dest["flowId"], [d["id"] for d in datasets]))
     return out
 
@@ -92,21 +100,34 @@ def destination_dir(state: EmulatorState, box: Sandbox, flow: dict[str, Any]) ->
         root = root / secret["domain"]
     else:
         root = root / box.name / "dlz-destination"
-    return root / params.get("remotePath", params.get("path", "")).strip("/")
+    folder: str = params.get("remotePath", params.get("path", ""))
+    return root / folder.strip("/")
 
 
-def _folder(state: EmulatorState, box: Sandbox, flow: dict[str, Any], dataset_id: str,
-            dataset_name: str, when: float) -> Path:
+def _folder(
+    state: EmulatorState,
+    box: Sandbox,
+    flow: dict[str, Any],
+    dataset_id: str,
+    dataset_name: str,
+    when: float,
+) -> Path:
     schedule = flow["scheduleParams"]
     template = schedule.get("foldernameTemplate", schedule.get("folderNameTemplate"))
     target = box.target_connections[flow["targetConnectionIds"][0]]
     base = box.connections[target["baseConnectionId"]]
     base_dir = destination_dir(state, box, flow)
     sub = render_folder(
-        template, dataset_id=dataset_id, dataset_name=dataset_name,
-        export_time=datetime.fromtimestamp(when, UTC), destination_name=base["name"],
-        destination_instance_id=flow["id"], destination_instance_name=flow["name"],
-        sandbox_name=box.name, organization_name=box.org_id)
+        template,
+        dataset_id=dataset_id,
+        dataset_name=dataset_name,
+        export_time=datetime.fromtimestamp(when, UTC),
+        destination_name=base["name"],
+        destination_instance_id=flow["id"],
+        destination_instance_name=flow["name"],
+        sandbox_name=box.name,
+        organization_name=box.org_id,
+    )
     folder = (base_dir / sub).resolve()
     if not folder.is_relative_to(state.destinations_dir.resolve()):
         raise _bad(f"the folder template of flow {flow['id']} leaves the destination")
@@ -119,8 +140,9 @@ def _check(state: EmulatorState, box: Sandbox, flow_id: str, dataset_ids: list[s
         raise _bad(f"Flow for id {flow_id} is incorrect. Error is [Flow not found].")
     spec_id = flow["flowSpec"]["id"]
     if spec_id in state.knobs.adhoc_disabled_flow_specs:
-        raise _bad(f"Flow for id {flow_id} is incorrect. Error is "
-                   f"[{NOT_ENABLED_PHRASE}={spec_id}.]")
+        raise _bad(
+            f"Flow for id {flow_id} is incorrect. Error is [{NOT_ENABLED_PHRASE}={spec_id}.]"
+        )
     if flow["state"] != "enabled":
         raise _bad(f"Flow for id {flow_id} is incorrect. Error is [Flow is disabled.]")
     ready_at = flow["createdAt"] / 1000 + state.knobs.scaled(state.knobs.not_ready_window_s)
@@ -133,12 +155,14 @@ def _check(state: EmulatorState, box: Sandbox, flow_id: str, dataset_ids: list[s
             raise _bad(f"Dataset {dataset_id} is not part of flow {flow_id}.")
         active = box.active_runs.get((flow_id, dataset_id))
         if active is not None and not active.terminal:
-            raise _bad(f"{ALREADY_RUNNING_PHRASE} {dataset_id} for order {flow_id} with run id "
-                       f"{active.id}")
+            raise _bad(
+                f"{ALREADY_RUNNING_PHRASE} {dataset_id} for order {flow_id} with run id {active.id}"
+            )
 
 
-def _start(state: EmulatorState, box: Sandbox, client_id: str, flow: dict[str, Any],
-           dataset_id: str) -> Run:
+def _start(
+    state: EmulatorState, box: Sandbox, client_id: str, flow: dict[str, Any], dataset_id: str
+) -> Run:
     knobs, rng, now = state.knobs, state.rng, state.clock.now()
     dataset = state.lake.get(box.name, dataset_id)
     if dataset is None:
@@ -149,18 +173,30 @@ def _start(state: EmulatorState, box: Sandbox, client_id: str, flow: dict[str, A
         done = box.exported_batches.get(key, set())
         batches = tuple(b for b in batches if b.id not in done)
     draw = rng.random()
-    outcome = ("failed" if draw < knobs.run_failure_rate
-               else "partial" if draw < knobs.run_failure_rate + knobs.run_partial_rate
-               else "success")
+    outcome: Literal["success", "failed", "partial"] = (
+        "failed"
+        if draw < knobs.run_failure_rate
+        else "partial"
+        if draw < knobs.run_failure_rate + knobs.run_partial_rate
+        else "success"
+    )
     params = box.target_connections[flow["targetConnectionIds"][0]]["params"]
     run = Run(
-        id=new_id(), client_id=client_id, flow_id=flow["id"], flow_spec=flow["flowSpec"],
-        dataset_id=dataset_id, sandbox=box, created=now,
-        complete_at=now + knobs.scaled(knobs.run_duration_s.draw(rng)), outcome=outcome,
+        id=new_id(),
+        client_id=client_id,
+        flow_id=flow["id"],
+        flow_spec=flow["flowSpec"],
+        dataset_id=dataset_id,
+        sandbox=box,
+        created=now,
+        complete_at=now + knobs.scaled(knobs.run_duration_s.draw(rng)),
+        outcome=outcome,
         batches=batches,
         dest_dir=_folder(state, box, flow, dataset_id, dataset.name, now),
-        file_type=params["datasetFileType"].upper(), compression=params["compression"].upper(),
-        input_bytes=sum(b.path.stat().st_size for b in batches))
+        file_type=params["datasetFileType"].upper(),
+        compression=params["compression"].upper(),
+        input_bytes=sum(b.path.stat().st_size for b in batches),
+    )
     box.runs[run.id] = run
     box.active_runs[key] = run
     return run
@@ -169,8 +205,10 @@ def _start(state: EmulatorState, box: Sandbox, client_id: str, flow: dict[str, A
 async def adhoc_run(request: web.Request) -> web.Response:
     """`POST /data/core/activation/disflowprovider/adhocrun` for datasets."""
     if not _wants_dataset_export(request.headers.get("Accept", "")):
-        raise _bad("exportIds are required for an audience ad hoc activation; dataset exports "
-                   f"must send 'Accept: {ADHOC_DATASET_ACCEPT}'")
+        raise _bad(
+            "exportIds are required for an audience ad hoc activation; dataset exports "
+            f"must send 'Accept: {ADHOC_DATASET_ACCEPT}'"
+        )
     wanted = _requests(await read_json(request))
     state, who = state_of(request), caller(request)
     for flow_id, dataset_ids in wanted:
@@ -180,10 +218,15 @@ async def adhoc_run(request: web.Request) -> web.Response:
     for flow_id, dataset_ids in wanted:
         flow = who.sandbox.flows[flow_id]
         started = [_start(state, who.sandbox, who.client_id, flow, d) for d in dataset_ids]
-        destinations.append({"datasets": [
-            {"id": r.dataset_id, "flowId": flow_id, "statusURL": base + r.id} for r in started]})
-    return web.Response(body=dumps({"destinations": destinations}),
-                        content_type="application/json")
+        destinations.append(
+            {
+                "datasets": [
+                    {"id": r.dataset_id, "flowId": flow_id, "statusURL": base + r.id}
+                    for r in started
+                ]
+            }
+        )
+    return web.Response(body=dumps({"destinations": destinations}), content_type="application/json")
 
 
 def _finish(state: EmulatorState, run: Run, rng: random.Random) -> None:
@@ -191,9 +234,13 @@ def _finish(state: EmulatorState, run: Run, rng: random.Random) -> None:
     if run.outcome == "failed":
         return
     run.result = export_batches(
-        run.batches, run.dest_dir, file_type=FileType(run.file_type),
-        compression=Compression(run.compression), rng=rng,
-        max_rows_per_file=state.knobs.max_rows_per_file)
+        run.batches,
+        run.dest_dir,
+        file_type=FileType(run.file_type),
+        compression=Compression(run.compression),
+        rng=rng,
+        max_rows_per_file=state.knobs.max_rows_per_file,
+    )
 
 
 async def _complete(state: EmulatorState, run: Run) -> None:
@@ -202,8 +249,9 @@ async def _complete(state: EmulatorState, run: Run) -> None:
         await asyncio.to_thread(_finish, state, run, rng)
     except (OSError, ValueError) as exc:
         run.outcome = "failed"
-        run.errors = [{"code": "CONNECTOR-1005-500",
-                       "message": f"Writing to the destination failed: {exc}"}]
+        run.errors = [
+            {"code": "CONNECTOR-1005-500", "message": f"Writing to the destination failed: {exc}"}
+        ]
     box = run.sandbox
     if run.outcome == "failed":
         run.status = "failed"
@@ -212,15 +260,19 @@ async def _complete(state: EmulatorState, run: Run) -> None:
         run.status = "success"
         run.errors = list(PARTIAL_ERRORS) if run.outcome == "partial" else []
         box.exported_batches.setdefault((run.flow_id, run.dataset_id), set()).update(
-            b.id for b in run.batches)
+            b.id for b in run.batches
+        )
     run.view = run.view_bytes = None
     if box.active_runs.get((run.flow_id, run.dataset_id)) is run:
         del box.active_runs[(run.flow_id, run.dataset_id)]
     flow = box.flows.get(run.flow_id)
     if flow is not None:
-        flow["lastRunDetails"] = {"id": run.id, "state": run.status,
-                                  "startedAtUTC": int(run.created * 1000),
-                                  "completedAtUTC": int(run.complete_at * 1000)}
+        flow["lastRunDetails"] = {
+            "id": run.id,
+            "state": run.status,
+            "startedAtUTC": int(run.created * 1000),
+            "completedAtUTC": int(run.complete_at * 1000),
+        }
 
 
 async def settle(state: EmulatorState, runs: Iterable[Run]) -> None:
@@ -230,8 +282,9 @@ async def settle(state: EmulatorState, runs: Iterable[Run]) -> None:
     for run in runs:
         if run.status == "processing" and now >= run.complete_at:
             if run.finishing is None:
-                run.finishing = asyncio.create_task(_complete(state, run),
-                                                    name=f"emulator-run-{run.id}")
+                run.finishing = asyncio.create_task(
+                    _complete(state, run), name=f"emulator-run-{run.id}"
+                )
             pending.append(run.finishing)
     if pending:
         await asyncio.shield(asyncio.gather(*pending))
@@ -255,20 +308,37 @@ def render(run: Run) -> dict[str, Any]:
         metrics["durationSummary"]["completedAtUTC"] = completed
     if run.status == "success" and run.result is not None:
         metrics["sizeSummary"]["outputBytes"] = run.result.bytes
-        metrics["recordSummary"].update(outputRecordCount=run.result.records,
-                                        skippedRecordCount=0, failedRecordCount=0)
+        metrics["recordSummary"].update(
+            outputRecordCount=run.result.records, skippedRecordCount=0, failedRecordCount=0
+        )
         metrics["fileSummary"]["outputFileCount"] = len(run.result.files)
     user = f"{run.client_id}@AdobeID"
     box = run.sandbox
     return {
-        "id": run.id, "createdAt": started, "updatedAt": updated, "createdBy": user,
-        "updatedBy": user, "createdClient": run.client_id, "updatedClient": run.client_id,
-        "sandboxId": box.id, "sandboxName": box.name, "imsOrgId": box.org_id,
-        "flowId": run.flow_id, "flowSpec": run.flow_spec, "providerRefId": run.id,
-        "etag": f'"{run.id[:8]}-{run.status}"', "metrics": metrics,
-        "activities": [{"id": f"{run.id}-export", "name": "dataset-export",
-                        "updatedAtUTC": updated, "durationSummary": metrics["durationSummary"],
-                        "statusSummary": {"status": run.status}}],
+        "id": run.id,
+        "createdAt": started,
+        "updatedAt": updated,
+        "createdBy": user,
+        "updatedBy": user,
+        "createdClient": run.client_id,
+        "updatedClient": run.client_id,
+        "sandboxId": box.id,
+        "sandboxName": box.name,
+        "imsOrgId": box.org_id,
+        "flowId": run.flow_id,
+        "flowSpec": run.flow_spec,
+        "providerRefId": run.id,
+        "etag": f'"{run.id[:8]}-{run.status}"',
+        "metrics": metrics,
+        "activities": [
+            {
+                "id": f"{run.id}-export",
+                "name": "dataset-export",
+                "updatedAtUTC": updated,
+                "durationSummary": metrics["durationSummary"],
+                "statusSummary": {"status": run.status},
+            }
+        ],
     }
 
 
@@ -293,16 +363,16 @@ async def get_run(request: web.Request) -> web.Response:
     if run is None:
         raise not_found("runs", run_id)
     await settle(state_of(request), [run])
-    return web.Response(body=b'{"items":[' + run_bytes(run) + b"]}",
-                        content_type="application/json")
+    return web.Response(
+        body=b'{"items":[' + run_bytes(run) + b"]}", content_type="application/json"
+    )
 
 
 async def list_runs(request: web.Request) -> web.Response:
     query = parse_list_query(request.query)
     box = caller(request).sandbox
     ids = query.id_candidates()
-    runs = (list(box.runs.values()) if ids is None
-            else [box.runs[i] for i in ids if i in box.runs])
+    runs = list(box.runs.values()) if ids is None else [box.runs[i] for i in ids if i in box.runs]
     await settle(state_of(request), runs)
     by_id = {r.id: r for r in runs}
     body = query.apply((run_view(r) for r in runs), base_path=request.path)
@@ -311,5 +381,6 @@ async def list_runs(request: web.Request) -> web.Response:
     # Splice the cached JSON of each run rather than serialising the page again.
     page = b",".join(run_bytes(by_id[item["id"]]) for item in body["items"])
     links = b"" if "_links" not in body else b',"_links":' + dumps(body["_links"])
-    return web.Response(body=b'{"items":[' + page + b"]" + links + b"}",
-                        content_type="application/json")
+    return web.Response(
+        body=b'{"items":[' + page + b"]" + links + b"}", content_type="application/json"
+    )
