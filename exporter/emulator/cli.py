@@ -74,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
     )
     t.add_argument(
         "--run-duration",
-        type=Span.parse,
+        type=span,
         default=Span(min=20, max=60),
         metavar="A-B",
         help="emulated run duration, uniform in [A, B] (default 20-60)",
@@ -95,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
         help="flow spec id whose ad hoc runs 'can not be executed'",
     )
     f = parser.add_argument_group("faults on platform calls")
-    f.add_argument("--latency-ms", type=Span.parse, default=Span(min=0, max=0), metavar="A-B")
+    f.add_argument("--latency-ms", type=span, default=Span(min=0, max=0), metavar="A-B")
     f.add_argument(
         "--rate-limit",
         type=float,
@@ -148,6 +148,16 @@ def add_parser(subparsers: Any) -> None:
     seed.add_argument("--sandbox", default="prod")
     seed.add_argument("--seed", type=int, help="random seed (default: random)")
     seed.set_defaults(func=run_seed)
+
+
+def span(text: str) -> Span:
+    """An argparse type for `A-B` ranges that says what is wrong with a bad one."""
+    try:
+        return Span.parse(text)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError("; ".join(str(e["msg"]) for e in exc.errors())) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a range A-B") from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,8 @@ async def read_json(request: web.Request, *, require_content_type: bool = True) 
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FlowError(400, 1400, f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FlowError(400, 1400, "Request body is nested too deeply") from None
 
 
 def require_object(body: Any, what: str = "Request body") -> dict[str, Any]:

@@ -33,7 +33,7 @@ def json_dumps(body: Any) -> str:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json() if request.can_read_body else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ControlError(f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ControlError("body must be a JSON object")

@@ -54,7 +54,11 @@ async def ims_token(request: web.Request) -> web.Response:
             raise OAuthError(
                 400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
             )
-        form.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+        try:
+            posted = await request.post()
+        except ValueError:  # bytes that are not text in the form's charset
+            raise OAuthError(400, "invalid_request", "the form body cannot be decoded") from None
+        form.update({k: v for k, v in posted.items() if isinstance(v, str)})
     grant = form.get("grant_type")
     if grant is None:
         raise OAuthError(400, "invalid_request", "missing grant_type parameter")
@@ -66,7 +70,8 @@ async def ims_token(request: web.Request) -> web.Response:
     knobs = state.knobs
     if form["client_id"] != knobs.client_id:
         raise OAuthError(400, "invalid_client", "invalid client_id parameter")
-    if not secrets.compare_digest(form["client_secret"], knobs.client_secret):
+    # Bytes, not str: compare_digest refuses str with non-ASCII characters.
+    if not secrets.compare_digest(form["client_secret"].encode(), knobs.client_secret.encode()):
         raise OAuthError(401, "invalid_client", "invalid client_secret parameter")
     token, expires_in = issue_token(state, form["client_id"])
     return web.json_response(
@@ -100,9 +105,8 @@ def authenticate(request: web.Request, state: EmulatorState) -> Caller:
 
 
 STATE_KEY = web.AppKey("state", EmulatorState)
-CALLER_KEY = "aep.caller"
+CALLER_KEY = web.RequestKey("caller", Caller)
 
 
 def caller(request: web.Request) -> Caller:
-    value: Caller = request[CALLER_KEY]
-    return value
+    return request[CALLER_KEY]

@@ -150,6 +150,17 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+def _http_error(request: web.Request, exc: web.HTTPException) -> EmulatorError:
+    """aiohttp's own refusals (routing, body size) in AEP's envelopes."""
+    if exc.status == 404:
+        return FlowError(404, 1101, f"No API at {request.method} {request.path}")
+    if exc.status == 405:
+        return FlowError(405, 1100, f"Method {request.method} is not allowed on {request.path}")
+    if exc.status == 413:
+        return ProblemError(413, "PayloadTooLarge", "Request body is too large")
+    return FlowError(exc.status, 1100, exc.reason)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -157,18 +168,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except EmulatorError as exc:
         return exc.response(request_id)
-    except web.HTTPNotFound:
-        return FlowError(404, 1101, f"No API at {request.method} {request.path}").response(
-            request_id
-        )
-    except web.HTTPMethodNotAllowed:
-        return FlowError(
-            405, 1100, f"Method {request.method} is not allowed on {request.path}"
-        ).response(request_id)
-    except web.HTTPRequestEntityTooLarge:
-        return ProblemError(413, "PayloadTooLarge", "Request body is too large").response(
-            request_id
-        )
+    except web.HTTPException as exc:
+        if request.path.startswith(CONTROL_PREFIX) and exc.content_type == "application/json":
+            raise  # the control API's own answers (ControlError, its JSON 404s)
+        return _http_error(request, exc).response(request_id)
     except (Dropped, asyncio.CancelledError):
         raise
     except Exception:

@@ -243,7 +243,7 @@ def _decode_token(token: str) -> tuple[tuple[str, bool], SortKey]:
             and isinstance(value, expected)
             and not isinstance(value, bool)
         )
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError):
         valid = False
     if not valid:
         raise QueryError(
