@@ -37,13 +37,21 @@ def add_parser(subparsers: Any) -> None:
         "--port", type=int, default=8765, help="port; 0 picks a free one (default %(default)s)"
     )
     who = parser.add_argument_group("identity")
-    who.add_argument("--client-id", default=Knobs().client_id, help="(default %(default)s)")
+    who.add_argument(
+        "--client-id",
+        default=Knobs().client_id,
+        help="the accepted client id, also the API key (default %(default)s)",
+    )
     who.add_argument(
         "--client-secret-file",
         type=Path,
         help="file holding the accepted client secret (default: the documented 'emulator-secret')",
     )
-    who.add_argument("--org-id", default=Knobs().org_id, help="(default %(default)s)")
+    who.add_argument(
+        "--org-id",
+        default=Knobs().org_id,
+        help="the IMS org of the tokens it issues (default %(default)s)",
+    )
     who.add_argument(
         "--sandbox",
         action="append",
@@ -62,6 +70,7 @@ def add_parser(subparsers: Any) -> None:
         "--time-scale",
         type=float,
         default=1.0,
+        metavar="X",
         help="real seconds per emulated second (0.01: ten minutes take six seconds)",
     )
     t.add_argument(
@@ -79,7 +88,13 @@ def add_parser(subparsers: Any) -> None:
         metavar="A-B",
         help="emulated run duration, uniform in [A, B] (default 20-60)",
     )
-    t.add_argument("--run-failure-rate", type=float, default=0.0, metavar="P")
+    t.add_argument(
+        "--run-failure-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of runs that end failed, shaped like AEP's failed runs",
+    )
     t.add_argument(
         "--run-partial-rate",
         type=float,
@@ -95,22 +110,45 @@ def add_parser(subparsers: Any) -> None:
         help="flow spec id whose ad hoc runs 'can not be executed'",
     )
     f = parser.add_argument_group("faults on platform calls")
-    f.add_argument("--latency-ms", type=span, default=Span(min=0, max=0), metavar="A-B")
+    f.add_argument(
+        "--latency-ms",
+        type=span,
+        default=Span(min=0, max=0),
+        metavar="A-B",
+        help="added latency per call in ms, uniform in [A, B] (default 0)",
+    )
     f.add_argument(
         "--rate-limit",
         type=float,
         metavar="RPS",
         help="requests per second per org before 429 (default: unlimited)",
     )
-    f.add_argument("--rate-limit-burst", type=float, metavar="N")
+    f.add_argument(
+        "--rate-limit-burst",
+        type=float,
+        metavar="N",
+        help="calls allowed at once before the limit applies (default: RPS)",
+    )
     f.add_argument(
         "--retry-after",
         choices=["always", "never", "random"],
         default="always",
         help="whether 429 answers carry Retry-After (default %(default)s)",
     )
-    f.add_argument("--error-429-rate", type=float, default=0.0, metavar="P")
-    f.add_argument("--error-5xx-rate", type=float, default=0.0, metavar="P")
+    f.add_argument(
+        "--error-429-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of calls answered 429 regardless of the rate limit",
+    )
+    f.add_argument(
+        "--error-5xx-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of calls answered 500, 502, 503 or 504, without effect",
+    )
     f.add_argument(
         "--drop-rate",
         type=float,
@@ -119,8 +157,14 @@ def add_parser(subparsers: Any) -> None:
         help="share of connections closed with no answer (half before, half after "
         "the request took effect)",
     )
-    f.add_argument("--slow-rate", type=float, default=0.0, metavar="P")
-    f.add_argument("--slow-ms", type=float, default=5000.0)
+    f.add_argument(
+        "--slow-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of calls delayed by a further --slow-ms",
+    )
+    f.add_argument("--slow-ms", type=float, default=5000.0, help="(default %(default)s)")
     f.add_argument(
         "--allow-json-uncompressed",
         action="store_true",
