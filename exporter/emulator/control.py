@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from exporter.emulator.common import json_ok, state_of
+from exporter.emulator.runs import settle
 from exporter.emulator.settings import Knobs
 from exporter.emulator.state import ScriptedFault
 
@@ -195,6 +196,7 @@ async def run_files(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(
             text=json_dumps({"error": f"no run {run_id}"}), content_type="application/json"
         )
+    await settle(state, [run])
     files = [] if run.result is None else [str(f) for f in run.result.files]
     return json_ok(
         {"id": run.id, "status": run.status, "folder": str(run.dest_dir), "files": files}

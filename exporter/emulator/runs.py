@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from aiohttp import web
 
 from exporter.aep import (
@@ -35,6 +36,7 @@ from exporter.emulator.gateway import caller
 from exporter.emulator.query import parse_list_query
 from exporter.emulator.state import EmulatorState, Run, Sandbox
 
+log = structlog.get_logger("exporter.emulator")
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]
 PARTIAL_ERRORS = [
     {
@@ -79,6 +81,13 @@ def _requests(body: Any) -> list[tuple[str, list[str]]]:
         ):
             raise _bad(f'{where}.datasets must be a non-empty list of {{"id": ...}}')
         out.append((dest["flowId"], [d["id"] for d in datasets]))
+    # One run per flow and dataset at a time, within a request as across requests.
+    seen: set[tuple[str, str]] = set()
+    for flow_id, dataset_ids in out:
+        for dataset_id in dataset_ids:
+            if (flow_id, dataset_id) in seen:
+                raise _bad(f"Dataset {dataset_id} is asked more than once for flow {flow_id}.")
+            seen.add((flow_id, dataset_id))
     return out
 
 
@@ -153,6 +162,8 @@ def _check(state: EmulatorState, box: Sandbox, flow_id: str, dataset_ids: list[s
     for dataset_id in dataset_ids:
         if dataset_id not in allowed:
             raise _bad(f"Dataset {dataset_id} is not part of flow {flow_id}.")
+        if state.lake.get(box.name, dataset_id) is None:
+            raise _bad(f"Dataset {dataset_id} no longer exists.")
         active = box.active_runs.get((flow_id, dataset_id))
         if active is not None and not active.terminal:
             raise _bad(
@@ -211,6 +222,10 @@ async def adhoc_run(request: web.Request) -> web.Response:
         )
     wanted = _requests(await read_json(request))
     state, who = state_of(request), caller(request)
+    # Runs end on their own: one whose time is over must neither block this trigger nor hide
+    # the batches it exported from an incremental run, whether or not anyone polled it.
+    active = (who.sandbox.active_runs.get((f, d)) for f, ds in wanted for d in ds)
+    await settle(state, [r for r in active if r is not None])
     for flow_id, dataset_ids in wanted:
         _check(state, who.sandbox, flow_id, dataset_ids)
     base = f"{request.scheme}://{request.host}{FLOW_SERVICE_PATH}/runs/"
@@ -252,6 +267,10 @@ async def _complete(state: EmulatorState, run: Run) -> None:
         run.errors = [
             {"code": "CONNECTOR-1005-500", "message": f"Writing to the destination failed: {exc}"}
         ]
+    except Exception as exc:  # a bug must fail the run, not wedge it in processing
+        log.exception("emulator_run_failed", run_id=run.id)
+        run.outcome = "failed"
+        run.errors = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": f"Job aborted: {exc}"}]
     box = run.sandbox
     if run.outcome == "failed":
         run.status = "failed"
