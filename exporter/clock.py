@@ -37,9 +37,16 @@ class SystemClock:
 
 
 class FakeClock:
-    """A clock that stands still until `advance()` is awaited."""
+    """A clock that stands still until `advance()` is awaited.
 
-    def __init__(self, start: float = 1_767_225_600.0) -> None:  # 2026-01-01T00:00:00Z
+    With `auto_advance`, a sleep instead moves time forward by its own length at once: code
+    that backs off, polls and waits runs at full speed in virtual time, and a server sharing
+    the clock (the emulator in tests) sees that time pass too.
+    """
+
+    def __init__(self, start: float = 1_767_225_600.0, *, auto_advance: bool = False) -> None:
+        # start: 2026-01-01T00:00:00Z
+        self.auto_advance = auto_advance
         self._wall0 = start
         self._now = 0.0
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -59,6 +66,9 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)
+            return
+        if self.auto_advance:
+            await self.advance(seconds)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))

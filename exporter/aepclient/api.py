@@ -1,0 +1,124 @@
+"""The engine's view of AEP: the verbs it needs and the shapes it reads back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Collection = Literal["connections", "sourceConnections", "targetConnections", "flows"]
+SUCCESS, FAILED = "success", "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInfo:
+    """The parts of a flow the engine checks when it reuses one."""
+
+    id: str
+    name: str
+    etag: str
+    state: str
+    created_at_ms: int
+    flow_spec_id: str
+    source_connection_ids: tuple[str, ...]
+    target_connection_ids: tuple[str, ...]
+    schedule: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, item: Mapping[str, Any]) -> FlowInfo:
+        return cls(
+            id=item["id"],
+            name=item.get("name", ""),
+            etag=item.get("etag", ""),
+            state=str(item.get("state", "")).lower(),
+            created_at_ms=int(item.get("createdAt", 0)),
+            flow_spec_id=item.get("flowSpec", {}).get("id", ""),
+            source_connection_ids=tuple(item.get("sourceConnectionIds", ())),
+            target_connection_ids=tuple(item.get("targetConnectionIds", ())),
+            schedule=dict(item.get("scheduleParams", {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A flow run as read from `GET /runs`; counts default to 0 when AEP leaves them out."""
+
+    id: str
+    flow_id: str
+    status: str
+    created_at_ms: int
+    started_at_ms: int | None
+    completed_at_ms: int | None
+    output_bytes: int = 0
+    output_records: int = 0
+    output_files: int = 0
+    errors: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def terminal(self) -> bool:
+        """Done only when the status says so and the completion time is there."""
+        return self.status in (SUCCESS, FAILED) and self.completed_at_ms is not None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.terminal and self.status == SUCCESS
+
+    @classmethod
+    def parse(cls, item: Mapping[str, Any]) -> RunInfo:
+        metrics = item.get("metrics") or {}
+        duration = metrics.get("durationSummary") or {}
+        status = metrics.get("statusSummary") or {}
+        errors = tuple(
+            (str(e.get("code", "")), str(e.get("message", "")))
+            for e in status.get("errors") or ()
+            if isinstance(e, Mapping)
+        )
+        return cls(
+            id=item["id"],
+            flow_id=item.get("flowId", ""),
+            status=str(status.get("status", "")).lower(),
+            created_at_ms=int(item.get("createdAt", 0)),
+            started_at_ms=duration.get("startedAtUTC"),
+            completed_at_ms=duration.get("completedAtUTC"),
+            output_bytes=int((metrics.get("sizeSummary") or {}).get("outputBytes", 0)),
+            output_records=int((metrics.get("recordSummary") or {}).get("outputRecordCount", 0)),
+            output_files=int((metrics.get("fileSummary") or {}).get("outputFileCount", 0)),
+            errors=errors,
+        )
+
+
+class AepApi(Protocol):
+    """Everything the engine asks of AEP. Errors are `exporter.errors.AepError`s.
+
+    Creates are safe to call again after an ambiguous failure: an implementation looks the
+    entity up by its (unique, deterministic) name before creating it a second time.
+    """
+
+    async def create(self, collection: Collection, body: Mapping[str, Any]) -> str:
+        """Create an entity; returns its id."""
+
+    async def find_by_name(self, collection: Collection, name: str) -> list[dict[str, Any]]:
+        """Entities of `collection` whose name is exactly `name`, newest first."""
+
+    async def get(self, collection: Collection, entity_id: str) -> dict[str, Any] | None:
+        """One entity, or None when it does not exist."""
+
+    async def delete(self, collection: Collection, entity_id: str) -> None:
+        """Delete an entity; deleting one that is already gone is not an error."""
+
+    async def patch_flow(self, flow_id: str, etag: str, ops: Sequence[Mapping[str, Any]]) -> str:
+        """JSON Patch under `If-Match`; returns the new etag. A stale etag raises
+        `PreconditionFailed`."""
+
+    async def flow_action(self, flow_id: str, op: Literal["enable", "disable"]) -> str:
+        """Enable or disable a flow; returns the new etag."""
+
+    async def trigger(self, flow_id: str, dataset_id: str) -> str:
+        """Start an ad hoc export; returns the run id. Raises `NotReadyError`,
+        `AdhocNotEnabled` or `RunInProgress` (which carries the run id)."""
+
+    async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:
+        """The runs among `run_ids` that exist (any number; batched by the implementation)."""
+
+    async def runs_of_flow(self, flow_id: str, since_ms: int) -> list[RunInfo]:
+        """Runs of a flow created at or after `since_ms`, newest first."""

@@ -1,0 +1,227 @@
+"""Named destinations: where exports land, and the credentials AEP uses to write there.
+
+A destination is declared once in config; jobs refer to it by name and never carry
+secrets. Secret values come from a file (`*_file`, the way systemd credentials and
+container secrets arrive) or the environment, and are held as `SecretStr` so they print
+as `**********`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from exporter.aep import STORAGE_SPECS, StorageSpec, StorageType
+
+S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+BLOB_CONTAINER = r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"
+GCS_BUCKET = r"^(?!goog)(?!.*google)[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
+
+
+def read_secret(path: Path) -> SecretStr:
+    """A secret from a file; surrounding whitespace (a trailing newline) is not part of it."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"secret file {path} is empty")
+    return SecretStr(value)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        """`<name>_file = "/path"` fills the secret field `<name>` from that file."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            if not key.endswith("_file"):
+                continue
+            name = key.removesuffix("_file")
+            if name not in cls.model_fields or cls.model_fields[name].annotation not in (
+                SecretStr,
+                SecretStr | None,
+            ):
+                continue
+            if data.get(name) is not None:
+                raise ValueError(f"give either {name} or {key}, not both")
+            out[name] = read_secret(Path(str(value)))
+            del out[key]
+        return out
+
+    @property
+    def spec(self) -> StorageSpec:
+        return STORAGE_SPECS[StorageType(getattr(self, "type"))]  # noqa: B009
+
+    def auth(self) -> dict[str, Any] | None:
+        """The base connection's `auth` body, secrets revealed: only for the request."""
+        raise NotImplementedError
+
+    def location(self) -> dict[str, str]:
+        """Target connection parameters other than path, format and compression."""
+        return {}
+
+    def describe(self) -> str:
+        return self.spec.name
+
+
+class S3Destination(_Base):
+    type: Literal["s3"]
+    bucket: Annotated[str, Field(pattern=S3_BUCKET)]
+    access_key_id: Annotated[str, Field(pattern=r"^[A-Z2-7]{20}$")] | None = None
+    secret_access_key: SecretStr | None = None
+    role_arn: Annotated[str, Field(pattern=r"^arn:aws:iam::\d{12}:role/\S+$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> S3Destination:
+        keys = self.access_key_id is not None or self.secret_access_key is not None
+        if keys == (self.role_arn is not None):
+            raise ValueError("give either access_key_id with secret_access_key(_file), or role_arn")
+        if keys and (self.access_key_id is None or self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+    def auth(self) -> dict[str, Any]:
+        if self.role_arn is not None:
+            return {"specName": "Assumed Role", "params": {"s3Role": self.role_arn}}
+        assert self.secret_access_key is not None
+        return {
+            "specName": "Access Key",
+            "params": {
+                "s3AccessKey": self.access_key_id,
+                "s3SecretKey": self.secret_access_key.get_secret_value(),
+            },
+        }
+
+    def location(self) -> dict[str, str]:
+        return {"bucketName": self.bucket}
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}"
+
+
+class AzureBlobDestination(_Base):
+    type: Literal["azure_blob"]
+    container: Annotated[str, Field(pattern=BLOB_CONTAINER)]
+    connection_string: SecretStr
+
+    @model_validator(mode="after")
+    def _account(self) -> AzureBlobDestination:
+        if not re.search(r"(^|;)AccountName=[^;]+", self.connection_string.get_secret_value()):
+            raise ValueError("connection_string must contain AccountName=…")
+        return self
+
+    def auth(self) -> dict[str, Any]:
+        return {
+            "specName": "ConnectionString",
+            "params": {"connectionString": self.connection_string.get_secret_value()},
+        }
+
+    def location(self) -> dict[str, str]:
+        return {"container": self.container}
+
+    def describe(self) -> str:
+        return f"Azure Blob container {self.container}"
+
+
+class AdlsGen2Destination(_Base):
+    type: Literal["adls_gen2"]
+    url: Annotated[str, Field(pattern=r"^https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?$")]
+    service_principal_id: str = Field(min_length=1)
+    service_principal_key: SecretStr
+    tenant: str = Field(min_length=1)
+
+    def auth(self) -> dict[str, Any]:
+        return {
+            "specName": "Azure Service Principal Auth",
+            "params": {
+                "url": self.url,
+                "servicePrincipalId": self.service_principal_id,
+                "servicePrincipalKey": self.service_principal_key.get_secret_value(),
+                "tenant": self.tenant,
+            },
+        }
+
+    def describe(self) -> str:
+        return self.url
+
+
+class DlzDestination(_Base):
+    type: Literal["dlz"]
+
+    def auth(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "Data Landing Zone"
+
+
+class GcsDestination(_Base):
+    type: Literal["gcs"]
+    bucket: Annotated[str, Field(pattern=GCS_BUCKET)]
+    access_key_id: str = Field(min_length=1)
+    secret_access_key: SecretStr
+
+    def auth(self) -> dict[str, Any]:
+        return {
+            "specName": "Google Cloud Storage authentication credentials",
+            "params": {
+                "accessKeyId": self.access_key_id,
+                "secretAccessKey": self.secret_access_key.get_secret_value(),
+            },
+        }
+
+    def location(self) -> dict[str, str]:
+        return {"bucketName": self.bucket}
+
+    def describe(self) -> str:
+        return f"gs://{self.bucket}"
+
+
+class SftpDestination(_Base):
+    type: Literal["sftp"]
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    ssh_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> SftpDestination:
+        if (self.password is None) == (self.ssh_key is None):
+            raise ValueError("give either password(_file) or ssh_key(_file)")
+        return self
+
+    def auth(self) -> dict[str, Any]:
+        base = {"domain": self.host, "username": self.username}
+        if self.password is not None:
+            return {
+                "specName": "SFTP with Password",
+                "params": {**base, "password": self.password.get_secret_value()},
+            }
+        assert self.ssh_key is not None
+        return {
+            "specName": "SFTP with SSH Key",
+            "params": {**base, "sshKey": self.ssh_key.get_secret_value()},
+        }
+
+    def describe(self) -> str:
+        return f"sftp://{self.username}@{self.host}"
+
+
+Destination = Annotated[
+    S3Destination
+    | AzureBlobDestination
+    | AdlsGen2Destination
+    | DlzDestination
+    | GcsDestination
+    | SftpDestination,
+    Field(discriminator="type"),
+]

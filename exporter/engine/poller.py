@@ -1,0 +1,183 @@
+"""One poller for every run in flight: many runs per request, each on its own cadence.
+
+A waiting job registers its run id and a deadline, then awaits a future. The poller
+wakes when the earliest run is due, asks AEP for every due run in batches of up to 100
+(`GET /runs?property=id==a,b,…`), settles the finished ones and reschedules the rest.
+Cadence grows with a run's age (a quarter of it, by default) between a floor and a
+ceiling, with jitter so that runs started together spread out. A failed poll never
+re-triggers anything: it is retried on the run's own schedule, and a job fails only after
+its run's status has been unreadable for `status_unreadable_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+import structlog
+
+from exporter.aepclient.api import AepApi, RunInfo
+from exporter.clock import Clock
+from exporter.engine.config import EngineConfig
+from exporter.errors import AepError
+
+log = structlog.get_logger("exporter.poller")
+
+
+class RunTimedOut(Exception):
+    """The job's deadline passed before its run ended."""
+
+
+class StatusUnreadable(Exception):
+    """The run's status could not be read for longer than allowed."""
+
+
+@dataclass
+class _Waiter:
+    run_id: str
+    future: asyncio.Future[RunInfo]
+    started: float
+    deadline: float
+    due: float
+    last_read: float
+    polls: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class PollerStats:
+    requests: int = 0
+    failed_requests: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class RunPoller:
+    """Batches status reads of every run in flight; `wait()` is what jobs call."""
+
+    def __init__(
+        self, api: AepApi, config: EngineConfig, clock: Clock, rng: random.Random | None = None
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._wake = asyncio.Event()
+        self.stats = PollerStats()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+    async def wait(self, run_id: str, *, deadline: float) -> RunInfo:
+        """The run once it has ended. Raises `RunTimedOut` at `deadline` (monotonic) and
+        `StatusUnreadable` when AEP would not tell its status for too long."""
+        now = self._clock.monotonic()
+        waiter = _Waiter(
+            run_id,
+            asyncio.get_running_loop().create_future(),
+            now,
+            deadline,
+            due=now,
+            last_read=now,
+        )
+        self._waiters.setdefault(run_id, []).append(waiter)
+        self._wake.set()
+        try:
+            return await waiter.future
+        finally:
+            group = self._waiters.get(run_id, [])
+            if waiter in group:
+                group.remove(waiter)
+            if not group:
+                self._waiters.pop(run_id, None)
+
+    async def run(self) -> None:
+        """The polling loop; runs until cancelled."""
+        while True:
+            now = self._clock.monotonic()
+            self._expire(now)
+            due = [
+                w
+                for group in self._waiters.values()
+                for w in group
+                if w.due <= now and not w.future.done()
+            ]
+            if due:
+                await self._poll(due)
+                continue
+            await self._sleep_until_next(now)
+
+    def _expire(self, now: float) -> None:
+        for group in self._waiters.values():
+            for w in group:
+                if w.future.done():
+                    continue
+                if now >= w.deadline:
+                    w.future.set_exception(
+                        RunTimedOut(
+                            f"run {w.run_id} had not ended when the job's deadline passed "
+                            f"({now - w.started:.0f} s after it started waiting)"
+                        )
+                    )
+                elif now - w.last_read >= self._config.status_unreadable_s:
+                    w.future.set_exception(
+                        StatusUnreadable(
+                            f"the status of run {w.run_id} could not be read for "
+                            f"{now - w.last_read:.0f} s: {w.last_error}"
+                        )
+                    )
+
+    async def _sleep_until_next(self, now: float) -> None:
+        pending = [w for g in self._waiters.values() for w in g if not w.future.done()]
+        self._wake.clear()
+        if not pending:
+            await self._wake.wait()
+            return
+        until = min(min(w.due, w.deadline) for w in pending)
+        sleeper = asyncio.ensure_future(self._clock.sleep(max(0.0, until - now)))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _poll(self, due: list[_Waiter]) -> None:
+        ids = list(dict.fromkeys(w.run_id for w in due))
+        size = self._config.poll_batch
+        for start in range(0, len(ids), size):
+            batch = ids[start : start + size]
+            self.stats.requests += 1
+            self.stats.batch_sizes.append(len(batch))
+            error = "the run is not visible yet"
+            try:
+                found = await self._api.get_runs(batch)
+            except AepError as exc:
+                self.stats.failed_requests += 1
+                log.warning("run_poll_failed", runs=len(batch), error=str(exc))
+                found = None
+                error = str(exc)
+            now = self._clock.monotonic()
+            for run_id in batch:
+                for w in list(self._waiters.get(run_id, [])):
+                    self._settle(w, None if found is None else found.get(run_id), now, error)
+
+    def _settle(self, w: _Waiter, run: RunInfo | None, now: float, error: str) -> None:
+        if w.future.done():
+            return
+        w.polls += 1
+        if run is not None:
+            w.last_read = now
+            if run.terminal:
+                w.future.set_result(run)
+                return
+        else:
+            w.last_error = error
+        age = max(0.0, now - w.started)
+        interval = min(
+            self._config.poll_max_s, max(self._config.poll_min_s, age * self._config.poll_growth)
+        )
+        jitter = self._config.poll_jitter
+        w.due = now + interval * self._rng.uniform(1 - jitter, 1 + jitter)

@@ -1,0 +1,102 @@
+"""Every error aep-exporter raises, in one tree. Each says whether trying again may help.
+
+ExporterError
+├── ConfigError                 settings or a job that cannot be used as given
+└── AepError                    something AEP (or the way to it) answered or failed to
+    ├── TransportError          no answer: connection refused/reset/dropped, timeout  [retry]
+    ├── AuthError               IMS refused the credentials, or the gateway the token
+    ├── ThrottledError          429                                                    [retry]
+    ├── ServerError             5xx                                                    [retry]
+    ├── NotFoundError           404
+    ├── PreconditionFailed      412: the entity changed since its etag was read        [retry]
+    ├── RequestError            any other 4xx: the request itself is wrong
+    └── AdhocError              the ad hoc run service said no
+        ├── NotReadyError       the flow is too young for dataset export               [retry]
+        ├── AdhocNotEnabled     dataset export is not enabled for the flow's destination
+        └── RunInProgress       a run of this flow and dataset is going on: adopt it
+"""
+
+from __future__ import annotations
+
+
+class ExporterError(Exception):
+    """Base of every error raised by aep-exporter."""
+
+    retryable: bool = False
+
+
+class ConfigError(ExporterError):
+    """Configuration, a destination or a job is invalid; the message says where and why."""
+
+
+class AepError(ExporterError):
+    """AEP answered with an error, or could not be reached."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        operation: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.operation = operation
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        where = f"{self.operation}: " if self.operation else ""
+        status = (
+            f" (HTTP {self.status}{', ' + self.code if self.code else ''})" if self.status else ""
+        )
+        return f"{where}{self.message}{status}"
+
+
+class TransportError(AepError):
+    retryable = True
+
+
+class AuthError(AepError):
+    pass
+
+
+class ThrottledError(AepError):
+    retryable = True
+
+
+class ServerError(AepError):
+    retryable = True
+
+
+class NotFoundError(AepError):
+    pass
+
+
+class PreconditionFailed(AepError):
+    retryable = True
+
+
+class RequestError(AepError):
+    pass
+
+
+class AdhocError(AepError):
+    pass
+
+
+class NotReadyError(AdhocError):
+    retryable = True
+
+
+class AdhocNotEnabled(AdhocError):
+    pass
+
+
+class RunInProgress(AdhocError):
+    def __init__(self, message: str, *, run_id: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.run_id = run_id

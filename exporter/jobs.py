@@ -1,0 +1,223 @@
+"""Export jobs: what a user asks for, its identity, its states and its outcome."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from exporter.aep import ALLOWED_FORMATS, Compression, FileType
+
+PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
+DATASET_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
+ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._:@-]{0,199}$")
+MODES = ("once", "daily", "hourly:3", "hourly:6", "hourly:9", "hourly:12")
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+
+Mode = Literal["once", "daily", "hourly:3", "hourly:6", "hourly:9", "hourly:12"]
+
+
+class JobState(enum.StrEnum):
+    """A job's life; see docs/design.md for the diagram."""
+
+    RECEIVED = "received"
+    FLOW_READY = "flow_ready"
+    TRIGGERING = "triggering"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+TERMINAL = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.REJECTED}
+)
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset(
+        {
+            JobState.FLOW_READY,
+            JobState.REJECTED,
+            JobState.FAILED,
+            JobState.TIMED_OUT,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.FLOW_READY: frozenset(
+        {JobState.TRIGGERING, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+    ),
+    JobState.TRIGGERING: frozenset(
+        {JobState.RUNNING, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+    ),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+    ),
+    **{s: frozenset() for s in TERMINAL},
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: JobState, new: JobState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"a job cannot go from {old} to {new}")
+
+
+class Job(BaseModel):
+    """One export of one dataset to one named destination."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    id: Annotated[str | None, Field(default=None, description="default: derived from content")]
+    dataset_id: str
+    destination: str = Field(min_length=1, max_length=100)
+    format: Literal["parquet", "json"] = "parquet"
+    compression: Literal["gzip", "none"] = "gzip"
+    path: str = Field(min_length=1, max_length=1024)
+    mode: Mode = "once"
+    after_run: Literal["keep", "disable"] | None = None
+    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=7 * 86400)
+    labels: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=500)]] = (
+        Field(default_factory=dict, max_length=50)
+    )
+
+    @field_validator("format", "compression", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        if not DATASET_RE.match(value):
+            raise ValueError("must be an AEP dataset id (letters, digits, '-' and '_')")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        if value is not None and not ID_RE.match(value):
+            raise ValueError(
+                "must be 1-200 characters: letters, digits and . _ : @ -, "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        cleaned = value.strip("/")
+        if not cleaned or not PATH_RE.match(cleaned):
+            raise ValueError("must be a relative folder of letters, digits and / ! - _ . * ' ( )")
+        if any(part in ("", ".", "..") for part in cleaned.split("/")):
+            raise ValueError("must not contain empty, '.' or '..' segments")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Job:
+        if (FileType(self.format.upper()), Compression(self.compression.upper())) not in (
+            ALLOWED_FORMATS
+        ):
+            raise ValueError(
+                "JSON exports must be gzip-compressed (AEP exports JSON "
+                "compressed only): set compression to gzip"
+            )
+        if self.mode != "once" and self.after_run == "disable":
+            raise ValueError(
+                f"after_run=disable would stop the {self.mode} schedule; "
+                "use after_run=keep or mode=once"
+            )
+        return self
+
+    @property
+    def file_type(self) -> FileType:
+        return FileType(self.format.upper())
+
+    @property
+    def compression_type(self) -> Compression:
+        return Compression(self.compression.upper())
+
+    @property
+    def after(self) -> Literal["keep", "disable"]:
+        """What to do with the flow after the run: disable one-off flows, keep schedules."""
+        if self.after_run is not None:
+            return self.after_run
+        return "disable" if self.mode == "once" else "keep"
+
+    @property
+    def job_id(self) -> str:
+        """The given id, or one derived from the content so a resubmitted file is the same job."""
+        if self.id is not None:
+            return self.id
+        content = self.model_dump(mode="json", exclude={"id"})
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return f"job-{digest[:24]}"
+
+
+class ExportTarget(BaseModel):
+    """What identifies a flow: the same target means the same flow, whoever asks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    org_id: str
+    sandbox: str
+    dataset_id: str
+    destination: str
+    file_type: FileType
+    compression: Compression
+    path: str
+
+    @classmethod
+    def of(cls, job: Job, *, org_id: str, sandbox: str) -> ExportTarget:
+        return cls(
+            org_id=org_id,
+            sandbox=sandbox,
+            dataset_id=job.dataset_id,
+            destination=job.destination,
+            file_type=job.file_type,
+            compression=job.compression_type,
+            path=job.path,
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        content = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+    @property
+    def flow_name(self) -> str:
+        """Deterministic, so a restarted or second daemon finds the flow by name in AEP."""
+        return f"aep-exporter {self.dataset_id} to {self.destination} [{self.fingerprint}]"
+
+
+class RunError(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    message: str
+
+
+class Outcome(BaseModel):
+    """How a job ended: what a result file, a queue message and a log line report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    state: JobState
+    flow_id: str | None = None
+    run_id: str | None = None
+    files: int = 0
+    records: int = 0
+    bytes: int = 0
+    duration_s: float | None = None
+    partial: bool = False
+    errors: tuple[RunError, ...] = ()
+    message: str = ""

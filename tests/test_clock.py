@@ -1,0 +1,53 @@
+"""The fake clock that every time-dependent test stands on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from exporter.clock import FakeClock
+
+
+async def test_sleepers_wake_in_deadline_order_only_when_time_passes() -> None:
+    clock = FakeClock()
+    woke: list[str] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append(f"{name}@{clock.monotonic():g}")
+
+    tasks = [asyncio.create_task(sleeper(n, s)) for n, s in (("b", 5), ("a", 2), ("c", 9))]
+    await asyncio.sleep(0)
+    assert clock.sleepers == 3
+    await clock.advance(4)
+    assert woke == ["a@2"]
+    assert clock.monotonic() == 4
+    await clock.advance(10)
+    assert woke == ["a@2", "b@5", "c@9"]
+    assert clock.monotonic() == 14
+    await asyncio.gather(*tasks)
+
+
+async def test_chained_sleeps_each_see_their_own_deadline() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(3):
+            await clock.sleep(1)
+            seen.append(clock.monotonic())
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    await clock.advance(3)
+    await task
+    assert seen == [1, 2, 3]
+
+
+async def test_auto_advance_jumps_time_instead_of_waiting() -> None:
+    clock = FakeClock(auto_advance=True)
+    wall = clock.time()
+    await clock.sleep(600)
+    assert clock.monotonic() == 600
+    assert clock.time() == wall + 600
+    await clock.sleep(0)
+    assert clock.monotonic() == 600

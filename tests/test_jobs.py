@@ -1,0 +1,104 @@
+"""Jobs: validation with reasons, identity, states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from exporter.jobs import (
+    TERMINAL,
+    ExportTarget,
+    IllegalTransition,
+    Job,
+    JobState,
+    check_transition,
+)
+
+GOOD: dict[str, Any] = {
+    "dataset_id": "5c8c3c555033b814b69f947f",
+    "destination": "lake",
+    "format": "parquet",
+    "compression": "gzip",
+    "path": "ml/features",
+}
+
+
+def job(**changes: Any) -> Job:
+    return Job.model_validate({**GOOD, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"format": "json", "compression": "none"}, "", "gzip"),
+        ({"format": "csv"}, "format", "parquet"),
+        ({"path": "../etc"}, "path", "'..'"),
+        ({"path": "a//b"}, "path", "empty"),
+        ({"path": "spaces are bad"}, "path", "relative folder"),
+        ({"path": "/"}, "path", "relative folder"),
+        ({"dataset_id": "x y"}, "dataset_id", "dataset id"),
+        ({"mode": "hourly:8"}, "mode", "hourly:9"),
+        ({"mode": "daily", "after_run": "disable"}, "", "schedule"),
+        ({"timeout": 0}, "timeout", "greater than 0"),
+        ({"id": "../x"}, "id", "letters"),
+        ({"secret": "x"}, "secret", "Extra inputs"),
+        ({"destination": ""}, "destination", "at least 1"),
+    ],
+)
+def test_bad_jobs_say_which_field_and_why(changes: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        job(**changes)
+    (error,) = caught.value.errors()
+    assert ".".join(str(p) for p in error["loc"]) == field
+    assert words in error["msg"]
+
+
+def test_enums_are_case_insensitive_and_paths_trimmed() -> None:
+    j = job(format="PARQUET", compression="GZIP", path="/ml/features/")
+    assert (j.format, j.compression, j.path) == ("parquet", "gzip", "ml/features")
+    assert (j.file_type.value, j.compression_type.value) == ("PARQUET", "GZIP")
+
+
+def test_after_run_defaults_follow_the_mode() -> None:
+    assert job().after == "disable"
+    assert job(mode="daily").after == "keep"
+    assert job(after_run="keep").after == "keep"
+
+
+def test_job_id_is_given_or_derived_from_content() -> None:
+    assert job(id="nightly-1").job_id == "nightly-1"
+    assert job().job_id == job().job_id
+    assert job().job_id != job(path="ml/other").job_id
+    assert job().job_id.startswith("job-")
+
+
+def test_flow_identity_ignores_schedule_and_labels_but_not_what_is_exported() -> None:
+    def target(j: Job, sandbox: str = "prod") -> ExportTarget:
+        return ExportTarget.of(j, org_id="ORG@AdobeOrg", sandbox=sandbox)
+
+    base = target(job())
+    assert target(job(mode="daily", after_run="keep", labels={"a": "b"})) == base
+    for other in (
+        job(path="ml/x"),
+        job(format="json"),
+        job(compression="none"),
+        job(destination="other"),
+        job(dataset_id="0" * 24),
+    ):
+        assert target(other).fingerprint != base.fingerprint
+    assert target(job(), sandbox="dev").fingerprint != base.fingerprint
+    assert base.fingerprint in base.flow_name
+    assert "5c8c3c555033b814b69f947f" in base.flow_name
+
+
+def test_transitions_follow_the_diagram() -> None:
+    check_transition(JobState.RECEIVED, JobState.FLOW_READY)
+    check_transition(JobState.TRIGGERING, JobState.RUNNING)
+    check_transition(JobState.RUNNING, JobState.TIMED_OUT)
+    with pytest.raises(IllegalTransition):
+        check_transition(JobState.RECEIVED, JobState.RUNNING)
+    for state in TERMINAL:
+        with pytest.raises(IllegalTransition):
+            check_transition(state, JobState.RUNNING)
