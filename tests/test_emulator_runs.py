@@ -549,7 +549,7 @@ async def test_paging_through_more_than_a_hundred_runs(emulator: Emulator) -> No
             if nxt is None:
                 return pages
             assert "continuationToken=" in nxt["href"]
-            path = nxt["href"]
+            path = FLOW_SERVICE_PATH + nxt["href"]  # relative to the service root
 
     pages = await walk(f"{FLOW_SERVICE_PATH}/runs")
     assert [len(p) for p in pages] == [100, 8]

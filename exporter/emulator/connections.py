@@ -11,6 +11,7 @@ from aiohttp import web
 
 from exporter.aep import (
     DATALAKE_SOURCE_SPEC_ID,
+    FLOW_SERVICE_PATH,
     SPEC_BY_CONNECTION_ID,
     StorageSpec,
     StorageType,
@@ -52,7 +53,10 @@ def list_response(
     ids = query.id_candidates()
     if ids is not None and index is not None:
         entities = [index[i] for i in ids if i in index]
-    return json_ok(query.apply(entities, base_path=request.path))
+    # Next links are relative to the service root, as Adobe's examples show them
+    # (`/flows?continuationToken=...`, aep-api.md sections 7.2 and 9.1).
+    base_path = request.path.removeprefix(FLOW_SERVICE_PATH)
+    return json_ok(query.apply(entities, base_path=base_path))
 
 
 def _required_text(body: dict[str, Any], name: str) -> str:
@@ -225,7 +229,8 @@ async def create_connection(request: web.Request) -> web.Response:
     storage = _storage(spec_ref["id"])
     public_auth, secret = _auth(storage, body.get("auth"))
     entity = _entity(request, body, name, spec_ref)
-    entity["auth"] = public_auth
+    if public_auth is not None:  # auth is an object in both spec files, never null
+        entity["auth"] = public_auth
     box = caller(request).sandbox
     box.connections[entity["id"]] = entity
     box.secrets[entity["id"]] = secret
@@ -260,7 +265,9 @@ async def create_source_connection(request: web.Request) -> web.Response:
                 f"Dataset {item['dataSetId']} not found in sandbox {who.sandbox.name}", 1415
             )
     entity = _entity(request, body, name, spec_ref)
-    entity.update(baseConnectionId=None, params=params)
+    # No base connection: baseConnectionId is left out (a string, never null, in
+    # flow-service.yaml); inheritedAttributes is required (destinations.yaml) and empty.
+    entity.update(params=params, inheritedAttributes={})
     if isinstance(body.get("data"), dict):
         entity["data"] = body["data"]
     who.sandbox.source_connections[entity["id"]] = entity

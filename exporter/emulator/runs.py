@@ -40,7 +40,7 @@ log = structlog.get_logger("exporter.emulator")
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]
 PARTIAL_ERRORS = [
     {
-        "code": "ACTIVATION_BATCH-0002-WARNING",
+        "code": "EXPORT-0002-200",  # Info.code must match ABC-123-400 (destinations.yaml)
         "type": "Warning",
         "count": 1,
         "message": "Export completed with warnings: one file write was retried.",
@@ -391,15 +391,21 @@ async def list_runs(request: web.Request) -> web.Response:
     query = parse_list_query(request.query)
     box = caller(request).sandbox
     ids = query.id_candidates()
-    runs = list(box.runs.values()) if ids is None else [box.runs[i] for i in ids if i in box.runs]
+    stored = box.runs
+    runs = (
+        list(stored.values())
+        if ids is None
+        else [run for i in ids if (run := stored.get(i)) is not None]  # one lookup per id
+    )
     await settle(state_of(request), runs)
     by_id = {r.id: r for r in runs}
-    body = query.apply((run_view(r) for r in runs), base_path=request.path)
+    body = query.apply((run_view(r) for r in runs), base_path="/runs")  # as list_response
     if "items" not in body:
         return web.Response(body=dumps(body), content_type="application/json")
     # Splice the cached JSON of each run rather than serialising the page again.
     page = b",".join(run_bytes(by_id[item["id"]]) for item in body["items"])
     links = b"" if "_links" not in body else b',"_links":' + dumps(body["_links"])
+    # One join: each `+` would copy the whole page (100 runs: over 100 kB) once more.
     return web.Response(
-        body=b'{"items":[' + page + b"]" + links + b"}", content_type="application/json"
+        body=b"".join((b'{"items":[', page, b"]", links, b"}")), content_type="application/json"
     )

@@ -204,7 +204,6 @@ FLOW_SPECS: dict[str, dict[str, Any]] = {
         "version": SPEC_VERSION,
         "sourceConnectionSpecIds": [DATALAKE_SOURCE_SPEC_ID],
         "targetConnectionSpecIds": [s.connection_spec_id],
-        "transformationSpecs": [],
         "attributes": {"isDestinationFlow": True, "workflows": ["DATASETS"]},
         "scheduleSpec": {
             "name": "Dataset export schedule",
