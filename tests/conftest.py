@@ -124,7 +124,7 @@ def knobs() -> Knobs:
 
 @pytest.fixture
 async def emulator(tmp_path: Path, knobs: Knobs) -> AsyncIterator[Emulator]:
-    clock = FakeClock()
+    clock = FakeClock(auto_advance=True)
     async with (
         serve(knobs, tmp_path / "emulator", clock=clock) as (url, state),
         aiohttp.ClientSession() as session,

@@ -1,0 +1,229 @@
+"""The HTTP transport to AEP: one aiohttp session, AEP's headers, pacing, retries, errors.
+
+Every platform request carries the token, API key, org and sandbox headers; goes through the
+process's `RateLimiter` (rate and concurrency); and has a timeout. Answers >= 400 and
+aiohttp's own failures come back as `exporter.errors` types, raised `from` the original.
+
+Retries: idempotent requests (GET, DELETE, PUT, PATCH under If-Match, and calls the caller
+declares idempotent, such as flow actions) are retried on 429, 5xx and transport errors under
+the backoff policy, honouring `Retry-After`. A 401 means the gateway refused the token before
+the request reached the service, so any request is retried once with a fresh token. Anything
+else that is not idempotent is never retried here: the caller knows how to reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from exporter.aepclient.auth import TokenProvider, fetch_ims_token
+from exporter.aepclient.backoff import Backoff
+from exporter.aepclient.config import AepConfig
+from exporter.aepclient.envelopes import decode_body, error_for, parse_retry_after, transport_error
+from exporter.aepclient.ratelimit import RateLimiter
+from exporter.clock import Clock, SystemClock
+from exporter.errors import AepError, ServerError
+
+log = structlog.get_logger("exporter.aepclient")
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A successful answer: status, headers and the decoded JSON body (None when empty)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+
+def encode_query(pairs: Sequence[tuple[str, str]]) -> str:
+    """A query string in which every reserved character of a value is percent-encoded, except
+    the `=` and `,` of the filter language (the server decodes before it parses anyway)."""
+    return urlencode(list(pairs), quote_via=quote, safe="=,")
+
+
+class Transport:
+    """Authenticated, paced, retrying requests to one AEP org and sandbox."""
+
+    def __init__(
+        self,
+        config: AepConfig,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        limiter: RateLimiter | None = None,
+        policy: Backoff | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.policy = policy or config.backoff()
+        self.limiter = limiter or RateLimiter(
+            self.clock,
+            rate_rps=config.rate_limit_rps,
+            min_rate_rps=config.rate_limit_min_rps,
+            max_concurrency=config.max_concurrency,
+        )
+        self.ssl_context = ssl.create_default_context()  # verification on; no switch to turn it off
+        self.tokens = TokenProvider(
+            lambda: fetch_ims_token(self.session, config, now=self.clock.time),
+            self.clock,
+            policy=self.policy,
+            rng=self.rng,
+            margin_s=config.token_refresh_margin_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._base = config.platform_url
+
+    def __repr__(self) -> str:
+        return f"Transport({self.config.platform_url}, sandbox={self.config.sandbox!r})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one session, created on first use (it needs a running event loop)."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                ssl=self.ssl_context,
+                limit=self.config.max_concurrency + 2,  # + IMS, which the limiter does not pace
+                ttl_dns_cache=300,
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, raise_for_status=False, trust_env=False
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session; safe to call more than once."""
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def url(self, target: str) -> URL:
+        """An absolute URL on the platform host for a path (with an encoded query, if any).
+        A foreign origin is dropped: the token is only ever sent to the platform host."""
+        given = URL(target)
+        query = f"?{given.raw_query_string}" if given.raw_query_string else ""
+        return URL(f"{self._base}{given.raw_path}{query}", encoded=True)
+
+    def _headers(
+        self, token: str, extra: Mapping[str, str] | None, has_body: bool
+    ) -> dict[str, str]:
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "x-api-key": self.config.client_id,
+            "x-gw-ims-org-id": self.config.org_id,
+            "x-sandbox-name": self.config.sandbox,
+            "Accept": "application/json",
+        }
+        if has_body:
+            headers["Content-Type"] = "application/json"
+        headers.update(extra or {})
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        operation: str,
+        query: Sequence[tuple[str, str]] = (),
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Response:
+        """Send one logical request (several attempts when allowed); raise `AepError`s.
+
+        `target` is a path on the platform host, possibly with an already-encoded query (a
+        `_links.next.href`); `query` pairs are encoded and appended.
+        """
+        method = method.upper()
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT or (
+                method == "PATCH" and "If-Match" in (headers or {})
+            )
+        if query:
+            target += ("&" if "?" in target else "?") + encode_query(query)
+        url = self.url(target)
+        data = None if json_body is None else json.dumps(json_body).encode()
+        began = self.clock.monotonic()
+        attempt, reauthenticated = 0, False
+        while True:
+            attempt += 1
+            token = await self.tokens.token()
+            sent = self._headers(token, headers, data is not None)
+            try:
+                return await self._send(method, url, sent, data, operation)
+            except AepError as exc:
+                error = exc
+            if error.status == 401 and not reauthenticated:
+                reauthenticated = True
+                self.tokens.invalidate(token)
+                log.info("aep_request_reauth", operation=operation, method=method)
+                continue
+            delay = (
+                self.policy.next_delay(
+                    attempt,
+                    self.rng,
+                    retry_after=error.retry_after,
+                    elapsed=self.clock.monotonic() - began,
+                )
+                if idempotent and error.retryable
+                else None
+            )
+            if delay is None:
+                raise error
+            log.info(
+                "aep_request_retry",
+                operation=operation,
+                method=method,
+                path=url.path,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                error=type(error).__name__,
+                status=error.status,
+                retry_after=error.retry_after,
+            )
+            await self.clock.sleep(delay)
+
+    async def _send(
+        self, method: str, url: URL, headers: dict[str, str], data: bytes | None, operation: str
+    ) -> Response:
+        try:
+            async with (
+                self.limiter.slot(),
+                self.session.request(method, url, headers=headers, data=data) as resp,
+            ):
+                raw = await resp.read()
+                status, answer_headers = resp.status, resp.headers.copy()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise transport_error(exc, operation=operation, peer=f"AEP ({url.host})") from exc
+        body = decode_body(raw)
+        log.debug("aep_request", operation=operation, method=method, status=status)
+        if status == 429:
+            retry_after = parse_retry_after(answer_headers.get("Retry-After"), self.clock.time())
+            self.limiter.on_throttled(retry_after)
+            raise error_for(status, body, operation=operation, retry_after=retry_after)
+        if status < 500:
+            self.limiter.on_success()
+        if status >= 400:
+            retry_after = parse_retry_after(answer_headers.get("Retry-After"), self.clock.time())
+            raise error_for(status, body, operation=operation, retry_after=retry_after)
+        if isinstance(body, str):
+            raise ServerError(
+                f"AEP answered {status} with a body that is not JSON",
+                status=status,
+                operation=operation,
+            )
+        return Response(status, answer_headers, body)
