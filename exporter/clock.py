@@ -13,6 +13,8 @@ import itertools
 import time
 from typing import Protocol
 
+AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
+
 
 class Clock(Protocol):
     def time(self) -> float:
@@ -39,14 +41,17 @@ class SystemClock:
 class FakeClock:
     """A clock that stands still until `advance()` is awaited.
 
-    With `auto_advance`, a sleep instead moves time forward by its own length at once: code
-    that backs off, polls and waits runs at full speed in virtual time, and a server sharing
-    the clock (the emulator in tests) sees that time pass too.
+    With `auto_advance`, time moves by itself: whenever sleepers are waiting, it jumps to the
+    earliest deadline as soon as the event loop has had a moment for network I/O. Code that
+    backs off, polls and waits runs at full speed in virtual time; concurrent sleeps overlap
+    as they would in real time; a server sharing the clock (the emulator in tests) sees the
+    same time pass.
     """
 
     def __init__(self, start: float = 1_767_225_600.0, *, auto_advance: bool = False) -> None:
         # start: 2026-01-01T00:00:00Z
         self.auto_advance = auto_advance
+        self._driver: asyncio.Task[None] | None = None
         self._wall0 = start
         self._now = 0.0
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -67,12 +72,24 @@ class FakeClock:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        if self.auto_advance:
-            await self.advance(seconds)
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        if self.auto_advance and self._driver is None:
+            self._driver = asyncio.create_task(self._drive(), name="fake-clock-driver")
         await fut
+
+    async def _drive(self) -> None:
+        try:
+            while True:
+                # Give ready callbacks and in-flight network I/O a moment before time moves.
+                await asyncio.sleep(AUTO_ADVANCE_PAUSE)
+                while self._sleepers and self._sleepers[0][2].done():
+                    heapq.heappop(self._sleepers)
+                if not self._sleepers:
+                    return
+                await self.advance(max(0.0, self._sleepers[0][0] - self._now))
+        finally:
+            self._driver = None
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking each sleeper at its deadline and letting it run."""

@@ -192,7 +192,7 @@ async def test_retry_after_holds_back_every_new_request() -> None:
 
 async def test_slot_caps_concurrency() -> None:
     clock = FakeClock(auto_advance=True)
-    lim = limiter(clock, rate_rps=1000, max_concurrency=2)
+    lim = limiter(clock, rate_rps=1000, max_concurrency=2, burst=10)
     gate = asyncio.Event()
     peak = 0
 

@@ -12,6 +12,8 @@ from exporter.emulator.errors import FlowError, ProblemError
 from exporter.emulator.gateway import STATE_KEY, Caller
 from exporter.emulator.state import EmulatorState
 
+MAX_JSON_DEPTH = 64  # AEP's bodies nest a few levels; deeper ones would exhaust recursion later
+
 
 def state_of(request: web.Request) -> EmulatorState:
     return request.app[STATE_KEY]
@@ -24,17 +26,41 @@ async def read_json(request: web.Request, *, require_content_type: bool = True) 
         raise ProblemError(413, "PayloadTooLarge", f"Request body exceeds {limit} bytes")
     if require_content_type and request.content_type != "application/json":
         raise ProblemError(400, "BadRequestError", "A valid content-type must be specified")
-    raw = await request.content.read(limit + 1)
+    raw = bytearray()  # read(n) returns what has arrived so far, not n bytes: loop
+    while len(raw) <= limit:
+        chunk = await request.content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > limit:
         raise ProblemError(413, "PayloadTooLarge", f"Request body exceeds {limit} bytes")
     if not raw.strip():
         raise FlowError(400, 1405, "Request body is empty")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+        deep = _too_deep(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FlowError(400, 1400, f"Request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise FlowError(400, 1400, "Request body is nested too deeply") from None
+        deep = True
+    if deep:
+        raise FlowError(400, 1400, f"Request body nests deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether JSON nests deeper than MAX_JSON_DEPTH (iterative: no recursion to exhaust)."""
+    level: list[Any] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return any(isinstance(node, dict | list) for node in level)
 
 
 def require_object(body: Any, what: str = "Request body") -> dict[str, Any]:

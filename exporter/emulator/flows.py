@@ -173,6 +173,8 @@ async def create_flow(request: web.Request) -> web.Response:
         raise FlowError(400, 1413, "flowSpec.id must be a dataset export flow spec id")
     if not isinstance(spec.get("version"), str):
         raise FlowError(422, 1412, "flowSpec.version is a required field")
+    if not isinstance(body.get("description", ""), str):
+        raise invalid("'description' must be a string")
     transformations = body.get("transformations", [])
     if not isinstance(transformations, list):
         raise invalid("'transformations' must be a list")
@@ -235,8 +237,10 @@ def _apply_patch(box: Sandbox, flow: dict[str, Any], ops: Any, now_s: int) -> di
         elif parts[0] == "scheduleParams" and len(parts) <= 2:
             if len(parts) == 1:
                 updated["scheduleParams"] = op.get("value")
-            else:
+            elif isinstance(updated["scheduleParams"], dict):
                 updated["scheduleParams"] = {**updated["scheduleParams"], parts[1]: op.get("value")}
+            else:  # an earlier op of this patch replaced it with a non-object
+                raise invalid("scheduleParams must be an object", 1455)
         elif parts == ["sourceConnectionIds"] or parts == ["targetConnectionIds"]:
             updated[parts[0]] = op.get("value")
         else:

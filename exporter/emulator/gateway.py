@@ -56,7 +56,7 @@ async def ims_token(request: web.Request) -> web.Response:
             )
         try:
             posted = await request.post()
-        except ValueError:  # bytes that are not text in the form's charset
+        except (ValueError, LookupError):  # undecodable bytes, or an unknown charset
             raise OAuthError(400, "invalid_request", "the form body cannot be decoded") from None
         form.update({k: v for k, v in posted.items() if isinstance(v, str)})
     grant = form.get("grant_type")

@@ -30,7 +30,7 @@ from exporter.aep import (
     StorageType,
 )
 from exporter.emulator.common import dumps, new_id, read_json, state_of
-from exporter.emulator.errors import AdhocError, not_found
+from exporter.emulator.errors import AdhocError, FlowError, not_found
 from exporter.emulator.exporting import export_batches, render_folder
 from exporter.emulator.gateway import caller
 from exporter.emulator.query import parse_list_query
@@ -220,7 +220,11 @@ async def adhoc_run(request: web.Request) -> web.Response:
             "exportIds are required for an audience ad hoc activation; dataset exports "
             f"must send 'Accept: {ADHOC_DATASET_ACCEPT}'"
         )
-    wanted = _requests(await read_json(request))
+    try:
+        body = await read_json(request)
+    except FlowError as exc:  # the ad hoc service answers in its own `{message}` envelope
+        raise _bad(exc.message) from None
+    wanted = _requests(body)
     state, who = state_of(request), caller(request)
     # Runs end on their own: one whose time is over must neither block this trigger nor hide
     # the batches it exported from an incremental run, whether or not anyone polled it.

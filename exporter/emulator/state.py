@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from pydantic import ConfigDict
+
 from exporter.clock import Clock
 from exporter.emulator.datalake import Batch, DataLake
 from exporter.emulator.exporting import ExportResult
@@ -101,6 +103,9 @@ class JournalEntry(NamedTuple):
 @dataclass
 class ScriptedFault:
     """A fault served to the next `count` matching requests, for deterministic tests."""
+
+    # A misspelt field (`path` for `path_prefix`) must be refused, not silently widen the fault.
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     action: Literal["status", "drop", "drop_after", "delay"]
     op: str | None = None

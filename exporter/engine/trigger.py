@@ -23,6 +23,7 @@ from exporter.errors import (
     NotReadyError,
     RunInProgress,
     ServerError,
+    ThrottledError,
     TransportError,
 )
 
@@ -75,8 +76,14 @@ class Triggerer:
                 await self._sleep(pause, deadline, on_wait)
                 delay = min(delay * 2, self._config.not_ready_retry_max_s)
                 continue
+            except ThrottledError as exc:
+                pause = max(exc.retry_after or 0.0, self._rng.uniform(delay / 4, delay / 2))
+                log.info("trigger_throttled", flow_id=flow.id, retry_in=round(pause, 1))
+                await self._sleep(pause, deadline, on_wait)
+                continue
             except (TransportError, ServerError) as exc:
-                # The answer was lost or the server failed mid-way: a run may exist.
+                # The answer was lost or the server failed mid-way: a run may exist. (A
+                # request that was never sent is harmless to look for, too.)
                 uncertain = True
                 pause = self._rng.uniform(delay / 4, delay / 2)
                 log.warning("trigger_uncertain", flow_id=flow.id, error=str(exc))
