@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from exporter import __version__
+from exporter import __version__, oneshot
 from exporter.emulator import cli as emulator_cli
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     emulator_cli.add_parser(sub)
+    oneshot.add_parser(sub)
     demo = sub.add_parser("demo", help="walk the export workflow against a local emulator")
     demo.add_argument(
         "--workdir",

@@ -76,7 +76,7 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    id: Annotated[str | None, Field(default=None, description="default: derived from content")]
+    id: str | None = None  # default: derived from the content (job_id)
     dataset_id: str
     destination: str = Field(min_length=1, max_length=100)
     format: Literal["parquet", "json"] = "parquet"

@@ -95,18 +95,30 @@ class Engine:
             await asyncio.gather(task, return_exceptions=True)
 
     async def run(
-        self, job: Job, on_state: OnState = _ignore, *, resume: Progress | None = None
+        self,
+        job: Job,
+        on_state: OnState = _ignore,
+        *,
+        resume: Progress | None = None,
+        wait: bool = True,
     ) -> Outcome:
         """Take `job` to a terminal outcome. With `resume`, continue from a journaled state:
-        `triggering` first looks for a run started since the intent, `running` polls."""
+        `triggering` first looks for a run started since the intent, `running` polls. With
+        `wait=False`, return as soon as the run is triggered (state `running`)."""
         started = self.clock.monotonic()
         deadline = started + job.timeout
         bound = structlog.contextvars.bound_contextvars(job_id=job.job_id)
         with bound:
-            return await self._run(job, on_state, resume, started, deadline)
+            return await self._run(job, on_state, resume, started, deadline, wait)
 
     async def _run(
-        self, job: Job, on_state: OnState, resume: Progress | None, started: float, deadline: float
+        self,
+        job: Job,
+        on_state: OnState,
+        resume: Progress | None,
+        started: float,
+        deadline: float,
+        wait: bool,
     ) -> Outcome:
         if job.destination not in self._destinations:
             message = (
@@ -135,6 +147,15 @@ class Engine:
                         flow, job.dataset_id, intent_ms=intent_ms, deadline=deadline
                     )
                 await on_state(Progress(JobState.RUNNING, flow_id=flow.id, run_id=run_id))
+            if not wait:
+                return self._outcome(
+                    job,
+                    JobState.RUNNING,
+                    started,
+                    flow_id=flow_id,
+                    run_id=run_id,
+                    message="triggered; not waiting",
+                )
             run = await self.poller.wait(run_id, deadline=deadline)
         except RunTimedOut as exc:
             return self._outcome(

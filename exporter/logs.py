@@ -1,0 +1,60 @@
+"""Logging: structlog, JSON lines when not on a terminal, readable on one; secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+SECRET_KEY = re.compile(
+    r"secret|password|passwd|token|authorization|api[-_]?key|ssh[-_]?key|"
+    r"connection[-_]?string|credential",
+    re.IGNORECASE,
+)
+BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
+REDACTED = "[redacted]"
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Blank values under secret-sounding keys and bearer tokens inside strings."""
+    for key, value in list(event.items()):
+        if SECRET_KEY.search(key) and key not in ("event", "token_type"):
+            event[key] = REDACTED
+        elif isinstance(value, str) and "Bearer" in value:
+            event[key] = BEARER.sub(r"\1" + REDACTED, value)
+    return event
+
+
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+) -> None:
+    """Set up structlog once, at the edge. `json=None`: JSON unless `stream` is a terminal."""
+    out = stream or sys.stderr
+    as_json = not out.isatty() if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.dict_tracebacks
+            if as_json
+            else structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,215 @@
+"""`aep-exporter export` as a user runs it: a child process against a running emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from rich.console import Console
+
+from exporter.aepclient.config import AepConfig
+from exporter.clock import SystemClock
+from exporter.destinations import DlzDestination
+from exporter.emulator.app import serve
+from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs, Span
+from exporter.emulator.state import EmulatorState
+from exporter.engine import EngineConfig
+from exporter.jobs import Job, JobState
+from exporter.oneshot import EXIT, _export
+from exporter.settings import Settings
+from tests.conftest import Emulator, default_knobs
+
+pytestmark = pytest.mark.slow
+DEADLINE = 30.0
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
+    """An emulator on the real clock whose waits are all zero, for child processes."""
+    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
+        yield running
+
+
+def write_config(tmp_path: Path, url: str, *, extra: str = "") -> Path:
+    (tmp_path / "secret").write_text(DEFAULT_CLIENT_SECRET + "\n")
+    path = tmp_path / "exporter.toml"
+    path.write_text(f"""
+[aep]
+platform_url = "{url}"
+ims_url = "{url}"
+client_id = "{DEFAULT_CLIENT_ID}"
+client_secret_file = "secret"
+org_id = "{Knobs().org_id}"
+
+[engine]
+not_ready_wait_s = 0
+poll_min_s = 0.05
+
+[destinations.lake]
+type = "dlz"
+{extra}""")
+    return path
+
+
+async def export(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        "export",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_exports_a_dataset_and_prints_the_outcome_as_json(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "features", 42, rng=random.Random(1), now_ms=0)
+    config = write_config(tmp_path, url)
+    code, out, err = await export(
+        config, "--dataset", dataset.id, "--destination", "lake", "--path", "ml/features", "--json"
+    )
+    assert code == 0, err
+    outcome = json.loads(out)
+    assert outcome["state"] == "succeeded"
+    assert outcome["records"] == 42
+    assert outcome["files"] == 1
+    assert DEFAULT_CLIENT_SECRET not in out + err
+
+
+async def test_a_failed_run_exits_1_and_says_why(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    state.knobs = Knobs.model_validate({**state.knobs.model_dump(), "run_failure_rate": 1.0})
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(2), now_ms=0)
+    code, _, err = await export(
+        write_config(tmp_path, url),
+        "--dataset",
+        dataset.id,
+        "--destination",
+        "lake",
+        "--path",
+        "ml/x",
+    )
+    assert code == 1
+    assert "failed" in err
+    assert "ACTIVATION_BATCH-0000-FAILED" in err
+
+
+async def test_no_wait_returns_once_triggered(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    state.knobs = Knobs.model_validate(
+        {**state.knobs.model_dump(), "run_duration_s": {"min": 1e6, "max": 1e6}}
+    )
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(3), now_ms=0)
+    code, out, _ = await export(
+        write_config(tmp_path, url),
+        "--dataset",
+        dataset.id,
+        "--destination",
+        "lake",
+        "--path",
+        "ml/x",
+        "--no-wait",
+        "--json",
+    )
+    assert code == 0
+    outcome = json.loads(out)
+    assert outcome["state"] == "running"
+    assert outcome["run_id"] in {r.id for r in state.all_runs()}
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--format", "json", "--compression", "none"], "gzip"),
+        (["--destination", "nowhere"], "unknown destination 'nowhere'"),
+        (["--path", "../up"], "path"),
+    ],
+)
+async def test_bad_jobs_exit_2_with_a_reason(
+    tmp_path: Path, live: tuple[str, EmulatorState], args: list[str], words: str
+) -> None:
+    url, _ = live
+    base = {"--dataset": "5c8c3c555033b814b69f947f", "--destination": "lake", "--path": "ml/x"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    code, _, err = await export(
+        write_config(tmp_path, url), *[x for pair in base.items() for x in pair]
+    )
+    assert code == 2
+    assert words in err
+
+
+async def test_a_bad_config_lists_every_problem_without_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.toml"
+    config.write_text("""
+[aep]
+client_id = "x"
+client_secret = "do-not-print-this-secret"
+org_id = "o"
+platform_url = "http://example.com"
+colour = "blue"
+
+[destinations.s3]
+type = "s3"
+bucket = "Bad_Bucket"
+secret_access_key = "also-a-secret-value"
+access_key_id = "ABCDEFGHIJKLMNOPQRST"
+""")
+    code, _, err = await export(config, "--dataset", "d1", "--destination", "s3", "--path", "x")
+    assert code == 2
+    for words in ("aep.colour", "aep.platform_url", "destinations.s3", "bucket"):
+        assert words in err
+    assert "do-not-print-this-secret" not in err
+    assert "also-a-secret-value" not in err
+
+
+async def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    code, _, err = await export(
+        tmp_path / "nope.toml", "--dataset", "d", "--destination", "x", "--path", "p"
+    )
+    assert code == 2
+    assert "nope.toml: no such config file" in err
+
+
+@pytest.mark.parametrize("knobs", [default_knobs(run_duration_s={"min": 1e7, "max": 1e7})])
+async def test_a_run_past_the_timeout_exits_3(emulator: Emulator) -> None:
+    (dataset,) = await emulator.seed(rows=5)
+    settings = Settings.model_construct(
+        aep=AepConfig(
+            platform_url=emulator.url,
+            ims_url=emulator.url,
+            client_id=DEFAULT_CLIENT_ID,
+            client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+            org_id=emulator.knobs.org_id,
+        ),
+        engine=EngineConfig(not_ready_wait_s=60, poll_max_s=60),
+        destinations={"lake": DlzDestination(type="dlz")},
+    )
+    job = Job(dataset_id=dataset, destination="lake", path="ml/x", timeout=900)
+    outcome = await _export(
+        settings, job, Console(file=io.StringIO()), wait=True, clock=emulator.clock
+    )
+    assert outcome.state == JobState.TIMED_OUT
+    assert EXIT[outcome.state] == 3

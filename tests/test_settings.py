@@ -1,0 +1,105 @@
+"""Settings: file, environment and secret files, with errors that point at the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import ConfigError
+from exporter.settings import load_settings
+
+MINIMAL = """
+[aep]
+client_id = "my-client"
+org_id = "ORG@AdobeOrg"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exporter.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_client_secret_comes_from_a_file_beside_the_config(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "client").write_text("from-file\n")
+    path = write(tmp_path, MINIMAL + 'client_secret_file = "secrets/client"\n')
+    settings = load_settings(path)
+    assert settings.aep.client_secret.get_secret_value() == "from-file"
+    assert "from-file" not in repr(settings)
+
+
+def test_or_from_systemds_credentials_directory(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "aep_client_secret").write_text("from-systemd")
+    settings = load_settings(write(tmp_path, MINIMAL), credentials_directory=str(creds))
+    assert settings.aep.client_secret.get_secret_value() == "from-systemd"
+
+
+def test_a_missing_secret_is_an_error_that_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"aep\.client_secret: Field required"):
+        load_settings(write(tmp_path, MINIMAL), credentials_directory=str(tmp_path / "none"))
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPORTER_AEP__SANDBOX", "dev")
+    monkeypatch.setenv("EXPORTER_AEP__CLIENT_SECRET", "from-env")
+    monkeypatch.setenv("EXPORTER_ENGINE__POLL_MAX_S", "45")
+    path = write(tmp_path, MINIMAL + 'sandbox = "prod"\n[engine]\npoll_max_s = 90\n')
+    settings = load_settings(path)
+    assert settings.aep.sandbox == "dev"
+    assert settings.aep.client_secret.get_secret_value() == "from-env"
+    assert settings.engine.poll_max_s == 45
+
+
+def test_destination_secret_files_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "sftp-password").write_text("pw")
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """client_secret = "s"
+[destinations.partner]
+type = "sftp"
+host = "sftp.example.com"
+username = "ml"
+password_file = "sftp-password"
+""",
+    )
+    dest = load_settings(path).destinations["partner"]
+    auth = dest.auth()
+    assert auth is not None
+    assert auth["params"]["password"] == "pw"
+
+
+def test_unknown_keys_and_bad_values_are_all_listed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """client_secret = "hide-this-secret"
+retries = 3
+[engine]
+poll_min_s = -1
+[destinations.x]
+type = "gcs"
+bucket = "googly"
+access_key_id = "a"
+secret_access_key = "hide-this-too"
+""",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    text = str(caught.value)
+    assert "3 problem(s)" in text
+    assert "aep.retries: Extra inputs are not permitted" in text
+    assert "engine.poll_min_s" in text
+    assert "destinations.x.gcs.bucket" in text
+    assert "hide-this" not in text
+
+
+def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[aep\n")
+    with pytest.raises(ConfigError, match=r"exporter\.toml"):
+        load_settings(path)
