@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
+SETTLE_TURNS = 30
 
 
 class Clock(Protocol):
@@ -93,6 +94,7 @@ class FakeClock:
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking each sleeper at its deadline and letting it run."""
+        await _settle()  # tasks that are ready now start before time moves
         target = self._now + seconds
         while self._sleepers and self._sleepers[0][0] <= target:
             deadline, _, fut = heapq.heappop(self._sleepers)
@@ -105,6 +107,7 @@ class FakeClock:
 
 
 async def _settle() -> None:
-    # A few loop turns let woken tasks run until they block again.
-    for _ in range(5):
+    # Loop turns let woken tasks run until they block again (on a new sleep, say) before time
+    # moves on; a wake-up that goes through a few tasks and futures needs a dozen or so.
+    for _ in range(SETTLE_TURNS):
         await asyncio.sleep(0)

@@ -135,7 +135,8 @@ class RunPoller:
         if not pending:
             await self._wake.wait()
             return
-        until = min(min(w.due, w.deadline) for w in pending)
+        limit = self._config.status_unreadable_s
+        until = min(min(w.due, w.deadline, w.last_read + limit) for w in pending)
         sleeper = asyncio.ensure_future(self._clock.sleep(max(0.0, until - now)))
         waker = asyncio.ensure_future(self._wake.wait())
         try:

@@ -1,0 +1,231 @@
+"""The engine's pieces against FakeAep and a hand-driven clock: cadence, batching,
+deadlines, single-flight and clean-up, without HTTP and without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from exporter.aepclient import FakeAep, RunInfo
+from exporter.clock import FakeClock
+from exporter.destinations import DlzDestination
+from exporter.engine import Engine, EngineConfig
+from exporter.engine.flows import FlowManager
+from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
+from exporter.errors import RequestError, ServerError
+from exporter.jobs import ExportTarget, Job, JobState
+
+CONFIG = EngineConfig(
+    not_ready_wait_s=600,
+    poll_min_s=5,
+    poll_max_s=60,
+    poll_growth=0.25,
+    poll_jitter=0,
+    status_unreadable_s=300,
+)
+DESTS = {"lake": DlzDestination(type="dlz")}
+
+
+def job(dataset: str = "d1", **changes: object) -> Job:
+    return Job.model_validate(
+        {"dataset_id": dataset, "destination": "lake", "path": "ml/x", **changes}
+    )
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def aep(clock: FakeClock) -> FakeAep:
+    return FakeAep(clock, ready_after_s=600, run_duration_s=100)
+
+
+@pytest.fixture
+async def poller(aep: FakeAep, clock: FakeClock) -> AsyncIterator[RunPoller]:
+    poller = RunPoller(aep, CONFIG, clock, random.Random(1))
+    task = asyncio.create_task(poller.run())
+    yield poller
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def flow_with_runs(aep: FakeAep, clock: FakeClock, datasets: int) -> list[str]:
+    """`datasets` runs started now, each of its own flow."""
+    runs = []
+    for i in range(datasets):
+        manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+        flow = await manager.ensure(job(f"d{i}"))
+        await clock.advance(0)
+        aep.ready_after_s = -1e9  # skip the window: these tests are about polling
+        runs.append(await aep.trigger(flow.id, f"d{i}"))
+    return runs
+
+
+async def test_one_request_per_hundred_runs_in_flight(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    runs = await flow_with_runs(aep, clock, 250)
+    aep.calls.clear()
+    waits = [asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs]
+    await settle()
+    assert aep.calls["runs.list"] == 3
+    assert poller.stats.batch_sizes == [100, 100, 50]
+    await clock.advance(130)  # runs end at 100; the next polls see it
+    await settle()
+    done = await asyncio.gather(*waits)
+    assert {r.status for r in done} == {"success"}
+    assert aep.calls["adhoc.run"] == 0
+
+
+async def test_cadence_grows_with_a_runs_age_up_to_the_cap(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    aep.run_outcome = "never"
+    (run,) = await flow_with_runs(aep, clock, 1)
+    aep.calls.clear()
+    polled_at: list[float] = []
+    original = aep.get_runs
+
+    async def recording(ids: Sequence[str]) -> dict[str, RunInfo]:
+        polled_at.append(clock.monotonic())
+        return await original(ids)
+
+    aep.get_runs = recording  # type: ignore[method-assign]
+    wait = asyncio.create_task(poller.wait(run, deadline=clock.monotonic() + 3600))
+    for _ in range(400):
+        await clock.advance(1)
+    gaps = [b - a for a, b in itertools.pairwise(polled_at)]
+    assert gaps[0] == pytest.approx(CONFIG.poll_min_s, abs=1)
+    assert max(gaps) <= CONFIG.poll_max_s + 1
+    assert gaps[-1] == pytest.approx(CONFIG.poll_max_s, abs=1)
+    assert gaps == sorted(gaps)
+    wait.cancel()
+
+
+async def test_the_deadline_ends_the_wait_exactly(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    aep.run_outcome = "never"
+    (run,) = await flow_with_runs(aep, clock, 1)
+    start = clock.monotonic()
+    wait = asyncio.create_task(poller.wait(run, deadline=start + 500))
+    await clock.advance(499)
+    assert not wait.done()
+    await clock.advance(1)
+    await settle()
+    with pytest.raises(RunTimedOut):
+        await wait
+
+
+async def test_unreadable_status_fails_after_the_limit_and_never_retriggers(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    (run,) = await flow_with_runs(aep, clock, 1)
+    aep.fail_next("runs.list", lambda: ServerError("down", status=503), times=10_000)
+    aep.calls.clear()
+    wait = asyncio.create_task(poller.wait(run, deadline=1e9))
+    await clock.advance(CONFIG.status_unreadable_s - 1)
+    assert not wait.done()
+    await clock.advance(1)
+    with pytest.raises(StatusUnreadable, match="could not be read for 300 s"):
+        await wait
+    assert aep.calls["adhoc.run"] == 0
+    assert aep.calls["runs.list"] >= 5
+
+
+async def test_a_poll_that_fails_once_is_retried_on_schedule(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    (run,) = await flow_with_runs(aep, clock, 1)
+    aep.fail_next("runs.list", ServerError("blip", status=502), times=2)
+    wait = asyncio.create_task(poller.wait(run, deadline=1e9))
+    for _ in range(200):
+        await clock.advance(1)
+    assert (await wait).status == "success"
+
+
+async def test_concurrent_ensures_share_one_creation(aep: FakeAep, clock: FakeClock) -> None:
+    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    flows = await asyncio.gather(*(manager.ensure(job(id=f"j{i}")) for i in range(100)))
+    assert len({f.id for f in flows}) == 1
+    assert aep.calls["flows.create"] == 1
+    assert aep.calls["connections.create"] == 1
+
+
+async def test_a_refused_flow_leaves_no_orphans(aep: FakeAep, clock: FakeClock) -> None:
+    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    aep.fail_next("flows.create", RequestError("bad schedule", status=400))
+    with pytest.raises(RequestError):
+        await manager.ensure(job())
+    assert aep.entities["sourceConnections"] == {}
+    assert aep.entities["targetConnections"] == {}
+    assert len(aep.entities["connections"]) == 1  # the destination's, kept for reuse
+
+
+async def test_an_interrupted_creation_is_resumed_not_repeated(
+    aep: FakeAep, clock: FakeClock
+) -> None:
+    first = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    aep.fail_next("flows.create", ServerError("gone", status=503))
+    with pytest.raises(ServerError):
+        await first.ensure(job())
+    assert len(aep.entities["sourceConnections"]) == 1  # retryable: kept to resume
+    second = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    await second.ensure(job())
+    assert aep.calls["sourceConnections.create"] == 1
+    assert aep.calls["targetConnections.create"] == 1
+    assert len(aep.entities["flows"]) == 1
+
+
+async def test_a_foreign_flow_with_our_name_is_refused(aep: FakeAep, clock: FakeClock) -> None:
+    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    flow = await manager.ensure(job())
+    target_id = flow.target_connection_ids[0]
+    aep.entities["targetConnections"][target_id]["params"]["path"] = "somewhere/else"
+    fresh = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    engine.flows = fresh
+    outcome = await engine.run(job())
+    assert outcome.state == JobState.REJECTED
+    assert "somewhere/else" in outcome.message
+
+
+async def test_the_trigger_waits_from_created_at_not_a_fixed_sleep(
+    aep: FakeAep, clock: FakeClock
+) -> None:
+    engine = Engine(
+        aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, rng=random.Random(2)
+    )
+    manager = engine.flows
+    await manager.ensure(job())  # the flow exists since t=0
+    await clock.advance(550)
+    async with engine:
+        run = asyncio.create_task(engine.run(job(id="later")))
+        await settle()
+        assert aep.calls["adhoc.run"] == 0
+        await clock.advance(49)
+        assert aep.calls["adhoc.run"] == 0
+        await clock.advance(1)
+        await settle()
+        assert aep.calls["adhoc.run"] == 1  # at createdAt + 600 s: 50 s after the job began
+        for _ in range(30):
+            await clock.advance(10)
+        outcome = await run
+    assert outcome.state == JobState.SUCCEEDED
+    assert aep.calls["flows.create"] == 1
+
+
+def test_flow_names_carry_the_fingerprint() -> None:
+    target = ExportTarget.of(job(), org_id="o", sandbox="prod")
+    assert target.fingerprint in target.flow_name
