@@ -101,7 +101,7 @@ async def test_cadence_grows_with_a_runs_age_up_to_the_cap(
         polled_at.append(clock.monotonic())
         return await original(ids)
 
-    aep.get_runs = recording  # type: ignore[method-assign]
+    aep.get_runs = recording  # type: ignore[method-assign, assignment]
     wait = asyncio.create_task(poller.wait(run, deadline=clock.monotonic() + 3600))
     for _ in range(400):
         await clock.advance(1)
