@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,10 @@ class Transport:
         }
         if has_body:
             headers["Content-Type"] = "application/json"
+        job_id = structlog.contextvars.get_contextvars().get("job_id")
+        # Lets AEP support (or the emulator's journal) tie a request to the job that sent it.
+        suffix = secrets.token_hex(4)
+        headers["x-request-id"] = f"{job_id}.{suffix}" if job_id else suffix
         headers.update(extra or {})
         return headers
 

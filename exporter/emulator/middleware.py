@@ -52,6 +52,7 @@ async def journal_middleware(request: web.Request, handler: Handler) -> web.Stre
             status,
             _op(request),
             request.headers.get("x-sandbox-name", "prod"),
+            request.headers.get("x-request-id", ""),
         )
 
 

@@ -98,6 +98,7 @@ class JournalEntry(NamedTuple):
     status: int
     op: str
     sandbox: str
+    request_id: str
 
 
 @dataclass
@@ -155,10 +156,14 @@ class EmulatorState:
         for box in self.sandboxes.values():
             yield from box.runs.values()
 
-    def record(self, method: str, path: str, status: int, op: str, sandbox: str) -> None:
+    def record(
+        self, method: str, path: str, status: int, op: str, sandbox: str, request_id: str = ""
+    ) -> None:
         self.journal_seq += 1
         self.journal.append(
-            JournalEntry(self.journal_seq, self.clock.now_ms(), method, path, status, op, sandbox)
+            JournalEntry(
+                self.journal_seq, self.clock.now_ms(), method, path, status, op, sandbox, request_id
+            )
         )
 
     def reset(self, *, datasets: bool = False) -> None:

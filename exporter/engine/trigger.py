@@ -28,7 +28,8 @@ from exporter.errors import (
 )
 
 log = structlog.get_logger("exporter.trigger")
-CLOCK_SKEW_MS = 120_000  # runs created up to this long before our intent still count
+CLOCK_SKEW_MS = 1_000  # tolerated skew between our clock and AEP's createdAt; a run missed
+# because of a larger skew is still found: re-triggering it answers "already running"
 
 
 class Triggerer:
