@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exporter import __version__, oneshot
+from exporter.daemon import cli as daemon_cli
 from exporter.emulator import cli as emulator_cli
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     emulator_cli.add_parser(sub)
     oneshot.add_parser(sub)
+    daemon_cli.add_parsers(sub)
     demo = sub.add_parser("demo", help="walk the export workflow against a local emulator")
     demo.add_argument(
         "--workdir",

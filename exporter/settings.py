@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from exporter.aepclient.config import AepConfig
+from exporter.daemon.config import DaemonConfig, LogConfig
 from exporter.destinations import Destination, read_secret
 from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     aep: AepConfig
     engine: EngineConfig = EngineConfig()
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    daemon: DaemonConfig = DaemonConfig()
+    log: LogConfig = LogConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -70,6 +73,10 @@ class Settings(BaseSettings):
                     aep["client_secret"] = read_secret(folder / SECRET_NAME)
                     break
         data["aep"] = aep
+        daemon = data.get("daemon")
+        if isinstance(daemon, Mapping):
+            data["daemon"] = {k: (str(cls._resolve(v)) if k.endswith("_dir") else v)
+                              for k, v in daemon.items()}
         dests = data.get("destinations")
         if isinstance(dests, Mapping):
             data["destinations"] = {

@@ -13,6 +13,7 @@ else that is not idempotent is never retried here: the caller knows how to recon
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import secrets
@@ -24,6 +25,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import structlog
+from multidict import CIMultiDict
 from yarl import URL
 
 from exporter.aepclient.auth import TokenProvider, fetch_ims_token
@@ -85,6 +87,7 @@ class Transport:
         )
         self._session: aiohttp.ClientSession | None = None
         self._base = config.platform_url
+        self._exchanges: set[asyncio.Future[tuple[int, CIMultiDict[str], bytes]]] = set()
 
     def __repr__(self) -> str:
         return f"Transport({self.config.platform_url}, sandbox={self.config.sandbox!r})"
@@ -202,16 +205,35 @@ class Transport:
             )
             await self.clock.sleep(delay)
 
+    async def _exchange(
+        self, method: str, url: URL, headers: dict[str, str], data: bytes | None
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        async with self.session.request(method, url, headers=headers, data=data) as resp:
+            return resp.status, resp.headers.copy(), await resp.read()
+
+    async def drain(self, within_s: float) -> int:
+        """Wait up to `within_s` for requests already on the wire; returns how many are left."""
+        pending = set(self._exchanges)
+        if pending and within_s > 0:
+            waiter = asyncio.ensure_future(asyncio.wait(pending))
+            sleeper = asyncio.ensure_future(self.clock.sleep(within_s))
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            sleeper.cancel()
+        return sum(1 for t in self._exchanges if not t.done())
+
     async def _send(
         self, method: str, url: URL, headers: dict[str, str], data: bytes | None, operation: str
     ) -> Response:
         try:
-            async with (
-                self.limiter.slot(),
-                self.session.request(method, url, headers=headers, data=data) as resp,
-            ):
-                raw = await resp.read()
-                status, answer_headers = resp.status, resp.headers.copy()
+            async with self.limiter.slot():
+                # A request on the wire finishes even if its caller is cancelled (a shutdown):
+                # AEP then acts on it as sent, and `drain()` waits for it before closing.
+                exchange = asyncio.ensure_future(self._exchange(method, url, headers, data))
+                self._exchanges.add(exchange)
+                exchange.add_done_callback(self._exchanges.discard)
+                exchange.add_done_callback(_forget)
+                status, answer_headers, raw = await asyncio.shield(exchange)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise transport_error(exc, operation=operation, peer=f"AEP ({url.host})") from exc
         body = decode_body(raw)
@@ -232,3 +254,9 @@ class Transport:
                 operation=operation,
             )
         return Response(status, answer_headers, body)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of an exchange whose caller has gone, so it is not reported."""
+    if not task.cancelled():
+        task.exception()

@@ -107,7 +107,11 @@ class Engine:
         `wait=False`, return as soon as the run is triggered (state `running`)."""
         started = self.clock.monotonic()
         deadline = started + job.timeout
-        bound = structlog.contextvars.bound_contextvars(job_id=job.job_id)
+        bound = structlog.contextvars.bound_contextvars(
+            job_id=job.job_id,
+            flow_id=resume.flow_id if resume else None,
+            run_id=resume.run_id if resume else None,
+        )
         with bound:
             return await self._run(job, on_state, resume, started, deadline, wait)
 
@@ -133,6 +137,7 @@ class Engine:
             if run_id is None:
                 flow = await self.flows.ensure(job)
                 flow_id = flow.id
+                structlog.contextvars.bind_contextvars(flow_id=flow_id)
                 await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
                 intent_ms = (
                     resume.intent_ms
@@ -146,6 +151,7 @@ class Engine:
                     run_id = await self.triggerer.trigger(
                         flow, job.dataset_id, intent_ms=intent_ms, deadline=deadline
                     )
+                structlog.contextvars.bind_contextvars(run_id=run_id)
                 await on_state(Progress(JobState.RUNNING, flow_id=flow.id, run_id=run_id))
             if not wait:
                 return self._outcome(

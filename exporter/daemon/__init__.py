@@ -1,0 +1,1 @@
+"""The long-running daemon: spool intake, durable journal, supervision, shutdown."""

@@ -1,0 +1,142 @@
+"""`aep-exporter run`, `status` and `validate`: the daemon's commands.
+
+Exit codes of `run`: 0 stopped cleanly (SIGTERM or SIGINT), 2 configuration error,
+70 a supervised task died, 128+N a second signal N forced an immediate exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from exporter.clock import SystemClock
+from exporter.daemon.daemon import EXIT_CONFIG, Daemon
+from exporter.daemon.journal import FILE_NAME, summary
+from exporter.daemon.spool import Rejected, Spool
+from exporter.errors import ConfigError
+from exporter.logs import configure_logging
+from exporter.oneshot import add_config_argument
+from exporter.settings import Settings, load_settings
+
+
+def add_parsers(subparsers: Any) -> None:
+    run = subparsers.add_parser(
+        "run", help="run the daemon: export jobs from the spool until stopped",
+        description="Claim job files from the spool, export them, write results beside them. "
+        "SIGTERM or SIGINT stops it gracefully (a second one at once). Exit codes: 0 stopped, "
+        "2 configuration error, 70 internal failure, 128+N forced by a second signal N.")
+    add_config_argument(run)
+    run.set_defaults(func=cmd_run)
+
+    status = subparsers.add_parser(
+        "status", help="jobs by state and the latest outcomes, from the journal")
+    add_config_argument(status)
+    status.add_argument("--recent", type=int, default=10, help="outcomes to list (default 10)")
+    status.set_defaults(func=cmd_status)
+
+    validate = subparsers.add_parser(
+        "validate", help="check the configuration and job files without contacting AEP")
+    add_config_argument(validate)
+    validate.add_argument("jobs", nargs="*", type=Path, help="job files to check")
+    validate.set_defaults(func=cmd_validate)
+
+
+def _settings(args: argparse.Namespace, err: Console) -> Settings | None:
+    try:
+        return load_settings(args.config,
+                             credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True, soft_wrap=True)
+    settings = _settings(args, err)
+    if settings is None:
+        return EXIT_CONFIG
+    fmt = settings.log.format
+    configure_logging(settings.log.level, json=None if fmt == "auto" else fmt == "json")
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: Settings) -> int:
+    daemon = Daemon(settings, clock=SystemClock())
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: int) -> None:
+        if daemon.stopping:
+            os._exit(128 + signum)  # the second signal: no more waiting
+        daemon.stop()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await daemon.run()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    settings = _settings(args, err)
+    if settings is None:
+        return EXIT_CONFIG
+    path = settings.daemon.state_dir / FILE_NAME
+    if not path.is_file():
+        err.print(f"no journal at {path}: the daemon has not run with this configuration")
+        return 1
+    counts, recent = summary(path, recent=args.recent)
+    states = Table(title=f"jobs in {path}")
+    states.add_column("state")
+    states.add_column("jobs", justify="right")
+    for state, n in sorted(counts.items()):
+        states.add_row(state, str(n))
+    out.print(states)
+    latest = Table(title="most recent")
+    for column in ("updated", "job", "state", "records", "files", "detail"):
+        latest.add_column(column)
+    for record in recent:
+        outcome = record.outcome or {}
+        latest.add_row(
+            datetime.fromtimestamp(record.updated, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            record.job_id, record.state.value, str(outcome.get("records", "")),
+            str(outcome.get("files", "")), outcome.get("message", "") or (record.run_id or ""))
+    out.print(latest)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    err = Console(stderr=True, soft_wrap=True)
+    out = Console(soft_wrap=True)
+    settings = _settings(args, err)
+    if settings is None:
+        return EXIT_CONFIG
+    where = args.config or "environment"
+    out.print(f"ok  {where}: {len(settings.destinations)} destination(s): "
+              f"{', '.join(sorted(settings.destinations)) or 'none'}", highlight=False)
+    spool = Spool(settings.daemon.spool_dir, max_bytes=settings.daemon.max_job_file_bytes)
+    bad = 0
+    for path in args.jobs:
+        try:
+            job = spool.read(path, settings.destinations).job
+        except Rejected as exc:
+            bad += 1
+            err.print(f"bad {path}: {exc}", markup=False, highlight=False)
+        else:
+            out.print(f"ok  {path}: job {job.job_id} exports {job.dataset_id} to "
+                      f"{job.destination}:{job.path} as {job.format}/{job.compression}",
+                      markup=False, highlight=False)
+    sys.stdout.flush()
+    return 1 if bad else 0

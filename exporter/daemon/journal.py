@@ -1,0 +1,238 @@
+"""The journal: every job and every state it reached, in SQLite (WAL), in the state folder.
+
+It is written before the action each state enables (the trigger intent before the
+trigger, the run id as soon as it is known), with `synchronous=FULL`, so after a crash —
+of the process or the machine — every unfinished job can be resumed from where it was.
+SQLite runs in one dedicated thread; the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
+
+T = TypeVar("T")
+FILE_NAME = "journal.sqlite3"
+ORDER = [JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id     TEXT PRIMARY KEY,
+    source     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    flow_id    TEXT,
+    run_id     TEXT,
+    intent_ms  INTEGER,
+    outcome    TEXT,
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated);
+CREATE TABLE IF NOT EXISTS events (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    state  TEXT NOT NULL,
+    at     REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    job_id: str
+    source: str
+    name: str
+    spec: dict[str, Any]
+    state: JobState
+    flow_id: str | None
+    run_id: str | None
+    intent_ms: int | None
+    outcome: dict[str, Any] | None
+    created: float
+    updated: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        return cls(
+            job_id=row["job_id"], source=row["source"], name=row["name"],
+            spec=json.loads(row["spec"]), state=JobState(row["state"]), flow_id=row["flow_id"],
+            run_id=row["run_id"], intent_ms=row["intent_ms"],
+            outcome=json.loads(row["outcome"]) if row["outcome"] else None,
+            created=row["created"], updated=row["updated"])
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    else:
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Journal:
+    """Async façade over one SQLite connection owned by a dedicated thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, state_dir: Path) -> Journal:
+        journal = cls(state_dir / FILE_NAME)
+
+        def start() -> sqlite3.Connection:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            return connect(journal.path)
+
+        journal._conn = await journal._run(start)
+        return journal
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the journal is closed")
+        return self._conn
+
+    async def add(self, job_id: str, *, source: str, name: str, spec: dict[str, Any],
+                  state: JobState = JobState.RECEIVED, outcome: Outcome | None = None) -> bool:
+        """Record a new job; False (and nothing written) when the id is known already."""
+        now = time.time()
+
+        def insert() -> bool:
+            db = self._db()
+            with db:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs (job_id, source, name, spec, state, outcome, "
+                    "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, source, name, json.dumps(spec), state.value,
+                     outcome.model_dump_json() if outcome else None, now, now))
+                if cur.rowcount:
+                    db.execute("INSERT INTO events (job_id, state, at) VALUES (?, ?, ?)",
+                               (job_id, state.value, now))
+                return bool(cur.rowcount)
+
+        return await self._run(insert)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        def read() -> JobRecord | None:
+            row = self._db().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return None if row is None else JobRecord.from_row(row)
+
+        return await self._run(read)
+
+    async def advance(self, job_id: str, state: JobState, *, flow_id: str | None = None,
+                      run_id: str | None = None, intent_ms: int | None = None,
+                      detail: str = "") -> None:
+        """Move a job forward. Going back to a state it passed (a resumed job re-announcing
+        its flow) only fills in what is new; an illegal move raises."""
+        now = time.time()
+
+        def write() -> None:
+            db = self._db()
+            with db:
+                row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise KeyError(job_id)
+                current = JobState(row["state"])
+                moves = ORDER.index(state) > ORDER.index(current) if (
+                    state in ORDER and current in ORDER) else True
+                if moves:
+                    check_transition(current, state)
+                db.execute(
+                    "UPDATE jobs SET state = ?, flow_id = COALESCE(?, flow_id), "
+                    "run_id = COALESCE(?, run_id), intent_ms = COALESCE(?, intent_ms), "
+                    "updated = ? WHERE job_id = ?",
+                    ((state if moves else current).value, flow_id, run_id, intent_ms, now,
+                     job_id))
+                if moves:
+                    db.execute("INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
+                               (job_id, state.value, now, detail))
+
+        await self._run(write)
+
+    async def finish(self, outcome: Outcome) -> None:
+        """Record the terminal outcome; idempotent for the same outcome."""
+        now = time.time()
+
+        def write() -> None:
+            db = self._db()
+            with db:
+                row = db.execute("SELECT state FROM jobs WHERE job_id = ?",
+                                 (outcome.job_id,)).fetchone()
+                if row is None:
+                    raise KeyError(outcome.job_id)
+                current = JobState(row["state"])
+                if current in TERMINAL:
+                    return
+                check_transition(current, outcome.state)
+                db.execute(
+                    "UPDATE jobs SET state = ?, flow_id = COALESCE(?, flow_id), "
+                    "run_id = COALESCE(?, run_id), outcome = ?, updated = ? WHERE job_id = ?",
+                    (outcome.state.value, outcome.flow_id, outcome.run_id,
+                     outcome.model_dump_json(), now, outcome.job_id))
+                db.execute("INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
+                           (outcome.job_id, outcome.state.value, now, outcome.message))
+
+        await self._run(write)
+
+    async def unfinished(self) -> list[JobRecord]:
+        def read() -> list[JobRecord]:
+            marks = ",".join("?" * len(TERMINAL))
+            rows = self._db().execute(
+                f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY created",  # noqa: S608
+                [s.value for s in TERMINAL]).fetchall()
+            return [JobRecord.from_row(r) for r in rows]
+
+        return await self._run(read)
+
+    async def check_writable(self) -> None:
+        """Raise if the journal cannot be written (a full disk, a read-only mount)."""
+        def probe() -> None:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+
+        await self._run(probe)
+
+
+def summary(path: Path, *, recent: int = 10) -> tuple[dict[str, int], list[JobRecord]]:
+    """Counts by state and the most recent outcomes, read without disturbing a writer."""
+    conn = connect(path, readonly=True)
+    try:
+        counts = {row["state"]: row["n"] for row in conn.execute(
+            "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        rows = conn.execute("SELECT * FROM jobs ORDER BY updated DESC LIMIT ?", (recent,))
+        return counts, [JobRecord.from_row(r) for r in rows]
+    finally:
+        conn.close()
