@@ -75,8 +75,9 @@ class Settings(BaseSettings):
         data["aep"] = aep
         daemon = data.get("daemon")
         if isinstance(daemon, Mapping):
-            data["daemon"] = {k: (str(cls._resolve(v)) if k.endswith("_dir") else v)
-                              for k, v in daemon.items()}
+            data["daemon"] = {
+                k: (str(cls._resolve(v)) if k.endswith("_dir") else v) for k, v in daemon.items()
+            }
         dests = data.get("destinations")
         if isinstance(dests, Mapping):
             data["destinations"] = {

@@ -119,6 +119,7 @@ async def test_patch_action_and_delete(emulator: Emulator, aep: HttpAep) -> None
     assert stale.value.status == 412
     assert stale.value.retryable
     assert stale.value.code == "FLOW-1404-412"
+    assert await statuses(emulator, "flows.patch") == [200, 412]  # a stale etag is not resent
     first = await aep.flow_action(flow_id, "disable")
     assert await aep.flow_action(flow_id, "disable") == first  # already disabled: fine
     assert (await aep.get("flows", flow_id) or {})["state"] == "disabled"

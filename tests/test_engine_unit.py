@@ -88,6 +88,27 @@ async def test_one_request_per_hundred_runs_in_flight(
     assert aep.calls["adhoc.run"] == 0
 
 
+async def test_runs_started_apart_still_share_requests(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    aep.run_outcome = "never"
+    runs = await flow_with_runs(aep, clock, 200)
+    waits = []
+    for r in runs:  # one run every half second: no two are ever due at the same moment
+        waits.append(asyncio.create_task(poller.wait(r, deadline=1e9)))
+        await clock.advance(0.5)
+    await clock.advance(100)
+    aep.calls.clear()
+    poller.stats.batch_sizes.clear()
+    for _ in range(300):
+        await clock.advance(1)
+    # Read one by one, 200 runs polled every 30-60 s would take about 1,500 requests.
+    assert aep.calls["runs.list"] <= 60
+    assert sum(poller.stats.batch_sizes) / len(poller.stats.batch_sizes) >= 50
+    for w in waits:
+        w.cancel()
+
+
 async def test_cadence_grows_with_a_runs_age_up_to_the_cap(
     aep: FakeAep, clock: FakeClock, poller: RunPoller
 ) -> None:
@@ -224,6 +245,23 @@ async def test_the_trigger_waits_from_created_at_not_a_fixed_sleep(
         outcome = await run
     assert outcome.state == JobState.SUCCEEDED
     assert aep.calls["flows.create"] == 1
+
+
+async def test_jobs_sharing_a_run_park_the_flow_without_racing(
+    aep: FakeAep, clock: FakeClock
+) -> None:
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    async with engine:
+        runs = [asyncio.create_task(engine.run(job(id=f"j{i}"))) for i in range(20)]
+        for _ in range(100):
+            await clock.advance(10)
+        outcomes = await asyncio.gather(*runs)
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}
+    assert len({o.run_id for o in outcomes}) == 1
+    assert aep.calls["flows.patch"] == 0  # created parked: nothing to change afterwards
+    assert 1 <= aep.calls["flows.action"] <= 20
+    (flow,) = aep.entities["flows"].values()
+    assert flow["state"] == "disabled"
 
 
 def test_flow_names_carry_the_fingerprint() -> None:

@@ -34,7 +34,7 @@ from exporter.aepclient.config import AepConfig
 from exporter.aepclient.envelopes import decode_body, error_for, parse_retry_after, transport_error
 from exporter.aepclient.ratelimit import RateLimiter
 from exporter.clock import Clock, SystemClock
-from exporter.errors import AepError, ServerError
+from exporter.errors import AepError, PreconditionFailed, ServerError
 
 log = structlog.get_logger("exporter.aepclient")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -187,7 +187,9 @@ class Transport:
                     retry_after=error.retry_after,
                     elapsed=self.clock.monotonic() - began,
                 )
-                if idempotent and error.retryable
+                # A 412 is retryable only by the caller, after re-reading the etag: the same
+                # If-Match sent again is refused again.
+                if idempotent and error.retryable and not isinstance(error, PreconditionFailed)
                 else None
             )
             if delay is None:

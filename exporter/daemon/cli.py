@@ -30,21 +30,25 @@ from exporter.settings import Settings, load_settings
 
 def add_parsers(subparsers: Any) -> None:
     run = subparsers.add_parser(
-        "run", help="run the daemon: export jobs from the spool until stopped",
+        "run",
+        help="run the daemon: export jobs from the spool until stopped",
         description="Claim job files from the spool, export them, write results beside them. "
         "SIGTERM or SIGINT stops it gracefully (a second one at once). Exit codes: 0 stopped, "
-        "2 configuration error, 70 internal failure, 128+N forced by a second signal N.")
+        "2 configuration error, 70 internal failure, 128+N forced by a second signal N.",
+    )
     add_config_argument(run)
     run.set_defaults(func=cmd_run)
 
     status = subparsers.add_parser(
-        "status", help="jobs by state and the latest outcomes, from the journal")
+        "status", help="jobs by state and the latest outcomes, from the journal"
+    )
     add_config_argument(status)
     status.add_argument("--recent", type=int, default=10, help="outcomes to list (default 10)")
     status.set_defaults(func=cmd_status)
 
     validate = subparsers.add_parser(
-        "validate", help="check the configuration and job files without contacting AEP")
+        "validate", help="check the configuration and job files without contacting AEP"
+    )
     add_config_argument(validate)
     validate.add_argument("jobs", nargs="*", type=Path, help="job files to check")
     validate.set_defaults(func=cmd_validate)
@@ -52,8 +56,9 @@ def add_parsers(subparsers: Any) -> None:
 
 def _settings(args: argparse.Namespace, err: Console) -> Settings | None:
     try:
-        return load_settings(args.config,
-                             credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
+        return load_settings(
+            args.config, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY")
+        )
     except ConfigError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return None
@@ -111,8 +116,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         outcome = record.outcome or {}
         latest.add_row(
             datetime.fromtimestamp(record.updated, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            record.job_id, record.state.value, str(outcome.get("records", "")),
-            str(outcome.get("files", "")), outcome.get("message", "") or (record.run_id or ""))
+            record.job_id,
+            record.state.value,
+            str(outcome.get("records", "")),
+            str(outcome.get("files", "")),
+            outcome.get("message", "") or (record.run_id or ""),
+        )
     out.print(latest)
     return 0
 
@@ -124,8 +133,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     where = args.config or "environment"
-    out.print(f"ok  {where}: {len(settings.destinations)} destination(s): "
-              f"{', '.join(sorted(settings.destinations)) or 'none'}", highlight=False)
+    out.print(
+        f"ok  {where}: {len(settings.destinations)} destination(s): "
+        f"{', '.join(sorted(settings.destinations)) or 'none'}",
+        highlight=False,
+    )
     spool = Spool(settings.daemon.spool_dir, max_bytes=settings.daemon.max_job_file_bytes)
     bad = 0
     for path in args.jobs:
@@ -135,8 +147,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             err.print(f"bad {path}: {exc}", markup=False, highlight=False)
         else:
-            out.print(f"ok  {path}: job {job.job_id} exports {job.dataset_id} to "
-                      f"{job.destination}:{job.path} as {job.format}/{job.compression}",
-                      markup=False, highlight=False)
+            out.print(
+                f"ok  {path}: job {job.job_id} exports {job.dataset_id} to "
+                f"{job.destination}:{job.path} as {job.format}/{job.compression}",
+                markup=False,
+                highlight=False,
+            )
     sys.stdout.flush()
     return 1 if bad else 0

@@ -41,6 +41,7 @@ class Counts:
     claimed: int = 0
     finished: int = 0
     rejected: int = 0
+    filed: int = 0  # job files moved out of processing/ with their result
 
 
 class Daemon:
@@ -48,15 +49,22 @@ class Daemon:
         self.settings = settings
         self.clock = clock
         self.api = api or HttpAep.from_config(settings.aep, clock=clock)
-        self.engine = Engine(self.api, settings.destinations, settings.engine,
-                             org_id=settings.aep.org_id, sandbox=settings.aep.sandbox,
-                             clock=clock)
+        self.engine = Engine(
+            self.api,
+            settings.destinations,
+            settings.engine,
+            org_id=settings.aep.org_id,
+            sandbox=settings.aep.sandbox,
+            clock=clock,
+        )
         config = settings.daemon
         self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
         self.journal: Journal | None = None
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.counts = Counts()
         self.ready = asyncio.Event()
+        self.filed = asyncio.Condition()
+        """Notified after each job file is filed with its result (`counts.filed`)."""
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._exit = EXIT_OK
@@ -86,8 +94,13 @@ class Daemon:
             poller = self.engine.poller_task
             assert poller is not None
             supervised["poller"] = poller
-            log.info("daemon_ready", spool=str(self.spool.root), state=str(config.state_dir),
-                     resumed=len(self.jobs), max_in_flight=config.max_in_flight)
+            log.info(
+                "daemon_ready",
+                spool=str(self.spool.root),
+                state=str(config.state_dir),
+                resumed=len(self.jobs),
+                max_in_flight=config.max_in_flight,
+            )
             self.ready.set()
             await self._supervise(supervised)
         finally:
@@ -97,15 +110,20 @@ class Daemon:
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait({stopping, *tasks.values()},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {stopping, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopping.cancel()
         for name, task in tasks.items():
             if task in done:
                 error = None if task.cancelled() else task.exception()
-                log.error("task_died", task=name, error=repr(error),
-                          exc_info=error if error is not None else False)
+                log.error(
+                    "task_died",
+                    task=name,
+                    error=repr(error),
+                    exc_info=error if error is not None else False,
+                )
                 self._exit = EXIT_SOFTWARE
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
@@ -128,12 +146,18 @@ class Daemon:
         import watchfiles
 
         try:
-            async for _ in watchfiles.awatch(self.spool.dirs["incoming"], recursive=False,
-                                             stop_event=self._stopping, debounce=50, step=20):
+            async for _ in watchfiles.awatch(
+                self.spool.dirs["incoming"],
+                recursive=False,
+                stop_event=self._stopping,
+                debounce=50,
+                step=20,
+            ):
                 self._wake.set()
         except (OSError, RuntimeError) as exc:
-            log.warning("spool_watch_unavailable", error=str(exc),
-                        rescan_s=self.settings.daemon.rescan_s)
+            log.warning(
+                "spool_watch_unavailable", error=str(exc), rescan_s=self.settings.daemon.rescan_s
+            )
             await self._stopping.wait()
 
     async def _intake(self) -> None:
@@ -159,14 +183,18 @@ class Daemon:
         """A claimed file becomes a journaled job in flight, or a rejection."""
         assert self.journal is not None
         try:
-            parsed: Parsed = await asyncio.to_thread(self.spool.read, path,
-                                                     self.settings.destinations)
+            parsed: Parsed = await asyncio.to_thread(
+                self.spool.read, path, self.settings.destinations
+            )
         except Rejected as exc:
             await self._reject(path, str(exc))
             return
+        except Exception as exc:  # one poisonous file must not stop intake (nor every restart)
+            log.exception("job_file_unreadable", file=path.name)
+            await self._reject(path, f"internal error reading the job file: {exc!r}")
+            return
         job = parsed.job
-        added = await self.journal.add(job.job_id, source="spool", name=path.name,
-                                       spec=parsed.spec)
+        added = await self.journal.add(job.job_id, source="spool", name=path.name, spec=parsed.spec)
         if not added:
             known = await self.journal.get(job.job_id)
             if known is not None and known.name == path.name and not known.terminal:
@@ -176,21 +204,28 @@ class Daemon:
                 return
             else:
                 state = known.state.value if known else "unknown"
-                await self._reject(path, f"job id {job.job_id!r} was already submitted (as "
-                                   f"{known.name if known else '?'}, now {state}); a job id "
-                                   "runs once: give the new job another id")
+                await self._reject(
+                    path,
+                    f"job id {job.job_id!r} was already submitted (as "
+                    f"{known.name if known else '?'}, now {state}); a job id "
+                    "runs once: give the new job another id",
+                )
                 return
         self._start(job, path, None)
 
     async def _reject(self, path: Path, reason: str) -> None:
         assert self.journal is not None
-        outcome = Outcome(job_id=f"rejected:{path.name}", state=JobState.REJECTED,
-                          message=reason)
+        outcome = Outcome(job_id=f"rejected:{path.name}", state=JobState.REJECTED, message=reason)
         log.warning("job_rejected", file=path.name, reason=reason)
         self.counts.rejected += 1
-        await self.journal.add(f"{outcome.job_id}:{uuid.uuid4().hex[:8]}", source="spool",
-                               name=path.name, spec={}, state=JobState.REJECTED,
-                               outcome=outcome)
+        await self.journal.add(
+            f"{outcome.job_id}:{uuid.uuid4().hex[:8]}",
+            source="spool",
+            name=path.name,
+            spec={},
+            state=JobState.REJECTED,
+            outcome=outcome,
+        )
         await self._file_result(path, outcome)
 
     # -- jobs ------------------------------------------------------------------------------
@@ -211,9 +246,14 @@ class Daemon:
         async def on_state(progress: Progress) -> None:
             if progress.state in TERMINAL:
                 return
-            await journal.advance(job.job_id, progress.state, flow_id=progress.flow_id,
-                                  run_id=progress.run_id, intent_ms=progress.intent_ms,
-                                  detail=progress.detail)
+            await journal.advance(
+                job.job_id,
+                progress.state,
+                flow_id=progress.flow_id,
+                run_id=progress.run_id,
+                intent_ms=progress.intent_ms,
+                detail=progress.detail,
+            )
 
         try:
             outcome = await self.engine.run(job, on_state, resume=resume)
@@ -221,8 +261,9 @@ class Daemon:
             raise
         except Exception as exc:  # a bug must end the job visibly, not leave it hanging
             log.exception("job_crashed", job_id=job.job_id)
-            outcome = Outcome(job_id=job.job_id, state=JobState.FAILED,
-                              message=f"internal error: {exc!r}")
+            outcome = Outcome(
+                job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
+            )
         # The outcome is written whole even if a stop arrives meanwhile.
         await asyncio.shield(self._complete(path, outcome))
 
@@ -231,14 +272,26 @@ class Daemon:
         await self.journal.finish(outcome)
         await self._file_result(path, outcome)
         self.counts.finished += 1
-        log.info("job_finished", job_id=outcome.job_id, state=outcome.state.value,
-                 flow_id=outcome.flow_id, run_id=outcome.run_id, files=outcome.files,
-                 records=outcome.records, bytes=outcome.bytes, duration_s=outcome.duration_s,
-                 partial=outcome.partial, message=outcome.message,
-                 errors=[e.model_dump() for e in outcome.errors])
+        log.info(
+            "job_finished",
+            job_id=outcome.job_id,
+            state=outcome.state.value,
+            flow_id=outcome.flow_id,
+            run_id=outcome.run_id,
+            files=outcome.files,
+            records=outcome.records,
+            bytes=outcome.bytes,
+            duration_s=outcome.duration_s,
+            partial=outcome.partial,
+            message=outcome.message,
+            errors=[e.model_dump() for e in outcome.errors],
+        )
 
     async def _file_result(self, path: Path, outcome: Outcome) -> None:
         await asyncio.to_thread(self.spool.finish, path, outcome)
+        self.counts.filed += 1
+        async with self.filed:
+            self.filed.notify_all()
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -259,9 +312,14 @@ class Daemon:
 
     def _resume(self, record: JobRecord, path: Path) -> None:
         job = Job.model_validate(record.spec)
-        progress = Progress(record.state, flow_id=record.flow_id, run_id=record.run_id,
-                            intent_ms=record.intent_ms)
-        log.info("job_resumed", job_id=record.job_id, state=record.state.value,
-                 flow_id=record.flow_id, run_id=record.run_id)
+        progress = Progress(
+            record.state, flow_id=record.flow_id, run_id=record.run_id, intent_ms=record.intent_ms
+        )
+        log.info(
+            "job_resumed",
+            job_id=record.job_id,
+            state=record.state.value,
+            flow_id=record.flow_id,
+            run_id=record.run_id,
+        )
         self._start(job, path, progress)
-

@@ -72,11 +72,18 @@ class JobRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
         return cls(
-            job_id=row["job_id"], source=row["source"], name=row["name"],
-            spec=json.loads(row["spec"]), state=JobState(row["state"]), flow_id=row["flow_id"],
-            run_id=row["run_id"], intent_ms=row["intent_ms"],
+            job_id=row["job_id"],
+            source=row["source"],
+            name=row["name"],
+            spec=json.loads(row["spec"]),
+            state=JobState(row["state"]),
+            flow_id=row["flow_id"],
+            run_id=row["run_id"],
+            intent_ms=row["intent_ms"],
             outcome=json.loads(row["outcome"]) if row["outcome"] else None,
-            created=row["created"], updated=row["updated"])
+            created=row["created"],
+            updated=row["updated"],
+        )
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -124,8 +131,16 @@ class Journal:
             raise RuntimeError("the journal is closed")
         return self._conn
 
-    async def add(self, job_id: str, *, source: str, name: str, spec: dict[str, Any],
-                  state: JobState = JobState.RECEIVED, outcome: Outcome | None = None) -> bool:
+    async def add(
+        self,
+        job_id: str,
+        *,
+        source: str,
+        name: str,
+        spec: dict[str, Any],
+        state: JobState = JobState.RECEIVED,
+        outcome: Outcome | None = None,
+    ) -> bool:
         """Record a new job; False (and nothing written) when the id is known already."""
         now = time.time()
 
@@ -135,11 +150,22 @@ class Journal:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO jobs (job_id, source, name, spec, state, outcome, "
                     "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, source, name, json.dumps(spec), state.value,
-                     outcome.model_dump_json() if outcome else None, now, now))
+                    (
+                        job_id,
+                        source,
+                        name,
+                        json.dumps(spec),
+                        state.value,
+                        outcome.model_dump_json() if outcome else None,
+                        now,
+                        now,
+                    ),
+                )
                 if cur.rowcount:
-                    db.execute("INSERT INTO events (job_id, state, at) VALUES (?, ?, ?)",
-                               (job_id, state.value, now))
+                    db.execute(
+                        "INSERT INTO events (job_id, state, at) VALUES (?, ?, ?)",
+                        (job_id, state.value, now),
+                    )
                 return bool(cur.rowcount)
 
         return await self._run(insert)
@@ -151,9 +177,16 @@ class Journal:
 
         return await self._run(read)
 
-    async def advance(self, job_id: str, state: JobState, *, flow_id: str | None = None,
-                      run_id: str | None = None, intent_ms: int | None = None,
-                      detail: str = "") -> None:
+    async def advance(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        flow_id: str | None = None,
+        run_id: str | None = None,
+        intent_ms: int | None = None,
+        detail: str = "",
+    ) -> None:
         """Move a job forward. Going back to a state it passed (a resumed job re-announcing
         its flow) only fills in what is new; an illegal move raises."""
         now = time.time()
@@ -165,19 +198,24 @@ class Journal:
                 if row is None:
                     raise KeyError(job_id)
                 current = JobState(row["state"])
-                moves = ORDER.index(state) > ORDER.index(current) if (
-                    state in ORDER and current in ORDER) else True
+                moves = (
+                    ORDER.index(state) > ORDER.index(current)
+                    if (state in ORDER and current in ORDER)
+                    else True
+                )
                 if moves:
                     check_transition(current, state)
                 db.execute(
                     "UPDATE jobs SET state = ?, flow_id = COALESCE(?, flow_id), "
                     "run_id = COALESCE(?, run_id), intent_ms = COALESCE(?, intent_ms), "
                     "updated = ? WHERE job_id = ?",
-                    ((state if moves else current).value, flow_id, run_id, intent_ms, now,
-                     job_id))
+                    ((state if moves else current).value, flow_id, run_id, intent_ms, now, job_id),
+                )
                 if moves:
-                    db.execute("INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
-                               (job_id, state.value, now, detail))
+                    db.execute(
+                        "INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
+                        (job_id, state.value, now, detail),
+                    )
 
         await self._run(write)
 
@@ -188,8 +226,9 @@ class Journal:
         def write() -> None:
             db = self._db()
             with db:
-                row = db.execute("SELECT state FROM jobs WHERE job_id = ?",
-                                 (outcome.job_id,)).fetchone()
+                row = db.execute(
+                    "SELECT state FROM jobs WHERE job_id = ?", (outcome.job_id,)
+                ).fetchone()
                 if row is None:
                     raise KeyError(outcome.job_id)
                 current = JobState(row["state"])
@@ -199,25 +238,40 @@ class Journal:
                 db.execute(
                     "UPDATE jobs SET state = ?, flow_id = COALESCE(?, flow_id), "
                     "run_id = COALESCE(?, run_id), outcome = ?, updated = ? WHERE job_id = ?",
-                    (outcome.state.value, outcome.flow_id, outcome.run_id,
-                     outcome.model_dump_json(), now, outcome.job_id))
-                db.execute("INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
-                           (outcome.job_id, outcome.state.value, now, outcome.message))
+                    (
+                        outcome.state.value,
+                        outcome.flow_id,
+                        outcome.run_id,
+                        outcome.model_dump_json(),
+                        now,
+                        outcome.job_id,
+                    ),
+                )
+                db.execute(
+                    "INSERT INTO events (job_id, state, at, detail) VALUES (?,?,?,?)",
+                    (outcome.job_id, outcome.state.value, now, outcome.message),
+                )
 
         await self._run(write)
 
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             marks = ",".join("?" * len(TERMINAL))
-            rows = self._db().execute(
-                f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY created",  # noqa: S608
-                [s.value for s in TERMINAL]).fetchall()
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY created",  # noqa: S608
+                    [s.value for s in TERMINAL],
+                )
+                .fetchall()
+            )
             return [JobRecord.from_row(r) for r in rows]
 
         return await self._run(read)
 
     async def check_writable(self) -> None:
         """Raise if the journal cannot be written (a full disk, a read-only mount)."""
+
         def probe() -> None:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
@@ -230,8 +284,10 @@ def summary(path: Path, *, recent: int = 10) -> tuple[dict[str, int], list[JobRe
     """Counts by state and the most recent outcomes, read without disturbing a writer."""
     conn = connect(path, readonly=True)
     try:
-        counts = {row["state"]: row["n"] for row in conn.execute(
-            "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        counts = {
+            row["state"]: row["n"]
+            for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        }
         rows = conn.execute("SELECT * FROM jobs ORDER BY updated DESC LIMIT ?", (recent,))
         return counts, [JobRecord.from_row(r) for r in rows]
     finally:

@@ -40,11 +40,32 @@ class Parsed:
     spec: dict[str, Any]
 
 
+MAX_PROBLEMS = 10  # listed in a reason; a file with 10,000 bad labels gets a readable one
+TYPE_NAMES = {
+    "NoneType": "null (or empty)",
+    "list": "a list",
+    "str": "a string",
+    "int": "a number",
+    "float": "a number",
+    "bool": "true/false",
+}
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for error in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    unknown = False
+    for error in errors[:MAX_PROBLEMS]:
         where = ".".join(str(p) for p in error["loc"]) or "job"
-        parts.append(f"{where}: {error['msg']}")
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            unknown = True
+            parts.append(f"{where}: unknown field")
+        else:
+            parts.append(f"{where}: {error['msg']}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
+    if unknown:
+        parts.append(f"job fields are {', '.join(Job.model_fields)}")
     return "; ".join(parts)
 
 
@@ -54,8 +75,10 @@ def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Pars
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Rejected(f"not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); job "
-                       "files are JSON, YAML or TOML") from None
+        raise Rejected(
+            f"not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); job "
+            "files are JSON, YAML or TOML"
+        ) from None
     if "\x00" in text:
         raise Rejected("contains NUL bytes: job files are JSON, YAML or TOML text")
     try:
@@ -70,23 +93,35 @@ def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Pars
         raise Rejected(f"invalid JSON at {where}: {exc.msg}") from None
     except tomllib.TOMLDecodeError as exc:
         raise Rejected(f"invalid TOML: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise Rejected(f"invalid YAML{where}: {problem}{context}") from None
     except yaml.YAMLError as exc:
-        raise Rejected(f"invalid YAML: {str(exc).splitlines()[0]}"
-                       + (f" (line {exc.problem_mark.line + 1})"  # type: ignore[attr-defined]
-                          if getattr(exc, "problem_mark", None) else "")) from None
+        raise Rejected(f"invalid YAML: {str(exc).splitlines()[0]}") from None
     except RecursionError:
-        raise Rejected("nested too deeply") from None
+        raise Rejected("nested too deeply: a job is a flat mapping of fields") from None
+    except ValueError as exc:  # a value the parser cannot build: a 5,000-digit number, !!int x
+        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+        raise Rejected(f"invalid {kind}: {str(exc).split(';')[0]}") from None
     if not isinstance(data, dict):
-        raise Rejected(f"the job must be a mapping of fields (dataset_id, destination, path, "
-                       f"...), not {type(data).__name__}")
+        kind = TYPE_NAMES.get(type(data).__name__, type(data).__name__)
+        raise Rejected(
+            f"the job must be a mapping of fields (dataset_id, destination, path, ...), not {kind}"
+        )
     try:
         job = Job.model_validate(data)
     except ValidationError as exc:
         raise Rejected(_describe(exc)) from None
     if job.destination not in destinations:
-        raise Rejected(f"destination: unknown destination {job.destination!r}; configured: "
-                       f"{', '.join(sorted(destinations)) or 'none'}")
-    return Parsed(job, data)
+        raise Rejected(
+            f"destination: unknown destination {job.destination!r}; configured: "
+            f"{', '.join(sorted(destinations)) or 'none'}"
+        )
+    # What the journal keeps: JSON-safe whatever the parser made (YAML !!binary is bytes).
+    return Parsed(job, job.model_dump(mode="json", exclude_unset=True))
 
 
 class Spool:
@@ -125,25 +160,40 @@ class Spool:
         return target
 
     def processing(self) -> list[Path]:
-        return sorted(p for p in self.dirs["processing"].iterdir()
-                      if not p.name.startswith(".") and not p.name.endswith(RESULT_SUFFIX))
+        return sorted(
+            p
+            for p in self.dirs["processing"].iterdir()
+            if not p.name.startswith(".") and not p.name.endswith(RESULT_SUFFIX)
+        )
 
     def read(self, path: Path, destinations: Mapping[str, object]) -> Parsed:
         """Parse a claimed file; raises `Rejected` for anything that is not a usable job."""
         if path.suffix.lower() not in SUFFIXES:
-            raise Rejected(f"unsupported file type {path.suffix or '(none)'!r}: name job files "
-                           "*.json, *.yaml, *.yml or *.toml")
+            raise Rejected(
+                f"unsupported file type {path.suffix or '(none)'!r}: name job files "
+                "*.json, *.yaml, *.yml or *.toml"
+            )
         try:
             info = path.lstat()
             if stat.S_ISLNK(info.st_mode):
                 target = path.readlink()
-                raise Rejected(f"a symbolic link (to {target}); job files must be regular files "
-                               "inside the spool")
+                raise Rejected(
+                    f"a symbolic link (to {target}); job files must be regular files "
+                    "inside the spool"
+                )
             if not stat.S_ISREG(info.st_mode):
-                raise Rejected("not a regular file")
+                kind = (
+                    "a directory"
+                    if stat.S_ISDIR(info.st_mode)
+                    else "a FIFO"
+                    if stat.S_ISFIFO(info.st_mode)
+                    else "a special file"
+                )
+                raise Rejected(f"{kind}, not a regular file: job files must be regular files")
             if info.st_size > self.max_bytes:
-                raise Rejected(f"{info.st_size} bytes is too large; the limit is "
-                               f"{self.max_bytes} bytes")
+                raise Rejected(
+                    f"{info.st_size} bytes is too large; the limit is {self.max_bytes} bytes"
+                )
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as handle:
                 raw = handle.read(self.max_bytes + 1)
@@ -162,8 +212,11 @@ class Spool:
         if not ((folder / f"{name}{RESULT_SUFFIX}").exists() and not target.exists()):
             # (A result without its job is a finish that stopped half-way: complete it.)
             target = self._free(folder, name)
-        result = {**outcome.model_dump(mode="json"), "file": path.name,
-                  "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        result = {
+            **outcome.model_dump(mode="json"),
+            "file": path.name,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         tmp = folder / f".{target.name}{RESULT_SUFFIX}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(folder / f"{target.name}{RESULT_SUFFIX}")
@@ -177,8 +230,11 @@ class Spool:
         candidate = folder / name
         stem, suffix = Path(name).stem, Path(name).suffix
         n = 1
-        while candidate.exists() or candidate.is_symlink() or (
-            folder / f"{candidate.name}{RESULT_SUFFIX}").exists():
+        while (
+            candidate.exists()
+            or candidate.is_symlink()
+            or (folder / f"{candidate.name}{RESULT_SUFFIX}").exists()
+        ):
             n += 1
             candidate = folder / f"{stem}.{n}{suffix}"
         return candidate

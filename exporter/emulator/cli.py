@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exporter.emulator.datalake import DataLake
 from exporter.emulator.settings import Knobs, Span
 
 DEFAULT_DATA_DIR = Path(".aep-emulator")
@@ -248,6 +247,8 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
 def seed_lake(
     data_dir: Path, *, sandbox: str, name: str, count: int, rows: int, seed: int | None
 ) -> list[dict[str, Any]]:
+    from exporter.emulator.datalake import DataLake  # pyarrow: only when seeding
+
     lake = DataLake(data_dir / "datalake")
     rng = random.Random(seed)
     now = int(time.time() * 1000)

@@ -237,6 +237,8 @@ async def adhoc_run(request: web.Request) -> web.Response:
     for flow_id, dataset_ids in wanted:
         flow = who.sandbox.flows[flow_id]
         started = [_start(state, who.sandbox, who.client_id, flow, d) for d in dataset_ids]
+        for run in started:
+            run.request_id = request.headers.get("x-request-id", "")
         destinations.append(
             {
                 "datasets": [

@@ -57,6 +57,7 @@ class Run:
     file_type: str
     compression: str
     input_bytes: int = 0
+    request_id: str = ""  # the x-request-id of the trigger that started it
     status: RunStatus = "processing"
     result: ExportResult | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -140,6 +141,7 @@ class EmulatorState:
         self.journal: deque[JournalEntry] = deque(maxlen=knobs.journal_size)
         self.journal_seq = 0
         self.faults: list[ScriptedFault] = []
+        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.rate_buckets: dict[str, tuple[float, float]] = {}
 
     def sandbox(self, org_id: str, name: str) -> Sandbox:
@@ -160,11 +162,33 @@ class EmulatorState:
         self, method: str, path: str, status: int, op: str, sandbox: str, request_id: str = ""
     ) -> None:
         self.journal_seq += 1
+        if self._seq_waiters:
+            self._wake_seq_waiters()
         self.journal.append(
             JournalEntry(
                 self.journal_seq, self.clock.now_ms(), method, path, status, op, sandbox, request_id
             )
         )
+
+    def _wake_seq_waiters(self) -> None:
+        still = []
+        for seq, fut in self._seq_waiters:
+            if fut.done():
+                continue
+            if self.journal_seq >= seq:
+                fut.set_result(None)
+            else:
+                still.append((seq, fut))
+        self._seq_waiters = still
+
+    async def served(self, count: int) -> None:
+        """Return once `count` requests in all have been served (for tests that act at a
+        chosen point of a workload, such as killing a client mid-way)."""
+        if self.journal_seq >= count:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq_waiters.append((count, fut))
+        await fut
 
     def reset(self, *, datasets: bool = False) -> None:
         """Forget every entity, token, fault and journal entry (datasets too, if asked)."""

@@ -16,11 +16,11 @@ from typing import Any
 
 import structlog
 
-from exporter.aepclient.api import AepApi, RunInfo
+from exporter.aepclient.api import AepApi, FlowInfo, RunInfo
 from exporter.clock import Clock
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
-from exporter.engine.flows import FlowManager, desired_schedule
+from exporter.engine.flows import FlowManager, desired_schedule, schedule_matches
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.engine.trigger import Triggerer
 from exporter.errors import AepError, ConfigError, NotFoundError
@@ -189,12 +189,20 @@ class Engine:
         return outcome
 
     async def _after_run(self, flow_id: str) -> None:
-        """The seed's life cycle: a one-off flow is parked, schedule far out, disabled."""
+        """The seed's life cycle: a one-off flow is parked, schedule far out, disabled. What is
+        already so is left alone: jobs that shared a run would otherwise race each other's
+        etags (one flow, 200 jobs: a thousand 412s) for a change that is already made."""
         try:
+            item = await self.api.get("flows", flow_id)
+            if item is None:
+                raise NotFoundError(f"flow {flow_id} is gone", status=404, operation="flows.get")
+            flow = FlowInfo.parse(item)
             now_s = int(self.clock.time())
-            await self.flows.set_schedule(flow_id, desired_schedule("once", now_s, self.config))
-            await self.api.flow_action(flow_id, "disable")
-            log.info("flow_disabled", flow_id=flow_id)
+            if not schedule_matches(flow.schedule, "once", now_s, self.config):
+                await self.flows.set_schedule(flow_id, desired_schedule("once", now_s, self.config))
+            if flow.state != "disabled":
+                await self.api.flow_action(flow_id, "disable")
+                log.info("flow_disabled", flow_id=flow_id)
         except NotFoundError:
             log.warning("flow_gone_after_run", flow_id=flow_id)
         except AepError as exc:

@@ -3,10 +3,12 @@
 A waiting job registers its run id and a deadline, then awaits a future. The poller
 wakes when the earliest run is due, asks AEP for every due run in batches of up to 100
 (`GET /runs?property=id==a,b,…`), settles the finished ones and reschedules the rest.
-Cadence grows with a run's age (a quarter of it, by default) between a floor and a
-ceiling, with jitter so that runs started together spread out. A failed poll never
-re-triggers anything: it is retried on the run's own schedule, and a job fails only after
-its run's status has been unreadable for `status_unreadable_s`.
+The last batch is topped up with runs at least half-way to their turn, so that jittered
+runs share requests instead of going one per request. Cadence grows with a run's age (a
+quarter of it, by default) between a floor and a ceiling, with jitter so that runs started
+together spread out. A failed poll never re-triggers anything: it is retried on the run's
+own schedule, and a job fails only after its run's status has been unreadable for
+`status_unreadable_s`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from exporter.engine.config import EngineConfig
 from exporter.errors import AepError
 
 log = structlog.get_logger("exporter.poller")
+EARLY_SHARE = 0.5  # a run may be read up to this share of its interval early, to fill a batch
 
 
 class RunTimedOut(Exception):
@@ -41,6 +44,7 @@ class _Waiter:
     deadline: float
     due: float
     last_read: float
+    interval: float = 0.0
     polls: int = 0
     last_error: str | None = None
 
@@ -105,9 +109,37 @@ class RunPoller:
                 if w.due <= now and not w.future.done()
             ]
             if due:
-                await self._poll(due)
+                await self._poll(self._fill(due, now))
                 continue
             await self._sleep_until_next(now)
+
+    def _fill(self, due: list[_Waiter], now: float) -> list[_Waiter]:
+        """Top the last batch up with the runs nearest their next poll, if they are at least
+        half-way there: the request goes out anyway, and each run read early is one request
+        fewer later. Without this, runs whose due times jitter apart go one per request."""
+        ids = {w.run_id for w in due}
+        room = -len(ids) % self._config.poll_batch
+        if room == 0:
+            return due
+        early = sorted(
+            (
+                w
+                for group in self._waiters.values()
+                for w in group
+                if w.run_id not in ids
+                and not w.future.done()
+                and w.due - now <= w.interval * EARLY_SHARE
+            ),
+            key=lambda w: w.due,
+        )
+        for w in early:
+            if w.run_id not in ids:
+                if room == 0:
+                    break
+                ids.add(w.run_id)
+                room -= 1
+            due.append(w)
+        return due
 
     def _expire(self, now: float) -> None:
         for group in self._waiters.values():
@@ -181,4 +213,5 @@ class RunPoller:
             self._config.poll_max_s, max(self._config.poll_min_s, age * self._config.poll_growth)
         )
         jitter = self._config.poll_jitter
+        w.interval = interval
         w.due = now + interval * self._rng.uniform(1 - jitter, 1 + jitter)

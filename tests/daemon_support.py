@@ -1,0 +1,139 @@
+"""Running `aep-exporter run` as a child process against an in-process emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from exporter.emulator.state import EmulatorState
+
+
+def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:
+    """A daemon config for the emulator at `url`; `sections` override keys per section."""
+    (folder / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
+    base: dict[str, dict[str, Any]] = {
+        "aep": {
+            "platform_url": url,
+            "ims_url": url,
+            "client_id": DEFAULT_CLIENT_ID,
+            "client_secret_file": "client_secret",
+            "org_id": DEFAULT_ORG_ID,
+            "rate_limit_rps": 200,
+            "max_concurrency": 32,
+        },
+        "engine": {
+            "not_ready_wait_s": 0.3,
+            "not_ready_retry_s": 0.2,
+            "not_ready_retry_max_s": 1,
+            "poll_min_s": 0.2,
+            "poll_max_s": 1,
+            "status_unreadable_s": 120,
+        },
+        "daemon": {
+            "state_dir": "state",
+            "spool_dir": "spool",
+            "rescan_s": 0.5,
+            "max_in_flight": 100,
+            "shutdown_grace_s": 2,
+        },
+        "log": {"format": "json", "level": "info"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    lines += ["[destinations.lake]", 'type = "dlz"']
+    path = folder / "exporter.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Running:
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    async def events(self) -> list[dict[str, Any]]:
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+async def start_daemon(config: Path, log: Path) -> Running:
+    handle = log.open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        "run",
+        "--config",
+        str(config),
+        stdout=handle,
+        stderr=handle,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    handle.close()
+    return Running(proc, log)
+
+
+async def kill(running: Running, sig: int = signal.SIGKILL) -> int:
+    if running.proc.returncode is None:
+        running.proc.send_signal(sig)
+    async with asyncio.timeout(30):
+        return await running.proc.wait()
+
+
+def results(spool: Path) -> dict[str, dict[str, Any]]:
+    """Result files by job file name, from done/, failed/ and rejected/."""
+    found = {}
+    for folder in ("done", "failed", "rejected"):
+        for path in (spool / folder).glob("*.result.json"):
+            found[path.name.removesuffix(".result.json")] = json.loads(path.read_text())
+    return found
+
+
+async def until_results(spool: Path, names: Iterable[str], *, deadline_s: float) -> None:
+    """Wait (on filesystem events, not a timer) until every job in `names` has a result."""
+    wanted = set(names)
+    for folder in ("done", "failed", "rejected"):
+        (spool / folder).mkdir(parents=True, exist_ok=True)
+    async with asyncio.timeout(deadline_s):
+        if wanted <= set(results(spool)):
+            return
+        async for _ in watchfiles.awatch(
+            *(spool / f for f in ("done", "failed", "rejected")),
+            debounce=100,
+            step=50,
+            recursive=False,
+        ):
+            if wanted <= set(results(spool)):
+                return
+
+
+def triggers_by_job(state: EmulatorState) -> Counter[str]:
+    """Runs the emulator started, by the job id in the x-request-id of the trigger that
+    started each (whether or not its answer reached the client)."""
+    return Counter(run.request_id.rsplit(".", 1)[0] for run in state.all_runs())
+
+
+@asynccontextmanager
+async def daemon_process(config: Path, log: Path) -> AsyncIterator[Running]:
+    running = await start_daemon(config, log)
+    try:
+        yield running
+    finally:
+        if running.proc.returncode is None:
+            await kill(running)

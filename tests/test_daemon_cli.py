@@ -1,0 +1,269 @@
+"""`aep-exporter validate` and `aep-exporter status` as a user runs them: child processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.daemon.journal import FILE_NAME, Journal
+from exporter.jobs import JobState, Outcome
+from tests.bad_jobs import BY_NAME, CASES, DESTINATIONS, MAX_JOB_FILE_BYTES, as_json, as_yaml
+
+pytestmark = pytest.mark.slow
+SECRET = "Sup3r-s3cret-VALUE-7f1c"  # never to be printed
+ROOT = os.geteuid() == 0
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    env["COLUMNS"] = "250"  # rich tables: no wrapping of long job ids and messages
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    return subprocess.run(  # noqa: S603 - our own command, fixed arguments
+        [sys.executable, "-m", "exporter", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    dests = "".join(f'[destinations.{name}]\ntype = "dlz"\n\n' for name in DESTINATIONS)
+    path = tmp_path / "exporter.toml"
+    path.write_text(f"""
+[aep]
+platform_url = "http://127.0.0.1:9"
+ims_url = "http://127.0.0.1:9"
+client_id = "emulator-client"
+client_secret_file = "secret"
+org_id = "EMULATOR000000000000000@AdobeOrg"
+
+[daemon]
+state_dir = "state"
+spool_dir = "spool"
+max_job_file_bytes = {MAX_JOB_FILE_BYTES}
+
+{dests}{extra}""")
+    return path
+
+
+def good_files(tmp_path: Path) -> list[Path]:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir(exist_ok=True)
+    files = {
+        "a.json": as_json(id="nightly-a"),
+        "b.yaml": as_yaml(destination="archive", format="json"),
+        "c.toml": b'dataset_id = "ds_0002"\ndestination = "lake"\npath = "ml/c"\n',
+    }
+    for name, raw in files.items():
+        (jobs / name).write_bytes(raw)
+    return [jobs / name for name in files]
+
+
+def assert_no_secret(done: subprocess.CompletedProcess[str]) -> None:
+    assert SECRET not in done.stdout
+    assert SECRET not in done.stderr
+
+
+# -- validate ----------------------------------------------------------------------------------
+
+
+def test_validate_lists_the_config_and_each_good_job(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    files = good_files(tmp_path)
+    done = cli("validate", "--config", config, *files)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"ok  {config}: 2 destination(s): archive, lake"
+    assert lines[1] == (
+        f"ok  {files[0]}: job nightly-a exports ds_0001 to lake:ml/features as parquet/gzip"
+    )
+    assert re.fullmatch(
+        rf"ok  {re.escape(str(files[1]))}: job job-[0-9a-f]{{24}} exports ds_0001 to "
+        r"archive:ml/features as json/gzip",
+        lines[2],
+    ), lines[2]
+    assert lines[3].startswith(f"ok  {files[2]}: job job-")
+    assert "exports ds_0002 to lake:ml/c as parquet/gzip" in lines[3]
+    assert len(lines) == 4
+    assert done.stderr == ""
+    assert_no_secret(done)
+
+
+def test_validate_without_job_files_checks_the_config(tmp_path: Path) -> None:
+    done = cli("validate", "--config", write_config(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok  ")
+    assert "2 destination(s): archive, lake" in done.stdout
+
+
+def test_validate_gives_each_bad_job_its_reason_and_exits_1(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    files = good_files(tmp_path)
+    # The corpus as it arrives in a spool (its makers expect <spool>/incoming/<name>).
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    bad = [c for c in CASES if c.caught_by == "spool" and not (c.needs_non_root and ROOT)]
+    for case in bad:
+        case.create(incoming / case.name)
+    done = cli("validate", "--config", config, files[0], *(incoming / c.name for c in bad))
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[1].startswith(f"ok  {files[0]}: job nightly-a")
+    reasons = dict(line.removeprefix("bad ").split(": ", 1) for line in done.stderr.splitlines())
+    assert sorted(reasons) == sorted(str(incoming / c.name) for c in bad)
+    for case in bad:
+        reason = reasons[str(incoming / case.name)]
+        assert all(w in reason for w in case.expect), (case.name, reason)
+    assert_no_secret(done)
+
+
+def test_validate_reports_one_bad_job_among_good_ones(tmp_path: Path) -> None:
+    files = good_files(tmp_path)
+    bad = tmp_path / "jobs" / BY_NAME["path-dotdot.json"].name
+    BY_NAME["path-dotdot.json"].create(bad)
+    done = cli("validate", "--config", write_config(tmp_path), files[0], bad, files[1])
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"bad {bad}: path: Value error, must not contain empty, '.' or '..' segments\n"
+    )
+    assert [line[:3] for line in done.stdout.splitlines()] == ["ok ", "ok ", "ok "]
+
+
+def test_validate_lists_every_config_problem_without_secrets(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        extra='[engine]\npoll_min_s = -1\n\n[destinations.bucket]\ntype = "s3"\n'
+        'bucket = "Not_A_Bucket"\n',
+    )
+    # A typo in the secret's key: the secret is the value of an unknown field.
+    text = (
+        config.read_text()
+        .replace('client_secret_file = "secret"', f'client_secrett = "{SECRET}"')
+        .replace(f"max_job_file_bytes = {MAX_JOB_FILE_BYTES}", "max_in_flight = 0")
+    )
+    config.write_text(text)
+    done = cli("validate", "--config", config, *good_files(tmp_path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    err = done.stderr
+    assert f"error: {config}: 5 problem(s)" in err, err
+    for where in (
+        "aep.client_secrett",
+        "aep.client_secret",
+        "engine.poll_min_s",
+        "destinations.bucket",
+        "daemon.max_in_flight",
+    ):
+        assert re.search(rf"^\s+{re.escape(where)}\b.*: ", err, re.MULTILINE), (where, err)
+    assert_no_secret(done)
+
+
+def test_validate_with_a_missing_config_file_exits_2(tmp_path: Path) -> None:
+    done = cli("validate", "--config", tmp_path / "nope.toml")
+    assert done.returncode == 2
+    assert f"{tmp_path / 'nope.toml'}: no such config file" in done.stderr
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+async def fill_journal(state_dir: Path) -> None:
+    journal = await Journal.open(state_dir)
+    try:
+        for n in range(3):
+            job_id = f"export-{n}"
+            await journal.add(job_id, source="spool", name=f"{job_id}.json", spec={})
+            await journal.advance(job_id, JobState.FLOW_READY, flow_id=f"flow-{n}")
+            await journal.advance(job_id, JobState.TRIGGERING, intent_ms=1)
+            await journal.advance(job_id, JobState.RUNNING, run_id=f"run-{n}")
+            await journal.finish(
+                Outcome(
+                    job_id=job_id,
+                    state=JobState.SUCCEEDED,
+                    run_id=f"run-{n}",
+                    files=2,
+                    records=1200 + n,
+                )
+            )
+        await journal.add("broken", source="spool", name="broken.json", spec={})
+        await journal.finish(
+            Outcome(
+                job_id="broken",
+                state=JobState.FAILED,
+                message="dataset ds_9 not found in sandbox prod",
+            )
+        )
+        for name in ("x.txt", "y.json"):
+            reject = Outcome(
+                job_id=f"rejected:{name}", state=JobState.REJECTED, message=f"{name} is not a job"
+            )
+            await journal.add(
+                reject.job_id,
+                source="spool",
+                name=name,
+                spec={},
+                state=JobState.REJECTED,
+                outcome=reject,
+            )
+        await journal.add("slow", source="spool", name="slow.json", spec={})
+        await journal.advance("slow", JobState.FLOW_READY, flow_id="flow-s")
+        await journal.advance("slow", JobState.TRIGGERING, intent_ms=1)
+        await journal.advance("slow", JobState.RUNNING, run_id="run-slow")
+    finally:
+        await journal.close()
+
+
+def row(out: str, *cells: str) -> bool:
+    """Whether a table line holds `cells` in order."""
+    pattern = r"\W+".join(re.escape(c) for c in cells)
+    return any(re.search(rf"(^|\W){pattern}(\W|$)", line) for line in out.splitlines())
+
+
+async def test_status_counts_jobs_by_state_and_lists_recent_outcomes(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    await fill_journal(tmp_path / "state")
+    done = cli("status", "--config", config)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"jobs in {tmp_path / 'state' / FILE_NAME}" in out
+    for state, count in (("succeeded", "3"), ("failed", "1"), ("rejected", "2"), ("running", "1")):
+        assert row(out, state, count), (state, out)
+    assert "most recent" in out
+    assert row(out, "export-2", "succeeded", "1202", "2")
+    assert row(out, "broken", "failed", "0", "0", "dataset ds_9 not found in sandbox prod")
+    assert row(out, "rejected:x.txt", "rejected", "0", "0", "x.txt is not a job")
+    assert row(out, "slow", "running", "run-slow")
+    assert len(recent_rows(out)) == 7
+    assert_no_secret(done)
+
+    few = cli("status", "--config", config, "--recent", "2")
+    assert few.returncode == 0
+    latest = recent_rows(few.stdout)
+    assert len(latest) == 2, few.stdout
+    assert row(latest[0], "slow", "running")  # the newest first
+
+
+def recent_rows(out: str) -> list[str]:
+    return [
+        line
+        for line in out.split("most recent", 1)[1].splitlines()
+        if re.match(r"│ \d{4}-\d\d-\d\d ", line)
+    ]
+
+
+def test_status_without_a_journal_says_so_and_exits_1(tmp_path: Path) -> None:
+    done = cli("status", "--config", write_config(tmp_path))
+    assert done.returncode == 1
+    assert done.stdout == ""
+    message = " ".join(done.stderr.split())
+    assert message == (
+        f"no journal at {tmp_path / 'state' / FILE_NAME}: the daemon has not run with this "
+        "configuration"
+    )
