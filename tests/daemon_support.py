@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +64,42 @@ def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:
 
 @dataclass
 class Running:
+    """A daemon child process whose JSON log lines are read as they come."""
+
     proc: asyncio.subprocess.Process
     log: Path
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
 
     async def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return list(self.lines)
+
+    async def until(self, event: str, *, count: int = 1, deadline_s: float = 60) -> None:
+        """Wait until the daemon has logged `event` `count` times."""
+        async with asyncio.timeout(deadline_s):
+            while sum(1 for e in self.lines if e.get("event") == event) < count:
+                if (
+                    self.proc.returncode is not None
+                    and self._reader is not None
+                    and (self._reader.done())
+                ):
+                    raise AssertionError(f"the daemon exited before logging {event}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.log.open("ab") as out:
+            while line := await self.proc.stdout.readline():
+                out.write(line)
+                if line.startswith(b"{"):
+                    self.lines.append(json.loads(line))
+                self._changed.set()
+        self._changed.set()
 
 
 async def start_daemon(config: Path, log: Path) -> Running:
-    handle = log.open("ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -81,19 +107,23 @@ async def start_daemon(config: Path, log: Path) -> Running:
         "run",
         "--config",
         str(config),
-        stdout=handle,
-        stderr=handle,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    handle.close()
-    return Running(proc, log)
+    running = Running(proc, log)
+    running._reader = asyncio.create_task(running._read())
+    return running
 
 
 async def kill(running: Running, sig: int = signal.SIGKILL) -> int:
     if running.proc.returncode is None:
         running.proc.send_signal(sig)
     async with asyncio.timeout(30):
-        return await running.proc.wait()
+        code = await running.proc.wait()
+        if running._reader is not None:
+            await running._reader
+        return code
 
 
 def results(spool: Path) -> dict[str, dict[str, Any]]:

@@ -75,7 +75,8 @@ async def serve(
 ) -> AsyncIterator[tuple[str, EmulatorState]]:
     """Run the emulator until the block exits; yields its base URL and its state."""
     app = create_app(knobs, data_dir, clock=clock)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Held requests (delay and slow faults) are not waited for at shutdown.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

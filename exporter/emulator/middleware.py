@@ -38,6 +38,7 @@ async def journal_middleware(request: web.Request, handler: Handler) -> web.Stre
     if request.path.startswith(CONTROL_PREFIX):
         return await handler(request)
     status = 599  # a dropped connection: no status was ever sent
+    state.arrived()
     try:
         response = await handler(request)
         status = response.status
@@ -118,6 +119,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         delay += fault.delay_ms / 1000
     if delay > 0:
         await asyncio.sleep(delay)
+        if request.transport is None or request.transport.is_closing():
+            # The client gave up while the call was held: like a gateway, never act on it.
+            return _drop(request)
     if fault is not None and fault.action == "drop":
         return _drop(request)
     if fault is not None and fault.action == "status":

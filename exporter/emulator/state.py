@@ -10,7 +10,7 @@ import asyncio
 import random
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -142,6 +142,8 @@ class EmulatorState:
         self.journal_seq = 0
         self.faults: list[ScriptedFault] = []
         self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.arrivals = 0
+        self._arrival_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.rate_buckets: dict[str, tuple[float, float]] = {}
 
     def sandbox(self, org_id: str, name: str) -> Sandbox:
@@ -171,24 +173,22 @@ class EmulatorState:
         )
 
     def _wake_seq_waiters(self) -> None:
-        still = []
-        for seq, fut in self._seq_waiters:
-            if fut.done():
-                continue
-            if self.journal_seq >= seq:
-                fut.set_result(None)
-            else:
-                still.append((seq, fut))
-        self._seq_waiters = still
+        self._seq_waiters = _wake(self._seq_waiters, self.journal_seq)
+
+    def arrived(self) -> None:
+        """A platform request came in (it is journaled when it has been answered)."""
+        self.arrivals += 1
+        if self._arrival_waiters:
+            self._arrival_waiters = _wake(self._arrival_waiters, self.arrivals)
 
     async def served(self, count: int) -> None:
-        """Return once `count` requests in all have been served (for tests that act at a
+        """Return once `count` requests in all have been answered (for tests that act at a
         chosen point of a workload, such as killing a client mid-way)."""
-        if self.journal_seq >= count:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._seq_waiters.append((count, fut))
-        await fut
+        await _until(self._seq_waiters, lambda: self.journal_seq, count)
+
+    async def received(self, count: int) -> None:
+        """Return once `count` requests in all have come in, answered or not."""
+        await _until(self._arrival_waiters, lambda: self.arrivals, count)
 
     def reset(self, *, datasets: bool = False) -> None:
         """Forget every entity, token, fault and journal entry (datasets too, if asked)."""
@@ -203,3 +203,26 @@ class EmulatorState:
         self.rate_buckets.clear()
         if datasets:
             self.lake.clear()
+
+
+Waiters = list[tuple[int, "asyncio.Future[None]"]]
+
+
+def _wake(waiters: Waiters, reached: int) -> Waiters:
+    still = []
+    for target, fut in waiters:
+        if fut.done():
+            continue
+        if reached >= target:
+            fut.set_result(None)
+        else:
+            still.append((target, fut))
+    return still
+
+
+async def _until(waiters: Waiters, current: Callable[[], int], target: int) -> None:
+    if current() >= target:
+        return
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.append((target, fut))
+    await fut

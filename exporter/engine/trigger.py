@@ -54,7 +54,8 @@ class Triggerer:
         """The id of the run exporting `dataset_id` through `flow`, started at or after
         `intent_ms`. Raises `RunTimedOut` at `deadline` (monotonic), `AdhocNotEnabled`."""
         ready_at = flow.created_at_ms / 1000 + self._config.not_ready_wait_s
-        wait = ready_at - self._clock.time()
+        # Never longer than the whole window: AEP's clock may be ahead of ours.
+        wait = min(ready_at - self._clock.time(), self._config.not_ready_wait_s)
         if wait > 0:
             log.info("trigger_waiting_for_flow", flow_id=flow.id, seconds=round(wait, 1))
             await self._sleep(wait, deadline, on_wait)
