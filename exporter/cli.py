@@ -21,21 +21,27 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_parser(sub)
     oneshot.add_parser(sub)
     daemon_cli.add_parsers(sub)
-    demo = sub.add_parser("demo", help="walk the export workflow against a local emulator")
+    demo = sub.add_parser("demo", help="run the daemon on the sample jobs against a local emulator")
     demo.add_argument(
         "--workdir",
         type=Path,
         default=Path(".demo"),
         help="where the demo keeps its data (default %(default)s; wiped first)",
     )
-    demo.set_defaults(func=lambda args: run_demo(args.workdir))
+    demo.add_argument(
+        "--jobs",
+        type=Path,
+        default=Path("config/jobs"),
+        help="folder of sample job files (default %(default)s)",
+    )
+    demo.set_defaults(func=lambda args: run_demo(args.workdir, args.jobs))
     return parser
 
 
-def run_demo(workdir: Path) -> int:
+def run_demo(workdir: Path, jobs: Path) -> int:
     from exporter.demo import main as demo_main
 
-    return demo_main(workdir)
+    return demo_main(workdir, jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

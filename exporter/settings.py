@@ -103,7 +103,7 @@ def describe_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} problem(s)"]
     for error in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
-        lines.append(f"  {where or '(top level)'}: {error['msg']}")
+        lines.append(f"  {where or '(top level)'}: {error['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def _describe(exc: ValidationError) -> str:
             unknown = True
             parts.append(f"{where}: unknown field")
         else:
-            parts.append(f"{where}: {error['msg']}")
+            parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     if len(errors) > MAX_PROBLEMS:
         parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     if unknown:

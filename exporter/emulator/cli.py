@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from exporter.emulator.settings import Knobs, Span
 
 DEFAULT_DATA_DIR = Path(".aep-emulator")
+SEEDED_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 def add_parser(subparsers: Any) -> None:
@@ -189,7 +190,11 @@ def add_parser(subparsers: Any) -> None:
     seed.add_argument("--rows", type=int, default=10_000, help="rows each (default 10000)")
     seed.add_argument("--name", default="customer_features", help="dataset name (prefix)")
     seed.add_argument("--sandbox", default="prod")
-    seed.add_argument("--seed", type=int, help="random seed (default: random)")
+    seed.add_argument(
+        "--seed",
+        type=int,
+        help="random seed: the same seed gives the same datasets and ids (default: random)",
+    )
     seed.set_defaults(func=run_seed)
 
 
@@ -251,7 +256,8 @@ def seed_lake(
 
     lake = DataLake(data_dir / "datalake")
     rng = random.Random(seed)
-    now = int(time.time() * 1000)
+    # A seeded run is reproducible, ids included (they embed the creation time).
+    now = SEEDED_EPOCH_MS if seed is not None else int(time.time() * 1000)
     made = []
     for i in range(count):
         ds = lake.create_dataset(
