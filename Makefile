@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test lint check bench-emulator clean
+.PHONY: demo test lint check bench-emulator bench-engine clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -29,6 +29,9 @@ check: lint test
 
 bench-emulator: $(READY)
 	$(BIN)/python bench/emulator_runs.py
+
+bench-engine: $(READY)
+	$(BIN)/python bench/engine_exports.py
 
 clean:
 	rm -rf $(VENV) .demo .aep-emulator .pytest_cache .mypy_cache .ruff_cache .coverage
