@@ -130,9 +130,7 @@ def test_validate_reports_one_bad_job_among_good_ones(tmp_path: Path) -> None:
     BY_NAME["path-dotdot.json"].create(bad)
     done = cli("validate", "--config", write_config(tmp_path), files[0], bad, files[1])
     assert done.returncode == 1
-    assert done.stderr == (
-        f"bad {bad}: path: must not contain empty, '.' or '..' segments\n"
-    )
+    assert done.stderr == (f"bad {bad}: path: must not contain empty, '.' or '..' segments\n")
     assert [line[:3] for line in done.stdout.splitlines()] == ["ok ", "ok ", "ok "]
 
 
