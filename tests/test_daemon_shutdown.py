@@ -114,7 +114,12 @@ async def test_sigterm_with_jobs_in_every_state(tmp_path: Path) -> None:
         assert counts.get("succeeded") == 4
         unfinished = [r for r in records if r.state.value not in ("succeeded",)]
         assert {r.name for r in unfinished} == processing
-        assert sorted(r.state.value for r in unfinished) == ["running"] * 9 + ["triggering"] * 3
+        states = [r.state.value for r in unfinished]
+        # Nine runs were started and three triggers held; a job whose run id arrived just
+        # before the signal may not have journaled "running" yet: it adopts its run later.
+        assert set(states) == {"running", "triggering"}
+        assert states.count("triggering") >= 3
+        assert len(states) == 12
 
         # Restart with short waits: everything finishes, each job triggered exactly once.
         state.knobs = Knobs.model_validate(
