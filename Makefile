@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test lint check bench-emulator bench-engine clean
+.PHONY: demo test lint check bench-emulator bench-engine bench-daemon clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -32,6 +32,9 @@ bench-emulator: $(READY)
 
 bench-engine: $(READY)
 	$(BIN)/python bench/engine_exports.py
+
+bench-daemon: $(READY)
+	$(BIN)/python bench/daemon_spool.py
 
 clean:
 	rm -rf $(VENV) .demo .aep-emulator .pytest_cache .mypy_cache .ruff_cache .coverage
