@@ -126,6 +126,15 @@ async def kill(running: Running, sig: int = signal.SIGKILL) -> int:
         return code
 
 
+def drop_job(spool: Path, name: str, job: dict[str, Any]) -> str:
+    """Put a job file into incoming/ the way producers should: write aside, then rename."""
+    incoming = spool / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    (incoming / f".{name}.tmp").write_text(json.dumps(job))
+    (incoming / f".{name}.tmp").rename(incoming / name)
+    return name
+
+
 def results(spool: Path) -> dict[str, dict[str, Any]]:
     """Result files by job file name, from done/, failed/ and rejected/."""
     found = {}

@@ -8,7 +8,6 @@ emulator saw one flow per distinct export and one accepted trigger per job.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from exporter.emulator.app import serve
 from exporter.emulator.settings import Knobs, Span
 from tests.daemon_support import (
     daemon_process,
+    drop_job,
     kill,
     results,
     start_daemon,
@@ -57,19 +57,14 @@ async def test_sigkill_at_twenty_random_moments_loses_and_repeats_nothing(tmp_pa
         names: list[list[str]] = [[], []]
 
         def drop(phase: int) -> None:
-            incoming = spool / "incoming"
-            incoming.mkdir(parents=True, exist_ok=True)
             for i, dataset in enumerate(datasets):
-                name = f"p{phase}-{i:03d}.json"
                 job = {
                     "id": f"p{phase}-{i:03d}",
                     "dataset_id": dataset,
                     "destination": "lake",
                     "path": f"ml/export{i % 7}",
                 }
-                (incoming / f".{name}.tmp").write_text(json.dumps(job))
-                (incoming / f".{name}.tmp").rename(incoming / name)
-                names[phase].append(name)
+                names[phase].append(drop_job(spool, f"p{phase}-{i:03d}.json", job))
 
         # A phase takes about ten requests a job: half the kills land in each, anywhere.
         drop(0)

@@ -4,7 +4,6 @@ a second signal exits at once; what was left resumes at the next start."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import time
@@ -19,6 +18,7 @@ from exporter.emulator.app import serve
 from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from tests.daemon_support import (
+    drop_job,
     kill,
     results,
     start_daemon,
@@ -32,21 +32,19 @@ GRACE_S = 2.0
 
 
 def drop(spool: Path, datasets: list[str], prefix: str) -> list[str]:
-    incoming = spool / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, dataset in enumerate(datasets):
-        name = f"{prefix}-{i:02d}.json"
-        job = {
-            "id": f"{prefix}-{i:02d}",
-            "dataset_id": dataset,
-            "destination": "lake",
-            "path": f"ml/{prefix}{i}",
-        }
-        (incoming / f".{name}.tmp").write_text(json.dumps(job))
-        (incoming / f".{name}.tmp").rename(incoming / name)
-        names.append(name)
-    return names
+    return [
+        drop_job(
+            spool,
+            f"{prefix}-{i:02d}.json",
+            {
+                "id": f"{prefix}-{i:02d}",
+                "dataset_id": dataset,
+                "destination": "lake",
+                "path": f"ml/{prefix}{i}",
+            },
+        )
+        for i, dataset in enumerate(datasets)
+    ]
 
 
 async def add_fault(url: str, fault: dict[str, object]) -> None:
