@@ -8,13 +8,16 @@ written as `*.tmp`, then renamed. The daemon's CPU and memory come from `/proc/<
 (utime + stime, every thread) and `/proc/<pid>/status` (VmHWM, VmRSS); request counts from the
 emulator's `/_emulator/stats`: what the server saw.
 
-Scenarios (both by default; choose with --scenario, repeatable):
+Scenarios (all by default; choose with --scenario, repeatable):
 
 - `spool`: 1,000 jobs of 1,000 datasets on a busy service: 50 ms latency, 50 requests/s per org
   (the daemon's own limit is 50/s too), a 2 s "not ready" window, runs of 2-10 s. Wall time from
   the drop to the last result file against the rate-limit lower bound (all requests / 50 per s),
   requests per job by operation, the daemon's CPU per job and peak RSS. Every job must succeed
   and the daemon must exit 0 on SIGTERM.
+- `spool-unpaced`: the same jobs on a service that answers at once and never throttles (the
+  daemon's own limit raised to 1,000/s): its CPU per job when it is busy rather than mostly
+  asleep between paced requests (each wake of an idle process has a cost of its own).
 - `inflight`: 10,000 jobs whose runs are all in flight at once (runs of 30-40 min, no latency,
   no rate limit on the emulator), set up through the real API at a high client rate; once the
   journal says all 10,000 are `running`, the daemon's CPU per minute, its RSS and the poller's
@@ -669,6 +672,7 @@ async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks
         "cpu_s_per_min": round(cpu_window * per_min, 2),
         "cpu_share_of_core": round(cpu_window / window, 4),
         "runs_list_per_min": round(runs_lists * per_min, 1),
+        "cpu_ms_per_runs_list": round(cpu_window / runs_lists * 1000, 1) if runs_lists else None,
         "runs_read_per_s_max": round(runs_lists * 100 / window, 1),
         "emulator_cpu_s_per_min": round(emu_cpu * per_min, 2),
         "window_requests": polls,
@@ -848,7 +852,8 @@ def human_inflight(r: Report) -> list[str]:
             (
                 "poller",
                 f"{fmt(r['runs_list_per_min'])} runs.list requests per minute "
-                f"(≤ {fmt(r['runs_read_per_s_max'])} runs read per s); emulator "
+                f"(≤ {fmt(r['runs_read_per_s_max'])} runs read per s), "
+                f"{fmt(r['cpu_ms_per_runs_list'])} ms of daemon CPU per request; emulator "
                 f"{fmt(r['emulator_cpu_s_per_min'])} CPU s per minute",
             ),
             (
@@ -892,7 +897,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="spool and/or inflight (default: both; repeatable)",
+        help="spool, spool-unpaced, inflight (default: all; repeatable)",
     )
     p.add_argument("--jobs", type=int, default=1_000, help="spool: jobs (default %(default)s)")
     p.add_argument("--rows", type=int, default=10, help="spool: rows per dataset (default 10)")
