@@ -7,6 +7,7 @@ stored, never echoed back.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from exporter.aep import (
@@ -141,6 +142,7 @@ _COMMON_TARGET = {
 }
 
 
+@cache  # one object per storage: validators are cached by the schema's identity
 def target_schema(storage: StorageType) -> dict[str, Any]:
     location = _LOCATION[storage]
     return _obj({**location, **_COMMON_TARGET}, [*location, "datasetFileType", "compression"])
