@@ -4,20 +4,28 @@
              wait in incoming/, unread), on inotify events and on a periodic rescan
     watcher  turns inotify events into wake-ups for intake (optional: rescans suffice)
     poller   the engine's shared run poller
-    job:*    one task per job in flight, from claim to result file
+    <svc>    each service (admin server, Redis intake, scheduler, systemd notifier)
+    job:*    one task per job in flight, from admission to its settled outcome
 
-If intake, watcher or poller dies, the daemon says so and stops rather than run
-half-alive. On stop: intake stops, jobs are cancelled at their next wait (their journal
-says where they were), requests already on the wire may finish within the grace period,
-the session is closed; runs still going on in AEP are resumed at the next start.
+Jobs come from several sources (the spool, Redis, the admin API, schedules). Each job
+carries its `Origin`: what to tell the source as the job moves (`checkpoint`) and once its
+outcome is journaled (`settle`: file the result, acknowledge the message, ...).
+
+If a supervised task dies, the daemon says so and stops rather than run half-alive. On
+stop: intake stops, jobs are cancelled at their next wait (their journal says where they
+were), requests already on the wire may finish within the grace period, the session is
+closed; runs still going on in AEP are resumed at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
@@ -41,7 +49,109 @@ class Counts:
     claimed: int = 0
     finished: int = 0
     rejected: int = 0
-    filed: int = 0  # job files moved out of processing/ with their result
+    filed: int = 0  # jobs whose outcome was settled with their source
+
+
+class Origin(Protocol):
+    """Where a job came from, and what that source must hear about it."""
+
+    @property
+    def source(self) -> str:
+        """ "spool", "redis", "http", "schedule": kept in the journal."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The job's name within its source (a file name, a message id, ...)."""
+        ...
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        """Called after each state is journaled, before the action it enables."""
+        ...
+
+    async def settle(self, outcome: Outcome) -> None:
+        """Called once the outcome is journaled; may be called again after a crash."""
+        ...
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """An origin that needs to hear nothing: the journal is the whole record."""
+
+    source: str
+    name: str
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        return None
+
+    async def settle(self, outcome: Outcome) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A job file in processing/: its result is filed beside it in done/ or failed/."""
+
+    spool: Spool
+    path: Path
+    source: str = "spool"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        return None
+
+    async def settle(self, outcome: Outcome) -> None:
+        await asyncio.to_thread(self.spool.finish, self.path, outcome)
+
+
+class Service(Protocol):
+    """A part of the daemon with its own supervised task (admin server, Redis intake, ...)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def start(self) -> None:
+        """Before recovery: bind, connect. Raising stops the daemon with a clear error."""
+        ...
+
+    async def recover(self, records: list[JobRecord]) -> None:
+        """Resume this service's own unfinished jobs (those whose source it owns)."""
+        ...
+
+    async def run(self) -> None:
+        """Serve until cancelled; returning or raising means the service died."""
+        ...
+
+    async def close(self) -> None:
+        """After every job task has stopped: release connections, sockets."""
+        ...
+
+    @property
+    def sources(self) -> Iterable[str]:
+        """Job sources whose unfinished jobs this service recovers."""
+        ...
+
+
+class Admission(enum.Enum):
+    STARTED = "started"
+    DUPLICATE = "duplicate"  # the job id is known already: see `Admitted.record`
+
+
+@dataclass(frozen=True)
+class Admitted:
+    result: Admission
+    record: JobRecord | None = None
+
+
+@dataclass
+class Health:
+    """What liveness is judged on; the loop-lag monitor and supervision fill it in."""
+
+    dead: list[str] = field(default_factory=list)
+    ready: bool = False
 
 
 class Daemon:
@@ -61,12 +171,19 @@ class Daemon:
         self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
         self.journal: Journal | None = None
         self.jobs: dict[str, asyncio.Task[None]] = {}
+        self.services: list[Service] = []
+        self.health = Health()
         self.counts = Counts()
         self.ready = asyncio.Event()
         self.filed = asyncio.Condition()
-        """Notified after each job file is filed with its result (`counts.filed`)."""
+        """Notified after each job's outcome is settled with its source (`counts.filed`)."""
+        self.on_finished: list[Callable[[Outcome], None]] = []
+        """Called after each outcome is journaled and settled (metrics, notifications)."""
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever a job leaves
         self._stopping = asyncio.Event()
+        self._cancelled: dict[str, str] = {}
+        self._settling: set[asyncio.Future[None]] = set()
         self._exit = EXIT_OK
 
     # -- life cycle ------------------------------------------------------------------------
@@ -79,6 +196,12 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    async def wait_stopping(self) -> None:
+        await self._stopping.wait()
+
+    def add_service(self, service: Service) -> None:
+        self.services.append(service)
+
     async def run(self) -> int:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
         config = self.settings.daemon
@@ -86,7 +209,11 @@ class Daemon:
         self.journal = await Journal.open(config.state_dir)
         self.engine.start()
         supervised: dict[str, asyncio.Task[None]] = {}
+        started: list[Service] = []
         try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
             await self._recover()
             supervised["intake"] = asyncio.create_task(self._intake(), name="intake")
             if config.watch:
@@ -94,17 +221,21 @@ class Daemon:
             poller = self.engine.poller_task
             assert poller is not None
             supervised["poller"] = poller
+            for service in self.services:
+                supervised[service.name] = asyncio.create_task(service.run(), name=service.name)
             log.info(
                 "daemon_ready",
                 spool=str(self.spool.root),
                 state=str(config.state_dir),
                 resumed=len(self.jobs),
                 max_in_flight=config.max_in_flight,
+                services=[s.name for s in self.services],
             )
+            self.health.ready = True
             self.ready.set()
             await self._supervise(supervised)
         finally:
-            await self._shutdown(supervised)
+            await self._shutdown(supervised, started)
         return self._exit
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
@@ -124,23 +255,92 @@ class Daemon:
                     error=repr(error),
                     exc_info=error if error is not None else False,
                 )
+                self.health.dead.append(name)
                 self._exit = EXIT_SOFTWARE
 
-    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]], started: list[Service]) -> None:
+        self._stopping.set()
+        self.health.ready = False
         log.info("daemon_stopping", jobs_in_flight=len(self.jobs))
         for task in tasks.values():
             task.cancel()
         for task in self.jobs.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
+        if self._settling:  # outcomes being written when the stop came are written whole
+            await asyncio.gather(*self._settling, return_exceptions=True)
         left = await self.api.transport.drain(self.settings.daemon.shutdown_grace_s)
+        for service in reversed(started):
+            try:
+                await service.close()
+            except Exception:
+                log.exception("service_close_failed", service=service.name)
         await self.engine.stop()
         await self.api.aclose()
         if self.journal is not None:
             await self.journal.close()
         log.info("daemon_stopped", requests_abandoned=left)
 
-    # -- intake ----------------------------------------------------------------------------
+    # -- admission, shared by every source -------------------------------------------------
+
+    @property
+    def room(self) -> int:
+        """How many more jobs may start now (`max_in_flight` minus those in flight)."""
+        return self.settings.daemon.max_in_flight - len(self.jobs)
+
+    async def wait_room(self) -> None:
+        """Until at least one more job may start."""
+        while self.room <= 0:
+            self._room.clear()
+            await self._room.wait()
+
+    async def submit(self, job: Job, spec: dict[str, Any], origin: Origin) -> Admitted:
+        """Journal a new job and start it; a known job id is not started again."""
+        assert self.journal is not None
+        added = await self.journal.add(
+            job.job_id, source=origin.source, name=origin.name, spec=spec
+        )
+        if not added:
+            return Admitted(Admission.DUPLICATE, await self.journal.get(job.job_id))
+        self._start(job, origin, None)
+        return Admitted(Admission.STARTED)
+
+    def resume(self, record: JobRecord, origin: Origin) -> None:
+        """Start an unfinished journaled job again from where it was."""
+        if record.job_id in self.jobs:
+            return
+        job = Job.model_validate(record.spec)
+        progress = Progress(
+            record.state, flow_id=record.flow_id, run_id=record.run_id, intent_ms=record.intent_ms
+        )
+        log.info(
+            "job_resumed",
+            job_id=record.job_id,
+            source=record.source,
+            state=record.state.value,
+            flow_id=record.flow_id,
+            run_id=record.run_id,
+        )
+        self._start(job, origin, progress)
+
+    async def cancel(self, job_id: str, reason: str) -> bool:
+        """Stop a job in flight: it ends `cancelled` with `reason`. False if not in flight."""
+        task = self.jobs.get(job_id)
+        if task is None or task.done():
+            return False
+        self._cancelled[job_id] = reason
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return True
+
+    async def abandon(self, job_id: str) -> None:
+        """Stop working on a job without an outcome: another process took it over."""
+        task = self.jobs.get(job_id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- spool intake ----------------------------------------------------------------------
 
     async def _watch(self) -> None:
         import watchfiles
@@ -163,7 +363,7 @@ class Daemon:
     async def _intake(self) -> None:
         config = self.settings.daemon
         while True:
-            room = config.max_in_flight - len(self.jobs)
+            room = self.room
             if room > 0:
                 for path in await asyncio.to_thread(self.spool.waiting, room):
                     claimed = await asyncio.to_thread(self.spool.claim, path)
@@ -182,64 +382,67 @@ class Daemon:
     async def _admit(self, path: Path) -> None:
         """A claimed file becomes a journaled job in flight, or a rejection."""
         assert self.journal is not None
+        origin = SpoolFile(self.spool, path)
         try:
             parsed: Parsed = await asyncio.to_thread(
                 self.spool.read, path, self.settings.destinations
             )
         except Rejected as exc:
-            await self._reject(path, str(exc))
+            await self.reject(origin, str(exc))
             return
         except Exception as exc:  # one poisonous file must not stop intake (nor every restart)
             log.exception("job_file_unreadable", file=path.name)
-            await self._reject(path, f"internal error reading the job file: {exc!r}")
+            await self.reject(origin, f"internal error reading the job file: {exc!r}")
             return
         job = parsed.job
-        added = await self.journal.add(job.job_id, source="spool", name=path.name, spec=parsed.spec)
-        if not added:
-            known = await self.journal.get(job.job_id)
-            if known is not None and known.name == path.name and not known.terminal:
-                added = True  # our own claim, journaled before a crash
-            elif known is not None and known.name == path.name:
-                await self._file_result(path, Outcome.model_validate(known.outcome))
-                return
-            else:
-                state = known.state.value if known else "unknown"
-                await self._reject(
-                    path,
-                    f"job id {job.job_id!r} was already submitted (as "
-                    f"{known.name if known else '?'}, now {state}); a job id "
-                    "runs once: give the new job another id",
-                )
-                return
-        self._start(job, path, None)
+        admitted = await self.submit(job, parsed.spec, origin)
+        if admitted.result is Admission.STARTED:
+            return
+        known = admitted.record
+        if known is not None and known.name == path.name and not known.terminal:
+            self.resume(known, origin)  # our own claim, journaled before a crash
+        elif known is not None and known.name == path.name:
+            await self._settle(origin, Outcome.model_validate(known.outcome))
+        else:
+            state = known.state.value if known else "unknown"
+            await self.reject(
+                origin,
+                f"job id {job.job_id!r} was already submitted (as "
+                f"{known.name if known else '?'}, now {state}); a job id "
+                "runs once: give the new job another id",
+            )
 
-    async def _reject(self, path: Path, reason: str) -> None:
+    async def reject(self, origin: Origin, reason: str) -> Outcome:
+        """Journal and settle a job that will not run: bad input, a duplicate id."""
         assert self.journal is not None
-        outcome = Outcome(job_id=f"rejected:{path.name}", state=JobState.REJECTED, message=reason)
-        log.warning("job_rejected", file=path.name, reason=reason)
+        outcome = Outcome(job_id=f"rejected:{origin.name}", state=JobState.REJECTED, message=reason)
+        log.warning("job_rejected", source=origin.source, name=origin.name, reason=reason)
         self.counts.rejected += 1
         await self.journal.add(
             f"{outcome.job_id}:{uuid.uuid4().hex[:8]}",
-            source="spool",
-            name=path.name,
+            source=origin.source,
+            name=origin.name,
             spec={},
             state=JobState.REJECTED,
             outcome=outcome,
         )
-        await self._file_result(path, outcome)
+        await self._settle(origin, outcome)
+        return outcome
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def _start(self, job: Job, path: Path, resume: Progress | None) -> None:
-        task = asyncio.create_task(self._work(job, path, resume), name=f"job:{job.job_id}")
+    def _start(self, job: Job, origin: Origin, resume: Progress | None) -> None:
+        task = asyncio.create_task(self._work(job, origin, resume), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = task
         task.add_done_callback(lambda _: self._done(job.job_id))
 
     def _done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
+        self._cancelled.pop(job_id, None)
         self._wake.set()
+        self._room.set()
 
-    async def _work(self, job: Job, path: Path, resume: Progress | None) -> None:
+    async def _work(self, job: Job, origin: Origin, resume: Progress | None) -> None:
         journal = self.journal
         assert journal is not None
 
@@ -254,27 +457,42 @@ class Daemon:
                 intent_ms=progress.intent_ms,
                 detail=progress.detail,
             )
+            await origin.checkpoint(job.job_id, progress)
 
         try:
             outcome = await self.engine.run(job, on_state, resume=resume)
         except asyncio.CancelledError:
-            raise
+            reason = self._cancelled.get(job.job_id)
+            if reason is None:
+                raise  # the daemon is stopping: the journal says where the job was
+            record = await journal.get(job.job_id)
+            outcome = Outcome(
+                job_id=job.job_id,
+                state=JobState.CANCELLED,
+                message=reason,
+                flow_id=record.flow_id if record else None,
+                run_id=record.run_id if record else None,
+            )
         except Exception as exc:  # a bug must end the job visibly, not leave it hanging
             log.exception("job_crashed", job_id=job.job_id)
             outcome = Outcome(
                 job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
             )
         # The outcome is written whole even if a stop arrives meanwhile.
-        await asyncio.shield(self._complete(path, outcome))
+        settling = asyncio.ensure_future(self._complete(origin, outcome))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        await asyncio.shield(settling)
 
-    async def _complete(self, path: Path, outcome: Outcome) -> None:
+    async def _complete(self, origin: Origin, outcome: Outcome) -> None:
         assert self.journal is not None
         await self.journal.finish(outcome)
-        await self._file_result(path, outcome)
+        await self._settle(origin, outcome)
         self.counts.finished += 1
         log.info(
             "job_finished",
             job_id=outcome.job_id,
+            source=origin.source,
             state=outcome.state.value,
             flow_id=outcome.flow_id,
             run_id=outcome.run_id,
@@ -287,9 +505,11 @@ class Daemon:
             errors=[e.model_dump() for e in outcome.errors],
         )
 
-    async def _file_result(self, path: Path, outcome: Outcome) -> None:
-        await asyncio.to_thread(self.spool.finish, path, outcome)
+    async def _settle(self, origin: Origin, outcome: Outcome) -> None:
+        await origin.settle(outcome)
         self.counts.filed += 1
+        for hook in self.on_finished:
+            hook(outcome)
         async with self.filed:
             self.filed.notify_all()
 
@@ -298,28 +518,26 @@ class Daemon:
     async def _recover(self) -> None:
         """Resume every unfinished job; finish what a crash left half-filed."""
         assert self.journal is not None
-        unfinished = {r.job_id: r for r in await self.journal.unfinished()}
-        by_name = {r.name: r for r in unfinished.values()}
+        unfinished = await self.journal.unfinished()
+        owned: dict[str, Service] = {s: svc for svc in self.services for s in svc.sources}
+        by_service: dict[str, list[JobRecord]] = {}
+        by_name: dict[str, JobRecord] = {}
+        for record in unfinished:
+            if record.source == "spool":
+                by_name[record.name] = record
+            elif record.source in owned:
+                by_service.setdefault(owned[record.source].name, []).append(record)
+            else:
+                self.resume(record, Quiet(record.source, record.name))
         for path in await asyncio.to_thread(self.spool.processing):
-            record = by_name.pop(path.name, None)
-            if record is not None:
-                self._resume(record, path)
+            found = by_name.pop(path.name, None)
+            if found is not None:
+                self.resume(found, SpoolFile(self.spool, path))
             else:
                 await self._admit(path)  # claimed but not journaled, or finished but not filed
         for record in by_name.values():
             log.warning("job_file_missing", job_id=record.job_id, file=record.name)
-            self._resume(record, self.spool.dirs["processing"] / record.name)
-
-    def _resume(self, record: JobRecord, path: Path) -> None:
-        job = Job.model_validate(record.spec)
-        progress = Progress(
-            record.state, flow_id=record.flow_id, run_id=record.run_id, intent_ms=record.intent_ms
-        )
-        log.info(
-            "job_resumed",
-            job_id=record.job_id,
-            state=record.state.value,
-            flow_id=record.flow_id,
-            run_id=record.run_id,
-        )
-        self._start(job, path, progress)
+            path = self.spool.dirs["processing"] / record.name
+            self.resume(record, SpoolFile(self.spool, path))
+        for service in self.services:
+            await service.recover(by_service.get(service.name, []))
