@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from exporter.clock import SystemClock
-from exporter.daemon.daemon import EXIT_CONFIG, Daemon
+from exporter.daemon.assemble import build_daemon
+from exporter.daemon.daemon import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.daemon.spool import Rejected, Spool
 from exporter.errors import ConfigError
@@ -75,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    daemon = Daemon(settings, clock=SystemClock())
+    daemon = build_daemon(settings, clock=SystemClock())
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
 

@@ -35,6 +35,7 @@ from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.spool import Parsed, Rejected, Spool
 from exporter.engine import Engine, Progress
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
+from exporter.metrics import Metrics
 from exporter.settings import Settings
 
 log = structlog.get_logger("exporter.daemon")
@@ -177,8 +178,15 @@ class Daemon:
         self.ready = asyncio.Event()
         self.filed = asyncio.Condition()
         """Notified after each job's outcome is settled with its source (`counts.filed`)."""
+        self.metrics = Metrics()
         self.on_finished: list[Callable[[Outcome], None]] = []
         """Called after each outcome is journaled and settled (metrics, notifications)."""
+        self.on_stopping: list[Callable[[], None]] = []
+        """Called once when the daemon starts to stop (systemd's STOPPING=1)."""
+        self.on_reloading: list[Callable[[], None]] = []
+        """Called when a reload (SIGHUP) begins (systemd's RELOADING=1)."""
+        self.on_reloaded: list[Callable[[bool], None]] = []
+        """Called when a reload ends, with whether the new configuration was taken."""
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # set whenever a job leaves
         self._stopping = asyncio.Event()
@@ -261,6 +269,8 @@ class Daemon:
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]], started: list[Service]) -> None:
         self._stopping.set()
         self.health.ready = False
+        for hook in self.on_stopping:
+            hook()
         log.info("daemon_stopping", jobs_in_flight=len(self.jobs))
         for task in tasks.values():
             task.cancel()
