@@ -162,6 +162,18 @@ CASES: tuple[Case, ...] = (
         ("invalid JSON", "line 3", "Unterminated string"),
         "JSON cut off mid-string (a writer that died)",
     ),
+    Case(
+        "json-duplicate-key.json",
+        b'{"dataset_id": "ds_0001", "destination": "lake", "path": "ml/x", "path": "ml/y"}',
+        ("invalid JSON", "'path' appears twice"),
+        "JSON giving a field twice (parsers differ on which one wins)",
+    ),
+    Case(
+        "yaml-duplicate-key.yaml",
+        b"dataset_id: ds_0001\ndestination: lake\npath: ml/x\ndestination: archive\n",
+        ("invalid YAML", "line 4", "'destination' appears twice"),
+        "YAML giving a field twice",
+    ),
     Case("json-empty.json", b"", ("invalid JSON", "line 1"), "an empty JSON file"),
     Case(
         "yaml-bad-indent.yaml",

@@ -69,6 +69,36 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (which value was meant is unknowable)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise Rejected(f"invalid JSON: the key {key!r} appears twice; give each field once")
+        data[key] = value
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key_node.value!r} appears twice; give each field once",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Parsed:
     """A job from the bytes of a job file named `name`; raises `Rejected` with the reason."""
     suffix = Path(name).suffix.lower()
@@ -83,11 +113,11 @@ def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Pars
         raise Rejected("contains NUL bytes: job files are JSON, YAML or TOML text")
     try:
         if suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         elif suffix == ".toml":
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise Rejected(f"invalid JSON at {where}: {exc.msg}") from None
