@@ -29,6 +29,10 @@ class ConfigError(ExporterError):
     """Configuration, a destination or a job is invalid; the message says where and why."""
 
 
+class ClientClosed(ExporterError):
+    """A request was attempted after the AEP client was closed (a task outlived its owner)."""
+
+
 class AepError(ExporterError):
     """AEP answered with an error, or could not be reached."""
 

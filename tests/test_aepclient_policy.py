@@ -118,7 +118,10 @@ def limiter(clock: FakeClock, **changes: float) -> RateLimiter:
         rate_rps=args.pop("rate_rps"),
         min_rate_rps=args.pop("min_rate_rps"),
         max_concurrency=int(args.pop("max_concurrency")),
-        **args,
+        burst=args.pop("burst", 1.0),
+        decrease=args.pop("decrease", 0.5),
+        increase_rps=args.pop("increase_rps", 1.0),
+        cut_window_s=args.pop("cut_window_s", 2.0),
     )
 
 

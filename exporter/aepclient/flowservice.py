@@ -42,6 +42,7 @@ from exporter.errors import (
     ThrottledError,
     TransportError,
 )
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.aepclient")
 FS = FLOW_SERVICE_PATH
@@ -69,9 +70,11 @@ class HttpAep:
         rng: random.Random | None = None,
         limiter: RateLimiter | None = None,
         page_size: int = 100,
+        metrics: Metrics | None = None,
     ) -> HttpAep:
-        """A client with its own transport; pass the process's shared `limiter`."""
-        transport = Transport(config, clock=clock, rng=rng, limiter=limiter)
+        """A client with its own transport; pass the process's shared `limiter`, and the
+        `metrics` to record requests in (also the limiter's, unless `limiter` is given)."""
+        transport = Transport(config, clock=clock, rng=rng, limiter=limiter, metrics=metrics)
         return cls(transport, page_size=page_size)
 
     def __repr__(self) -> str:
@@ -169,6 +172,8 @@ class HttpAep:
                 error=type(error).__name__,
                 status=error.status,
             )
+            if t.metrics is not None:
+                t.metrics.api_retry(operation)
 
     async def get(self, collection: Collection, entity_id: str) -> dict[str, Any] | None:
         """One entity (unwrapped from AEP's `items`), or None if it does not exist."""

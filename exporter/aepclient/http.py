@@ -18,6 +18,7 @@ import json
 import random
 import secrets
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +29,15 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from exporter.aepclient.auth import TokenProvider, fetch_ims_token
+from exporter.aepclient.auth import OPERATION as IMS_OPERATION
+from exporter.aepclient.auth import IssuedToken, TokenProvider, fetch_ims_token
 from exporter.aepclient.backoff import Backoff
 from exporter.aepclient.config import AepConfig
 from exporter.aepclient.envelopes import decode_body, error_for, parse_retry_after, transport_error
 from exporter.aepclient.ratelimit import RateLimiter
 from exporter.clock import Clock, SystemClock
-from exporter.errors import AepError, PreconditionFailed, ServerError
+from exporter.errors import AepError, ClientClosed, PreconditionFailed, ServerError
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.aepclient")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -66,20 +69,23 @@ class Transport:
         rng: random.Random | None = None,
         limiter: RateLimiter | None = None,
         policy: Backoff | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.policy = policy or config.backoff()
+        self.metrics = metrics
         self.limiter = limiter or RateLimiter(
             self.clock,
             rate_rps=config.rate_limit_rps,
             min_rate_rps=config.rate_limit_min_rps,
             max_concurrency=config.max_concurrency,
+            metrics=metrics,
         )
         self.ssl_context = ssl.create_default_context()  # verification on; no switch to turn it off
         self.tokens = TokenProvider(
-            lambda: fetch_ims_token(self.session, config, now=self.clock.time),
+            self._fetch_token,
             self.clock,
             policy=self.policy,
             rng=self.rng,
@@ -87,14 +93,32 @@ class Transport:
         )
         self._session: aiohttp.ClientSession | None = None
         self._base = config.platform_url
+        self._closed = False
         self._exchanges: set[asyncio.Future[tuple[int, CIMultiDict[str], bytes]]] = set()
 
     def __repr__(self) -> str:
         return f"Transport({self.config.platform_url}, sandbox={self.config.sandbox!r})"
 
+    async def _fetch_token(self) -> IssuedToken:
+        if self.metrics is None:
+            return await fetch_ims_token(self.session, self.config, now=self.clock.time)
+        began = time.perf_counter()
+        try:
+            issued = await fetch_ims_token(self.session, self.config, now=self.clock.time)
+        except AepError as exc:  # its status is IMS's answer; None when none came
+            self.metrics.api_request(IMS_OPERATION, exc.status, time.perf_counter() - began)
+            raise
+        # IMS issues tokens with a 200 (fetch_ims_token does not return the status).
+        self.metrics.api_request(IMS_OPERATION, 200, time.perf_counter() - began)
+        return issued
+
     @property
     def session(self) -> aiohttp.ClientSession:
         """The one session, created on first use (it needs a running event loop)."""
+        if self._closed:
+            # A request after the close is a task that outlived its owner: refuse it rather
+            # than open a session nobody will close.
+            raise ClientClosed("the AEP client is closed: no more requests")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 ssl=self.ssl_context,
@@ -105,12 +129,17 @@ class Transport:
                 total=self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, raise_for_status=False, trust_env=False
+                connector=connector,
+                timeout=timeout,
+                raise_for_status=False,
+                trust_env=False,
+                trace_configs=[_count_sends()] if self.metrics is not None else None,
             )
         return self._session
 
     async def aclose(self) -> None:
-        """Close the session; safe to call more than once."""
+        """Close the session; safe to call more than once. Requests after it are refused."""
+        self._closed = True
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
@@ -179,6 +208,8 @@ class Transport:
                 reauthenticated = True
                 self.tokens.invalidate(token)
                 log.info("aep_request_reauth", operation=operation, method=method)
+                if self.metrics is not None:
+                    self.metrics.api_retry(operation)
                 continue
             delay = (
                 self.policy.next_delay(
@@ -205,13 +236,28 @@ class Transport:
                 status=error.status,
                 retry_after=error.retry_after,
             )
+            if self.metrics is not None:
+                self.metrics.api_retry(operation)
             await self.clock.sleep(delay)
 
     async def _exchange(
-        self, method: str, url: URL, headers: dict[str, str], data: bytes | None
+        self, method: str, url: URL, headers: dict[str, str], data: bytes | None, operation: str
     ) -> tuple[int, CIMultiDict[str], bytes]:
-        async with self.session.request(method, url, headers=headers, data=data) as resp:
-            return resp.status, resp.headers.copy(), await resp.read()
+        # Measured here, in the task that outlives a cancelled caller, so that every request
+        # AEP saw is counted once; in real time: the wire does not run on a fake clock.
+        began, status, sends = time.perf_counter(), None, _Sends()
+        try:
+            async with self.session.request(
+                method, url, headers=headers, data=data, trace_request_ctx=sends
+            ) as resp:
+                answer = resp.status, resp.headers.copy(), await resp.read()
+            status = answer[0]
+            return answer
+        finally:
+            if self.metrics is not None:
+                self.metrics.api_request(
+                    operation, status, time.perf_counter() - began, unanswered=sends.resent
+                )
 
     async def drain(self, within_s: float) -> int:
         """Wait up to `within_s` for requests already on the wire; returns how many are left."""
@@ -231,7 +277,9 @@ class Transport:
             async with self.limiter.slot():
                 # A request on the wire finishes even if its caller is cancelled (a shutdown):
                 # AEP then acts on it as sent, and `drain()` waits for it before closing.
-                exchange = asyncio.ensure_future(self._exchange(method, url, headers, data))
+                exchange = asyncio.ensure_future(
+                    self._exchange(method, url, headers, data, operation)
+                )
                 self._exchanges.add(exchange)
                 exchange.add_done_callback(self._exchanges.discard)
                 exchange.add_done_callback(_forget)
@@ -256,6 +304,29 @@ class Transport:
                 operation=operation,
             )
         return Response(status, answer_headers, body)
+
+
+class _Sends:
+    """How many times aiohttp put one request on the wire: it sends an idempotent request
+    again by itself, once, when a kept-alive connection is found closed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @property
+    def resent(self) -> int:
+        """Sends beyond the last, each of which got no answer."""
+        return max(0, self.count - 1)
+
+
+def _count_sends() -> aiohttp.TraceConfig:
+    async def sent(_: aiohttp.ClientSession, context: Any, __: Any) -> None:
+        if isinstance(context.trace_request_ctx, _Sends):
+            context.trace_request_ctx.count += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(sent)
+    return trace
 
 
 def _forget(task: asyncio.Future[Any]) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import structlog
 
 from exporter.clock import Clock
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.aepclient")
 
@@ -52,6 +53,7 @@ class RateLimiter:
         decrease: float = 0.5,
         increase_rps: float = 1.0,
         cut_window_s: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         if not 0 < min_rate_rps <= rate_rps:
             raise ValueError("need 0 < min_rate_rps <= rate_rps")
@@ -73,6 +75,9 @@ class RateLimiter:
         self._throttled = 0
         self._cuts = 0
         self._in_flight = 0
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_limiter(lambda: self._rate, lambda: self._in_flight)
 
     @property
     def rate(self) -> float:
@@ -102,6 +107,8 @@ class RateLimiter:
         if wait > 0:
             self._waits += 1
             self._waited += wait
+            if self._metrics is not None:
+                self._metrics.rate_limited(wait)
             await self._clock.sleep(wait)
 
     @asynccontextmanager
@@ -128,6 +135,8 @@ class RateLimiter:
         self._last_cut = now
         if self._rate < old:
             self._cuts += 1
+            if self._metrics is not None:
+                self._metrics.rate_cut()
             log.info("aep_rate_cut", rate_rps=round(self._rate, 3), previous_rps=round(old, 3))
 
     def on_success(self) -> None:

@@ -26,6 +26,7 @@ from exporter.errors import (
     ThrottledError,
     TransportError,
 )
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.trigger")
 CLOCK_SKEW_MS = 1_000  # tolerated skew between our clock and AEP's createdAt; a run missed
@@ -34,12 +35,19 @@ CLOCK_SKEW_MS = 1_000  # tolerated skew between our clock and AEP's createdAt; a
 
 class Triggerer:
     def __init__(
-        self, api: AepApi, config: EngineConfig, clock: Clock, rng: random.Random | None = None
+        self,
+        api: AepApi,
+        config: EngineConfig,
+        clock: Clock,
+        rng: random.Random | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._clock = clock
         self._rng = rng or random.Random()
+        self._metrics = metrics
         self.sent = 0
 
     async def trigger(
@@ -60,12 +68,15 @@ class Triggerer:
             log.info("trigger_waiting_for_flow", flow_id=flow.id, seconds=round(wait, 1))
             await self._sleep(wait, deadline, on_wait)
         delay = self._config.not_ready_retry_s
-        uncertain = False
+        uncertain = retrying = False  # retrying: after a failure (not a "not ready" answer)
         while True:
             if uncertain:
                 adopted = await self.adopt(flow.id, intent_ms)
                 if adopted is not None:
                     return adopted
+            if retrying and self._metrics is not None:
+                self._metrics.api_retry("adhoc.run")
+            retrying = False
             try:
                 self.sent += 1
                 run_id = await self._api.trigger(flow.id, dataset_id)
@@ -82,11 +93,12 @@ class Triggerer:
                 pause = max(exc.retry_after or 0.0, self._rng.uniform(delay / 4, delay / 2))
                 log.info("trigger_throttled", flow_id=flow.id, retry_in=round(pause, 1))
                 await self._sleep(pause, deadline, on_wait)
+                retrying = True
                 continue
             except (TransportError, ServerError) as exc:
                 # The answer was lost or the server failed mid-way: a run may exist. (A
                 # request that was never sent is harmless to look for, too.)
-                uncertain = True
+                uncertain = retrying = True
                 pause = self._rng.uniform(delay / 4, delay / 2)
                 log.warning("trigger_uncertain", flow_id=flow.id, error=str(exc))
                 await self._sleep(pause, deadline, on_wait)
