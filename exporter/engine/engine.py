@@ -25,6 +25,7 @@ from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.engine.trigger import Triggerer
 from exporter.errors import AepError, ConfigError, NotFoundError
 from exporter.jobs import Job, JobState, Outcome, RunError
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.engine")
 
@@ -60,6 +61,7 @@ class Engine:
         sandbox: str,
         clock: Clock,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.api = api
         self.config = config
@@ -68,8 +70,8 @@ class Engine:
         self.flows = FlowManager(
             api, destinations, config, org_id=org_id, sandbox=sandbox, clock=clock
         )
-        self.triggerer = Triggerer(api, config, clock, rng)
-        self.poller = RunPoller(api, config, clock, rng)
+        self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
+        self.poller = RunPoller(api, config, clock, rng, metrics=metrics)
         self._poller_task: asyncio.Task[None] | None = None
         self._destinations = destinations
 
@@ -84,6 +86,12 @@ class Engine:
         if self._poller_task is None:
             self._poller_task = asyncio.create_task(self.poller.run(), name="run-poller")
 
+    def use_destinations(self, destinations: Mapping[str, Destination]) -> None:
+        """Jobs that start from now on see these destinations (a reload); jobs under way
+        still find the ones they started with."""
+        self._destinations = destinations
+        self.flows.add_destinations(destinations)
+
     @property
     def poller_task(self) -> asyncio.Task[None] | None:
         return self._poller_task
@@ -93,6 +101,7 @@ class Engine:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.flows.aclose()
 
     async def run(
         self,

@@ -92,6 +92,7 @@ class FlowManager:
         self._inflight: dict[str, asyncio.Future[FlowInfo]] = {}
         self._bases: dict[str, str] = {}
         self._base_locks: dict[str, asyncio.Lock] = {}
+        self._setups = asyncio.Semaphore(config.max_concurrent_setups)
         self.created = 0
 
     def target(self, job: Job) -> ExportTarget:
@@ -102,10 +103,30 @@ class FlowManager:
         key = self.target(job).fingerprint
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._ensure(job))
+            pending = asyncio.ensure_future(self._ensure_bounded(job))
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(pending)
+
+    async def _ensure_bounded(self, job: Job) -> FlowInfo:
+        # Thousands of targets arriving at once would each hold requests, responses and
+        # parsed bodies while they queue for the rate limit; a few hundred at a time keep
+        # the limiter just as busy at a fraction of the memory.
+        async with self._setups:
+            return await self._ensure(job)
+
+    async def aclose(self) -> None:
+        """Stop the setups still going on (their jobs were cancelled: the journal says where
+        each was, and the next start resumes them)."""
+        pending = list(self._inflight.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def add_destinations(self, destinations: Mapping[str, Destination]) -> None:
+        """New and changed destinations replace the old; removed ones stay known to the jobs
+        under way (the engine admits no new job to them)."""
+        self._destinations = {**self._destinations, **destinations}
 
     def forget(self, job: Job) -> None:
         """Drop the cached flow id (after AEP said the flow is gone)."""
@@ -227,7 +248,8 @@ class FlowManager:
             flow_id = await self._piece(
                 "flows",
                 made,
-                {
+                search=False,  # `_find` looked for it by name a moment ago
+                body={
                     "name": target.flow_name,
                     "flowSpec": {"id": dest.spec.dataset_flow_spec_id, "version": SPEC_VERSION},
                     "sourceConnectionIds": [source],
@@ -250,10 +272,15 @@ class FlowManager:
         return FlowInfo.parse(item)
 
     async def _piece(
-        self, collection: Collection, made: list[tuple[Collection, str]], body: dict[str, Any]
+        self,
+        collection: Collection,
+        made: list[tuple[Collection, str]],
+        body: dict[str, Any],
+        *,
+        search: bool = True,
     ) -> str:
         """Reuse a piece left by an earlier, interrupted creation, or create it."""
-        found = await self._api.find_by_name(collection, body["name"])
+        found = await self._api.find_by_name(collection, body["name"]) if search else []
         if found:
             return str(found[0]["id"])
         entity_id = await self._api.create(collection, body)

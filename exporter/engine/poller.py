@@ -14,6 +14,8 @@ own schedule, and a job fails only after its run's status has been unreadable fo
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ from exporter.aepclient.api import AepApi, RunInfo
 from exporter.clock import Clock
 from exporter.engine.config import EngineConfig
 from exporter.errors import AepError
+from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.poller")
 EARLY_SHARE = 0.5  # a run may be read up to this share of its interval early, to fill a batch
@@ -36,7 +39,7 @@ class StatusUnreadable(Exception):
     """The run's status could not be read for longer than allowed."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiter:
     run_id: str
     future: asyncio.Future[RunInfo]
@@ -47,6 +50,8 @@ class _Waiter:
     interval: float = 0.0
     polls: int = 0
     last_error: str | None = None
+    queued: bool = True
+    """Whether the waiter has its entry in the due heap (popped while being polled)."""
 
 
 @dataclass
@@ -60,13 +65,27 @@ class RunPoller:
     """Batches status reads of every run in flight; `wait()` is what jobs call."""
 
     def __init__(
-        self, api: AepApi, config: EngineConfig, clock: Clock, rng: random.Random | None = None
+        self,
+        api: AepApi,
+        config: EngineConfig,
+        clock: Clock,
+        rng: random.Random | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._clock = clock
         self._rng = rng or random.Random()
+        self._metrics = metrics
         self._waiters: dict[str, list[_Waiter]] = {}
+        # Two heaps, one entry per waiter in each, keyed no later than the moment it stands
+        # for: an entry that comes up early (the waiter was read early, or read at all,
+        # since) is pushed back with its real time. So a pass costs the waiters due, not
+        # every waiter in flight.
+        self._due: list[tuple[float, int, _Waiter]] = []
+        self._expiry: list[tuple[float, int, _Waiter]] = []
+        self._seq = itertools.count()
         self._wake = asyncio.Event()
         self.stats = PollerStats()
 
@@ -87,6 +106,8 @@ class RunPoller:
             last_read=now,
         )
         self._waiters.setdefault(run_id, []).append(waiter)
+        heapq.heappush(self._due, (now, next(self._seq), waiter))
+        heapq.heappush(self._expiry, (self._expires(waiter), next(self._seq), waiter))
         self._wake.set()
         try:
             return await waiter.future
@@ -102,16 +123,39 @@ class RunPoller:
         while True:
             now = self._clock.monotonic()
             self._expire(now)
-            due = [
-                w
-                for group in self._waiters.values()
-                for w in group
-                if w.due <= now and not w.future.done()
-            ]
+            due = self._pop_due(now)
             if due:
-                await self._poll(self._fill(due, now))
+                try:
+                    await self._poll(self._fill(due, now))
+                finally:
+                    self._requeue(due)
                 continue
             await self._sleep_until_next(now)
+
+    def _expires(self, w: _Waiter) -> float:
+        return min(w.deadline, w.last_read + self._config.status_unreadable_s)
+
+    def _pop_due(self, now: float) -> list[_Waiter]:
+        due: list[_Waiter] = []
+        while self._due and self._due[0][0] <= now:
+            _, _, w = heapq.heappop(self._due)
+            w.queued = False
+            if w.future.done():
+                continue
+            if w.due <= now:
+                due.append(w)
+            else:  # read early since this entry was made: come back at its real time
+                self._push_due(w)
+        return due
+
+    def _push_due(self, w: _Waiter) -> None:
+        if not w.queued and not w.future.done():
+            w.queued = True
+            heapq.heappush(self._due, (w.due, next(self._seq), w))
+
+    def _requeue(self, polled: list[_Waiter]) -> None:
+        for w in polled:
+            self._push_due(w)
 
     def _fill(self, due: list[_Waiter], now: float) -> list[_Waiter]:
         """Top the last batch up with the runs nearest their next poll, if they are at least
@@ -121,54 +165,53 @@ class RunPoller:
         room = -len(ids) % self._config.poll_batch
         if room == 0:
             return due
-        early = sorted(
-            (
-                w
-                for group in self._waiters.values()
-                for w in group
-                if w.run_id not in ids
-                and not w.future.done()
-                and w.due - now <= w.interval * EARLY_SHARE
-            ),
-            key=lambda w: w.due,
-        )
-        for w in early:
-            if w.run_id not in ids:
-                if room == 0:
-                    break
-                ids.add(w.run_id)
-                room -= 1
+        horizon = now + self._config.poll_max_s * EARLY_SHARE
+        passed: list[tuple[float, int, _Waiter]] = []
+        while room and self._due and self._due[0][0] <= horizon:
+            entry = heapq.heappop(self._due)
+            w = entry[2]
+            if w.future.done():
+                w.queued = False
+                continue
+            if w.run_id in ids or w.due - now > w.interval * EARLY_SHARE:
+                passed.append(entry)
+                continue
+            w.queued = False
+            ids.add(w.run_id)
+            room -= 1
             due.append(w)
+        for entry in passed:
+            heapq.heappush(self._due, entry)
         return due
 
     def _expire(self, now: float) -> None:
-        for group in self._waiters.values():
-            for w in group:
-                if w.future.done():
-                    continue
-                if now >= w.deadline:
-                    w.future.set_exception(
-                        RunTimedOut(
-                            f"run {w.run_id} had not ended when the job's deadline passed "
-                            f"({now - w.started:.0f} s after it started waiting)"
-                        )
+        while self._expiry and self._expiry[0][0] <= now:
+            _, _, w = heapq.heappop(self._expiry)
+            if w.future.done():
+                continue
+            if now >= w.deadline:
+                w.future.set_exception(
+                    RunTimedOut(
+                        f"run {w.run_id} had not ended when the job's deadline passed "
+                        f"({now - w.started:.0f} s after it started waiting)"
                     )
-                elif now - w.last_read >= self._config.status_unreadable_s:
-                    w.future.set_exception(
-                        StatusUnreadable(
-                            f"the status of run {w.run_id} could not be read for "
-                            f"{now - w.last_read:.0f} s: {w.last_error}"
-                        )
+                )
+            elif now - w.last_read >= self._config.status_unreadable_s:
+                w.future.set_exception(
+                    StatusUnreadable(
+                        f"the status of run {w.run_id} could not be read for "
+                        f"{now - w.last_read:.0f} s: {w.last_error}"
                     )
+                )
+            else:  # read since this entry was made
+                heapq.heappush(self._expiry, (self._expires(w), next(self._seq), w))
 
     async def _sleep_until_next(self, now: float) -> None:
-        pending = [w for g in self._waiters.values() for w in g if not w.future.done()]
         self._wake.clear()
-        if not pending:
+        if not self._due and not self._expiry:
             await self._wake.wait()
             return
-        limit = self._config.status_unreadable_s
-        until = min(min(w.due, w.deadline, w.last_read + limit) for w in pending)
+        until = min(heap[0][0] for heap in (self._due, self._expiry) if heap)
         sleeper = asyncio.ensure_future(self._clock.sleep(max(0.0, until - now)))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
@@ -184,6 +227,8 @@ class RunPoller:
             batch = ids[start : start + size]
             self.stats.requests += 1
             self.stats.batch_sizes.append(len(batch))
+            if self._metrics is not None:
+                self._metrics.poll_batch(len(batch))
             error = "the run is not visible yet"
             try:
                 found = await self._api.get_runs(batch)
@@ -194,8 +239,11 @@ class RunPoller:
                 error = str(exc)
             now = self._clock.monotonic()
             for run_id in batch:
+                run = None if found is None else found.get(run_id)
+                if run is not None and run.terminal and self._metrics is not None:
+                    self._metrics.run_ended(run, now_s=self._clock.time())  # once per run
                 for w in list(self._waiters.get(run_id, [])):
-                    self._settle(w, None if found is None else found.get(run_id), now, error)
+                    self._settle(w, run, now, error)
 
     def _settle(self, w: _Waiter, run: RunInfo | None, now: float, error: str) -> None:
         if w.future.done():
