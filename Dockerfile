@@ -66,18 +66,13 @@ VOLUME ["/var/lib/aep-exporter"]
 WORKDIR /var/lib/aep-exporter
 USER 10001:10001
 
-# Health, until the admin server's /healthz exists (a later issue): `aep-exporter status`.
-# It exits 0 only when the configuration (file, environment, secrets) still loads as the
-# daemon loaded it and the journal in the state volume exists and answers an SQLite query:
-# the daemon creates the journal once the spool folders exist and the state volume took a
-# write, so this reads "started, and its state is readable" (on a volume that already holds
-# a journal, from the first check on). The daemon is this container's
-# PID 1 (exec-form ENTRYPOINT), so if it exits the container stops; what this cannot see is
-# a daemon alive but wedged, which is what /healthz will answer. The last lines of output
-# (`docker inspect`) show the jobs by state. Not meaningful for the emulator: run that one
-# with --no-healthcheck.
+# Health: `aep-exporter probe` asks the admin server's /healthz (loopback, port 9464 by
+# default, read from the same configuration), which fails when the event loop has been
+# blocked beyond admin.loop_stall_s or a supervised task died: a daemon alive but wedged is
+# unhealthy. The daemon is this container's PID 1 (exec-form ENTRYPOINT), so if it exits the
+# container stops. Not meaningful for the emulator: run that one with --no-healthcheck.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["aep-exporter", "status", "--recent", "0"]
+    CMD ["aep-exporter", "probe"]
 
 ENTRYPOINT ["aep-exporter"]
 CMD ["run"]

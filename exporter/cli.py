@@ -8,6 +8,7 @@ from pathlib import Path
 
 from exporter import __version__, oneshot
 from exporter.daemon import cli as daemon_cli
+from exporter.daemon import probe
 from exporter.emulator import cli as emulator_cli
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_parser(sub)
     oneshot.add_parser(sub)
     daemon_cli.add_parsers(sub)
+    probe.add_parser(sub)
     demo = sub.add_parser("demo", help="run the daemon on the sample jobs against a local emulator")
     demo.add_argument(
         "--workdir",

@@ -1,0 +1,281 @@
+"""The admin server: liveness, readiness, metrics and the jobs API, over HTTP (aiohttp).
+
+    GET  /healthz          200 while alive; 503 if the event loop stalled or a task died
+    GET  /readyz           200 once recovered, with an AEP token and a writable journal
+    GET  /metrics          Prometheus text exposition of `daemon.metrics.registry`
+    GET  /v1/openapi.json  the OpenAPI document of all of this (`admin_openapi.json`)
+    /v1/jobs...            submit, list, get and cancel jobs (`exporter.daemon.admin_jobs`)
+
+It listens on 127.0.0.1 by default. With a token configured (required by the settings when
+it is bound beyond loopback) every route but /healthz and /readyz asks for
+`Authorization: Bearer <token>`: probes rarely can send one and those two say nothing
+private; /metrics and /v1 do. Every error is a JSON body `{"error", "message"}`.
+
+The event-loop monitor is a task that asks to wake every fraction of `loop_stall_s` and
+notes how late it is: a stall is remembered for `loop_stall_window_s`, so a probe that comes
+after a stall still sees it. It measures the real event loop, so it reads real time, not the
+daemon's `Clock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from importlib import resources
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from exporter.daemon.admin_jobs import JobsApi, error_response
+from exporter.daemon.config import AdminConfig
+from exporter.daemon.daemon import Daemon
+from exporter.daemon.journal import JobRecord
+
+log = structlog.get_logger("exporter.admin")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPENAPI_FILE = "admin_openapi.json"
+REALM = 'Bearer realm="aep-exporter"'
+SHUTDOWN_TIMEOUT_S = 1.0  # requests still open at close get this long
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LoopMonitor:
+    """How late the event loop wakes a task that sleeps `interval` seconds at a time."""
+
+    def __init__(self, *, threshold: float, window: float) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.interval = min(1.0, threshold / 4)
+        self._due: float | None = None  # when the monitor should wake next; None: not running
+        self._stalls: deque[tuple[float, float]] = deque()  # (noted at, lag) over threshold
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._due = time.monotonic() + self.interval
+                await asyncio.sleep(self.interval)
+                now = time.monotonic()
+                lag = now - self._due
+                while self._stalls and self._stalls[0][0] < now - self.window:
+                    self._stalls.popleft()
+                if lag > self.threshold:
+                    self._stalls.append((now, lag))
+                    log.warning("event_loop_stalled", lag_s=round(lag, 3))
+        finally:
+            self._due = None
+
+    def worst(self) -> float:
+        """The longest stall within the window, counting one that is still going on (the
+        monitor overdue right now: a request served just after a block sees it)."""
+        now = time.monotonic()
+        while self._stalls and self._stalls[0][0] < now - self.window:
+            self._stalls.popleft()
+        current = now - self._due if self._due is not None else 0.0
+        return max([current, 0.0, *(lag for _, lag in self._stalls)])
+
+
+class AdminServer:
+    """The admin server as a daemon `Service`: bound at `start()`, served until `close()`."""
+
+    name = "admin"
+    sources: Iterable[str] = ()  # http jobs need nothing from it to resume: they are `Quiet`
+
+    def __init__(self, daemon: Daemon, config: AdminConfig) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.port: int | None = None
+        """The bound port, once started (the configured one, or the one picked for 0)."""
+        self.monitor = LoopMonitor(threshold=config.loop_stall_s, window=config.loop_stall_window_s)
+        self.openapi = resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_bytes()
+        self._token = config.token.get_secret_value().encode() if config.token is not None else None
+        self._runner: web.AppRunner | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._ready: bool | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=self.config.max_body_bytes
+        )
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/openapi.json", self._openapi)
+        JobsApi(self.daemon).add_routes(app.router)
+        return app
+
+    # -- Service ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._monitor = asyncio.create_task(self.monitor.run(), name="admin-loop-monitor")
+        runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.config.host, self.config.port)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self._monitor.cancel()
+            log.error(
+                "admin_bind_failed", host=self.config.host, port=self.config.port, error=str(exc)
+            )
+            raise OSError(
+                exc.errno,
+                f"the admin server cannot listen on {self.config.host}:{self.config.port}: "
+                f"{exc.strerror or exc} (change admin.host / admin.port, or set "
+                "admin.enabled = false)",
+            ) from exc
+        self._runner = runner
+        self.port = int(runner.addresses[0][1]) if runner.addresses else self.config.port
+        log.info(
+            "admin_listening",
+            host=self.config.host,
+            port=self.port,
+            auth="bearer" if self._token is not None else "none",
+        )
+
+    async def recover(self, records: list[JobRecord]) -> None:
+        return None
+
+    async def run(self) -> None:
+        """Supervised: the loop monitor (the site serves by itself once started)."""
+        assert self._monitor is not None, "start() first"
+        await self._monitor
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+            log.info("admin_closed")
+
+    # -- middlewares -----------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's own errors (404, 405, 413, ...) as JSON; a bug as a JSON 500, logged."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {
+                k: v
+                for k, v in exc.headers.items()
+                if k.lower() not in ("content-type", "content-length")
+            }
+            code = exc.reason.lower().replace(" ", "_").replace("-", "_")
+            message = exc.text or exc.reason
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                allowed = ", ".join(sorted(exc.allowed_methods))
+                message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+            elif isinstance(exc, web.HTTPNotFound):
+                message = f"no such resource: {request.path}"
+            return error_response(
+                exc.status, code, message.removeprefix(f"{exc.status}: "), headers=headers
+            )
+        except Exception as exc:
+            log.exception("admin_request_failed", method=request.method, path=request.path)
+            return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is None or request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "backslashreplace"), self._token
+        ):
+            return await handler(request)
+        problem = "wrong" if given else "missing"
+        log.warning("admin_unauthorized", method=request.method, path=request.path, given=problem)
+        challenge = REALM if problem == "missing" else f'{REALM}, error="invalid_token"'
+        return error_response(
+            401,
+            "unauthorized",
+            f"{problem} bearer token: send Authorization: Bearer <the admin token>",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+    # -- probes ----------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        reasons = []
+        lag = self.monitor.worst()
+        if lag > self.config.loop_stall_s:
+            reasons.append(
+                f"the event loop was blocked for {lag:.2f} s within the last "
+                f"{self.config.loop_stall_window_s:g} s (limit {self.config.loop_stall_s:g} s)"
+            )
+        if self.daemon.health.dead:
+            reasons.append(f"supervised task died: {', '.join(self.daemon.health.dead)}")
+        if reasons:
+            return web.json_response({"status": "unhealthy", "reasons": reasons}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        daemon = self.daemon
+        recovered = (
+            "ok"
+            if daemon.health.ready
+            else "stopping"
+            if daemon.stopping
+            else "recovering unfinished jobs"
+        )
+        journal = daemon.journal
+        token, writable = await asyncio.gather(
+            self._check(daemon.api.transport.tokens.token()),
+            self._check(journal.check_writable() if journal else None),
+        )
+        checks = {"recovered": recovered, "aep_token": token, "journal": writable}
+        ready = all(v == "ok" for v in checks.values())
+        if ready != self._ready:
+            self._ready = ready
+            (log.info if ready else log.warning)("admin_readiness", ready=ready, checks=checks)
+        body = {"status": "ready" if ready else "not_ready", "checks": checks}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _check(self, probe: Awaitable[object] | None) -> str:
+        """ "ok", or why not, within the deadline."""
+        if probe is None:
+            return "not open"
+        limit = self.config.check_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await probe
+        except TimeoutError:
+            return f"no answer within {limit:g} s"
+        except Exception as exc:  # the reason is the answer; secrets are never in messages
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.daemon.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi, content_type="application/json")
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document the server serves, parsed."""
+    loaded: dict[str, Any] = json.loads(
+        resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_text()
+    )
+    return loaded

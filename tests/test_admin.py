@@ -1,0 +1,764 @@
+"""The admin server, over HTTP with a real aiohttp client, in front of an in-process daemon
+that exports through the real emulator: jobs submitted, listed, cancelled (and their flows
+disabled in AEP); liveness after a blocked loop or a dead task; readiness without a token
+or a writable journal; and the token wherever the server is bound beyond loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr, ValidationError
+from structlog.testing import capture_logs
+
+from exporter.clock import FakeClock
+from exporter.daemon.admin import AdminServer
+from exporter.daemon.assemble import build_daemon
+from exporter.daemon.config import AdminConfig, is_loopback
+from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon, Service
+from exporter.daemon.journal import JobRecord
+from exporter.daemon.spool import Rejected, parse_job
+from exporter.emulator.settings import Span
+from exporter.engine import EngineConfig
+from exporter.errors import ConfigError
+from exporter.jobs import TERMINAL
+from exporter.settings import load_settings
+from tests.bad_jobs import DESTINATIONS
+from tests.conftest import Answer, Emulator
+from tests.daemon_support import daemon_process, kill, write_config
+from tests.test_daemon_intake import settings_for
+
+DEADLINE = 20.0  # real seconds: a bound on a wait, never a sleep
+TOKEN = "admin-token-for-tests-0123456789"
+ENGINE = EngineConfig(
+    not_ready_wait_s=60,
+    not_ready_retry_s=5,
+    not_ready_retry_max_s=20,
+    poll_min_s=1,
+    poll_max_s=3600,  # long runs are polled rarely, even as fake time races ahead
+    status_unreadable_s=120,
+)
+LONG_RUN = Span(min=10**6, max=10**6)  # emulated seconds: runs until cancelled
+WEEK_S = 7 * 86400
+
+
+@dataclass
+class Admin:
+    """A running daemon with its admin server, and a client for it."""
+
+    daemon: Daemon
+    server: AdminServer
+    task: asyncio.Task[int]
+    session: aiohttp.ClientSession
+    clock: FakeClock
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        data: bytes | None = None,
+        params: Any = None,
+        token: str | None = TOKEN,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        sent = {"Authorization": f"Bearer {token}"} if token else {}
+        sent.update(headers or {})
+        async with self.session.request(
+            method, self.url + path, json=body, data=data, params=params, headers=sent
+        ) as resp:
+            raw = await resp.read()
+            try:
+                parsed = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = raw.decode()
+            return Answer(resp.status, parsed, dict(resp.headers))
+
+    async def submit(self, job: dict[str, Any]) -> Answer:
+        return await self.call("POST", "/v1/jobs", body=job)
+
+    async def until_state(self, job_id: str, states: Iterable[str]) -> dict[str, Any]:
+        """Poll the job until it is in one of `states`; pauses pass on the fake clock."""
+        wanted = set(states)
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                answer = await self.call("GET", f"/v1/jobs/{job_id}")
+                assert answer.status == 200, answer.body
+                if answer.body["state"] in wanted:
+                    job: dict[str, Any] = answer.body
+                    return job
+                await self.clock.sleep(0.5)
+
+    async def filed(self, count: int) -> None:
+        daemon = self.daemon
+        async with asyncio.timeout(DEADLINE), daemon.filed:
+            await daemon.filed.wait_for(lambda: daemon.counts.filed >= count)
+
+
+@asynccontextmanager
+async def admin_daemon(
+    emulator: Emulator,
+    tmp_path: Path,
+    *,
+    admin: dict[str, Any] | None = None,
+    aep: dict[str, Any] | None = None,
+    services: Iterable[Service] = (),
+    **daemon: Any,
+) -> AsyncIterator[Admin]:
+    settings = settings_for(emulator, tmp_path, **daemon)
+    update: dict[str, Any] = {
+        "engine": ENGINE,
+        "admin": AdminConfig.model_validate({"port": 0, "token": TOKEN, **(admin or {})}),
+    }
+    if aep:
+        update["aep"] = settings.aep.model_copy(update=aep)
+    made = build_daemon(settings.model_copy(update=update), clock=emulator.clock)
+    for service in services:
+        made.add_service(service)
+    (server,) = [s for s in made.services if isinstance(s, AdminServer)]
+    task = asyncio.create_task(made.run(), name="daemon")
+    ready = asyncio.ensure_future(made.ready.wait())
+    await asyncio.wait({ready, task}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()  # raises what stopped it
+    assert ready.done(), "the daemon did not become ready"
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield Admin(made, server, task, session, emulator.clock)
+        finally:
+            made.stop()
+            await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+
+
+def job(dataset: str, n: int, **changes: Any) -> dict[str, Any]:
+    spec = {"id": f"job-{n}", "dataset_id": dataset, "destination": "lake", "path": f"ml/{n}"}
+    return {**spec, **changes}
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+async def test_a_submitted_job_runs_to_success_in_aep(emulator: Emulator, tmp_path: Path) -> None:
+    (dataset,) = await emulator.seed(rows=20)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        spec = {"dataset_id": dataset, "destination": "lake", "path": "ml/http", "id": "http-1"}
+        answer = await admin.submit(spec)
+        assert answer.status == 202, answer.body
+        assert answer.headers["Location"] == "/v1/jobs/http-1"
+        accepted = answer.body
+        assert accepted["job_id"] == "http-1"
+        assert accepted["source"] == "http"
+        assert accepted["name"] == "http-1"
+        assert accepted["state"] == "received"
+        assert accepted["outcome"] is None
+        assert accepted["spec"] == spec
+        done = await admin.until_state("http-1", TERMINAL)
+    assert done["state"] == "succeeded", done
+    assert done["outcome"]["records"] == 20
+    assert done["outcome"]["files"] >= 1
+    assert done["run_id"] == done["outcome"]["run_id"]
+    (run,) = list(emulator.state.all_runs())
+    assert run.id == done["run_id"]
+    assert run.request_id.startswith("http-1.")  # AEP saw the trigger come from this job
+
+
+async def test_the_same_job_id_again_is_409_with_the_existing_job(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    (dataset,) = await emulator.seed(rows=5)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        first = await admin.submit(job(dataset, 1))
+        assert first.status == 202
+        # A different export under the same id, and the same content without an id twice.
+        again = await admin.submit({**job(dataset, 1), "path": "ml/other"})
+        assert again.status == 409
+        assert again.body["error"] == "duplicate"
+        assert "'job-1' was already submitted (from http" in again.body["message"]
+        assert again.body["job"]["job_id"] == "job-1"
+        assert again.body["job"]["spec"]["path"] == "ml/1"
+        anonymous = {"dataset_id": dataset, "destination": "lake", "path": "ml/anon"}
+        assert (await admin.submit(anonymous)).status == 202
+        twice = await admin.submit(anonymous)
+        assert twice.status == 409
+        assert twice.body["job"]["job_id"].startswith("job-")
+        await admin.filed(2)
+    assert admin.daemon.counts.filed == 2  # nothing else was started
+
+
+INVALID = {
+    "not json": b'{"dataset_id": "x",',
+    "a list": b"[1, 2]",
+    "unknown field": b'{"dataset_id": "d1", "destination": "lake", "path": "p", "colour": 1}',
+    "unknown destination": b'{"dataset_id": "d1", "destination": "nowhere", "path": "p"}',
+    "json uncompressed": (
+        b'{"dataset_id": "d1", "destination": "lake", "path": "p", "format": "json", '
+        b'"compression": "none"}'
+    ),
+    "bad path": b'{"dataset_id": "d1", "destination": "lake", "path": "../etc"}',
+    "not utf-8": b'{"dataset_id": "\xff"}',
+}
+
+
+async def test_an_invalid_job_is_422_with_the_spool_reason_and_nothing_is_journaled(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    destinations = dict.fromkeys(DESTINATIONS)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        for case, raw in INVALID.items():
+            with pytest.raises(Rejected) as expected:
+                parse_job("job.json", raw, destinations)
+            answer = await admin.call(
+                "POST", "/v1/jobs", data=raw, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status == 422, case
+            assert answer.body == {"error": "invalid_job", "message": str(expected.value)}, case
+        listed = await admin.call("GET", "/v1/jobs")
+    assert listed.body == {"jobs": [], "next_cursor": None}
+
+
+async def test_body_type_and_size_are_checked(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path, admin={"max_body_bytes": 2048}) as admin:
+        as_text = await admin.call(
+            "POST", "/v1/jobs", data=b"{}", headers={"Content-Type": "text/plain"}
+        )
+        assert as_text.status == 415
+        assert "application/json" in as_text.body["message"]
+        big = json.dumps({"dataset_id": "d", "destination": "lake", "path": "p" * 3000})
+        too_big = await admin.call(
+            "POST", "/v1/jobs", data=big.encode(), headers={"Content-Type": "application/json"}
+        )
+        assert too_big.status == 413
+        assert too_big.body["error"] == "request_entity_too_large"
+        assert "2048" in too_big.body["message"]
+
+
+async def test_a_full_daemon_answers_503_with_retry_after(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.knobs.run_duration_s = LONG_RUN
+    (dataset,) = await emulator.seed(rows=5)
+    async with admin_daemon(emulator, tmp_path, max_in_flight=1) as admin:
+        assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
+        full = await admin.submit(job(dataset, 2))
+        assert full.status == 503
+        assert full.body["error"] == "full"
+        assert int(full.headers["Retry-After"]) > 0
+        assert (await admin.call("GET", "/v1/jobs/job-2")).status == 404  # not taken
+        # A known id is still answered for what it is, full or not.
+        assert (await admin.submit(job(dataset, 1))).status == 409
+
+
+async def test_list_filters_and_pages_newest_first(emulator: Emulator, tmp_path: Path) -> None:
+    (dataset,) = await emulator.seed(rows=5)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        for n in range(5):
+            assert (await admin.submit(job(dataset, n))).status == 202
+        await admin.filed(5)
+        incoming = tmp_path / "spool" / "incoming"
+        (incoming / ".bad.tmp").write_text("[]")
+        (incoming / ".bad.tmp").rename(incoming / "bad.json")
+        await admin.filed(6)
+
+        pages, cursor = [], None
+        while True:
+            params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+            answer = await admin.call("GET", "/v1/jobs", params=params)
+            assert answer.status == 200, answer.body
+            pages.append([j["job_id"] for j in answer.body["jobs"]])
+            cursor = answer.body["next_cursor"]
+            if cursor is None:
+                break
+        listed = [job_id for page in pages for job_id in page]
+        assert [len(p) for p in pages] == [2, 2, 2]
+        assert listed[0].startswith("rejected:bad.json:")
+        assert listed[1:] == ["job-4", "job-3", "job-2", "job-1", "job-0"]
+
+        async def ids(**params: Any) -> list[str]:
+            answer = await admin.call("GET", "/v1/jobs", params=params)
+            assert answer.status == 200, answer.body
+            return [j["job_id"] for j in answer.body["jobs"]]
+
+        assert await ids(source="http") == listed[1:]
+        assert await ids(source="spool") == listed[:1]
+        assert await ids(state="rejected") == listed[:1]
+        assert await ids(state="succeeded") == listed[1:]
+        assert await ids(state="succeeded,rejected") == listed
+        both = await admin.call(
+            "GET", "/v1/jobs", params=[("state", "rejected"), ("state", "succeeded")]
+        )
+        assert [j["job_id"] for j in both.body["jobs"]] == listed
+        assert await ids(state="running") == []
+        assert await ids(source="http", limit="3") == listed[1:4]
+        one = (await admin.call("GET", "/v1/jobs/job-3")).body
+        assert one["state"] == "succeeded"
+        assert one["created"].endswith("Z")
+        assert one["created"] <= one["updated"]
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"limit": "0"}, "limit: must be between 1 and 1000"),
+        ({"limit": "1001"}, "limit: must be between 1 and 1000"),
+        ({"limit": "ten"}, "limit: 'ten' is not a whole number"),
+        ({"state": "done"}, "state: 'done' is not a job state"),
+        ({"cursor": "not-a-cursor"}, "cursor: not a cursor this API returned"),
+        ({"states": "failed"}, "unknown query parameter 'states'"),
+    ],
+)
+async def test_list_refuses_bad_parameters(
+    emulator: Emulator, tmp_path: Path, params: dict[str, str], says: str
+) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        answer = await admin.call("GET", "/v1/jobs", params=params)
+    assert answer.status == 400
+    assert answer.body["error"] == "bad_request"
+    assert says in answer.body["message"]
+
+
+async def test_unknown_jobs_routes_and_methods_answer_json(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        missing = await admin.call("GET", "/v1/jobs/nope")
+        assert (missing.status, missing.body["error"]) == (404, "not_found")
+        route = await admin.call("GET", "/v2/things")
+        assert (route.status, route.body["error"]) == (404, "not_found")
+        assert route.body["message"] == "no such resource: /v2/things"
+        method = await admin.call("PUT", "/v1/jobs")
+        assert (method.status, method.body["error"]) == (405, "method_not_allowed")
+        assert set(method.headers["Allow"].split(",")) == {"GET", "POST"}
+        assert "PUT is not allowed on /v1/jobs" in method.body["message"]
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+async def flow_state(emulator: Emulator, flow_id: str) -> str:
+    answer = await emulator.fs("GET", f"/flows/{flow_id}")
+    assert answer.status == 200, answer.body
+    state: str = answer.body["items"][0]["state"]
+    return state
+
+
+async def test_cancel_a_running_job_disables_its_flow_when_alone(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.knobs.run_duration_s = LONG_RUN
+    (dataset,) = await emulator.seed(rows=5)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
+        running = await admin.until_state("job-1", ["running"])
+        flow_id = running["flow_id"]
+        assert await flow_state(emulator, flow_id) == "enabled"
+
+        answer = await admin.call(
+            "DELETE", "/v1/jobs/job-1", params={"reason": "the operator said stop"}
+        )
+        assert answer.status == 200, answer.body
+        assert answer.body["flow"] == {"flow_id": flow_id, "disabled": True, "detail": "disabled"}
+        cancelled = answer.body["job"]
+        assert cancelled["state"] == "cancelled"
+        assert cancelled["outcome"]["message"] == "the operator said stop"
+        assert cancelled["outcome"]["run_id"] == running["run_id"]
+        assert await flow_state(emulator, flow_id) == "disabled"
+        assert "job-1" not in admin.daemon.jobs
+        assert (await admin.call("GET", "/v1/jobs/job-1")).body["state"] == "cancelled"
+
+        again = await admin.call("DELETE", "/v1/jobs/job-1")
+        assert (again.status, again.body["error"]) == (409, "finished")
+        assert again.body["job"]["state"] == "cancelled"
+        assert (await admin.call("DELETE", "/v1/jobs/unknown")).status == 404
+
+
+async def test_cancel_keeps_a_flow_another_job_still_uses(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.knobs.run_duration_s = LONG_RUN
+    (dataset,) = await emulator.seed(rows=5)
+    same = {"dataset_id": dataset, "destination": "lake", "path": "ml/shared", "timeout": WEEK_S}
+    async with admin_daemon(emulator, tmp_path) as admin:
+        for name in ("a", "b"):
+            assert (await admin.submit({**same, "id": f"share-{name}"})).status == 202
+        first = await admin.until_state("share-a", ["running"])
+        second = await admin.until_state("share-b", ["running"])
+        assert first["flow_id"] == second["flow_id"]
+        flow_id = first["flow_id"]
+
+        answer = await admin.call("DELETE", "/v1/jobs/share-a")
+        assert answer.status == 200, answer.body
+        assert answer.body["flow"] == {
+            "flow_id": flow_id,
+            "disabled": False,
+            "detail": "kept enabled: job 'share-b' uses it too",
+        }
+        assert await flow_state(emulator, flow_id) == "enabled"
+        assert (await admin.call("GET", "/v1/jobs/share-b")).body["state"] == "running"
+
+        last = await admin.call("DELETE", "/v1/jobs/share-b")
+        assert last.status == 200, last.body
+        assert last.body["flow"]["disabled"] is True
+        assert await flow_state(emulator, flow_id) == "disabled"
+
+
+@pytest.mark.parametrize("case", ["already disabled", "refused"])
+async def test_cancel_reports_what_became_of_the_flow(
+    emulator: Emulator, tmp_path: Path, case: str
+) -> None:
+    emulator.knobs.run_duration_s = LONG_RUN
+    (dataset,) = await emulator.seed(rows=5)
+    async with admin_daemon(emulator, tmp_path) as admin:
+        assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
+        flow_id = (await admin.until_state("job-1", ["running"]))["flow_id"]
+        if case == "already disabled":  # someone else disabled it meanwhile
+            done = await emulator.fs("POST", f"/flows/{flow_id}/action", params={"op": "disable"})
+            assert done.status == 200, done.body
+        else:
+            fault = {"action": "status", "op": "flows.action", "status": 400, "count": 1}
+            await emulator.control("POST", "/faults", fault)
+        answer = await admin.call("DELETE", "/v1/jobs/job-1")
+    assert answer.status == 200, answer.body
+    assert answer.body["job"]["state"] == "cancelled"
+    flow = answer.body["flow"]
+    assert flow["flow_id"] == flow_id
+    if case == "already disabled":
+        assert (flow["disabled"], flow["detail"]) == (True, "already disabled")
+        assert await flow_state(emulator, flow_id) == "disabled"
+    else:
+        assert flow["disabled"] is False
+        assert flow["detail"].startswith("AEP refused: ")
+        assert await flow_state(emulator, flow_id) == "enabled"
+
+
+async def test_cancel_checks_its_parameters(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        long = await admin.call("DELETE", "/v1/jobs/x", params={"reason": "r" * 501})
+        assert (long.status, long.body["message"]) == (400, "reason: at most 500 characters")
+        odd = await admin.call("DELETE", "/v1/jobs/x", params={"why": "r"})
+        assert (odd.status, odd.body["error"]) == (400, "bad_request")
+
+
+async def test_cancel_before_a_flow_exists_touches_nothing_in_aep(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A flow lookup that does not answer keeps the job in `received`, waiting on AEP.
+    await emulator.control(
+        "POST", "/faults", {"action": "delay", "op": "flows.list", "delay_ms": 60_000, "count": 1}
+    )
+    async with admin_daemon(emulator, tmp_path) as admin:
+        assert (await admin.submit(job("d1", 1))).status == 202
+        answer = await admin.call("DELETE", "/v1/jobs/job-1")
+        assert answer.status == 200, answer.body
+        assert answer.body["job"]["state"] == "cancelled"
+        assert answer.body["flow"] == {
+            "flow_id": None,
+            "disabled": False,
+            "detail": "no flow known yet: nothing to disable",
+        }
+    await emulator.control("DELETE", "/faults")
+    actions = await emulator.control("GET", "/journal?op=flows.action")
+    assert actions["entries"] == []
+
+
+# -- liveness and readiness ------------------------------------------------------------------
+
+
+async def test_healthz_fails_after_the_loop_was_blocked_and_remembers_it(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    window = 0.6
+    stalls = {"loop_stall_s": 0.1, "loop_stall_window_s": window}
+    async with admin_daemon(emulator, tmp_path, admin=stalls) as admin:
+        healthy = await admin.call("GET", "/healthz")
+        assert (healthy.status, healthy.body) == (200, {"status": "ok"})
+
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the event loop on purpose: it is under test
+        unblocked = time.monotonic()
+        right_after = await admin.call("GET", "/healthz")
+        assert right_after.status == 503
+        assert right_after.body["status"] == "unhealthy"
+        (reason,) = right_after.body["reasons"]
+        assert reason.startswith("the event loop was blocked for ")
+        assert float(reason.split()[6]) >= 0.35
+        assert reason.endswith(f"within the last {window:g} s (limit 0.1 s)")
+
+        # It stays remembered for the window (the monitor has long caught up by then),
+        # then liveness comes back.
+        statuses = []
+        async with asyncio.timeout(DEADLINE):
+            while (answer := await admin.call("GET", "/healthz")).status != 200:
+                statuses.append((answer.status, time.monotonic() - unblocked))
+                await asyncio.sleep(0.05)
+        recovered_after = time.monotonic() - unblocked
+    assert all(status == 503 for status, _ in statuses)
+    # The monitor ticks every 25 ms: 503s this long after the block come from its memory.
+    assert recovered_after >= window * 0.9
+
+
+class Doomed:
+    """A supervised service that dies when told, and holds the shutdown until released."""
+
+    name = "doomed"
+    sources: Iterable[str] = ()
+
+    def __init__(self) -> None:
+        self.die = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    async def recover(self, records: list[JobRecord]) -> None:
+        return None
+
+    async def run(self) -> None:
+        await self.die.wait()
+        raise RuntimeError("dying on purpose")
+
+    async def close(self) -> None:
+        await self.release.wait()
+
+
+async def test_healthz_fails_when_a_supervised_task_died(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    doomed = Doomed()
+    async with admin_daemon(emulator, tmp_path, services=[doomed]) as admin:
+        assert (await admin.call("GET", "/healthz")).status == 200
+        doomed.die.set()
+        async with asyncio.timeout(DEADLINE):
+            await admin.daemon.wait_stopping()
+        dead = await admin.call("GET", "/healthz")
+        ready = await admin.call("GET", "/readyz")
+        refused = await admin.submit(job("d1", 1))
+        doomed.release.set()
+    assert dead.status == 503
+    assert dead.body == {"status": "unhealthy", "reasons": ["supervised task died: doomed"]}
+    assert ready.status == 503
+    assert ready.body["checks"]["recovered"] == "stopping"
+    assert admin.task.result() == EXIT_SOFTWARE
+    assert refused.status == 503  # a stopping daemon takes no new job
+    assert refused.body == {"error": "unavailable", "message": "the daemon is stopping"}
+    assert refused.headers["Retry-After"] == "30"
+
+
+async def test_readyz_and_a_read_only_journal(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        ready = await admin.call("GET", "/readyz", token=None)
+        assert ready.status == 200
+        assert ready.body == {
+            "status": "ready",
+            "checks": {"recovered": "ok", "aep_token": "ok", "journal": "ok"},
+        }
+        journal = admin.daemon.journal
+        assert journal is not None
+
+        def read_only(on: bool) -> None:
+            journal._db().execute(f"PRAGMA query_only = {int(on)}")
+
+        await journal._run(lambda: read_only(True))
+        refused = await admin.call("GET", "/readyz")
+        await journal._run(lambda: read_only(False))
+        again = await admin.call("GET", "/readyz")
+    assert refused.status == 503
+    assert refused.body["status"] == "not_ready"
+    checks = refused.body["checks"]
+    assert (checks["recovered"], checks["aep_token"]) == ("ok", "ok")
+    assert checks["journal"] == "OperationalError: attempt to write a readonly database"
+    assert again.status == 200
+
+
+async def test_readyz_checks_have_a_deadline(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path, admin={"check_timeout_s": 0.2}) as admin:
+        journal = admin.daemon.journal
+        assert journal is not None
+        gate = threading.Event()
+        stuck = asyncio.ensure_future(journal._run(gate.wait))  # the journal's thread hangs
+        try:
+            started = time.monotonic()
+            answer = await admin.call("GET", "/readyz")
+            took = time.monotonic() - started
+        finally:
+            gate.set()
+            await stuck
+    assert answer.status == 503
+    assert answer.body["checks"]["journal"] == "no answer within 0.2 s"
+    assert took < 2
+
+
+async def test_readyz_fails_when_no_aep_token_can_be_had(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    wrong = "not-the-emulator-secret"
+    with capture_logs() as logs:
+        async with admin_daemon(
+            emulator, tmp_path, aep={"client_secret": SecretStr(wrong)}
+        ) as admin:
+            answer = await admin.call("GET", "/readyz")
+            alive = await admin.call("GET", "/healthz")
+    assert answer.status == 503
+    checks = answer.body["checks"]
+    assert checks["recovered"] == "ok"
+    assert checks["journal"] == "ok"
+    assert checks["aep_token"].startswith("AuthError: ims.token: IMS refused the credentials")
+    assert alive.status == 200  # alive, just not ready
+    assert wrong not in json.dumps(answer.body)
+    assert wrong not in repr(logs)
+    (change,) = [e for e in logs if e["event"] == "admin_readiness"]
+    assert change["ready"] is False
+
+
+async def test_metrics_are_prometheus_text(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        answer = await admin.call("GET", "/metrics")
+    assert answer.status == 200
+    assert answer.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    families = list(text_string_to_metric_families(answer.body))
+    assert families, "the registry exposes something"
+
+
+# -- binding and the token -------------------------------------------------------------------
+
+
+async def test_beyond_loopback_everything_but_the_probes_needs_the_token(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    with capture_logs() as logs:
+        async with admin_daemon(emulator, tmp_path, admin={"host": "0.0.0.0"}) as admin:  # noqa: S104
+            assert admin.server.url == f"http://0.0.0.0:{admin.server.port}"
+            protected = [
+                ("GET", "/metrics"),
+                ("GET", "/v1/openapi.json"),
+                ("GET", "/v1/jobs"),
+                ("POST", "/v1/jobs"),
+                ("GET", "/v1/jobs/job-1"),
+                ("DELETE", "/v1/jobs/job-1"),
+                ("GET", "/anything"),
+            ]
+            for method, path in protected:
+                missing = await admin.call(method, path, token=None)
+                assert missing.status == 401, (method, path)
+                assert missing.body["error"] == "unauthorized"
+                assert missing.headers["WWW-Authenticate"] == 'Bearer realm="aep-exporter"'
+                wrong = await admin.call(method, path, token=TOKEN[:-1] + "x")
+                assert wrong.status == 401, (method, path)
+                assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
+                basic = await admin.call(
+                    method, path, token=None, headers={"Authorization": f"Basic {TOKEN}"}
+                )
+                assert basic.status == 401, (method, path)
+            for path in ("/healthz", "/readyz"):
+                assert (await admin.call("GET", path, token=None)).status == 200
+            assert (await admin.call("GET", "/metrics")).status == 200
+            assert (await admin.call("GET", "/v1/jobs")).status == 200
+    listening = [e for e in logs if e["event"] == "admin_listening"]
+    assert listening == [
+        {
+            "event": "admin_listening",
+            "host": "0.0.0.0",  # noqa: S104
+            "port": admin.server.port,
+            "auth": "bearer",
+            "log_level": "info",
+        }
+    ]
+    refused = [e for e in logs if e["event"] == "admin_unauthorized"]
+    assert len(refused) == 3 * len(protected)
+    assert TOKEN not in repr(logs)
+    assert TOKEN[:-1] not in repr(logs)
+
+
+def test_settings_refuse_binding_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9"
+    config = write_config(tmp_path, url, admin={"host": "0.0.0.0"})  # noqa: S104
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    message = str(refused.value)
+    assert "admin: host '0.0.0.0' is not a loopback address" in message
+    assert "set admin.token_file" in message
+
+    (tmp_path / "admin_token").write_text(TOKEN + "\n")
+    config = write_config(tmp_path, url, admin={"host": "0.0.0.0", "token_file": "admin_token"})  # noqa: S104
+    settings = load_settings(config)
+    assert settings.admin.token is not None
+    assert settings.admin.token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(settings)
+
+    (tmp_path / "short").write_text("short")
+    config = write_config(tmp_path, url, admin={"token_file": "short"})
+    with pytest.raises(ConfigError, match="admin token must be at least 16 characters"):
+        load_settings(config)
+    config = write_config(tmp_path, url, admin={"token_file": "missing"})
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        load_settings(config)
+    # Disabled, it may name any host.
+    AdminConfig(enabled=False, host="0.0.0.0")  # noqa: S104
+    with pytest.raises(ValidationError, match="not a loopback address"):
+        AdminConfig(host="admin.example.com")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("0.0.0.0", False),  # noqa: S104
+        ("::", False),
+        ("", False),
+        ("10.0.0.5", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+async def test_a_port_in_use_is_a_clear_error(emulator: Emulator, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}") as failed:
+            async with admin_daemon(emulator, tmp_path, admin={"port": port}):
+                pass
+    assert "admin.port" in str(failed.value)
+
+
+@pytest.mark.slow
+async def test_a_spawned_daemon_serves_its_probes_on_a_free_port(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, emulator.url)
+    async with daemon_process(config, tmp_path / "daemon.log") as running:
+        await running.until("daemon_ready", deadline_s=DEADLINE)
+        (listening,) = [e for e in running.lines if e.get("event") == "admin_listening"]
+        assert listening["host"] == "127.0.0.1"
+        assert listening["auth"] == "none"
+        url = f"http://127.0.0.1:{listening['port']}"
+        async with aiohttp.ClientSession() as session:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with session.get(url + path) as resp:
+                    assert resp.status == 200, (path, await resp.text())
+        assert await kill(running, 15) == EXIT_OK
+    assert any(e.get("event") == "admin_closed" for e in running.lines)
