@@ -1,0 +1,477 @@
+"""Redis Streams intake: jobs from a consumer group that several daemons share.
+
+    producers ─XADD job=<JSON>─► stream ─► group ─► daemon A, daemon B, ...
+    outcomes ─► results stream: one entry per job id (job_id, state, run_id, records, ...)
+    messages that are not jobs, or keep coming back ─► dead-letter stream, with the reason
+
+A message's field `job` holds a job document, as in a job file (JSON). The journal names a
+Redis job by its message id. How daemons share the work (the keys and the atomic steps are
+in `redisstore`):
+
+- A daemon takes a job under a lock in Redis (a lease of `lease_s`, held in its consumer
+  name) and writes the job's progress there (state, flow, run, trigger intent) after
+  journaling each state and before the action the state enables. Every third of the lease
+  it renews the locks of its jobs and resets the idle time of their messages. A job that
+  another daemon holds now is abandoned, and never triggered by a daemon that lost it.
+- A daemon that dies stops renewing: once its messages have been idle for a lease, the
+  others take them over (XAUTOCLAIM) and resume the jobs from their progress: a job left
+  triggering adopts the run started since the intent instead of triggering again.
+- A message is acknowledged only once its job's outcome is journaled, by one step that
+  publishes the result, marks the job done (for `done_ttl_s`), acknowledges and unlocks. A
+  message whose job is done (a redelivery after a lost acknowledgement, or a duplicate
+  submission) is acknowledged without running or publishing anything: the results stream
+  holds exactly one entry per job id, and a duplicate's producer finds its answer there.
+- A delivery is any read of a message: the first, a takeover, a restarted daemon rereading
+  its own pending messages. A message delivered more than `max_deliveries` times, or that
+  is not a usable job, goes to the dead-letter stream with the reason and is acknowledged.
+- New messages are read only while the daemon has room for more jobs.
+- Redis unreachable: every call is retried with backoff for up to `outage_s`, then the
+  service stops and the daemon exits 70 (systemd restarts it); the next start resumes the
+  jobs from the journal and the pending messages.
+
+Needs Redis 6.2 or newer (XAUTOCLAIM); not Redis Cluster (a step spans a job's keys and the
+streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.exceptions import ResponseError
+
+from exporter.daemon.config import RedisConfig
+from exporter.daemon.daemon import Admission, Daemon
+from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.redisstore import Claim, Entry, RedisStore, RedisUnavailable, text
+from exporter.daemon.spool import Parsed, Rejected, parse_job
+from exporter.engine import Progress
+from exporter.jobs import Job, JobState, Outcome
+
+log = structlog.get_logger("exporter.redis")
+SOURCE = "redis"
+ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
+MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
+PAGE = 100
+
+
+@dataclass(frozen=True)
+class Message:
+    """The origin of a job read from the stream."""
+
+    intake: RedisIntake
+    message_id: str
+    job_id: str
+    source: str = SOURCE
+
+    @property
+    def name(self) -> str:
+        return self.message_id
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        await self.intake.checkpoint(self, progress)
+
+    async def settle(self, outcome: Outcome) -> None:
+        await self.intake.settle(self, outcome)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that will not run: settling it moves it to the dead-letter stream."""
+
+    intake: RedisIntake
+    message_id: str
+    fields: Mapping[bytes, bytes]
+    deliveries: int
+    job_id: str = ""
+    source: str = SOURCE
+
+    @property
+    def name(self) -> str:
+        return self.message_id
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        return None
+
+    async def settle(self, outcome: Outcome) -> None:
+        await self.intake.dead_letter(self, outcome.message)
+
+
+def progress_of(values: Mapping[str, str]) -> Progress | None:
+    """Where a job was left (by another consumer, or this one before a restart), if known."""
+    try:
+        state = JobState(values["state"])
+        intent = int(values["intent_ms"]) if values.get("intent_ms") else None
+    except (KeyError, ValueError):
+        return None
+    if state not in ORDER:
+        return None
+    flow, run = values.get("flow_id") or None, values.get("run_id") or None
+    return Progress(state, flow_id=flow, run_id=run, intent_ms=intent)
+
+
+def result_fields(outcome: Outcome, message_id: str, consumer: str) -> dict[str, str]:
+    """A results-stream entry: the outcome's main fields, and all of it as JSON."""
+    return {
+        "job_id": outcome.job_id,
+        "state": outcome.state.value,
+        "message": outcome.message,
+        "flow_id": outcome.flow_id or "",
+        "run_id": outcome.run_id or "",
+        "files": str(outcome.files),
+        "records": str(outcome.records),
+        "bytes": str(outcome.bytes),
+        "partial": "true" if outcome.partial else "false",
+        "message_id": message_id,
+        "consumer": consumer,
+        "outcome": outcome.model_dump_json(),
+    }
+
+
+class RedisIntake:
+    """The daemon's service for one stream and consumer group."""
+
+    name = "redis"
+    sources = (SOURCE,)
+
+    def __init__(
+        self, daemon: Daemon, config: RedisConfig, *, rng: random.Random | None = None
+    ) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.store = RedisStore(config, clock=daemon.clock, rng=rng or random.Random())
+        self._clock = daemon.clock
+        self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
+        self._failed = asyncio.Event()
+        self._failure: BaseException | None = None
+
+    @property
+    def _journal(self) -> Journal:
+        assert self.daemon.journal is not None
+        return self.daemon.journal
+
+    # -- service life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        version = await self.store.connect()
+        log.info(
+            "redis_connected",
+            url=self.config.safe_url,
+            version=version,
+            stream=self.config.stream,
+            group=self.config.group,
+            consumer=self.config.consumer,
+        )
+
+    async def recover(self, records: list[JobRecord]) -> None:
+        """Resume the jobs of this consumer's pending messages; of the journal's other
+        unfinished jobs, resume those still ours by Redis and forget the rest."""
+        mine = await self._reread_own()
+        for record in records:
+            if record.name not in mine and record.job_id not in self.daemon.jobs:
+                await self._reconcile(record)
+
+    async def run(self) -> None:
+        tasks = {
+            asyncio.create_task(self._intake(), name="redis-intake"),
+            asyncio.create_task(self._heartbeat(), name="redis-heartbeat"),
+            asyncio.create_task(self._failed.wait(), name="redis-failed"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+        raise self._failure or RuntimeError("the Redis intake stopped")
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop the service, and so the daemon (exit 70): Redis has been gone too long."""
+        if self._failure is None:
+            self._failure = exc
+        self._failed.set()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _intake(self) -> None:
+        sweep_s = self.config.lease_s / 4
+        next_sweep = self._clock.monotonic()
+        while True:
+            await self.daemon.wait_room()
+            try:
+                if self._clock.monotonic() >= next_sweep:
+                    await self._take_over()
+                    next_sweep = self._clock.monotonic() + sweep_s
+                room = min(self.daemon.room, self.config.read_count)
+                if room > 0:
+                    wait = min(self.config.block_s, next_sweep - self._clock.monotonic())
+                    for message_id, fields in await self.store.read_new(room, int(wait * 1000)):
+                        await self._handle(message_id, fields, 1)
+            except ResponseError as exc:  # the stream (and so the group) was deleted
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                log.warning("redis_group_missing", stream=self.config.stream, error=str(exc))
+                await self.store.ensure_group()
+
+    async def _take_over(self) -> None:
+        """Messages idle for longer than the lease: their consumer died (or lost its way)."""
+        room = min(self.daemon.room, self.config.read_count)
+        if room <= 0:
+            return
+        entries, gone = await self.store.take_over(room)
+        for message_id in gone:
+            log.warning("redis_message_gone", message_id=message_id)
+        if entries:
+            log.info("redis_messages_taken_over", count=len(entries))
+            await self._handle_all(entries)
+
+    async def _handle_all(self, entries: list[Entry]) -> None:
+        counts = await self.store.deliveries([i for i, _ in entries])
+        for message_id, fields in entries:
+            if fields:
+                await self._handle(message_id, fields, counts.get(message_id, 1))
+            else:  # deleted from the stream while pending: nothing to run
+                log.warning("redis_message_gone", message_id=message_id)
+                await self.store.ack(message_id)
+
+    # -- one message -----------------------------------------------------------------------
+
+    def _parse(self, fields: Mapping[bytes, bytes]) -> Parsed:
+        raw = fields.get(b"job")
+        if raw is None:
+            names = ", ".join(sorted(text(k) for k in fields)) or "none"
+            raise Rejected(
+                f"no 'job' field (fields: {names}); a message carries its job document "
+                "as JSON in the field 'job'"
+            )
+        limit = self.daemon.settings.daemon.max_job_file_bytes
+        if len(raw) > limit:
+            raise Rejected(f"the job is {len(raw)} bytes; the limit is {limit} bytes")
+        return parse_job("message.json", raw, self.daemon.settings.destinations)
+
+    async def _handle(
+        self, message_id: str, fields: Mapping[bytes, bytes], deliveries: int
+    ) -> None:
+        """One delivered message: run or resume its job, or settle it without running."""
+        poison = DeadLetter(self, message_id, fields, deliveries)
+        try:
+            parsed = self._parse(fields)
+        except Rejected as exc:
+            await self.daemon.reject(poison, str(exc))
+            return
+        except Exception as exc:  # one poisonous message must not stop the intake
+            log.exception("redis_message_unreadable", message_id=message_id)
+            await self.daemon.reject(poison, f"internal error reading the message: {exc!r}")
+            return
+        job = parsed.job
+        running = job.job_id in self.daemon.jobs
+        claim = await self.store.claim(
+            job.job_id, message_id, running=running, deliveries=deliveries
+        )
+        context = {"job_id": job.job_id, "message_id": message_id}
+        if claim.status == "mine":
+            if claim.holder:
+                log.info("redis_job_reclaimed", **context, deliveries=deliveries)
+            await self._run(job, parsed.spec, message_id, claim)
+        elif claim.status == "exhausted":
+            reason = (
+                f"delivered {deliveries} times (max_deliveries is "
+                f"{self.config.max_deliveries}): the daemons that took it kept stopping"
+            )
+            origin = DeadLetter(self, message_id, fields, deliveries, job.job_id)
+            await self.daemon.reject(origin, reason)
+            await self._journal.forget(job.job_id, detail="dead-lettered")
+        elif claim.status == "busy" and claim.message_id == message_id:
+            # Its holder's heartbeat takes the message back; if the holder died, the
+            # message is taken over again once it has been idle for a lease.
+            log.info("redis_job_busy", **context, holder=claim.holder)
+        elif claim.status == "running" and claim.message_id == message_id:
+            pass  # running here, from this very message
+        else:  # done, or another message for a job that runs somewhere
+            log.info("redis_message_duplicate", **context, why=claim.status)
+            await self.store.ack(message_id)
+
+    async def _run(self, job: Job, spec: dict[str, Any], message_id: str, claim: Claim) -> None:
+        """Start the job from where the journal or Redis says it got, whichever is further."""
+        origin = Message(self, message_id, job.job_id)
+        at = progress_of(claim.progress)
+        self._held[job.job_id] = message_id
+        record = await self._journal.get(job.job_id)
+        if record is None and at is None:
+            admitted = await self.daemon.submit(job, spec, origin)
+            if admitted.result is Admission.STARTED:
+                return
+            record = admitted.record  # submitted meanwhile by another source
+        elif record is None:
+            await self._journal.add(job.job_id, source=SOURCE, name=message_id, spec=spec)
+            record = await self._journal.get(job.job_id)
+        if record is None:  # pragma: no cover - journaled just above
+            raise RuntimeError(f"job {job.job_id} is missing from the journal")
+        if record.terminal:  # finished here, but its outcome never reached Redis
+            outcome = (
+                Outcome.model_validate(record.outcome)
+                if record.outcome
+                else Outcome(job_id=job.job_id, state=record.state)
+            )
+            await origin.settle(outcome)
+            return
+        if at is not None:
+            record = await self._catch_up(record, at)
+        self.daemon.resume(record, origin)
+
+    async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
+        """Journal the states another consumer reached, so that the job resumes there."""
+        for state in ORDER[ORDER.index(record.state) + 1 : ORDER.index(at.state) + 1]:
+            await self._journal.advance(
+                record.job_id,
+                state,
+                flow_id=at.flow_id,
+                run_id=at.run_id if state is JobState.RUNNING else None,
+                intent_ms=at.intent_ms if state is not JobState.FLOW_READY else None,
+                detail="progress from Redis",
+            )
+        return await self._journal.get(record.job_id) or record
+
+    # -- what jobs tell Redis --------------------------------------------------------------
+
+    async def checkpoint(self, origin: Message, progress: Progress) -> None:
+        """Record the job's new state if the job is still ours; otherwise stop it right
+        here, before the action the state enables (such as the trigger)."""
+        values: dict[str, str] = {}
+        if progress.flow_id:
+            values["flow_id"] = progress.flow_id
+        if progress.run_id:
+            values["run_id"] = progress.run_id
+        if progress.intent_ms is not None:
+            values["intent_ms"] = str(progress.intent_ms)
+        try:
+            [(status, holder)] = await self.store.keep(
+                [(origin.job_id, origin.message_id)],
+                (ORDER.index(progress.state) + 1, progress.state.value),
+                values,
+            )
+        except RedisUnavailable as exc:
+            self._held.pop(origin.job_id, None)
+            self._fail(exc)
+            raise asyncio.CancelledError("Redis is unreachable") from exc
+        if status != "ok":
+            self._held.pop(origin.job_id, None)
+            log.warning(
+                "redis_job_lost",
+                job_id=origin.job_id,
+                message_id=origin.message_id,
+                state=progress.state.value,
+                why=status,
+                holder=holder,
+            )
+            # Like `daemon.abandon`, from inside the job's own task: no outcome.
+            raise asyncio.CancelledError(f"job {origin.job_id} is not this daemon's any more")
+
+    async def settle(self, origin: Message, outcome: Outcome) -> None:
+        fields = result_fields(outcome, origin.message_id, self.config.consumer)
+        try:  # (the heartbeat keeps the claim while this is retried)
+            status, result_id = await self.store.settle(
+                origin.job_id, origin.message_id, fields["outcome"], fields
+            )
+        except RedisUnavailable as exc:  # still pending: settled again at the next start
+            self._fail(exc)
+            return
+        finally:
+            self._held.pop(origin.job_id, None)
+        log.info(
+            "redis_result_published" if status == "published" else "redis_job_already_done",
+            job_id=origin.job_id,
+            message_id=origin.message_id,
+            result_id=result_id,
+        )
+
+    async def dead_letter(self, origin: DeadLetter, reason: str) -> None:
+        fields: dict[str | bytes, str | bytes] = {
+            "reason": reason,
+            "message_id": origin.message_id,
+            "stream": self.config.stream,
+            "consumer": self.config.consumer,
+            "deliveries": str(origin.deliveries),
+            "job_id": origin.job_id,
+        }
+        for name, value in list(origin.fields.items())[:MAX_COPIED_FIELDS]:
+            fields[b"field:" + name] = value
+        try:
+            entry = await self.store.dead_letter(origin.message_id, origin.job_id, fields)
+        except RedisUnavailable as exc:
+            self._fail(exc)
+            return
+        log.warning(
+            "redis_message_dead_lettered",
+            message_id=origin.message_id,
+            job_id=origin.job_id or None,
+            deliveries=origin.deliveries,
+            reason=reason,
+            entry_id=entry,
+        )
+
+    # -- keeping claims alive --------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self._clock.sleep(self.config.lease_s / 3)
+            held = [(j, m) for j, m in self._held.items() if j in self.daemon.jobs]
+            if not held:
+                continue
+            answers = await self.store.keep(held)
+            for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
+                if status == "ok" or self._held.get(job_id) != message_id:
+                    continue
+                self._held.pop(job_id, None)
+                log.warning(
+                    "redis_job_lost",
+                    job_id=job_id,
+                    message_id=message_id,
+                    why=status,
+                    holder=holder,
+                )
+                await self.daemon.abandon(job_id)
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def _reread_own(self) -> set[str]:
+        """This consumer's pending messages, read before a restart: handled again."""
+        seen: set[str] = set()
+        last = "0"
+        while entries := await self.store.read_own(last, PAGE):
+            seen.update(i for i, _ in entries)
+            await self._handle_all(entries)
+            last = entries[-1][0]
+        return seen
+
+    async def _reconcile(self, record: JobRecord) -> None:
+        """A journaled job whose message is not pending here: resume it if Redis says it is
+        still ours (its message moves back here); forget it if another daemon has it, or
+        finished it, or its message is gone (acknowledged, dead-lettered)."""
+        where = await self.store.whereabouts(record.job_id, record.name)
+        if where.finisher is None and where.holder == self.config.consumer and where.deliveries:
+            entries = await self.store.move_here(record.name)
+            for message_id, fields in entries:
+                await self._handle(message_id, fields, where.deliveries + 1)
+            if entries:
+                return
+        why = (
+            f"finished by {where.finisher}"
+            if where.finisher is not None
+            else f"taken over by {where.holder or 'the next daemon to claim it'}"
+            if where.deliveries
+            else "its message is no longer pending"
+        )
+        log.info("redis_job_handed_over", job_id=record.job_id, message_id=record.name, why=why)
+        await self._journal.forget(record.job_id, detail=why)

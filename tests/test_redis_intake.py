@@ -1,0 +1,596 @@
+"""The Redis Streams intake against a real redis-server and the emulator.
+
+Two daemons (child processes) share 500 jobs and one is killed half-way: every job finishes
+exactly once, with one trigger each. Messages that are not jobs, or keep coming back, land
+in the dead-letter stream; a finished job is not run again; a restarted daemon resumes its
+own jobs; a job another daemon took is abandoned, never triggered; a long Redis outage
+stops the daemon with 70.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from pydantic import ValidationError
+from structlog.testing import LogCapture
+from structlog.typing import EventDict
+
+from exporter.clock import SystemClock
+from exporter.daemon.config import RedisConfig
+from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon
+from exporter.daemon.journal import Journal
+from exporter.daemon.redisintake import RedisIntake
+from exporter.emulator.app import serve
+from exporter.emulator.settings import Knobs, Span
+from exporter.emulator.state import EmulatorState
+from exporter.jobs import JobState, Outcome
+from exporter.settings import load_settings
+from tests.daemon_support import kill, start_daemon, triggers_by_job, write_config
+from tests.redis_support import (
+    RedisServer,
+    pending,
+    redis_server_fixture,  # noqa: F401 - the `redis_server` fixture
+    start_redis,
+    until_entries,
+    until_field,
+)
+from tests.test_daemon_shutdown import add_fault
+
+JOBS = "aep-exporter:jobs"
+GROUP = "aep-exporter"
+RESULTS = "aep-exporter:results"
+DEAD = "aep-exporter:dead-letter"
+DEADLINE = 30.0  # real seconds: a bound on a wait for an event, never a sleep
+FAST = Knobs(
+    not_ready_window_s=0.3,
+    run_duration_s=Span(min=0.2, max=0.5),
+    latency_ms=Span(min=1, max=3),
+    seed=11,
+)
+
+
+def seed(state: EmulatorState, count: int) -> list[str]:
+    return [
+        state.lake.create_dataset("prod", f"f{i:03d}", 5, rng=random.Random(i), now_ms=0).id
+        for i in range(count)
+    ]
+
+
+def job(job_id: str, dataset: str, **changes: Any) -> dict[str, Any]:
+    base = {"id": job_id, "dataset_id": dataset, "destination": "lake", "path": f"ml/{job_id}"}
+    return {**base, **changes}
+
+
+async def submit(client: aioredis.Redis, *fields: dict[str, Any]) -> list[str]:
+    """XADD each message; a dict value is sent as the JSON job document."""
+    pipe = client.pipeline(transaction=False)
+    for message in fields:
+        pipe.xadd(
+            JOBS, {k: json.dumps(v) if isinstance(v, dict) else v for k, v in message.items()}
+        )
+    return [i.decode() for i in await pipe.execute()]
+
+
+def redis_section(server: RedisServer, consumer: str, **changes: Any) -> dict[str, Any]:
+    return {"url": server.url, "consumer": consumer, "lease_s": 2, "block_s": 0.5, **changes}
+
+
+class WatchedLogs(LogCapture):
+    """Log entries of this process as they come, with a way to wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def __call__(  # type: ignore[override]  # it raises DropEvent, as LogCapture's does
+        self, logger: Any, method_name: str, event_dict: EventDict
+    ) -> EventDict:
+        self.changed.set()
+        return super().__call__(logger, method_name, event_dict)
+
+    def named(self, event: str) -> list[EventDict]:
+        return [e for e in self.entries if e["event"] == event]
+
+    async def until(self, event: str, *, count: int = 1) -> list[EventDict]:
+        async with asyncio.timeout(DEADLINE):
+            while len(self.named(event)) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.named(event)
+
+
+@contextmanager
+def watch_logs() -> Iterator[WatchedLogs]:
+    """Like `structlog.testing.capture_logs`, with waiting."""
+    watched = WatchedLogs()
+    processors = structlog.get_config()["processors"]
+    old = processors.copy()
+    try:
+        processors.clear()
+        processors.append(watched)
+        structlog.configure(processors=processors)
+        yield watched
+    finally:
+        processors.clear()
+        processors.extend(old)
+        structlog.configure(processors=processors)
+
+
+@asynccontextmanager
+async def daemon_in_process(
+    folder: Path, url: str, server: RedisServer, consumer: str = "solo", **redis: Any
+) -> AsyncIterator[tuple[Daemon, asyncio.Task[int]]]:
+    """A daemon with the Redis intake in this process; stopped (SIGTERM-like) after."""
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    config = write_config(folder, url, redis=redis_section(server, consumer, **redis))
+    settings = load_settings(config)
+    assert settings.redis is not None
+    daemon = Daemon(settings, clock=SystemClock())
+    daemon.add_service(RedisIntake(daemon, settings.redis))
+    task = asyncio.create_task(daemon.run())
+    ready = asyncio.ensure_future(daemon.ready.wait())
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        yield daemon, task
+    finally:
+        ready.cancel()
+        daemon.stop()
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def by_job(results: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    counts = Counter(fields["job_id"] for _, fields in results)
+    assert max(counts.values(), default=1) == 1, counts.most_common(3)
+    return {fields["job_id"]: fields for _, fields in results}
+
+
+# -- the headline ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    knobs = Knobs(
+        not_ready_window_s=0.3,
+        run_duration_s=Span(min=0.2, max=1.0),
+        latency_ms=Span(min=1, max=8),
+        error_5xx_rate=0.02,
+        drop_rate=0.005,
+        seed=500,
+    )
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        datasets = seed(state, 250)
+        ids = [f"j{i:03d}" for i in range(500)]
+        # Two exports of each dataset, to two paths: 500 flows, one run each.
+        await submit(client, *({"job": job(i, datasets[n % 250])} for n, i in enumerate(ids)))
+
+        daemons = {}
+        for name in ("a", "b"):
+            await asyncio.to_thread((tmp_path / name).mkdir)
+            config = write_config(
+                tmp_path / name,
+                url,
+                aep={"rate_limit_rps": 1000},
+                daemon={"max_in_flight": 100},
+                redis=redis_section(redis_server, name),
+            )
+            daemons[name] = await start_daemon(config, tmp_path / f"{name}.log")
+        try:
+            # Half-way by the emulator's count (about twelve requests a job with these
+            # faults), a SIGKILL: the killed daemon has a hundred jobs in flight.
+            await asyncio.wait_for(state.served(3000), DEADLINE * 2)
+            assert await kill(daemons["a"]) == -signal.SIGKILL
+            results = await until_entries(client, RESULTS, 500, deadline_s=90)
+        finally:
+            codes = [await kill(r, signal.SIGTERM) for r in daemons.values()]
+        assert codes == [-signal.SIGKILL, EXIT_OK]
+
+        outcomes = by_job(results)
+        assert sorted(outcomes) == ids, "every job has exactly one result"
+        assert {o["state"] for o in outcomes.values()} == {"succeeded"}
+        finishers = Counter(o["consumer"] for o in outcomes.values())
+        assert finishers["a"] > 0, finishers
+        assert finishers["b"] > 0, finishers
+        assert await pending(client, JOBS, GROUP) == 0, "every message acknowledged"
+        assert await client.xlen(DEAD) == 0
+        assert triggers_by_job(state) == dict.fromkeys(ids, 1), "one trigger per job"
+        assert len({o["run_id"] for o in outcomes.values()}) == 500
+
+        # The survivor took the dead daemon's jobs over after the lease and resumed them
+        # from their progress (runs already going were polled, not triggered again).
+        b_events = await daemons["b"].events()
+        taken = sum(e["count"] for e in b_events if e["event"] == "redis_messages_taken_over")
+        resumed = [e for e in b_events if e["event"] == "job_resumed"]
+        assert taken > 0
+        assert any(e["state"] == "running" for e in resumed), Counter(e["state"] for e in resumed)
+        a_done = {j for j, o in outcomes.items() if o["consumer"] == "a"}
+        assert not a_done & {e["job_id"] for e in resumed}
+
+
+# -- poison, redelivery, restart -------------------------------------------------------------
+
+
+async def test_poison_messages_go_to_the_dead_letter_stream_and_good_jobs_run(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        first, second = seed(state, 2)
+        await client.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
+        # A message some other consumer took 5 times already, and left: one more is too many.
+        [tired] = await submit(client, {"job": job("tired", first)})
+        await client.xreadgroup(GROUP, "gone", {JOBS: ">"}, count=1)
+        for _ in range(4):  # four more deliveries (to consumers that died with it)
+            await client.xclaim(JOBS, GROUP, "gone", 0, [tired])
+        await client.xclaim(JOBS, GROUP, "gone", 0, [tired], idle=10**8, justid=True)
+        poison: dict[str, dict[str, Any]] = {
+            "invalid JSON at line 1, column 2": {"job": b"{not json"},
+            "no 'job' field (fields: payload)": {"payload": b"{}"},
+            "not UTF-8 text": {"job": b"\xff\xfe{}"},
+            "the limit is 1048576 bytes": {"job": b" " * 1_048_577},
+            "dataset_id: must be an AEP dataset id": {"job": job("bad", "not a dataset!")},
+            "destination: unknown destination 'nowhere'": {
+                "job": {**job("lost", first), "destination": "nowhere"}
+            },
+        }
+        good = [{"job": job("good-1", first)}, {"job": job("good-2", second)}]
+        sent = await submit(client, good[0], *poison.values(), good[1])
+
+        async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=60):
+            dead = await until_entries(client, DEAD, len(poison) + 1, deadline_s=DEADLINE)
+            results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
+
+        reasons = {fields["message_id"]: fields for _, fields in dead}
+        for (expected, message), message_id in zip(poison.items(), sent[1:-1], strict=True):
+            entry = reasons[message_id]
+            assert expected in entry["reason"], entry["reason"]
+            for name, value in message.items():  # the original fields, as they were sent
+                sent_value = json.dumps(value) if isinstance(value, dict) else value
+                got = entry[f"field:{name}"]
+                assert (got.encode() if isinstance(got, str) else got) == (
+                    sent_value.encode() if isinstance(sent_value, str) else sent_value
+                )
+        assert "delivered 6 times (max_deliveries is 5)" in reasons[tired]["reason"]
+        assert reasons[tired]["job_id"] == "tired"
+        assert {r["consumer"] for r in reasons.values()} == {"solo"}
+        assert {f["job_id"]: f["state"] for _, f in results} == {
+            "good-1": "succeeded",
+            "good-2": "succeeded",
+        }
+        assert await pending(client, JOBS, GROUP) == 0, "poison is acknowledged, too"
+        assert triggers_by_job(state) == {"good-1": 1, "good-2": 1}
+
+
+async def test_a_finished_job_is_not_run_again(tmp_path: Path, redis_server: RedisServer) -> None:
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        first, second = seed(state, 2)
+        [original] = await submit(client, {"job": job("once", first)})
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server):
+                await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                # Submitted again (a producer's retry), and the first message redelivered
+                # as if its acknowledgement had been lost (FORCE puts it back, idle).
+                await submit(client, {"job": job("once", first)})
+                await client.xclaim(JOBS, GROUP, "gone", 0, [original], idle=10**8, force=True)
+                duplicates = await logs.until("redis_message_duplicate", count=2)
+                await submit(client, {"job": job("after", second)})
+                results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
+
+    assert {d["why"] for d in duplicates} == {"done"}
+    assert {d["message_id"] for d in duplicates} >= {original}
+    assert [f["job_id"] for _, f in results] == ["once", "after"]
+    assert await pending(client, JOBS, GROUP) == 0
+    assert triggers_by_job(state) == {"once": 1, "after": 1}
+
+
+async def test_an_outcome_journaled_but_not_published_is_published_at_restart(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The daemon died between journaling an outcome and telling Redis: its next start
+    publishes the journaled outcome and runs nothing."""
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        await client.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
+        [message_id] = await submit(client, {"job": job("told", dataset)})
+        await client.xreadgroup(GROUP, "solo", {JOBS: ">"}, count=1)
+        journal = await Journal.open(tmp_path / "d" / "state")
+        spec = {"id": "told", "dataset_id": dataset, "destination": "lake", "path": "ml/told"}
+        await journal.add("told", source="redis", name=message_id, spec=spec)
+        for step in (JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING):
+            await journal.advance("told", step, flow_id="f-1", run_id="r-1", intent_ms=1)
+        await journal.finish(
+            Outcome(job_id="told", state=JobState.SUCCEEDED, flow_id="f-1", run_id="r-1", files=2)
+        )
+        await journal.close()
+
+        async with daemon_in_process(tmp_path / "d", url, redis_server):
+            [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+        assert (result["job_id"], result["state"], result["run_id"]) == ("told", "succeeded", "r-1")
+        assert json.loads(result["outcome"])["files"] == 2
+        assert await pending(client, JOBS, GROUP) == 0
+        assert list(state.all_runs()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_restarted_daemon_resumes_its_own_jobs(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=3, max=3), seed=5)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        ids = [f"r{i}" for i in range(8)]
+        datasets = seed(state, len(ids))
+        await submit(client, *({"job": job(i, d)} for i, d in zip(ids, datasets, strict=True)))
+        # Default lease (60 s): the restarted daemon resumes its jobs at once, as their
+        # holder, rather than waiting for a lease to lapse.
+        config = write_config(tmp_path, url, redis=redis_section(redis_server, "solo", lease_s=60))
+        first = await start_daemon(config, tmp_path / "first.log")
+        try:
+            await first.until("run_triggered", count=len(ids), deadline_s=DEADLINE)
+        finally:
+            await kill(first)
+        assert await pending(client, JOBS, GROUP) == len(ids)
+        again = await start_daemon(config, tmp_path / "again.log")
+        try:
+            results = await until_entries(client, RESULTS, len(ids), deadline_s=DEADLINE)
+        finally:
+            assert await kill(again, signal.SIGTERM) == EXIT_OK
+        resumed = [e for e in await again.events() if e["event"] == "job_resumed"]
+        assert sorted(e["job_id"] for e in resumed) == ids
+        assert {e["state"] for e in resumed} <= {"triggering", "running"}
+        assert {f["state"] for f in by_job(results).values()} == {"succeeded"}
+        assert await pending(client, JOBS, GROUP) == 0
+        assert triggers_by_job(state) == dict.fromkeys(ids, 1)
+
+
+async def test_a_dead_daemons_jobs_are_resumed_from_their_progress(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What a daemon that died leaves in Redis: jobs at some state, their locks lapsed, their
+    messages idle. Another resumes them from there; one whose lock is still held is left."""
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        datasets = seed(state, 3)
+        await client.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
+        names = ["at-flow", "triggering", "held"]
+        sent = await submit(
+            client, *({"job": job(n, d)} for n, d in zip(names, datasets, strict=True))
+        )
+        await client.xreadgroup(GROUP, "dead", {JOBS: ">"}, count=3)
+        await client.xclaim(JOBS, GROUP, "dead", 0, list[Any](sent), idle=10**8, justid=True)
+        left: dict[str, dict[str, str | int]] = {
+            "at-flow": {"state": "flow_ready", "rank": 2, "flow_id": "gone-flow"},
+            # It journaled its trigger intent, and died before sending the trigger.
+            "triggering": {"state": "triggering", "rank": 3, "intent_ms": int(time.time() * 1000)},
+            "held": {"state": "flow_ready", "rank": 2},
+        }
+        for (name, progress), message_id in zip(left.items(), sent, strict=True):
+            hash_fields: dict[Any, Any] = {"owner": "dead", "message_id": message_id, **progress}
+            await client.hset(f"{JOBS}:progress:{name}", mapping=hash_fields)
+        await client.set(f"{JOBS}:lock:held", "alive", px=60_000)  # alive, if slow
+
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=60):
+                results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
+                [busy] = await logs.until("redis_job_busy")
+        resumed = {e["job_id"]: e["state"] for e in logs.named("job_resumed")}
+        assert resumed == {"at-flow": "flow_ready", "triggering": "triggering"}
+        assert (busy["job_id"], busy["holder"]) == ("held", "alive")
+        assert {f["job_id"]: f["state"] for _, f in results} == {
+            "at-flow": "succeeded",
+            "triggering": "succeeded",
+        }
+        assert triggers_by_job(state) == {"at-flow": 1, "triggering": 1}
+        left_pending: Any = await client.xpending_range(JOBS, GROUP, "-", "+", 10)
+        assert [(e["message_id"].decode(), e["consumer"]) for e in left_pending] == [
+            (sent[2], b"solo")  # its holder's heartbeat takes it back, or a later takeover
+        ]
+
+
+async def test_a_deleted_stream_is_made_again_and_read(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server):
+                await client.delete(JOBS)  # with its group, under a blocked read
+                await logs.until("redis_group_missing")
+                await submit(client, {"job": job("again", dataset)})
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+        assert result["state"] == "succeeded"
+        assert await pending(client, JOBS, GROUP) == 0
+
+
+# -- losing a job to another daemon ----------------------------------------------------------
+
+
+async def stopped(daemon: Daemon, job_id: str, task: asyncio.Task[None]) -> bool:
+    """Whether the job's task ended cancelled (without an outcome) and left the daemon."""
+    async with asyncio.timeout(DEADLINE):
+        await asyncio.gather(task, return_exceptions=True)
+    return task.cancelled() and job_id not in daemon.jobs
+
+
+async def test_a_job_whose_lock_was_taken_is_never_triggered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        # The flow's creation is held a moment: meanwhile another daemon takes the job.
+        # (A long lease: the heartbeat, which would notice it too, stays out of the way.)
+        folder = tmp_path / "d"
+        async with daemon_in_process(folder, url, redis_server, lease_s=60) as (daemon, _):
+            await add_fault(url, {"action": "delay", "op": "flows.create", "delay_ms": 1500})
+            with watch_logs() as logs:
+                before = state.arrivals
+                await submit(client, {"job": job("taken", dataset)})
+                await state.received(before + 1)  # the job has started: its lock is held
+                task = daemon.jobs["taken"]
+                await client.set(f"{JOBS}:lock:taken", "intruder", px=60_000)
+                [lost] = await logs.until("redis_job_lost")
+            assert (lost["state"], lost["holder"]) == ("flow_ready", "intruder")
+            assert await stopped(daemon, "taken", task)
+        assert list(state.all_runs()) == []
+        assert await pending(client, JOBS, GROUP) == 1, "the intruder's to settle now"
+        assert await client.xlen(RESULTS) == 0
+
+
+async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_restart_forgets_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=3)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        folder = tmp_path / "d"
+        [message_id] = await submit(client, {"job": job("long", dataset)})
+        with watch_logs() as logs:
+            async with daemon_in_process(folder, url, redis_server, lease_s=1.5) as (daemon, _):
+                # Once its last checkpoint is past, only the heartbeat can notice.
+                progress = f"{JOBS}:progress:long"
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+                task = daemon.jobs["long"]
+                await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
+                [lost] = await logs.until("redis_job_lost")
+                assert "state" not in lost, "found by the heartbeat, not a checkpoint"
+                assert (lost["why"], lost["holder"]) == ("lost", "intruder")
+                assert await stopped(daemon, "long", task)
+            # The intruder takes the message, as a takeover would.
+            await client.xclaim(JOBS, GROUP, "intruder", 0, [message_id])
+            async with daemon_in_process(folder, url, redis_server, lease_s=1.5) as (daemon, _):
+                [handed] = logs.named("redis_job_handed_over")
+                assert daemon.journal is not None
+                assert await daemon.journal.get("long") is None
+        assert handed["why"] == "taken over by intruder"
+        assert await client.xlen(RESULTS) == 0
+        assert triggers_by_job(state) == {"long": 1}
+
+
+# -- Redis going away ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_settles(
+    tmp_path: Path,
+) -> None:
+    """Redis goes away while a job runs: the job ends and journals its outcome, the daemon
+    retries for `outage_s` and exits 70; with Redis back, the next start publishes that
+    outcome from its journal, without running the job again. No secret reaches the logs."""
+    secret = "s3cret-redis-password"
+    folder = tmp_path / "redis"
+    server = await start_redis(folder, password=secret, persist=True)
+    (tmp_path / "redis_password").write_text(secret + "\n")
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=1, max=1), seed=9)
+    redis: dict[str, Any] = {"password_file": "redis_password", "outage_s": 3.0, "lease_s": 60}
+    progress = f"{JOBS}:progress:outlived"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        await submit(server.client, {"job": job("outlived", dataset)})
+        try:
+            with watch_logs() as logs:
+                async with daemon_in_process(tmp_path, url, server, **redis) as (_, task):
+                    await until_field(
+                        server.client, progress, "state", "running", deadline_s=DEADLINE
+                    )
+                    await client_kill(server)  # a dropped connection is retried at once
+                    await server.stop()  # an outage is not
+                    async with asyncio.timeout(DEADLINE):
+                        code = await task
+                [finished] = logs.named("job_finished")
+                unreachable = logs.named("redis_unreachable")
+                died = logs.named("task_died")
+                server = await start_redis(folder, password=secret, persist=True, port=server.port)
+                async with daemon_in_process(tmp_path, url, server, **redis):
+                    [(_, result)] = await until_entries(
+                        server.client, RESULTS, 1, deadline_s=DEADLINE
+                    )
+                    assert await pending(server.client, JOBS, GROUP) == 0
+        finally:
+            await server.stop()
+    assert code == EXIT_SOFTWARE
+    assert [d["task"] for d in died] == ["redis"]
+    assert "RedisUnavailable" in died[0]["error"]
+    assert logs.named("redis_retrying")
+    assert {u["url"] for u in unreachable} == {server.url}
+    assert finished["state"] == "succeeded"
+    assert (result["job_id"], result["state"]) == ("outlived", "succeeded")
+    assert result["run_id"] == finished["run_id"]
+    assert triggers_by_job(state) == {"outlived": 1}
+    assert secret not in repr(logs.entries)
+
+
+async def client_kill(server: RedisServer) -> None:
+    admin = aioredis.Redis(host="127.0.0.1", port=server.port, password=server.password)
+    try:
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+        )
+    finally:
+        await admin.aclose()
+
+
+async def test_a_wrong_password_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    server = await start_redis(tmp_path / "redis", password="the-right-one")
+    try:
+        url = f"redis://:the-wrong-one@127.0.0.1:{server.port}/0"
+        config = RedisConfig(url=url, consumer="c")
+        assert config.safe_url == f"redis://:***@127.0.0.1:{server.port}/0"
+        async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (emu, _):
+            settings = load_settings(write_config(tmp_path, emu, redis={"url": url}))
+            daemon = Daemon(settings, clock=SystemClock())
+            assert settings.redis is not None
+            daemon.add_service(RedisIntake(daemon, settings.redis))
+            with watch_logs() as logs, pytest.raises(RuntimeError, match="refused us") as err:
+                await daemon.run()
+        assert "the-wrong-one" not in str(err.value)
+        assert "the-wrong-one" not in repr(logs.entries)
+    finally:
+        await server.stop()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-a-file\n")
+    config = RedisConfig.model_validate({"password_file": str(tmp_path / "pw")})
+    assert config.password is not None
+    assert config.password.get_secret_value() == "from-a-file"
+    assert "from-a-file" not in repr(config)
+    assert config.consumer  # the host name by default
+    assert config.safe_url == "redis://127.0.0.1:6379/0"
+    bad = {
+        "password or password_file, not both": {
+            "password": "x",
+            "password_file": str(tmp_path / "pw"),
+        },
+        "must start with redis://": {"url": "http://localhost"},
+        "must differ": {"results_stream": "aep-exporter:jobs"},
+        "keep one": {"url": "redis://:pw@h:1/0", "password_file": str(tmp_path / "pw")},
+    }
+    for expected, values in bad.items():
+        with pytest.raises(ValidationError, match=expected):
+            RedisConfig.model_validate(values)
