@@ -22,7 +22,13 @@ from pydantic_settings import (
 )
 
 from exporter.aepclient.config import AepConfig
-from exporter.daemon.config import DaemonConfig, LogConfig
+from exporter.daemon.config import (
+    AdminConfig,
+    DaemonConfig,
+    LogConfig,
+    RedisConfig,
+    ScheduleConfig,
+)
 from exporter.destinations import Destination, read_secret
 from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
@@ -44,6 +50,10 @@ class Settings(BaseSettings):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     daemon: DaemonConfig = DaemonConfig()
     log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
+    redis: RedisConfig | None = None
+    """The Redis Streams intake; off unless a [redis] section is given."""
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -78,6 +88,12 @@ class Settings(BaseSettings):
             data["daemon"] = {
                 k: (str(cls._resolve(v)) if k.endswith("_dir") else v) for k, v in daemon.items()
             }
+        admin = data.get("admin")
+        if isinstance(admin, Mapping) and "token_file" in admin:
+            data["admin"] = {**admin, "token_file": str(cls._resolve(admin["token_file"]))}
+        redis = data.get("redis")
+        if isinstance(redis, Mapping) and "password_file" in redis:
+            data["redis"] = {**redis, "password_file": str(cls._resolve(redis["password_file"]))}
         dests = data.get("destinations")
         if isinstance(dests, Mapping):
             data["destinations"] = {
@@ -89,6 +105,22 @@ class Settings(BaseSettings):
                 for name, dest in dests.items()
             }
         return data
+
+    @model_validator(mode="after")
+    def _schedules(self) -> Settings:
+        names = [s.name for s in self.schedules]
+        problems = [
+            f"schedule {n!r} is declared twice" for n in sorted(set(names)) if names.count(n) > 1
+        ]
+        problems += [
+            f"schedule {s.name!r}: unknown destination {s.job.destination!r}; configured: "
+            f"{', '.join(sorted(self.destinations)) or 'none'}"
+            for s in self.schedules
+            if s.job.destination not in self.destinations
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @classmethod
     def _resolve(cls, value: Any) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 
 import watchfiles
 
+from exporter.daemon.systemd import VARIABLES as NOTIFY_VARIABLES
 from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.emulator.state import EmulatorState
 
@@ -49,6 +50,7 @@ def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:
             "shutdown_grace_s": 2,
         },
         "log": {"format": "json", "level": "info"},
+        "admin": {"port": 0},  # several daemons run at once: each takes a free port
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -99,7 +101,10 @@ class Running:
         self._changed.set()
 
 
-async def start_daemon(config: Path, log: Path) -> Running:
+async def start_daemon(config: Path, log: Path, env: dict[str, str] | None = None) -> Running:
+    """`env` adds to this process's environment; systemd's notify variables are not passed
+    on unless given there (pytest itself may run under systemd)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in NOTIFY_VARIABLES}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -109,7 +114,7 @@ async def start_daemon(config: Path, log: Path) -> Running:
         str(config),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**inherited, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     running = Running(proc, log)
     running._reader = asyncio.create_task(running._read())

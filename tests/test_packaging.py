@@ -25,9 +25,10 @@ from pydantic import BaseModel
 
 from exporter.aepclient.config import AepConfig
 from exporter.cli import build_parser
-from exporter.daemon.cli import cmd_status
-from exporter.daemon.config import DaemonConfig, LogConfig
+from exporter.daemon.config import AdminConfig, DaemonConfig, LogConfig
 from exporter.daemon.daemon import EXIT_CONFIG
+from exporter.daemon.probe import cmd_probe
+from exporter.daemon.systemd import STATUS_EVERY_S
 from exporter.engine.config import EngineConfig
 from exporter.settings import SECRET_NAME, load_settings
 
@@ -201,7 +202,7 @@ def test_the_healthcheck_runs_a_command_that_exists(stages: list[list[Instructio
     argv = check.exec_form()
     assert argv[0] == "aep-exporter"
     assert argv[1] in commands_in_help()
-    assert build_parser().parse_args(argv[1:]).func is cmd_status
+    assert build_parser().parse_args(argv[1:]).func is cmd_probe
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
@@ -359,8 +360,20 @@ def test_the_unit_starts_the_daemon_with_the_system_config(service: dict[str, li
     program, *args = exec_start.split()
     assert program.endswith("/bin/aep-exporter")
     assert args == ["run", "--config", SYSTEM_CONFIG]
-    # Type=notify would hang the start until the daemon sends READY=1 (the next issue).
-    assert service["Type"] == ["exec"]
+    # The daemon itself (the main process) notifies: tests/test_systemd.py checks what it says.
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+
+
+def test_the_unit_reloads_with_sighup_and_has_the_daemon_watched(
+    service: dict[str, list[str]],
+) -> None:
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    (watchdog,) = service["WatchdogSec"]
+    # A ping goes every STATUS_EVERY_S (or half the timeout, if shorter): a few may be late
+    # (a long collection, a slow moment) before systemd calls the daemon hung.
+    assert watchdog.endswith("s")
+    assert float(watchdog.removesuffix("s")) >= 4 * STATUS_EVERY_S
 
 
 @pytest.mark.usefixtures("clean_environment")
@@ -452,8 +465,9 @@ def test_the_units_exposure_is_at_most_2() -> None:
 
 
 def test_the_unit_verifies(tmp_path: Path) -> None:
-    """`systemd-analyze verify` in a scratch root holding the host's targets and a stand-in
-    for the program at ExecStart= (verify insists that it exists). Any warning fails."""
+    """`systemd-analyze verify` in a scratch root holding the host's targets and stand-ins
+    for the programs at ExecStart= and ExecReload= (verify insists that they exist). Any
+    warning fails."""
     analyze = systemd_analyze()
     units = next(
         (
@@ -471,10 +485,11 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
         shutil.copy(target, root / "usr/lib/systemd/system" / target.name)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(UNIT, root / "etc/systemd/system" / UNIT.name)
-    program = root / parse_unit(UNIT)["Service"]["ExecStart"][0].split()[0].lstrip("/")
-    program.parent.mkdir(parents=True)
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
+    for command in ("ExecStart", "ExecReload"):
+        program = root / parse_unit(UNIT)["Service"][command][0].split()[0].lstrip("/")
+        program.parent.mkdir(parents=True, exist_ok=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
     result = subprocess.run(  # noqa: S603 - fixed arguments
         [analyze, "verify", f"--root={root}", "--man=no", "--generators=no", UNIT.name],
         capture_output=True,
@@ -493,6 +508,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineConfig,
     "daemon": DaemonConfig,
     "log": LogConfig,
+    "admin": AdminConfig,
 }
 FAKE_SECRETS = {
     "s3-secret-access-key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
@@ -566,9 +582,11 @@ def test_the_example_documents_every_setting_with_its_true_default() -> None:
         expected = set(model.model_fields)
         if name == "aep":  # the secret itself never goes in the file: the file holding it does
             expected = expected - {"client_secret"} | {"client_secret_file"}
+        if name == "admin":  # likewise the admin token
+            expected = expected - {"token"} | {"token_file"}
         assert set(shown[name]) == expected, f"[{name}]"
         for key, value in shown[name].items():
-            if key == "client_secret_file" or key in active[name]:
+            if key in ("client_secret_file", "token_file") or key in active[name]:
                 continue
             default = model.model_fields[key].default
             if isinstance(default, Path):

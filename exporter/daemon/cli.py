@@ -1,5 +1,6 @@
 """`aep-exporter run`, `status` and `validate`: the daemon's commands.
 
+SIGHUP makes `run` re-read destinations and schedules from its config file.
 Exit codes of `run`: 0 stopped cleanly (SIGTERM or SIGINT), 2 configuration error,
 70 a supervised task died, 128+N a second signal N forced an immediate exit.
 """
@@ -11,6 +12,8 @@ import asyncio
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from rich.table import Table
 from exporter.clock import SystemClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.daemon import EXIT_CONFIG
-from exporter.daemon.journal import FILE_NAME, summary
+from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
+from exporter.daemon.schedules import status_table
 from exporter.daemon.spool import Rejected, Spool
 from exporter.errors import ConfigError
 from exporter.logs import configure_logging
@@ -34,7 +38,8 @@ def add_parsers(subparsers: Any) -> None:
         "run",
         help="run the daemon: export jobs from the spool until stopped",
         description="Claim job files from the spool, export them, write results beside them. "
-        "SIGTERM or SIGINT stops it gracefully (a second one at once). Exit codes: 0 stopped, "
+        "SIGTERM or SIGINT stops it gracefully (a second one at once); SIGHUP reloads "
+        "destinations and schedules. Exit codes: 0 stopped, "
         "2 configuration error, 70 internal failure, 128+N forced by a second signal N.",
     )
     add_config_argument(run)
@@ -72,26 +77,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     fmt = settings.log.format
     configure_logging(settings.log.level, json=None if fmt == "auto" else fmt == "json")
-    return asyncio.run(_run(settings))
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    return asyncio.run(
+        _run(settings, reread=lambda: load_settings(args.config, credentials_directory=credentials))
+    )
 
 
-async def _run(settings: Settings) -> int:
+async def _run(settings: Settings, reread: Callable[[], Settings] | None = None) -> int:
+    """Run the daemon: SIGTERM and SIGINT stop it, SIGHUP reloads with `reread`."""
     daemon = build_daemon(settings, clock=SystemClock())
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
+    reloads: set[asyncio.Task[bool | None]] = set()
 
     def on_signal(signum: int) -> None:
         if daemon.stopping:
             os._exit(128 + signum)  # the second signal: no more waiting
         daemon.stop()
 
+    def on_hangup() -> None:
+        if reread is not None:
+            task = asyncio.create_task(daemon.reload(reread), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         return await daemon.run()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         for sig in signals:
             loop.remove_signal_handler(sig)
+        for task in reloads:
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -124,6 +145,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             outcome.get("message", "") or (record.run_id or ""),
         )
     out.print(latest)
+    if settings.schedules:
+        out.print(status_table(settings.schedules, schedule_slots(path), now=time.time()))
     return 0
 
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from exporter.destinations import read_secret
+from exporter.jobs import Job
 
 
 class DaemonConfig(BaseModel):
@@ -31,3 +42,216 @@ class LogConfig(BaseModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     """auto: JSON lines unless standard error is a terminal."""
+
+
+class RedisConfig(BaseModel):
+    """Redis Streams intake (`exporter/daemon/redisintake.py`): jobs from a consumer group,
+    outcomes to a results stream, messages that are not jobs to a dead-letter stream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis://, rediss:// (TLS) or unix://; put the password in `password_file`."""
+    password: SecretStr | None = None
+    """Given as `password_file` (a secret file); never logged."""
+    stream: str = Field(default="aep-exporter:jobs", min_length=1)
+    """Producers XADD jobs here: the field `job` holds the job document (JSON)."""
+    group: str = Field(default="aep-exporter", min_length=1)
+    consumer: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    """This daemon's name in the group: the same across its restarts (it finds its own
+    pending messages by it), different for every daemon on the stream."""
+    results_stream: str = Field(default="aep-exporter:results", min_length=1)
+    dead_letter_stream: str = Field(default="aep-exporter:dead-letter", min_length=1)
+    lease_s: float = Field(default=60.0, ge=0.5, le=3600)
+    """A daemon silent for this long loses its jobs to the others; a live one renews its
+    claims every third of it."""
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
+    """A message delivered more often (taken over from daemons that died with it) goes to
+    the dead-letter stream."""
+    read_count: int = Field(default=100, ge=1, le=10_000)
+    """Messages read at once, never more than the daemon has room for."""
+    block_s: float = Field(default=5.0, gt=0, le=60)
+    """How long one read waits for new messages."""
+    outage_s: float = Field(default=120.0, gt=0)
+    """How long Redis may be unreachable before the daemon gives up (exit 70; systemd
+    restarts it, and it picks up where it was)."""
+    done_ttl_s: float = Field(default=7 * 86400.0, ge=60)
+    """How long a finished job id is remembered: a redelivery or a duplicate within it is
+    acknowledged without running again."""
+    results_maxlen: int = Field(default=1_000_000, ge=1000)
+    """The results and dead-letter streams are trimmed to about this many entries."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password_file" in data:
+            data = dict(data)
+            if data.get("password") is not None:
+                raise ValueError("give either password or password_file, not both")
+            data["password"] = read_secret(Path(str(data.pop("password_file"))))
+        return data
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RedisConfig:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        if parts.password and self.password is not None:
+            raise ValueError("the url holds a password and password_file gives one: keep one")
+        names = [self.stream, self.results_stream, self.dead_letter_stream]
+        if len(set(names)) != len(names):
+            raise ValueError("stream, results_stream and dead_letter_stream must differ")
+        return self
+
+    @property
+    def safe_url(self) -> str:
+        """The url for logs and errors: a password in it is replaced by ***."""
+        parts = urlsplit(self.url)
+        if not parts.password:
+            return self.url
+        host = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` reaches this machine only: 127.0.0.0/8, ::1 or localhost."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name (or "", every interface): assume it is reachable
+
+
+class AdminConfig(BaseModel):
+    """The admin server: /healthz, /readyz, /metrics and the /v1/jobs API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Loopback by default; any other address requires `token_file`."""
+    port: int = Field(default=9464, ge=0, le=65535)
+    """0 picks a free port; the bound one is logged (`admin_listening`)."""
+    token: SecretStr | None = None
+    """A bearer token; give it as `token_file` (a secret file) rather than inline."""
+    loop_stall_s: float = Field(default=5.0, gt=0)
+    """/healthz fails when the event loop was blocked longer than this..."""
+    loop_stall_window_s: float = Field(default=30.0, gt=0)
+    """...at any time within this many seconds (a stall between two probes is seen)."""
+    check_timeout_s: float = Field(default=2.0, gt=0)
+    """Deadline of each /readyz check (AEP token, journal)."""
+    max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token_file" in data:
+            data = dict(data)
+            if data.get("token") is not None:
+                raise ValueError("give either token or token_file, not both")
+            data["token"] = read_secret(Path(str(data.pop("token_file"))))
+        return data
+
+    @model_validator(mode="after")
+    def _guarded(self) -> AdminConfig:
+        if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the admin token must be at least {MIN_TOKEN_CHARS} characters")
+        if self.enabled and self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address, so the admin server needs a "
+                "bearer token: set admin.token_file to a file holding one (at least "
+                f"{MIN_TOKEN_CHARS} characters), or bind admin.host to 127.0.0.1"
+            )
+        return self
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+SCHEDULE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class ScheduleConfig(BaseModel):
+    """A recurring export, `[[schedules]]`: a trigger (cron or interval) and a job template.
+
+    Each fire is a job with the id `<name>@<slot time in UTC>`, so a slot fired twice is one
+    job. The destination the template names is checked against `destinations` by Settings.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=SCHEDULE_NAME)
+    """Letters, digits and . _ - (up to 100): part of every job id the schedule makes."""
+    cron: str | None = None
+    """Five crontab fields, minute hour day-of-month month day-of-week, in `timezone`."""
+    interval_s: int | None = Field(default=None, ge=1, le=366 * 86400)
+    """Or every this many seconds, counted from the Unix epoch (3600: on the hour), so every
+    daemon and every restart sees the same slots."""
+    timezone: str = "UTC"
+    """The IANA time zone `cron` is read in (e.g. Europe/Berlin)."""
+    job: Job
+    """The job each fire submits: a job document's fields without `id`."""
+    misfire_grace_s: int = Field(default=300, ge=0)
+    """A slot noticed later than this (the daemon was down, the machine asleep) is skipped."""
+    coalesce: bool = True
+    """Several slots due at once fire once, for the latest; false: each in turn."""
+    enabled: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name: UTC, Europe/Berlin)"
+            ) from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _crontab(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"a cron expression has 5 fields (minute hour day month weekday), not {len(fields)}"
+            )
+        if any(c.isdigit() for c in fields[4]):
+            # APScheduler 3 counts weekdays from Monday = 0, crontab from Sunday = 0: a
+            # number would silently shift the day.
+            raise ValueError("name days of the week (mon-fri, sat,sun), do not number them")
+        try:
+            trigger = CronTrigger.from_crontab(value, timezone=UTC)
+        except ValueError as exc:
+            raise ValueError(f"not a valid cron expression: {exc}") from None
+        if trigger.get_next_fire_time(None, EPOCH) is None:
+            raise ValueError(f"the cron expression {value!r} never fires")
+        return " ".join(fields)
+
+    @field_validator("job")
+    @classmethod
+    def _no_id(cls, value: Job) -> Job:
+        if value.id is not None:
+            raise ValueError("a schedule names its jobs <schedule>@<slot time>: remove job.id")
+        return value
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("give exactly one of cron and interval_s")
+        return self
+
+    def trigger(self) -> BaseTrigger:
+        if self.cron is not None:
+            return CronTrigger.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
+        return IntervalTrigger(seconds=self.interval_s, start_date=EPOCH, timezone=UTC)
+
+    def describe(self) -> str:
+        if self.cron is not None:
+            return f"cron {self.cron} ({self.timezone})"
+        return f"every {self.interval_s} s"

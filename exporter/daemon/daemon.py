@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -34,6 +34,7 @@ from exporter.clock import Clock
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.spool import Parsed, Rejected, Spool
 from exporter.engine import Engine, Progress
+from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings
@@ -43,6 +44,7 @@ log = structlog.get_logger("exporter.daemon")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_SOFTWARE = 70  # a supervised task died
+RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
 
 
 @dataclass
@@ -136,6 +138,16 @@ class Service(Protocol):
         ...
 
 
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """A service that takes part of a reload (the scheduler takes the new schedules)."""
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Use `settings` (already validated) from now on; synchronous, so that a reload is
+        applied whole within one turn of the event loop."""
+        ...
+
+
 class Admission(enum.Enum):
     STARTED = "started"
     DUPLICATE = "duplicate"  # the job id is known already: see `Admitted.record`
@@ -159,7 +171,9 @@ class Daemon:
     def __init__(self, settings: Settings, *, clock: Clock, api: HttpAep | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.api = api or HttpAep.from_config(settings.aep, clock=clock)
+        self.metrics = Metrics()
+        self.metrics.jobs_in_flight_limit.set(settings.daemon.max_in_flight)
+        self.api = api or HttpAep.from_config(settings.aep, clock=clock, metrics=self.metrics)
         self.engine = Engine(
             self.api,
             settings.destinations,
@@ -167,6 +181,7 @@ class Daemon:
             org_id=settings.aep.org_id,
             sandbox=settings.aep.sandbox,
             clock=clock,
+            metrics=self.metrics,
         )
         config = settings.daemon
         self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
@@ -178,7 +193,6 @@ class Daemon:
         self.ready = asyncio.Event()
         self.filed = asyncio.Condition()
         """Notified after each job's outcome is settled with its source (`counts.filed`)."""
-        self.metrics = Metrics()
         self.on_finished: list[Callable[[Outcome], None]] = []
         """Called after each outcome is journaled and settled (metrics, notifications)."""
         self.on_stopping: list[Callable[[], None]] = []
@@ -193,6 +207,8 @@ class Daemon:
         self._cancelled: dict[str, str] = {}
         self._settling: set[asyncio.Future[None]] = set()
         self._exit = EXIT_OK
+        self._reload_lock = asyncio.Lock()
+        self._reload_queued = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -209,6 +225,82 @@ class Daemon:
 
     def add_service(self, service: Service) -> None:
         self.services.append(service)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self, load: Callable[[], Settings]) -> bool | None:
+        """Re-read the configuration (SIGHUP): `load` returns new settings or raises
+        `ConfigError`. New destinations and schedules apply to jobs that start from now on;
+        jobs in flight go on undisturbed; other changed sections are logged as needing a
+        restart. A configuration that does not load is refused and the old one kept.
+
+        Returns whether the new configuration was taken; None when the daemon is stopping, or
+        when a reload is already waiting to start: that one reads the newest file."""
+        if self._reload_queued:
+            log.info("reload_coalesced")
+            return None
+        self._reload_queued = True
+        try:
+            await self._reload_lock.acquire()
+        finally:
+            self._reload_queued = False
+        try:
+            if not self.ready.is_set():  # a SIGHUP during start: reload once running
+                ready = asyncio.ensure_future(self.ready.wait())
+                stopping = asyncio.ensure_future(self._stopping.wait())
+                try:
+                    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ready.cancel()
+                    stopping.cancel()
+            if self.stopping:
+                return None
+            return await self._reload(load)
+        finally:
+            self._reload_lock.release()
+
+    async def _reload(self, load: Callable[[], Settings]) -> bool:
+        for hook in self.on_reloading:
+            hook()
+        log.info("reload_started")
+        ok = False
+        try:
+            new = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            log.error("reload_refused", reason=str(exc))
+        except Exception as exc:
+            log.exception("reload_refused", reason=f"internal error: {exc!r}")
+        else:
+            self._apply(new)
+            ok = True
+        finally:
+            for report in self.on_reloaded:
+                report(ok)
+        return ok
+
+    def _apply(self, new: Settings) -> None:
+        old = self.settings
+        restart = sorted(
+            name
+            for name in Settings.model_fields
+            if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
+        )
+        self.settings = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
+        self.engine.use_destinations(self.settings.destinations)
+        for service in self.services:
+            if isinstance(service, Reconfigurable):
+                service.reconfigure(self.settings)
+        before, after = old.destinations, new.destinations
+        log.info(
+            "reload_done",
+            destinations_added=sorted(after.keys() - before.keys()),
+            destinations_removed=sorted(before.keys() - after.keys()),
+            destinations_changed=sorted(
+                n for n in before.keys() & after.keys() if before[n] != after[n]
+            ),
+        )
+        if restart:
+            log.warning("reload_needs_restart", sections=restart)
 
     async def run(self) -> int:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
@@ -277,6 +369,7 @@ class Daemon:
         for task in self.jobs.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
+        await self.engine.stop()  # and the flow setups jobs were sharing
         if self._settling:  # outcomes being written when the stop came are written whole
             await asyncio.gather(*self._settling, return_exceptions=True)
         left = await self.api.transport.drain(self.settings.daemon.shutdown_grace_s)
@@ -285,7 +378,6 @@ class Daemon:
                 await service.close()
             except Exception:
                 log.exception("service_close_failed", service=service.name)
-        await self.engine.stop()
         await self.api.aclose()
         if self.journal is not None:
             await self.journal.close()
@@ -312,7 +404,8 @@ class Daemon:
         )
         if not added:
             return Admitted(Admission.DUPLICATE, await self.journal.get(job.job_id))
-        self._start(job, origin, None)
+        if not self.stopping:  # a stop began meanwhile: journaled, the next start resumes it
+            self._start(job, origin, None)
         return Admitted(Admission.STARTED)
 
     def resume(self, record: JobRecord, origin: Origin) -> None:
@@ -428,6 +521,7 @@ class Daemon:
         outcome = Outcome(job_id=f"rejected:{origin.name}", state=JobState.REJECTED, message=reason)
         log.warning("job_rejected", source=origin.source, name=origin.name, reason=reason)
         self.counts.rejected += 1
+        self.metrics.job_finished(origin.source, JobState.REJECTED)
         await self.journal.add(
             f"{outcome.job_id}:{uuid.uuid4().hex[:8]}",
             source=origin.source,
@@ -444,10 +538,12 @@ class Daemon:
     def _start(self, job: Job, origin: Origin, resume: Progress | None) -> None:
         task = asyncio.create_task(self._work(job, origin, resume), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = task
+        self.metrics.job_moved(job.job_id, resume.state if resume else JobState.RECEIVED)
         task.add_done_callback(lambda _: self._done(job.job_id))
 
     def _done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
+        self.metrics.job_left(job_id)
         self._cancelled.pop(job_id, None)
         self._wake.set()
         self._room.set()
@@ -467,6 +563,7 @@ class Daemon:
                 intent_ms=progress.intent_ms,
                 detail=progress.detail,
             )
+            self.metrics.job_moved(job.job_id, progress.state)
             await origin.checkpoint(job.job_id, progress)
 
         try:
@@ -499,6 +596,7 @@ class Daemon:
         await self.journal.finish(outcome)
         await self._settle(origin, outcome)
         self.counts.finished += 1
+        self.metrics.job_finished(origin.source, outcome.state)
         log.info(
             "job_finished",
             job_id=outcome.job_id,

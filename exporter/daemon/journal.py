@@ -12,7 +12,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created, job_id);
 CREATE TABLE IF NOT EXISTS events (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -48,6 +49,11 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+CREATE TABLE IF NOT EXISTS schedule_slots (
+    schedule TEXT PRIMARY KEY,
+    slot     REAL NOT NULL,  -- the latest slot fired or skipped, epoch seconds
+    updated  REAL NOT NULL
+);
 """
 
 
@@ -254,6 +260,62 @@ class Journal:
 
         await self._run(write)
 
+    async def page(
+        self,
+        *,
+        states: Collection[JobState] = (),
+        source: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """Jobs newest first (by creation time, then id), optionally of some states and one
+        source; `before` is the (created, job_id) of the last job of the previous page."""
+        where: list[str] = []
+        args: list[Any] = []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if source is not None:
+            where.append("source = ?")
+            args.append(source)
+        if before is not None:
+            where.append("(created, job_id) < (?, ?)")
+            args += list(before)
+        sql = (
+            "SELECT * FROM jobs"  # noqa: S608 - only placeholders are interpolated
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY created DESC, job_id DESC LIMIT ?"
+        )
+        args.append(limit)
+
+        def read() -> list[JobRecord]:
+            return [JobRecord.from_row(r) for r in self._db().execute(sql, args).fetchall()]
+
+        return await self._run(read)
+
+    async def forget(self, job_id: str, *, detail: str) -> bool:
+        """Drop an unfinished job that is no longer this process's: another daemon took it
+        over (Redis intake). Its events stay, with a `handed_over` one; the same id may be
+        added again later. False if the job is unknown or finished."""
+        now = time.time()
+        marks = ",".join("?" * len(TERMINAL))
+
+        def delete() -> bool:
+            db = self._db()
+            with db:
+                cur = db.execute(
+                    f"DELETE FROM jobs WHERE job_id = ? AND state NOT IN ({marks})",  # noqa: S608
+                    [job_id, *(s.value for s in TERMINAL)],
+                )
+                if cur.rowcount:
+                    db.execute(
+                        "INSERT INTO events (job_id, state, at, detail) VALUES (?, ?, ?, ?)",
+                        (job_id, "handed_over", now, detail),
+                    )
+                return bool(cur.rowcount)
+
+        return await self._run(delete)
+
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             marks = ",".join("?" * len(TERMINAL))
@@ -268,6 +330,30 @@ class Journal:
             return [JobRecord.from_row(r) for r in rows]
 
         return await self._run(read)
+
+    async def schedule_slots(self) -> dict[str, float]:
+        """Each schedule's latest slot handled (fired or skipped), epoch seconds."""
+
+        def read() -> dict[str, float]:
+            rows = self._db().execute("SELECT schedule, slot FROM schedule_slots")
+            return {row["schedule"]: row["slot"] for row in rows}
+
+        return await self._run(read)
+
+    async def mark_slot(self, schedule: str, slot: float) -> None:
+        """Note `slot` as handled; a later slot already noted stays."""
+        now = time.time()
+
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO schedule_slots (schedule, slot, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (schedule) DO UPDATE SET slot = MAX(slot, excluded.slot), "
+                    "updated = excluded.updated",
+                    (schedule, slot, now),
+                )
+
+        await self._run(write)
 
     async def check_writable(self) -> None:
         """Raise if the journal cannot be written (a full disk, a read-only mount)."""
@@ -292,3 +378,15 @@ def summary(path: Path, *, recent: int = 10) -> tuple[dict[str, int], list[JobRe
         return counts, [JobRecord.from_row(r) for r in rows]
     finally:
         conn.close()
+
+
+def schedule_slots(path: Path) -> dict[str, float]:
+    """`Journal.schedule_slots`, read without disturbing a writer (for `status`)."""
+    conn = connect(path, readonly=True)
+    try:
+        rows = conn.execute("SELECT schedule, slot FROM schedule_slots").fetchall()
+    except sqlite3.OperationalError:  # a journal written before schedules existed
+        return {}
+    finally:
+        conn.close()
+    return {row["schedule"]: row["slot"] for row in rows}
