@@ -45,6 +45,9 @@ state_dir = "state"
 spool_dir = "spool"
 rescan_s = 1
 
+[admin]
+port = 0  # any free port: its address is in the log (admin_listening)
+
 [log]
 format = "json"
 
@@ -102,6 +105,37 @@ async def _until_filed(spool: Path, names: set[str]) -> None:
         async for _ in watchfiles.awatch(*(spool / f for f in ("done", "failed", "rejected"))):
             if names <= set(_results(spool)):
                 return
+
+
+async def _metrics(log: Path) -> list[str]:
+    """A few figures from the daemon's own /metrics, as Prometheus would scrape them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = None
+    for line in (await asyncio.to_thread(log.read_text)).splitlines():
+        if '"admin_listening"' in line:
+            port = json.loads(line)["port"]
+    if port is None:
+        return ["(the admin server did not start: no metrics)"]
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    finished: dict[str, float] = {}
+    requests: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "aep_exporter_jobs_finished_total" and sample.value:
+                state = sample.labels["state"]
+                finished[state] = finished.get(state, 0) + sample.value
+            if sample.name == "aep_exporter_api_requests_total":
+                op = sample.labels["operation"]
+                requests[op] = requests.get(op, 0) + sample.value
+    jobs = ", ".join(f"{n:g} {state}" for state, n in sorted(finished.items()))
+    top = ", ".join(f"{op} {n:g}" for op, n in sorted(requests.items(), key=lambda i: -i[1])[:4])
+    return [
+        f"metrics from {url}: jobs {jobs}",
+        f"AEP requests: {sum(requests.values()):g} in all ({top}, ...)",
+    ]
 
 
 def _prepare(workdir: Path) -> None:
@@ -190,10 +224,13 @@ async def demo(workdir: Path, jobs_dir: Path, console: Console) -> int:
         with console.status("   exporting: flows, 'not ready' window, runs, polling …"):
             try:
                 await _until_filed(spool, {j.name for j in jobs})
+                metrics = await _metrics(workdir / "daemon.log")
             finally:
                 code = await _stop(daemon)
                 log.close()
         console.print(f"5. Every job has its result; SIGTERM stopped the daemon (exit {code})")
+        for line in metrics:
+            console.print(f"   {line}", highlight=False)
         await _show(console, spool, url)
     finally:
         await _stop(emulator)
