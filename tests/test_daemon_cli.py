@@ -265,3 +265,29 @@ def test_status_without_a_journal_says_so_and_exits_1(tmp_path: Path) -> None:
         f"no journal at {tmp_path / 'state' / FILE_NAME}: the daemon has not run with this "
         "configuration"
     )
+
+
+def test_validate_lists_each_schedule_with_its_next_slot(tmp_path: Path) -> None:
+    schedules = """
+[[schedules]]
+name = "hourly-lake"
+interval_s = 3600
+job = { dataset_id = "ds_0001", destination = "lake", path = "ml/hourly" }
+
+[[schedules]]
+name = "paused"
+cron = "0 2 * * *"
+enabled = false
+job = { dataset_id = "ds_0002", destination = "archive", path = "ml/nightly" }
+"""
+    done = cli("validate", "--config", write_config(tmp_path, schedules))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    hourly = re.fullmatch(
+        r"ok  schedule hourly-lake: (.+), exports ds_0001 to lake; next slot "
+        r"(\d{4}-\d\d-\d\dT(\d\d):00:00Z)",
+        lines[1],
+    )
+    assert hourly is not None, lines[1]
+    assert lines[2].startswith("ok  schedule paused: ")
+    assert lines[2].endswith("exports ds_0002 to archive; disabled")

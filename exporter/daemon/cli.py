@@ -25,7 +25,7 @@ from exporter.clock import SystemClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.daemon import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
-from exporter.daemon.schedules import status_table
+from exporter.daemon.schedules import iso, status_table, upcoming
 from exporter.daemon.spool import Rejected, Spool
 from exporter.errors import ConfigError
 from exporter.logs import configure_logging
@@ -162,6 +162,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{', '.join(sorted(settings.destinations)) or 'none'}",
         highlight=False,
     )
+    for schedule in settings.schedules:
+        slots = upcoming(schedule, None, time.time(), 1) if schedule.enabled else []
+        out.print(
+            f"ok  schedule {schedule.name}: {schedule.describe()}, exports "
+            f"{schedule.job.dataset_id} to {schedule.job.destination}; "
+            + (
+                f"next slot {iso(slots[0])}"
+                if slots
+                else "disabled"
+                if not schedule.enabled
+                else "no next slot"
+            ),
+            markup=False,
+            highlight=False,
+        )
     spool = Spool(settings.daemon.spool_dir, max_bytes=settings.daemon.max_job_file_bytes)
     bad = 0
     for path in args.jobs:
