@@ -1,25 +1,34 @@
-"""The `/metrics` exposition, read with Prometheus' own text parser: a daemon working through
-jobs against an emulator that throttles, fails and drops requests reports what the emulator's
-journal says happened; the pieces with arithmetic in them are checked on their own."""
+"""The `/metrics` exposition, fetched over HTTP from the daemon's own admin server and read
+with Prometheus' own text parser: a daemon working through jobs against an emulator that
+throttles, fails and drops requests reports what the emulator's journal says happened; the
+pieces with arithmetic in them are checked on their own."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 import exporter.emulator.query
 import exporter.emulator.runs
 from exporter.aepclient import FakeAep, RunInfo
 from exporter.clock import FakeClock
-from exporter.daemon.daemon import Daemon
+from exporter.daemon.admin import AdminServer
+from exporter.daemon.assemble import build_daemon
+from exporter.daemon.config import AdminConfig
+from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.emulator.query import ListQuery
 from exporter.emulator.settings import Knobs
 from exporter.engine import EngineConfig
@@ -27,7 +36,7 @@ from exporter.engine.poller import RunPoller
 from exporter.jobs import JobState
 from exporter.metrics import IN_FLIGHT_STATES, Metrics, detection_delay_s, run_duration_s
 from tests.conftest import Emulator, default_knobs
-from tests.test_daemon_intake import DEADLINE, good_job, running
+from tests.test_daemon_intake import DEADLINE, Running, good_job, settings_for
 from tests.test_engine_unit import flow_with_runs
 
 JOBS = 8
@@ -35,6 +44,7 @@ RUN_S = 5.0  # every emulated run lasts exactly this long
 STATES = {"success": "succeeded", "failed": "failed"}  # a run's status: its job's state
 FAILURES = frozenset({"429", "500", "502", "503", "504", "error"})
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+TOKEN = "metrics-scraper-token-0123456789"
 
 
 @pytest.fixture
@@ -47,9 +57,48 @@ def knobs() -> Knobs:
     )
 
 
-def scrape(daemon: Daemon) -> str:
-    """What `/metrics` serves (the admin server's handler renders the same registry)."""
-    return generate_latest(daemon.metrics.registry).decode()
+@dataclass
+class Served(Running):
+    """A running daemon built as `aep-exporter run` builds it, with its admin server."""
+
+    url: str = field(kw_only=True)
+    session: aiohttp.ClientSession = field(kw_only=True)
+
+    async def scrape(self) -> str:
+        """`GET /metrics`, as Prometheus asks for it (with the admin token)."""
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with self.session.get(f"{self.url}/metrics", headers=headers) as resp:
+            body = await resp.text()
+            assert resp.status == 200, body
+            assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        return body
+
+
+@asynccontextmanager
+async def serving(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Served]:
+    """The daemon and its admin server (on a free loopback port, token required), in process."""
+    settings = settings_for(emulator, tmp_path)
+    admin = AdminConfig(port=0, token=SecretStr(TOKEN))
+    made = build_daemon(settings.model_copy(update={"admin": admin}), clock=emulator.clock)
+    (server,) = [s for s in made.services if isinstance(s, AdminServer)]
+    task = asyncio.create_task(made.run(), name="daemon")
+    ready = asyncio.ensure_future(made.ready.wait())
+    await asyncio.wait({ready, task}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()  # raises what stopped it
+    assert ready.done(), "the daemon did not become ready"
+    staging = tmp_path / "spool" / "staging"
+    staging.mkdir()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Served(
+                made, task, staging, url=f"http://127.0.0.1:{server.port}", session=session
+            )
+    finally:
+        made.stop()
+        code = await asyncio.wait_for(task, DEADLINE)
+    assert code == EXIT_OK
 
 
 async def quiet(daemon: Daemon) -> None:
@@ -109,12 +158,12 @@ async def test_the_exposition_agrees_with_the_emulators_journal(
     # looked up by name, then created again.
     await emulator.control("POST", "/faults", {"action": "drop", "op": "runs.list", "count": 2})
     await emulator.control("POST", "/faults", {"action": "drop", "op": "flows.create"})
-    async with running(emulator, tmp_path) as run:
+    async with serving(emulator, tmp_path) as run:
         for n, dataset in enumerate(datasets):
             run.drop(f"job-{n}.json", good_job(dataset, n))
         await run.filed(JOBS)
         await quiet(run.daemon)
-        got = parse(scrape(run.daemon))
+        got = parse(await run.scrape())
         limiter = run.daemon.api.transport.limiter.stats
         limit = run.daemon.settings.daemon.max_in_flight
         served = (await emulator.control("GET", "/stats"))["ops"]
@@ -193,7 +242,7 @@ async def test_jobs_in_flight_are_shown_by_their_state(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     datasets = await emulator.seed(rows=5, count=3)
-    async with running(emulator, tmp_path) as run:
+    async with serving(emulator, tmp_path) as run:
         daemon = run.daemon
         gate, held = asyncio.Event(), asyncio.Condition()
         waiting = 0
@@ -213,7 +262,7 @@ async def test_jobs_in_flight_are_shown_by_their_state(
         async with asyncio.timeout(DEADLINE), held:
             await held.wait_for(lambda: waiting == len(datasets))
 
-        during = parse(scrape(daemon))
+        during = parse(await run.scrape())
         assert value(during, "aep_exporter_jobs_in_flight") == 3
         assert by_label(during, "aep_exporter_jobs_in_flight_by_state", "state") == {
             ("triggering",): 3
@@ -223,7 +272,7 @@ async def test_jobs_in_flight_are_shown_by_their_state(
         gate.set()
         await run.filed(3)
         await quiet(daemon)
-        after = parse(scrape(daemon))
+        after = parse(await run.scrape())
         assert value(after, "aep_exporter_jobs_in_flight") == 0
         assert by_label(after, "aep_exporter_jobs_in_flight_by_state", "state") == {}
         outcomes = Counter(r.status for r in emulator.state.all_runs())
@@ -235,10 +284,10 @@ async def test_jobs_in_flight_are_shown_by_their_state(
 async def test_a_rejected_job_file_counts_as_finished_rejected(
     emulator: Emulator, tmp_path: Path
 ) -> None:
-    async with running(emulator, tmp_path) as run:
+    async with serving(emulator, tmp_path) as run:
         run.drop("broken.json", b"{not json")
         await run.filed(1)
-        got = parse(scrape(run.daemon))
+        got = parse(await run.scrape())
     assert by_label(got, "aep_exporter_jobs_finished_total", "source", "state") == {
         ("spool", "rejected"): 1
     }
@@ -353,3 +402,23 @@ async def test_the_poller_records_each_finished_run_once_when_it_sees_it() -> No
     assert value(got, "aep_exporter_run_duration_seconds_sum", status="success") == 100
     assert value(got, "aep_exporter_poll_batch_size_count") == len(polled_at)
     assert value(got, "aep_exporter_poll_batch_size_sum") == len(polled_at)  # one id each
+
+
+# -- the documentation -----------------------------------------------------------------------
+
+METRICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+
+async def test_docs_metrics_lists_every_metric_the_daemon_exposes_with_its_type(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """docs/metrics.md's table against the registry of a daemon built with all its services."""
+    daemon = build_daemon(settings_for(emulator, tmp_path), clock=FakeClock())  # not run
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in daemon.metrics.registry.collect()
+    }
+    rows = re.findall(r"^\| `(aep_exporter_[a-z_]+)` \| ([a-z]+) \|", METRICS_DOC.read_text(), re.M)
+    assert len(exposed) > 15  # the core's metrics and the scheduler's
+    assert dict(rows) == exposed
+    assert len(rows) == len(exposed), "a metric listed twice"

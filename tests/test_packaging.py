@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -21,11 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from exporter.aepclient.config import AepConfig
 from exporter.cli import build_parser
-from exporter.daemon.config import AdminConfig, DaemonConfig, LogConfig
+from exporter.daemon.config import (
+    AdminConfig,
+    DaemonConfig,
+    LogConfig,
+    RedisConfig,
+    ScheduleConfig,
+)
 from exporter.daemon.daemon import EXIT_CONFIG
 from exporter.daemon.probe import cmd_probe
 from exporter.daemon.systemd import STATUS_EVERY_S
@@ -509,7 +516,20 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "daemon": DaemonConfig,
     "log": LogConfig,
     "admin": AdminConfig,
+    "redis": RedisConfig,  # optional: shown commented out, header included
+    "schedules": ScheduleConfig,  # `# [[schedules]]`: an example block
 }
+# A secret never goes in the file: the file holding it does (section: field, its file key).
+SECRET_FILES = {
+    "aep": ("client_secret", "client_secret_file"),
+    "admin": ("token", "token_file"),
+    "redis": ("password", "password_file"),
+}
+# Values a schedule must be given (its name, its trigger, its job): the example's own.
+EXAMPLE_VALUES = {"schedules": {"name", "cron", "job"}}
+# The example shows one trigger, cron; the other, which excludes it, is named in its prose.
+ALTERNATIVES = {"schedules": {"interval_s"}}
+HEADER = re.compile(r"(?:#\s*)?\[\[?([A-Za-z0-9_.-]+)\]\]?")
 FAKE_SECRETS = {
     "s3-secret-access-key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "azure-blob-connection-string": "DefaultEndpointsProtocol=https;AccountName=acme;"
@@ -559,14 +579,36 @@ def test_the_example_config_loads_with_every_kind_of_destination(tmp_path: Path)
     assert settings.log == LogConfig()
 
 
+@pytest.mark.usefixtures("clean_environment")
+def test_the_example_redis_section_uncommented_loads_with_its_defaults(tmp_path: Path) -> None:
+    config = example_copy(tmp_path)
+    text = config.read_text()
+    block = text[text.index("# [redis]") :]
+    block = block[: block.index("\n[")]  # up to the next live section
+    lines = [
+        line.removeprefix("# ")
+        for line in block.splitlines()
+        if line == "# [redis]" or re.fullmatch(r"# [a-z_]+ = .+", line)
+    ]
+    assert lines[0] == "[redis]"
+    lines.remove('consumer = "<the host name>"')  # a placeholder for the default
+    (tmp_path / "secrets" / "redis-password").write_text("fake-redis-password\n")
+    config.write_text(text + "\n" + "\n".join(lines) + "\n")
+    settings = load_settings(config, credentials_directory=str(tmp_path / "creds"))
+    assert settings.redis == RedisConfig(password=SecretStr("fake-redis-password"))
+    assert settings.redis.consumer == socket.gethostname()
+
+
 def documented(text: str) -> dict[str, dict[str, Any]]:
-    """Per section, the keys the example sets and the `# key = value` lines it shows."""
+    """Per section, the keys the example sets and the `# key = value` lines it shows. A
+    commented header (`# [redis]`, `# [[schedules]]`) opens its section like a live one."""
     found: dict[str, dict[str, Any]] = {}
     section: dict[str, Any] = {}
     for raw in text.splitlines():
         line = raw.strip()
-        if line.startswith("["):
-            section = found.setdefault(line.strip("[]"), {})
+        header = HEADER.fullmatch(line)
+        if header:
+            section = found.setdefault(header[1], {})
             continue
         match = re.fullmatch(r"#?\s*([a-z_]+) = (.+)", line)
         if match:
@@ -574,21 +616,37 @@ def documented(text: str) -> dict[str, dict[str, Any]]:
     return found
 
 
+def test_commented_headers_open_their_section() -> None:
+    shown = documented(
+        "[a]\n# x = 1\n# [b]\n# y = 2\n# [[c]]\n# z = 3\n#  [not a header\n# w = 4\n"
+    )
+    assert shown == {"a": {"x": 1}, "b": {"y": 2}, "c": {"z": 3, "w": 4}}
+
+
 def test_the_example_documents_every_setting_with_its_true_default() -> None:
     text = EXAMPLE.read_text()
     shown = documented(text)
     active = tomllib.loads(text)
+    assert "redis" not in active, "optional: commented out"
+    assert "schedules" not in active, "optional: commented out"
     for name, model in SECTIONS.items():
-        expected = set(model.model_fields)
-        if name == "aep":  # the secret itself never goes in the file: the file holding it does
-            expected = expected - {"client_secret"} | {"client_secret_file"}
-        if name == "admin":  # likewise the admin token
-            expected = expected - {"token"} | {"token_file"}
+        expected = set(model.model_fields) - ALTERNATIVES.get(name, set())
+        secret, secret_file = SECRET_FILES.get(name, ("", ""))
+        if secret:
+            expected = expected - {secret} | {secret_file}
         assert set(shown[name]) == expected, f"[{name}]"
+        for key in ALTERNATIVES.get(name, ()):
+            assert f"`{key}`" in text, f"[{name}] {key} is not mentioned"
         for key, value in shown[name].items():
-            if key in ("client_secret_file", "token_file") or key in active[name]:
+            if key == secret_file or key in active.get(name, {}):
                 continue
-            default = model.model_fields[key].default
+            if key in EXAMPLE_VALUES.get(name, ()):
+                continue
+            field = model.model_fields[key]
+            if field.default_factory is not None:  # e.g. the host name: said, not shown
+                assert re.fullmatch(r"<[^<>]+>", value), f"[{name}] {key}: {value!r}"
+                continue
+            default = field.default
             if isinstance(default, Path):
                 default = str(default)
             elif isinstance(default, tuple):
