@@ -27,7 +27,7 @@ from exporter.aepclient import FakeAep, RunInfo
 from exporter.clock import FakeClock
 from exporter.daemon.admin import AdminServer
 from exporter.daemon.assemble import build_daemon
-from exporter.daemon.config import AdminConfig
+from exporter.daemon.config import AdminConfig, RedisConfig
 from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.emulator.query import ListQuery
 from exporter.emulator.settings import Knobs
@@ -413,12 +413,14 @@ async def test_docs_metrics_lists_every_metric_the_daemon_exposes_with_its_type(
     emulator: Emulator, tmp_path: Path
 ) -> None:
     """docs/metrics.md's table against the registry of a daemon built with all its services."""
-    daemon = build_daemon(settings_for(emulator, tmp_path), clock=FakeClock())  # not run
+    settings = settings_for(emulator, tmp_path)
+    with_redis = settings.model_copy(update={"redis": RedisConfig(consumer="docs")})
+    daemon = build_daemon(with_redis, clock=FakeClock())  # not run: Redis is never contacted
     exposed = {
         family.name + ("_total" if family.type == "counter" else ""): family.type
         for family in daemon.metrics.registry.collect()
     }
     rows = re.findall(r"^\| `(aep_exporter_[a-z_]+)` \| ([a-z]+) \|", METRICS_DOC.read_text(), re.M)
-    assert len(exposed) > 15  # the core's metrics and the scheduler's
+    assert len(exposed) > 15  # the core's metrics, the scheduler's and the Redis intake's
     assert dict(rows) == exposed
     assert len(rows) == len(exposed), "a metric listed twice"

@@ -20,9 +20,11 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from structlog.testing import LogCapture
 from structlog.typing import EventDict
@@ -37,7 +39,7 @@ from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
 from exporter.settings import load_settings
-from tests.daemon_support import kill, start_daemon, triggers_by_job, write_config
+from tests.daemon_support import Running, kill, start_daemon, triggers_by_job, write_config
 from tests.redis_support import (
     RedisServer,
     pending,
@@ -198,6 +200,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
             await asyncio.wait_for(state.served(3000), DEADLINE * 2)
             assert await kill(daemons["a"]) == -signal.SIGKILL
             results = await until_entries(client, RESULTS, 500, deadline_s=90)
+            survivor = await scrape(daemons["b"])
         finally:
             codes = [await kill(r, signal.SIGTERM) for r in daemons.values()]
         assert codes == [-signal.SIGKILL, EXIT_OK]
@@ -222,6 +225,27 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         assert any(e["state"] == "running" for e in resumed), Counter(e["state"] for e in resumed)
         a_done = {j for j, o in outcomes.items() if o["consumer"] == "a"}
         assert not a_done & {e["job_id"] for e in resumed}
+
+        # The survivor's /metrics tell the same story as its log and the results stream.
+        assert survivor["published"] == finishers["b"]
+        assert survivor["taken_over"] == taken
+        assert survivor["resumed"] == len(resumed)
+        assert survivor["started"] + survivor["resumed"] == finishers["b"]
+        assert survivor["dead_lettered"] == 0
+
+
+async def scrape(running: Running) -> dict[str, float]:
+    """A child daemon's `aep_exporter_redis_messages_total` by outcome, from its /metrics."""
+    (listening,) = [e for e in await running.events() if e["event"] == "admin_listening"]
+    url = f"http://127.0.0.1:{listening['port']}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "aep_exporter_redis_messages_total"
+    }
 
 
 # -- poison, redelivery, restart -------------------------------------------------------------

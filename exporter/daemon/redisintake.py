@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import prometheus_client
 import structlog
 from redis.exceptions import ResponseError
 
@@ -57,6 +58,7 @@ SOURCE = "redis"
 ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
 MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
 PAGE = 100
+MESSAGE_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,14 @@ class RedisIntake:
         self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
+        self._messages = prometheus_client.Counter(
+            "aep_exporter_redis_messages",
+            "Redis stream messages handled, by what became of them.",
+            ["outcome"],
+            registry=daemon.metrics.registry,
+        )
+        for outcome in MESSAGE_OUTCOMES:
+            self._messages.labels(outcome)
 
     @property
     def _journal(self) -> Journal:
@@ -234,6 +244,7 @@ class RedisIntake:
             log.warning("redis_message_gone", message_id=message_id)
         if entries:
             log.info("redis_messages_taken_over", count=len(entries))
+            self._messages.labels("taken_over").inc(len(entries))
             await self._handle_all(entries)
 
     async def _handle_all(self, entries: list[Entry]) -> None:
@@ -300,6 +311,7 @@ class RedisIntake:
             pass  # running here, from this very message
         else:  # done, or another message for a job that runs somewhere
             log.info("redis_message_duplicate", **context, why=claim.status)
+            self._messages.labels("duplicate").inc()
             await self.store.ack(message_id)
 
     async def _run(self, job: Job, spec: dict[str, Any], message_id: str, claim: Claim) -> None:
@@ -311,6 +323,7 @@ class RedisIntake:
         if record is None and at is None:
             admitted = await self.daemon.submit(job, spec, origin)
             if admitted.result is Admission.STARTED:
+                self._messages.labels("started").inc()
                 return
             record = admitted.record  # submitted meanwhile by another source
         elif record is None:
@@ -328,6 +341,7 @@ class RedisIntake:
             return
         if at is not None:
             record = await self._catch_up(record, at)
+        self._messages.labels("resumed").inc()
         self.daemon.resume(record, origin)
 
     async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
@@ -389,6 +403,8 @@ class RedisIntake:
             return
         finally:
             self._held.pop(origin.job_id, None)
+        if status == "published":
+            self._messages.labels("published").inc()
         log.info(
             "redis_result_published" if status == "published" else "redis_job_already_done",
             job_id=origin.job_id,
@@ -412,6 +428,7 @@ class RedisIntake:
         except RedisUnavailable as exc:
             self._fail(exc)
             return
+        self._messages.labels("dead_lettered").inc()
         log.warning(
             "redis_message_dead_lettered",
             message_id=origin.message_id,
