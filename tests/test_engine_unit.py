@@ -267,3 +267,22 @@ async def test_jobs_sharing_a_run_park_the_flow_without_racing(
 def test_flow_names_carry_the_fingerprint() -> None:
     target = ExportTarget.of(job(), org_id="o", sandbox="prod")
     assert target.fingerprint in target.flow_name
+
+
+async def test_the_unreadable_limit_holds_where_float_rounding_would_disagree(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    # At this moment `(t + 300) - t < 300` in floating point: a poller that schedules the
+    # check at `t + 300` but decides with the difference would wake, decide "not yet", and
+    # wake again at once, forever, blocking the event loop.
+    start = 3943.616755677566
+    limit = CONFIG.status_unreadable_s
+    assert (start + limit) - start < limit
+    (run,) = await flow_with_runs(aep, clock, 1)
+    await clock.advance(start - clock.monotonic())
+    assert clock.monotonic() == start
+    aep.fail_next("runs.list", lambda: ServerError("down", status=503), times=10_000)
+    wait = asyncio.create_task(poller.wait(run, deadline=1e9))
+    await clock.advance(limit)
+    with pytest.raises(StatusUnreadable):
+        await asyncio.wait_for(wait, 5)

@@ -196,7 +196,8 @@ class RunPoller:
                         f"({now - w.started:.0f} s after it started waiting)"
                     )
                 )
-            elif now - w.last_read >= self._config.status_unreadable_s:
+            elif now >= w.last_read + self._config.status_unreadable_s:  # the key's own sum:
+                # `now - last_read >= limit` can round the other way and spin forever
                 w.future.set_exception(
                     StatusUnreadable(
                         f"the status of run {w.run_id} could not be read for "
