@@ -29,7 +29,7 @@ from exporter.clock import FakeClock
 from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
 from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, JobRecord, Journal, schedule_slots, summary
-from exporter.daemon.schedules import Schedules, iso, slot_job_id, utc
+from exporter.daemon.schedules import Schedules, iso, slot_job_id, upcoming, utc
 from exporter.destinations import DlzDestination
 from exporter.emulator.settings import Knobs
 from exporter.engine import EngineConfig
@@ -607,3 +607,53 @@ enabled = false
     paused = next(line for line in done.stdout.splitlines() if "│ paused" in line)
     assert "every 60 s" in paused
     assert "disabled" in paused
+
+
+def slots_of(cron: str, since: datetime, count: int) -> list[str]:
+    config = ScheduleConfig.model_validate(
+        {
+            "name": "dst",
+            "cron": cron,
+            "timezone": "Europe/Berlin",
+            "job": {"dataset_id": "ds_0001", "destination": "lake", "path": "ml/dst"},
+        }
+    )
+    return [iso(s) for s in upcoming(config, None, since.timestamp(), count)]
+
+
+def test_a_fixed_time_fires_once_in_the_night_the_clocks_go_back() -> None:
+    # 2026-10-25 in Berlin: 02:00-03:00 happens twice (CEST, then CET).
+    night = datetime(2026, 10, 24, 12, tzinfo=UTC)
+    assert slots_of("30 2 * * *", night, 3) == [
+        "2026-10-25T00:30:00Z",  # 02:30 CEST, the first 02:30
+        "2026-10-26T01:30:00Z",  # not 2026-10-25T01:30Z, the second 02:30 (CET)
+        "2026-10-27T01:30:00Z",
+    ]
+    assert slots_of("0,30 2 * * *", night, 3)[:2] == [
+        "2026-10-25T00:00:00Z",
+        "2026-10-25T00:30:00Z",
+    ]
+    assert slots_of("0,30 2 * * *", night, 3)[2] == "2026-10-26T01:00:00Z"
+
+
+def test_a_wildcard_hour_goes_on_by_real_time_through_the_repeated_hour() -> None:
+    night = datetime(2026, 10, 24, 23, 50, tzinfo=UTC)  # 01:50 CEST
+    assert slots_of("*/30 * * * *", night, 5) == [
+        "2026-10-25T00:00:00Z",  # 02:00 CEST
+        "2026-10-25T00:30:00Z",  # 02:30 CEST
+        "2026-10-25T01:00:00Z",  # 02:00 CET
+        "2026-10-25T01:30:00Z",  # 02:30 CET
+        "2026-10-25T02:00:00Z",  # 03:00 CET
+    ]
+
+
+def test_a_grace_of_zero_is_refused() -> None:
+    with pytest.raises(ValueError, match="misfire_grace_s"):
+        ScheduleConfig.model_validate(
+            {
+                "name": "x",
+                "interval_s": 60,
+                "misfire_grace_s": 0,
+                "job": {"dataset_id": "ds_0001", "destination": "lake", "path": "ml/x"},
+            }
+        )

@@ -174,6 +174,25 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SCHEDULE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
+class WallClockCron(CronTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
+    """A cron trigger that fires a wall-clock time once when clocks go back.
+
+    APScheduler fires 02:30 twice on the night the clocks fall back (once in summer time, once
+    in winter time), and each would be its own slot and job. Like cron, an expression with a
+    fixed hour fires the first of the two only; one whose hour is a wildcard (every 15 minutes,
+    say) goes on by real time."""
+
+    once_per_wall_time = False
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        nxt: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+        while nxt is not None and self.once_per_wall_time and nxt.fold == 1:
+            nxt = super().get_next_fire_time(nxt, nxt)
+        return nxt
+
+
 class ScheduleConfig(BaseModel):
     """A recurring export, `[[schedules]]`: a trigger (cron or interval) and a job template.
 
@@ -194,7 +213,7 @@ class ScheduleConfig(BaseModel):
     """The IANA time zone `cron` is read in (e.g. Europe/Berlin)."""
     job: Job
     """The job each fire submits: a job document's fields without `id`."""
-    misfire_grace_s: int = Field(default=300, ge=0)
+    misfire_grace_s: int = Field(default=300, ge=1)
     """A slot noticed later than this (the daemon was down, the machine asleep) is skipped."""
     coalesce: bool = True
     """Several slots due at once fire once, for the latest; false: each in turn."""
@@ -248,7 +267,9 @@ class ScheduleConfig(BaseModel):
 
     def trigger(self) -> BaseTrigger:
         if self.cron is not None:
-            return CronTrigger.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
+            trigger = WallClockCron.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
+            trigger.once_per_wall_time = "*" not in self.cron.split()[1]
+            return trigger
         return IntervalTrigger(seconds=self.interval_s, start_date=EPOCH, timezone=UTC)
 
     def describe(self) -> str:
