@@ -6,6 +6,7 @@ or a writable journal; and the token wherever the server is bound beyond loopbac
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -52,6 +53,8 @@ ENGINE = EngineConfig(
 )
 LONG_RUN = Span(min=10**6, max=10**6)  # emulated seconds: runs until cancelled
 WEEK_S = 7 * 86400
+CURSOR_HUGE = base64.urlsafe_b64encode(json.dumps([10**400, "x"]).encode()).decode()
+CURSOR_NAN = base64.urlsafe_b64encode(b'[NaN, "x"]').decode()
 
 
 @dataclass
@@ -321,6 +324,9 @@ async def test_list_filters_and_pages_newest_first(emulator: Emulator, tmp_path:
         ({"limit": "ten"}, "limit: 'ten' is not a whole number"),
         ({"state": "done"}, "state: 'done' is not a job state"),
         ({"cursor": "not-a-cursor"}, "cursor: not a cursor this API returned"),
+        # [10**400, "x"] and [NaN, "x"]: well-formed, but no time a job was created
+        ({"cursor": f"{CURSOR_HUGE}"}, "cursor: not a cursor this API returned"),
+        ({"cursor": f"{CURSOR_NAN}"}, "cursor: not a cursor this API returned"),
         ({"states": "failed"}, "unknown query parameter 'states'"),
     ],
 )

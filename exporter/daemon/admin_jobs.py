@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,16 +82,18 @@ def encode_cursor(record: JobRecord) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    bad = BadQuery("cursor: not a cursor this API returned (pass next_cursor as is)")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        raise BadQuery("cursor: not a cursor this API returned (pass next_cursor as is)") from None
-    if not isinstance(created, int | float) or isinstance(created, bool):
-        raise BadQuery("cursor: not a cursor this API returned (pass next_cursor as is)")
-    if not isinstance(job_id, str):
-        raise BadQuery("cursor: not a cursor this API returned (pass next_cursor as is)")
-    return float(created), job_id
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            raise bad
+        when = float(created)  # a 400-digit integer overflows here
+    except (binascii.Error, ValueError, TypeError, OverflowError):
+        raise bad from None
+    if not math.isfinite(when) or not isinstance(job_id, str):
+        raise bad
+    return when, job_id
 
 
 class JobsApi:
