@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -160,3 +161,35 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
                 assert await running.proc.wait() == 128 + signal.SIGTERM
         finally:
             await kill(running)
+
+
+async def test_a_stop_the_daemon_began_itself_still_gives_a_signal_its_grace(
+    tmp_path: Path,
+) -> None:
+    # A task dies (intake: the spool is deleted) while calls hang on the wire: the daemon
+    # begins its graceful stop by itself. A SIGTERM then (systemctl stop, say) is the first
+    # signal, not the second: it must not cut the grace short; a second one does.
+    knobs = Knobs(slow_rate=1.0, slow_ms=60_000, seed=5)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        config = write_config(
+            tmp_path, url, daemon={"shutdown_grace_s": 30, "watch": False, "rescan_s": 0.2}
+        )
+        drop(tmp_path / "spool", seed(state, 2, 0), "stuck")
+        running = await start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await running.until("daemon_ready")
+            await state.received(2)
+            await asyncio.to_thread(shutil.rmtree, tmp_path / "spool")
+            await running.until("daemon_stopping")
+            running.proc.send_signal(signal.SIGTERM)
+            await running.until("signal_received")
+            (first,) = [e for e in await running.events() if e["event"] == "signal_received"]
+            assert first["then"] == "graceful stop"
+            assert running.proc.returncode is None  # still waiting out the grace period
+            running.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                assert await running.proc.wait() == 128 + signal.SIGTERM
+        finally:
+            await kill(running)
+        events = await running.events()
+        assert [e["task"] for e in events if e["event"] == "task_died"] == ["intake"]

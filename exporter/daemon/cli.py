@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +32,8 @@ from exporter.errors import ConfigError
 from exporter.logs import configure_logging
 from exporter.oneshot import add_config_argument
 from exporter.settings import Settings, load_settings
+
+log = structlog.get_logger("exporter.daemon")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -90,9 +93,17 @@ async def _run(settings: Settings, reread: Callable[[], Settings] | None = None)
     signals = (signal.SIGTERM, signal.SIGINT)
     reloads: set[asyncio.Task[bool | None]] = set()
 
+    signalled = False
+
     def on_signal(signum: int) -> None:
-        if daemon.stopping:
+        nonlocal signalled
+        name = signal.Signals(signum).name
+        if signalled:
+            log.warning("signal_received", signal=name, then="exit now")
             os._exit(128 + signum)  # the second signal: no more waiting
+        # (A stop the daemon began itself, a task having died, is not a first signal.)
+        signalled = True
+        log.info("signal_received", signal=name, then="graceful stop")
         daemon.stop()
 
     def on_hangup() -> None:
