@@ -44,6 +44,7 @@ log = structlog.get_logger("exporter.daemon")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_SOFTWARE = 70  # a supervised task died
+STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
 RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
 
 
@@ -433,7 +434,8 @@ class Daemon:
             return False
         self._cancelled[job_id] = reason
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # Its outcome is being written (shielded); callers that need it wait on `filed`.
+        await asyncio.wait({task}, timeout=STOP_WAIT_S)
         return True
 
     async def abandon(self, job_id: str) -> None:
@@ -441,7 +443,7 @@ class Daemon:
         task = self.jobs.get(job_id)
         if task is not None and not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=STOP_WAIT_S)
 
     # -- spool intake ----------------------------------------------------------------------
 
