@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import OutOfMemoryError, ResponseError
 from structlog.testing import LogCapture
 from structlog.typing import EventDict
 
@@ -34,12 +37,22 @@ from exporter.daemon.config import RedisConfig
 from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import Journal
 from exporter.daemon.redisintake import RedisIntake
+from exporter.daemon.redisstore import reply_code, retryable
 from exporter.emulator.app import serve
 from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
 from exporter.settings import load_settings
-from tests.daemon_support import Running, kill, start_daemon, triggers_by_job, write_config
+from tests.daemon_support import (
+    Running,
+    drop_job,
+    kill,
+    results,
+    start_daemon,
+    triggers_by_job,
+    until_results,
+    write_config,
+)
 from tests.redis_support import (
     RedisServer,
     pending,
@@ -132,11 +145,12 @@ def watch_logs() -> Iterator[WatchedLogs]:
 
 @asynccontextmanager
 async def daemon_in_process(
-    folder: Path, url: str, server: RedisServer, consumer: str = "solo", **redis: Any
+    folder: Path, emulator: str, server: RedisServer, consumer: str = "solo", **redis: Any
 ) -> AsyncIterator[tuple[Daemon, asyncio.Task[int]]]:
-    """A daemon with the Redis intake in this process; stopped (SIGTERM-like) after."""
+    """A daemon with the Redis intake in this process; stopped (SIGTERM-like) after.
+    `redis` overrides keys of its [redis] section."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    config = write_config(folder, url, redis=redis_section(server, consumer, **redis))
+    config = write_config(folder, emulator, redis=redis_section(server, consumer, **redis))
     settings = load_settings(config)
     assert settings.redis is not None
     daemon = Daemon(settings, clock=SystemClock())
@@ -212,6 +226,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         assert finishers["a"] > 0, finishers
         assert finishers["b"] > 0, finishers
         assert await pending(client, JOBS, GROUP) == 0, "every message acknowledged"
+        assert await client.xlen(JOBS) == 0, "and deleted: the stream does not grow"
         assert await client.xlen(DEAD) == 0
         assert triggers_by_job(state) == dict.fromkeys(ids, 1), "one trigger per job"
         assert len({o["run_id"] for o in outcomes.values()}) == 500
@@ -258,12 +273,18 @@ async def test_poison_messages_go_to_the_dead_letter_stream_and_good_jobs_run(
     async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         first, second = seed(state, 2)
         await client.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
-        # A message some other consumer took 5 times already, and left: one more is too many.
+        # A job delivered 5 times already (taken over by daemons that died with it, the
+        # last one "gone"), its message idle: one more delivery is too many.
         [tired] = await submit(client, {"job": job("tired", first)})
         await client.xreadgroup(GROUP, "gone", {JOBS: ">"}, count=1)
-        for _ in range(4):  # four more deliveries (to consumers that died with it)
-            await client.xclaim(JOBS, GROUP, "gone", 0, [tired])
         await client.xclaim(JOBS, GROUP, "gone", 0, [tired], idle=10**8, justid=True)
+        left: dict[Any, Any] = {
+            "owner": "gone",
+            "message_id": tired,
+            "deliveries": 5,
+            "state": "received",
+        }
+        await client.hset(f"{JOBS}:progress:tired", mapping=left)
         poison: dict[str, dict[str, Any]] = {
             "invalid JSON at line 1, column 2": {"job": b"{not json"},
             "no 'job' field (fields: payload)": {"payload": b"{}"},
@@ -292,13 +313,14 @@ async def test_poison_messages_go_to_the_dead_letter_stream_and_good_jobs_run(
                     sent_value.encode() if isinstance(sent_value, str) else sent_value
                 )
         assert "delivered 6 times (max_deliveries is 5)" in reasons[tired]["reason"]
-        assert reasons[tired]["job_id"] == "tired"
+        assert (reasons[tired]["job_id"], reasons[tired]["deliveries"]) == ("tired", "6")
         assert {r["consumer"] for r in reasons.values()} == {"solo"}
         assert {f["job_id"]: f["state"] for _, f in results} == {
             "good-1": "succeeded",
             "good-2": "succeeded",
         }
         assert await pending(client, JOBS, GROUP) == 0, "poison is acknowledged, too"
+        assert await client.xlen(JOBS) == 0, "and deleted from the job stream"
         assert triggers_by_job(state) == {"good-1": 1, "good-2": 1}
 
 
@@ -310,19 +332,59 @@ async def test_a_finished_job_is_not_run_again(tmp_path: Path, redis_server: Red
         with watch_logs() as logs:
             async with daemon_in_process(tmp_path / "d", url, redis_server):
                 await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
-                # Submitted again (a producer's retry), and the first message redelivered
-                # as if its acknowledgement had been lost (FORCE puts it back, idle).
-                await submit(client, {"job": job("once", first)})
-                await client.xclaim(JOBS, GROUP, "gone", 0, [original], idle=10**8, force=True)
+                assert await client.xlen(JOBS) == 0, "a published job leaves the stream"
+                # Submitted again, twice (a producer's retries).
+                again = await submit(
+                    client, {"job": job("once", first)}, {"job": job("once", first)}
+                )
                 duplicates = await logs.until("redis_message_duplicate", count=2)
                 await submit(client, {"job": job("after", second)})
                 results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
 
     assert {d["why"] for d in duplicates} == {"done"}
-    assert {d["message_id"] for d in duplicates} >= {original}
+    assert [d["message_id"] for d in duplicates] == again
+    assert original not in again
     assert [f["job_id"] for _, f in results] == ["once", "after"]
     assert await pending(client, JOBS, GROUP) == 0
+    assert await client.xlen(JOBS) == 0, "duplicates are deleted, too"
     assert triggers_by_job(state) == {"once": 1, "after": 1}
+
+
+async def test_a_job_id_already_submitted_from_another_source_is_dead_lettered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A job id runs once: a message for a job this daemon has from its spool (finished, or
+    running) is dead-lettered saying so, and the job from the spool goes on undisturbed."""
+    client = redis_server.client
+    async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        first, second = seed(state, 2)
+        async with daemon_in_process(tmp_path / "d", url, redis_server) as (daemon, _):
+            spool = daemon.spool.dirs["incoming"].parent
+            drop_job(spool, "filed.json", job("filed", first))
+            await until_results(spool, ["filed.json"], deadline_s=DEADLINE)
+            # The next one is held at its flow's creation while the message comes.
+            await add_fault(url, {"action": "delay", "op": "flows.create", "delay_ms": 1000})
+            before = state.arrivals
+            drop_job(spool, "going.json", job("going", second))
+            await state.received(before + 1)
+            assert "going" in daemon.jobs
+            sent = await submit(client, {"job": job("filed", first)}, {"job": job("going", first)})
+            dead = await until_entries(client, DEAD, 2, deadline_s=DEADLINE)
+            await until_results(spool, ["going.json"], deadline_s=DEADLINE)
+        reasons = {fields["job_id"]: fields for _, fields in dead}
+        assert [reasons["filed"]["message_id"], reasons["going"]["message_id"]] == sent
+        assert (
+            "job id 'filed' was already submitted from another source (spool, as "
+            in (reasons["filed"]["reason"])
+        )
+        assert "now succeeded" in reasons["filed"]["reason"]
+        assert "job id 'going' was already submitted" in reasons["going"]["reason"]
+        assert "now succeeded" not in reasons["going"]["reason"]
+        assert {r["state"] for r in results(spool).values()} == {"succeeded"}
+        assert await client.xlen(RESULTS) == 0
+        assert await pending(client, JOBS, GROUP) == 0
+        assert await client.xlen(JOBS) == 0
+        assert triggers_by_job(state) == {"filed": 1, "going": 1}
 
 
 async def test_an_outcome_journaled_but_not_published_is_published_at_restart(
@@ -431,6 +493,52 @@ async def test_a_dead_daemons_jobs_are_resumed_from_their_progress(
         ]
 
 
+async def test_restarts_are_no_deliveries_but_takeovers_are(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A daemon's own restarts (deploys, crashes, Redis outages) do not use up a long job's
+    deliveries: with max_deliveries=2 it outlives three of them. A job taken over from
+    daemons that keep dying on it still ends in the dead-letter stream."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=4)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        [message_id] = await submit(client, {"job": job("long", dataset)})
+        redis = {"max_deliveries": 2, "lease_s": 0.5}
+        a, b = tmp_path / "a", tmp_path / "b"
+        with watch_logs() as logs:
+            async with daemon_in_process(a, url, redis_server, "a", **redis):
+                progress = f"{JOBS}:progress:long"
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+            for restart in (1, 2, 3):
+                if restart == 2:  # a takeover that found the job busy left its message here
+                    await client.xclaim(JOBS, GROUP, "elsewhere", 0, [message_id], justid=True)
+                async with daemon_in_process(a, url, redis_server, "a", **redis):
+                    await logs.until("job_resumed", count=restart)
+            assert await client.xlen(DEAD) == 0
+            assert await client.hget(progress, "deliveries") == b"1"
+
+            # "a" is gone: "b" takes the job over (a second delivery) and dies with it too.
+            async with daemon_in_process(b, url, redis_server, "b", **redis):
+                await logs.until("job_resumed", count=4)
+            # "a" comes back: its journal says the job is "b"'s now; taking it over once
+            # more would be a third delivery.
+            async with daemon_in_process(a, url, redis_server, "a", **redis) as (daemon, _):
+                [(_, dead)] = await until_entries(client, DEAD, 1, deadline_s=DEADLINE)
+                assert daemon.journal is not None
+                assert await daemon.journal.get("long") is None
+        resumed = [(e["job_id"], e["state"]) for e in logs.named("job_resumed")]
+        assert resumed == [("long", "running")] * 4
+        [handed] = logs.named("redis_job_handed_over")
+        assert (handed["job_id"], handed["why"]) == ("long", "taken over by b")
+        assert (dead["job_id"], dead["message_id"], dead["consumer"]) == ("long", message_id, "a")
+        assert "delivered 3 times (max_deliveries is 2)" in dead["reason"], dead["reason"]
+        assert await client.xlen(RESULTS) == 0
+        assert await pending(client, JOBS, GROUP) == 0
+        assert await client.xlen(JOBS) == 0
+        assert triggers_by_job(state) == {"long": 1}
+
+
 async def test_a_deleted_stream_is_made_again_and_read(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -477,12 +585,14 @@ async def test_a_job_whose_lock_was_taken_is_never_triggered(
                 [lost] = await logs.until("redis_job_lost")
             assert (lost["state"], lost["holder"]) == ("flow_ready", "intruder")
             assert await stopped(daemon, "taken", task)
+            assert daemon.journal is not None
+            assert await daemon.journal.get("taken") is None, "not shown as running here"
         assert list(state.all_runs()) == []
         assert await pending(client, JOBS, GROUP) == 1, "the intruder's to settle now"
         assert await client.xlen(RESULTS) == 0
 
 
-async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_restart_forgets_it(
+async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     client = redis_server.client
@@ -490,7 +600,7 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_restart_forg
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         [dataset] = seed(state, 1)
         folder = tmp_path / "d"
-        [message_id] = await submit(client, {"job": job("long", dataset)})
+        await submit(client, {"job": job("long", dataset)})
         with watch_logs() as logs:
             async with daemon_in_process(folder, url, redis_server, lease_s=1.5) as (daemon, _):
                 # Once its last checkpoint is past, only the heartbeat can notice.
@@ -498,17 +608,13 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_restart_forg
                 await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
                 task = daemon.jobs["long"]
                 await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
-                [lost] = await logs.until("redis_job_lost")
+                [lost] = await logs.until("redis_job_lost")  # said once it is given up
                 assert "state" not in lost, "found by the heartbeat, not a checkpoint"
                 assert (lost["why"], lost["holder"]) == ("lost", "intruder")
                 assert await stopped(daemon, "long", task)
-            # The intruder takes the message, as a takeover would.
-            await client.xclaim(JOBS, GROUP, "intruder", 0, [message_id])
-            async with daemon_in_process(folder, url, redis_server, lease_s=1.5) as (daemon, _):
-                [handed] = logs.named("redis_job_handed_over")
                 assert daemon.journal is not None
-                assert await daemon.journal.get("long") is None
-        assert handed["why"] == "taken over by intruder"
+                assert await daemon.journal.get("long") is None, "not shown as running here"
+                assert [r.job_id for r in await daemon.journal.unfinished()] == []
         assert await client.xlen(RESULTS) == 0
         assert triggers_by_job(state) == {"long": 1}
 
@@ -559,6 +665,7 @@ async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_s
     assert "RedisUnavailable" in died[0]["error"]
     assert logs.named("redis_retrying")
     assert {u["url"] for u in unreachable} == {server.url}
+    assert min(u["seconds"] for u in unreachable) >= redis["outage_s"], "the whole outage_s"
     assert finished["state"] == "succeeded"
     assert (result["job_id"], result["state"]) == ("outlived", "succeeded")
     assert result["run_id"] == finished["run_id"]
@@ -574,6 +681,150 @@ async def client_kill(server: RedisServer) -> None:
         )
     finally:
         await admin.aclose()
+
+
+async def until_retried(
+    logs: WatchedLogs, *operations: str, since: int = 0, error: str = ""
+) -> list[EventDict]:
+    """Wait until each of `operations` has been retried (logged `redis_retrying`) for an
+    error starting with `error`, counting from the `since`-th such entry; those entries."""
+
+    def retried() -> list[EventDict]:
+        entries = logs.named("redis_retrying")[since:]
+        return [e for e in entries if e["error"].startswith(error)]
+
+    async with asyncio.timeout(DEADLINE):
+        while not set(operations) <= {e["operation"] for e in retried()}:
+            logs.changed.clear()
+            await logs.changed.wait()
+    return retried()
+
+
+async def test_redis_refusing_commands_for_a_while_is_waited_out(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis out of memory (maxmemory) while a job creates its flow, busy with a script while
+    the job runs, then out of memory again as it ends: the checkpoints, the heartbeat and the
+    settle wait it out. The job is not failed, the daemon does not stop."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=1.5, max=1.5), seed=6)
+    progress = f"{JOBS}:progress:patient"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=1) as (
+                _,
+                task,
+            ):
+                await add_fault(url, {"action": "delay", "op": "flows.create", "delay_ms": 500})
+                before = state.arrivals
+                await submit(client, {"job": job("patient", dataset)})
+                await state.received(before + 1)  # claimed, and started
+                await client.config_set("maxmemory", 1)
+                out_of_memory = await until_retried(logs, "checkpoint", "heartbeat")
+                await client.config_set("maxmemory", 0)
+
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+                await client.config_set("busy-reply-threshold", 50)
+                # (no socket timeout: the script's caller waits for it, however long)
+                blocker = aioredis.Redis(
+                    host="127.0.0.1", port=redis_server.port, socket_timeout=None
+                )
+                try:
+                    busy = asyncio.ensure_future(blocker.eval("while true do end", 0))
+                    since = len(logs.named("redis_retrying"))
+                    await until_retried(logs, "heartbeat", since=since, error="BUSY")
+                    await blocker.script_kill()
+                    with pytest.raises(ResponseError, match="killed"):
+                        await busy
+                finally:
+                    await blocker.aclose()
+                # The job's end, and so its settle, falls in this (or the busy) while.
+                await client.config_set("maxmemory", 1)
+                await until_retried(logs, "settle")
+                await client.config_set("maxmemory", 0)
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                assert not task.done(), "the daemon runs on"
+    assert (result["job_id"], result["state"]) == ("patient", "succeeded")
+    assert all("used memory > 'maxmemory'" in e["error"] for e in out_of_memory)
+    assert not [e for e in logs.entries if e["event"] in ("task_died", "job_crashed")]
+    assert triggers_by_job(state) == {"patient": 1}
+    assert await pending(client, JOBS, GROUP) == 0
+
+
+NO_RETRY = Retry(NoBackoff(), 0)
+
+
+async def refused(call: Awaitable[Any]) -> Exception:
+    """The error `call` fails with (it must fail)."""
+    try:
+        await call
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected Redis to refuse the command")
+
+
+async def test_which_redis_errors_are_waited_out(redis_server: RedisServer) -> None:
+    """Passing server states are retried, alone or as a pipeline's command (which redis-py
+    wraps); mistakes and a wrong password are not."""
+    client = redis_server.client
+    await client.set("text", "x")
+    await client.xgroup_create(JOBS, GROUP, mkstream=True)
+
+    async def piped(redis: aioredis.Redis, *command: Any) -> Exception:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*command)
+            return await refused(pipe.execute())
+
+    await client.config_set("maxmemory", 1)
+    out_of_memory = [await refused(client.set("k", "v")), await piped(client, "SET", "k", "v")]
+    await client.config_set("maxmemory", 0)
+
+    await client.config_set("busy-reply-threshold", 50)
+    blocker = aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=None)
+    other = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        script = asyncio.ensure_future(blocker.eval("while true do end", 0))
+        async with asyncio.timeout(DEADLINE):
+            while not isinstance(busy := await refused(other.get("text")), ResponseError):
+                pass  # (a ConnectionError until the script has run past the threshold)
+        busy_piped = await piped(other, "GET", "text")
+        await blocker.script_kill()
+        await asyncio.gather(script, return_exceptions=True)
+    finally:
+        await other.aclose()
+        await blocker.aclose()
+    # MISCONF (writes stopped after a failed save) takes a broken disk to cause for real.
+    misconf = "MISCONF Errors writing to the AOF file: No space left on device"
+    misconf_piped = f"Command # 1 (SET k v) of pipeline caused error: ({misconf!r},)"
+
+    waited = [
+        *out_of_memory,
+        busy,
+        busy_piped,
+        ResponseError(misconf),
+        ResponseError(misconf_piped),
+    ]
+    stranger = aioredis.Redis(  # (redis-py retries a refused login itself unless told not to)
+        host="127.0.0.1",
+        port=redis_server.port,
+        username="nobody",
+        password="wrong",
+        retry=NO_RETRY,
+    )
+    mistakes = [
+        await refused(client.incr("text")),  # not an integer
+        await piped(client, "HGET", "text", "field"),  # WRONGTYPE
+        await refused(client.xgroup_create(JOBS, GROUP)),  # BUSYGROUP
+        await refused(client.xreadgroup("nogroup", "c", {JOBS: ">"})),  # NOGROUP
+        await refused(stranger.ping()),
+    ]
+    await stranger.aclose()
+    assert all(isinstance(e, OutOfMemoryError) for e in out_of_memory)
+    codes = [reply_code(e) for e in waited if isinstance(e, ResponseError)]
+    assert codes[2:] == ["BUSY", "BUSY", "MISCONF", "MISCONF"]
+    assert [retryable(e) for e in waited] == [True] * 6, [repr(e) for e in waited]
+    assert [retryable(e) for e in mistakes] == [False] * 5, [repr(e) for e in mistakes]
 
 
 async def test_a_wrong_password_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
@@ -593,6 +844,57 @@ async def test_a_wrong_password_stops_the_start_with_a_clear_error(tmp_path: Pat
         assert "the-wrong-one" not in repr(logs.entries)
     finally:
         await server.stop()
+
+
+async def test_a_password_in_the_url_query_is_never_shown(tmp_path: Path) -> None:
+    """redis-py reads `?password=` too: the logged url masks it, connected or refused or
+    unreachable, and password_file may not give a second one."""
+    secret = "query-secret-right"
+    wrong = "query-secret-wrong"
+    server = await start_redis(tmp_path / "redis", password=secret)
+    (tmp_path / "pw").write_text("from-a-file\n")
+    try:
+        base = f"redis://127.0.0.1:{server.port}/0"
+        masked = RedisConfig(url=f"{base}?password={secret}&db=0", consumer="c").safe_url
+        assert masked == f"{base}?password=***&db=0"
+        unix = RedisConfig(url="unix:///run/redis.sock?db=1&password=x", consumer="c")
+        assert unix.safe_url == "unix:///run/redis.sock?db=1&password=***"
+        with pytest.raises(ValidationError, match="keep one"):
+            RedisConfig.model_validate(
+                {"url": f"{base}?password=x", "password_file": str(tmp_path / "pw")}
+            )
+        errors: list[str] = []
+        async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (emu, _):
+            with watch_logs() as logs:
+                right = {"url": f"{base}?password={secret}"}
+                async with daemon_in_process(tmp_path / "ok", emu, server, **right):
+                    [connected] = await logs.until("redis_connected")
+                for password in (wrong, secret):  # refused; then unreachable
+                    if password == secret:
+                        await server.stop()
+                    url = f"{base}?password={password}"
+                    redis = {"url": url, "consumer": "c", "outage_s": 0.5}
+                    await asyncio.to_thread((tmp_path / password).mkdir)
+                    config = write_config(tmp_path / password, emu, redis=redis)
+                    settings = load_settings(config)
+                    assert settings.redis is not None
+                    daemon = Daemon(settings, clock=SystemClock())
+                    daemon.add_service(RedisIntake(daemon, settings.redis))
+                    with pytest.raises(Exception) as err:  # noqa: PT011 - either kind, below
+                        await daemon.run()
+                    errors.append(f"{type(err.value).__name__}: {err.value}")
+    finally:
+        await server.stop()
+    assert connected["url"] == f"{base}?password=***"
+    assert "refused us" in errors[0]
+    assert errors[1].startswith("RedisUnavailable: ")
+    assert logs.named("redis_refused")
+    assert logs.named("redis_unreachable")
+    for shown in (repr(logs.entries), *errors):
+        assert secret not in shown
+        assert wrong not in shown
+    assert f"{base}?password=***" in errors[0]
+    assert f"{base}?password=***" in errors[1]
 
 
 # -- configuration ---------------------------------------------------------------------------

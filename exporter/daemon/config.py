@@ -7,7 +7,7 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
@@ -66,8 +66,9 @@ class RedisConfig(BaseModel):
     """A daemon silent for this long loses its jobs to the others; a live one renews its
     claims every third of it."""
     max_deliveries: int = Field(default=5, ge=1, le=1000)
-    """A message delivered more often (taken over from daemons that died with it) goes to
-    the dead-letter stream."""
+    """A job delivered more often goes to the dead-letter stream: its first claim and each
+    takeover by another daemon (from daemons that died with it) count; a daemon's own
+    restarts do not."""
     read_count: int = Field(default=100, ge=1, le=10_000)
     """Messages read at once, never more than the daemon has room for."""
     block_s: float = Field(default=5.0, gt=0, le=60)
@@ -96,7 +97,8 @@ class RedisConfig(BaseModel):
         parts = urlsplit(self.url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("url must start with redis://, rediss:// or unix://")
-        if parts.password and self.password is not None:
+        in_url = parts.password or any(_is_password(p) for p in parts.query.split("&"))
+        if in_url and self.password is not None:
             raise ValueError("the url holds a password and password_file gives one: keep one")
         names = [self.stream, self.results_stream, self.dead_letter_stream]
         if len(set(names)) != len(names):
@@ -105,13 +107,25 @@ class RedisConfig(BaseModel):
 
     @property
     def safe_url(self) -> str:
-        """The url for logs and errors: a password in it is replaced by ***."""
-        parts = urlsplit(self.url)
-        if not parts.password:
-            return self.url
-        host = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+        """The url for logs and errors: a password in it (`:pw@` or `?password=pw`, which
+        redis-py reads too) is replaced by ***."""
+        url = self.url
+        parts = urlsplit(url)
+        if parts.password:
+            host = parts.netloc.rsplit("@", 1)[1]
+            user = parts.username or ""
+            url = parts._replace(netloc=f"{user}:***@{host}").geturl()
+        head, mark, rest = url.partition("?")
+        query, hash_mark, fragment = rest.partition("#")
+        masked = "&".join(
+            f"{p.partition('=')[0]}=***" if _is_password(p) else p for p in query.split("&")
+        )
+        return head + mark + masked + hash_mark + fragment
+
+
+def _is_password(pair: str) -> bool:
+    """Whether a url query's `name=value` pair gives the password (as redis-py reads it)."""
+    return unquote_plus(pair.partition("=")[0]).strip().lower() == "password"
 
 
 MIN_TOKEN_CHARS = 16

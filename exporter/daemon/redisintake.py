@@ -18,16 +18,28 @@ in `redisstore`):
   triggering adopts the run started since the intent instead of triggering again.
 - A message is acknowledged only once its job's outcome is journaled, by one step that
   publishes the result, marks the job done (for `done_ttl_s`), acknowledges and unlocks. A
-  message whose job is done (a redelivery after a lost acknowledgement, or a duplicate
-  submission) is acknowledged without running or publishing anything: the results stream
+  message whose job is done (a duplicate submission, or a settle retried after its reply
+  was lost) is acknowledged without running or publishing anything: the results stream
   holds exactly one entry per job id, and a duplicate's producer finds its answer there.
-- A delivery is any read of a message: the first, a takeover, a restarted daemon rereading
-  its own pending messages. A message delivered more than `max_deliveries` times, or that
-  is not a usable job, goes to the dead-letter stream with the reason and is acknowledged.
+- A settled message is deleted from the job stream (XDEL) in the step that acknowledges it
+  (published, dead-lettered, or a duplicate): the stream holds only unfinished jobs, so
+  Redis does not grow with every job ever submitted, and a group made again at the
+  stream's start finds only those; the done marks keep finished jobs from running again.
+  The results and dead-letter streams are trimmed to about `results_maxlen` entries.
+- A job counts its deliveries in Redis: its first claim, and each takeover by a consumer
+  other than the last one. A daemon claiming its own job again after a restart (a deploy,
+  a crash, a Redis outage) does not count, so a long job outlives any number of restarts.
+  A job delivered more than `max_deliveries` times (its daemons keep dying on it), or a
+  message that is not a usable job, goes to the dead-letter stream with the reason.
+- A message whose job id this daemon already has from another source (a job file, the
+  admin API, a schedule) goes to the dead-letter stream too, saying so: a job id runs once,
+  and its producer gets an answer. (Only this daemon's journal knows those ids.)
+- A job lost to another daemon is stopped without an outcome and dropped from the journal.
 - New messages are read only while the daemon has room for more jobs.
-- Redis unreachable: every call is retried with backoff for up to `outage_s`, then the
+- Redis unreachable, or refusing commands for a while (out of memory, MISCONF, BUSY,
+  LOADING, READONLY): every call is retried with backoff for up to `outage_s`, then the
   service stops and the daemon exits 70 (systemd restarts it); the next start resumes the
-  jobs from the journal and the pending messages.
+  jobs from the journal and the pending messages. A job is never failed for it.
 
 Needs Redis 6.2 or newer (XAUTOCLAIM); not Redis Cluster (a step spans a job's keys and the
 streams).
@@ -43,7 +55,7 @@ from typing import Any
 
 import prometheus_client
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from exporter.daemon.config import RedisConfig
 from exporter.daemon.daemon import Admission, Daemon
@@ -114,6 +126,13 @@ def progress_of(values: Mapping[str, str]) -> Progress | None:
         return None
     flow, run = values.get("flow_id") or None, values.get("run_id") or None
     return Progress(state, flow_id=flow, run_id=run, intent_ms=intent)
+
+
+def lost_detail(status: str, holder: str) -> str:
+    """Why a job left this daemon, for the journal (a `keep` answer other than 'ok')."""
+    if status == "done":
+        return "finished by another daemon"
+    return f"taken over by {holder or 'another daemon'}"
 
 
 def result_fields(outcome: Outcome, message_id: str, consumer: str) -> dict[str, str]:
@@ -254,7 +273,7 @@ class RedisIntake:
                 await self._handle(message_id, fields, counts.get(message_id, 1))
             else:  # deleted from the stream while pending: nothing to run
                 log.warning("redis_message_gone", message_id=message_id)
-                await self.store.ack(message_id)
+                await self.store.drop(message_id)
 
     # -- one message -----------------------------------------------------------------------
 
@@ -286,21 +305,24 @@ class RedisIntake:
             await self.daemon.reject(poison, f"internal error reading the message: {exc!r}")
             return
         job = parsed.job
+        known = await self._journal.get(job.job_id)
+        if known is not None and known.source != SOURCE:
+            await self._refuse_duplicate(message_id, fields, deliveries, known)
+            return
         running = job.job_id in self.daemon.jobs
-        claim = await self.store.claim(
-            job.job_id, message_id, running=running, deliveries=deliveries
-        )
+        claim = await self.store.claim(job.job_id, message_id, running=running)
         context = {"job_id": job.job_id, "message_id": message_id}
         if claim.status == "mine":
             if claim.holder:
                 log.info("redis_job_reclaimed", **context, deliveries=deliveries)
-            await self._run(job, parsed.spec, message_id, claim)
+            await self._run(job, parsed.spec, message_id, fields, claim)
         elif claim.status == "exhausted":
+            times = int(claim.progress.get("deliveries", "0"))
             reason = (
-                f"delivered {deliveries} times (max_deliveries is "
+                f"delivered {times} times (max_deliveries is "
                 f"{self.config.max_deliveries}): the daemons that took it kept stopping"
             )
-            origin = DeadLetter(self, message_id, fields, deliveries, job.job_id)
+            origin = DeadLetter(self, message_id, fields, times, job.job_id)
             await self.daemon.reject(origin, reason)
             await self._journal.forget(job.job_id, detail="dead-lettered")
         elif claim.status == "busy" and claim.message_id == message_id:
@@ -312,9 +334,29 @@ class RedisIntake:
         else:  # done, or another message for a job that runs somewhere
             log.info("redis_message_duplicate", **context, why=claim.status)
             self._messages.labels("duplicate").inc()
-            await self.store.ack(message_id)
+            await self.store.drop(message_id)
 
-    async def _run(self, job: Job, spec: dict[str, Any], message_id: str, claim: Claim) -> None:
+    async def _refuse_duplicate(
+        self, message_id: str, fields: Mapping[bytes, bytes], deliveries: int, known: JobRecord
+    ) -> None:
+        """A message for a job id this daemon has from another source: dead-lettered with
+        the reason, so that its producer hears why it will not run (nor publish a result)."""
+        reason = (
+            f"job id {known.job_id!r} was already submitted from another source "
+            f"({known.source}, as {known.name}, now {known.state.value}); a job id runs "
+            "once: give the new job another id"
+        )
+        origin = DeadLetter(self, message_id, fields, deliveries, known.job_id)
+        await self.daemon.reject(origin, reason)
+
+    async def _run(
+        self,
+        job: Job,
+        spec: dict[str, Any],
+        message_id: str,
+        fields: Mapping[bytes, bytes],
+        claim: Claim,
+    ) -> None:
         """Start the job from where the journal or Redis says it got, whichever is further."""
         origin = Message(self, message_id, job.job_id)
         at = progress_of(claim.progress)
@@ -326,6 +368,10 @@ class RedisIntake:
                 self._messages.labels("started").inc()
                 return
             record = admitted.record  # submitted meanwhile by another source
+            if record is not None and record.source != SOURCE:
+                self._held.pop(job.job_id, None)
+                await self._refuse_duplicate(message_id, fields, 1, record)
+                return
         elif record is None:
             await self._journal.add(job.job_id, source=SOURCE, name=message_id, spec=spec)
             record = await self._journal.get(job.job_id)
@@ -374,11 +420,14 @@ class RedisIntake:
                 [(origin.job_id, origin.message_id)],
                 (ORDER.index(progress.state) + 1, progress.state.value),
                 values,
+                operation="checkpoint",
             )
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, RedisError) as exc:
+            # Not the job's failure: it stops without an outcome (the journal says where it
+            # was), the service stops the daemon, and the next start resumes the job.
             self._held.pop(origin.job_id, None)
             self._fail(exc)
-            raise asyncio.CancelledError("Redis is unreachable") from exc
+            raise asyncio.CancelledError("Redis is unavailable") from exc
         if status != "ok":
             self._held.pop(origin.job_id, None)
             log.warning(
@@ -389,7 +438,10 @@ class RedisIntake:
                 why=status,
                 holder=holder,
             )
-            # Like `daemon.abandon`, from inside the job's own task: no outcome.
+            # Like `daemon.abandon`, from inside the job's own task: no outcome. Nothing
+            # writes to the journal after this (a cancelled job's task only re-raises), so
+            # the job is dropped from it now, not left looking like it runs here.
+            await self._journal.forget(origin.job_id, detail=lost_detail(status, holder))
             raise asyncio.CancelledError(f"job {origin.job_id} is not this daemon's any more")
 
     async def settle(self, origin: Message, outcome: Outcome) -> None:
@@ -398,7 +450,7 @@ class RedisIntake:
             status, result_id = await self.store.settle(
                 origin.job_id, origin.message_id, fields["outcome"], fields
             )
-        except RedisUnavailable as exc:  # still pending: settled again at the next start
+        except (RedisUnavailable, RedisError) as exc:  # pending: settled at the next start
             self._fail(exc)
             return
         finally:
@@ -425,7 +477,7 @@ class RedisIntake:
             fields[b"field:" + name] = value
         try:
             entry = await self.store.dead_letter(origin.message_id, origin.job_id, fields)
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, RedisError) as exc:  # pending: handled at the next start
             self._fail(exc)
             return
         self._messages.labels("dead_lettered").inc()
@@ -446,11 +498,13 @@ class RedisIntake:
             held = [(j, m) for j, m in self._held.items() if j in self.daemon.jobs]
             if not held:
                 continue
-            answers = await self.store.keep(held)
+            answers = await self.store.keep(held, operation="heartbeat")
             for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
                 if status == "ok" or self._held.get(job_id) != message_id:
                     continue
                 self._held.pop(job_id, None)
+                await self.daemon.abandon(job_id)  # returns once its task has stopped
+                await self._journal.forget(job_id, detail=lost_detail(status, holder))
                 log.warning(
                     "redis_job_lost",
                     job_id=job_id,
@@ -458,7 +512,6 @@ class RedisIntake:
                     why=status,
                     holder=holder,
                 )
-                await self.daemon.abandon(job_id)
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Per job id, beside the stream (`<stream>:lock:<job id>`, `:progress:`, `:done:`)
 
     lock      who runs the job now: a consumer name, with a lease (PX)
     progress  where it got to: owner, message_id, state (and its rank), flow_id, run_id,
-              intent_ms
+              intent_ms; deliveries (its first claim, and each takeover by another consumer)
     done      its outcome once published: outcome, message_id, consumer, result_id
 
 A job is a consumer's while the lock holds its name or, once the lease lapsed, while nobody
@@ -15,12 +15,17 @@ it writes (is the job done? whose is the lock?), so two daemons never both win o
 touches the group goes through `pcall`: a stream deleted under a script costs a message,
 not the script's other effects.
 
-Every call is retried with backoff while Redis is unreachable; after `outage_s` it raises
-`RedisUnavailable`.
+A message leaves the job stream (XDEL) in the step that acknowledges it: the stream holds
+only jobs not yet finished, and the done marks keep a finished job from running again.
+
+Every call is retried with backoff while Redis is unreachable or in a passing state that
+refuses commands (out of memory, writes stopped after a failed save, busy with a script,
+loading, a read-only replica); after `outage_s` it raises `RedisUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -32,7 +37,14 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -43,12 +55,23 @@ from exporter.daemon.config import RedisConfig
 log = structlog.get_logger("exporter.redis")
 T = TypeVar("T")
 Entry = tuple[str, Mapping[bytes, bytes]]
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# Unreachable (LOADING arrives as BusyLoadingError, a ConnectionError), or refusing for a
+# while: OOM (maxmemory), READONLY (a replica), MASTERDOWN (a replica without its master).
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    MasterDownError,
+    OSError,
+)
+# Passing states that redis-py reports as a plain ResponseError, by the reply's first word:
+# writes stopped after a failed save, busy with a script, too few replicas for a write.
+RETRYABLE_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})
 
 CLAIM = """
 -- KEYS: lock, progress, done, stream
--- ARGV: consumer, lease_ms, message_id, ttl_ms, running (1|0), deliveries, max_deliveries,
---       group
+-- ARGV: consumer, lease_ms, message_id, ttl_ms, running (1|0), max_deliveries, group
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return {'done', '', redis.call('HGET', KEYS[3], 'message_id') or ''}
 end
@@ -59,14 +82,19 @@ end
 if ARGV[5] == '1' then
   return {'running', ARGV[1], redis.call('HGET', KEYS[2], 'message_id') or ''}
 end
-if tonumber(ARGV[6]) > tonumber(ARGV[7]) then
-  return {'exhausted', holder or '', ''}
+-- A delivery: the job's first claim, or a takeover from another consumer. A consumer that
+-- claims its own job again (restarted: a deploy, a crash, a Redis outage) delivers nothing.
+local owner = redis.call('HGET', KEYS[2], 'owner')
+local deliveries = tonumber(redis.call('HGET', KEYS[2], 'deliveries') or '0')
+if owner ~= ARGV[1] or deliveries == 0 then deliveries = deliveries + 1 end
+if deliveries > tonumber(ARGV[6]) then
+  return {'exhausted', owner or '', '', 'deliveries', tostring(deliveries)}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'message_id', ARGV[3])
+redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'message_id', ARGV[3], 'deliveries', deliveries)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 -- The message's idle time starts with the lease, so neither outlives the other.
-redis.pcall('XCLAIM', KEYS[4], ARGV[8], ARGV[1], 0, ARGV[3], 'JUSTID')
+redis.pcall('XCLAIM', KEYS[4], ARGV[7], ARGV[1], 0, ARGV[3], 'JUSTID')
 local reply = {'mine', holder or '', ARGV[3]}
 for _, value in ipairs(redis.call('HGETALL', KEYS[2])) do reply[#reply + 1] = value end
 return reply
@@ -100,6 +128,7 @@ SETTLE = """
 -- ARGV: consumer, group, message_id, ttl_ms, maxlen, outcome, finished_at, [field, value]...
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.pcall('XACK', KEYS[4], ARGV[2], ARGV[3])
+  redis.pcall('XDEL', KEYS[4], ARGV[3])
   if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
   return {'duplicate', redis.call('HGET', KEYS[3], 'result_id') or ''}
 end
@@ -108,30 +137,36 @@ redis.call('HSET', KEYS[3], 'outcome', ARGV[6], 'message_id', ARGV[3], 'consumer
            'result_id', id, 'finished_at', ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.pcall('XACK', KEYS[4], ARGV[2], ARGV[3])
+redis.pcall('XDEL', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[1], KEYS[2])
 return {'published', id}
 """
 
 DEAD_LETTER = """
--- KEYS: stream, dead_letter, lock
+-- KEYS: stream, dead_letter, lock, progress
 -- ARGV: group, message_id, consumer, maxlen, [field, value]...
 if redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[2]) ~= 1 then return false end
+redis.pcall('XDEL', KEYS[1], ARGV[2])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+-- A new message for the job (the producer's retry) counts its deliveries afresh.
+if redis.call('HGET', KEYS[4], 'message_id') == ARGV[2] then
+  redis.call('HDEL', KEYS[4], 'deliveries')
+end
 return id
 """
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached for longer than `outage_s`."""
+    """Redis was unreachable, or refused our commands, for longer than `outage_s`."""
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What `claim` found: `status` is 'mine' (with the job's `progress` so far), 'done'
     (its outcome is published), 'busy' (`holder` runs it), 'running' (this consumer runs it
-    already) or 'exhausted' (delivered too often). `message_id`: the message the job's
-    holder works from."""
+    already) or 'exhausted' (delivered too often: `progress` holds the `deliveries` this
+    claim would have made). `message_id`: the message the job's holder works from."""
 
     status: str
     holder: str
@@ -146,6 +181,23 @@ class Whereabouts:
     finisher: str | None  # the consumer that published its outcome
     holder: str | None  # the lock's holder, or failing that the last one to claim it
     deliveries: int | None  # of its message, if still pending
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether waiting may help: Redis unreachable, or refusing commands for a while."""
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        return False  # a wrong password does not get better by waiting
+    if isinstance(exc, RETRYABLE):
+        return True
+    return isinstance(exc, ResponseError) and reply_code(exc) in RETRYABLE_CODES
+
+
+def reply_code(exc: ResponseError) -> str:
+    """The first word of Redis's error reply, also where redis-py wrapped it for a command
+    of a pipeline ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
+    message = str(exc)
+    _, wrapped, inner = message.partition(" of pipeline caused error: ")
+    return (inner.lstrip("('\"") if wrapped else message).split(" ", 1)[0]
 
 
 def text(value: Any) -> str:
@@ -164,8 +216,9 @@ class RedisStore:
         self.consumer = config.consumer
         self._clock = clock
         self._rng = rng
+        # Unbounded here: `_call` waits out `outage_s` whole, its last delay cut to fit.
         self._backoff = Backoff(
-            max_attempts=1_000_000, base_delay_s=0.1, max_delay_s=5.0, max_elapsed_s=config.outage_s
+            max_attempts=1_000_000, base_delay_s=0.1, max_delay_s=5.0, max_elapsed_s=float("inf")
         )
         self._lease_ms = int(config.lease_s * 1000)
         self._margin_ms = max(100, self._lease_ms // 20)  # a lease has lapsed when taken over
@@ -275,32 +328,38 @@ class RedisStore:
         """How often each pending message was delivered."""
 
         async def ask() -> Any:
-            pipe = self.redis.pipeline(transaction=False)
-            for message_id in ids:
-                pipe.xpending_range(
-                    self.config.stream, self.config.group, message_id, message_id, 1
-                )
-            return await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message_id in ids:
+                    pipe.xpending_range(
+                        self.config.stream, self.config.group, message_id, message_id, 1
+                    )
+                return await pipe.execute()
 
         replies: Any = await self._call("xpending", ask)
         return {
             text(row["message_id"]): int(row["times_delivered"]) for rows in replies for row in rows
         }
 
-    async def ack(self, message_id: str) -> None:
-        ack = partial(self.redis.xack, self.config.stream, self.config.group, message_id)
-        await self._call("xack", ack)
+    async def drop(self, message_id: str) -> None:
+        """Acknowledge a message and delete it from the stream (a duplicate, or gone)."""
+
+        async def send() -> Any:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self.config.stream, self.config.group, message_id)
+                pipe.xdel(self.config.stream, message_id)
+                return await pipe.execute()
+
+        await self._call("xack", send)
 
     # -- per job ---------------------------------------------------------------------------
 
-    async def claim(self, job_id: str, message_id: str, *, running: bool, deliveries: int) -> Claim:
+    async def claim(self, job_id: str, message_id: str, *, running: bool) -> Claim:
         args: list[Any] = [
             self.consumer,
             self._lease_ms,
             message_id,
             self._ttl_ms,
             "1" if running else "0",
-            deliveries,
             self.config.max_deliveries,
             self.config.group,
         ]
@@ -315,37 +374,41 @@ class RedisStore:
         held: Iterable[tuple[str, str]],
         state: tuple[int, str] | None = None,
         values: Mapping[str, str] | None = None,
+        *,
+        operation: str = "keep",
     ) -> list[tuple[str, str]]:
         """Renew this consumer's claim on each (job id, message id): its lock, its progress,
         its message's idle time. With `state` (rank, name), record it in the progress unless
         a higher rank is there already, and `values` (flow_id, ...). Each answer is ('ok',
-        ''), ('lost', new holder) or ('done', '')."""
+        ''), ('lost', new holder) or ('done', ''). `operation` names the call in logs."""
         extra = [*state, *_flat(values or {})] if state is not None else ["", ""]
 
         async def send() -> Any:
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id, message_id in held:
-                keys = [*self.keys(job_id), self.config.stream]
-                args = [
-                    self.consumer,
-                    self._lease_ms,
-                    self._ttl_ms,
-                    self.config.group,
-                    message_id,
-                    *extra,
-                ]
-                await self._keep(keys, args, client=pipe)
-            return await pipe.execute()
+            # (`async with`: a pipeline whose scripts fail to load, as when Redis is busy,
+            # would otherwise keep its connection)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, message_id in held:
+                    keys = [*self.keys(job_id), self.config.stream]
+                    args = [
+                        self.consumer,
+                        self._lease_ms,
+                        self._ttl_ms,
+                        self.config.group,
+                        message_id,
+                        *extra,
+                    ]
+                    await self._keep(keys, args, client=pipe)
+                return await pipe.execute()
 
-        replies: Any = await self._call("keep", send)
+        replies: Any = await self._call(operation, send)
         return [(text(r[0]), text(r[1])) for r in replies]
 
     async def settle(
         self, job_id: str, message_id: str, outcome_json: str, fields: Mapping[str, str]
     ) -> tuple[str, str]:
-        """Publish a job's outcome, mark it done, acknowledge its message and unlock it,
-        at once: ('published', result id). If it was done already, the message is only
-        acknowledged: ('duplicate', the earlier result's id)."""
+        """Publish a job's outcome, mark it done, acknowledge and delete its message and
+        unlock it, at once: ('published', result id). If it was done already, the message is
+        only acknowledged and deleted: ('duplicate', the earlier result's id)."""
         keys = [*self.keys(job_id), self.config.stream, self.config.results_stream]
         args = [
             self.consumer,
@@ -363,9 +426,11 @@ class RedisStore:
     async def dead_letter(
         self, message_id: str, job_id: str, fields: Mapping[str | bytes, str | bytes]
     ) -> str | None:
-        """Add `fields` to the dead-letter stream and acknowledge the message, once (None if
-        it was not pending any more); this consumer's lock on the job, if any, is dropped."""
-        keys = [self.config.stream, self.config.dead_letter_stream, self.keys(job_id)[0]]
+        """Add `fields` to the dead-letter stream, acknowledge the message and delete it, once
+        (None if it was not pending any more); this consumer's lock on the job, if any, is
+        dropped, and a new message for the job counts its deliveries afresh."""
+        lock, progress, _ = self.keys(job_id)
+        keys = [self.config.stream, self.config.dead_letter_stream, lock, progress]
         args = [
             self.config.group,
             message_id,
@@ -380,12 +445,14 @@ class RedisStore:
         lock, progress, done = self.keys(job_id)
 
         async def ask() -> Any:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(done, "consumer")
-            pipe.get(lock)
-            pipe.hget(progress, "owner")
-            pipe.xpending_range(self.config.stream, self.config.group, message_id, message_id, 1)
-            return await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(done, "consumer")
+                pipe.get(lock)
+                pipe.hget(progress, "owner")
+                pipe.xpending_range(
+                    self.config.stream, self.config.group, message_id, message_id, 1
+                )
+                return await pipe.execute()
 
         finisher, holder, owner, pending = await self._call("whereabouts", ask)
         return Whereabouts(
@@ -397,19 +464,20 @@ class RedisStore:
     # -- the retry policy ------------------------------------------------------------------
 
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """`fn()`, retried with backoff while Redis is unreachable, up to `outage_s`."""
+        """`fn()`, retried with backoff while Redis is unreachable or refusing commands for a
+        while (`retryable`), up to `outage_s`."""
         started = self._clock.monotonic()
         attempt = 0
         while True:
             try:
-                return await fn()
-            except (AuthenticationError, AuthorizationError):
-                raise  # a wrong password does not get better by waiting
-            except RETRYABLE as exc:
+                result = await fn()
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
                 attempt += 1
                 elapsed = self._clock.monotonic() - started
-                delay = self._backoff.next_delay(attempt, self._rng, elapsed=elapsed)
-                if delay is None:
+                delay = self._backoff.next_delay(attempt, self._rng)
+                if delay is None or elapsed >= self.config.outage_s:
                     log.error(
                         "redis_unreachable",
                         operation=operation,
@@ -418,9 +486,10 @@ class RedisStore:
                         error=str(exc),
                     )
                     raise RedisUnavailable(
-                        f"Redis at {self.config.safe_url} unreachable for {elapsed:.0f} s "
+                        f"Redis at {self.config.safe_url} unavailable for {elapsed:.0f} s "
                         f"({operation}): {exc}"
                     ) from exc
+                delay = min(delay, self.config.outage_s - elapsed)
                 if attempt & (attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th...: not a flood
                     log.warning(
                         "redis_retrying",
@@ -430,3 +499,10 @@ class RedisStore:
                         error=str(exc),
                     )
                 await self._clock.sleep(delay)
+                continue
+            # redis-py sends with asyncio.wait_for, which on Python 3.11 swallows a
+            # cancellation that comes as the send completes: a stop would go unheard.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            return result
