@@ -19,6 +19,16 @@ from exporter.destinations import read_secret
 from exporter.jobs import Job
 
 
+def secret_from_file(data: Any, field: str) -> Any:
+    """Raw settings with `<field>_file` read into `<field>` (a secret given by its file)."""
+    if isinstance(data, dict) and f"{field}_file" in data:
+        data = dict(data)
+        if data.get(field) is not None:
+            raise ValueError(f"give either {field} or {field}_file, not both")
+        data[field] = read_secret(Path(str(data.pop(f"{field}_file"))))
+    return data
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,12 +95,7 @@ class RedisConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _password_file(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "password_file" in data:
-            data = dict(data)
-            if data.get("password") is not None:
-                raise ValueError("give either password or password_file, not both")
-            data["password"] = read_secret(Path(str(data.pop("password_file"))))
-        return data
+        return secret_from_file(data, "password")
 
     @model_validator(mode="after")
     def _coherent(self) -> RedisConfig:
@@ -164,12 +169,7 @@ class AdminConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _token_file(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "token_file" in data:
-            data = dict(data)
-            if data.get("token") is not None:
-                raise ValueError("give either token or token_file, not both")
-            data["token"] = read_secret(Path(str(data.pop("token_file"))))
-        return data
+        return secret_from_file(data, "token")
 
     @model_validator(mode="after")
     def _guarded(self) -> AdminConfig:
