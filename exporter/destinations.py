@@ -8,6 +8,9 @@ as `**********`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -68,6 +71,15 @@ class _Base(BaseModel):
     def location(self) -> dict[str, str]:
         """Target connection parameters other than path, format and compression."""
         return {}
+
+    def identity(self, key: bytes) -> str:
+        """What tells this storage from another — its type, bucket, container, host, account
+        and credentials — as a keyed hash (HMAC-SHA256 under `key`, the AEP client secret):
+        an edited destination, rotated keys included, gets new connections and lanes, and
+        the names AEP shows reveal nothing of the credentials."""
+        content = {"type": getattr(self, "type"), "location": self.location(), "auth": self.auth()}  # noqa: B009
+        text = json.dumps(content, sort_keys=True).encode()
+        return hmac.new(key, text, hashlib.sha256).hexdigest()[:16]
 
     def describe(self) -> str:
         return self.spec.name

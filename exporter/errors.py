@@ -101,6 +101,28 @@ class AdhocNotEnabled(AdhocError):
 
 
 class RunInProgress(AdhocError):
-    def __init__(self, message: str, *, run_id: str, **kwargs: object) -> None:
+    """A dataset of the call already has a run going on (AEP names one dataset, when it does,
+    and refuses the whole call)."""
+
+    def __init__(
+        self, message: str, *, run_id: str, dataset_id: str = "", **kwargs: object
+    ) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.run_id = run_id
+        self.dataset_id = dataset_id
+
+
+class FlowDisabled(AdhocError):
+    """The flow is disabled (by another job's `after_run`, another daemon, a person)."""
+
+
+class NotAMember(AdhocError):
+    """A dataset of the call is not (or no longer) part of the flow."""
+
+    def __init__(self, message: str, *, dataset_id: str = "", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.dataset_id = dataset_id
+
+
+class LaneBudgetExhausted(ConfigError):
+    """No room for another flow in the sandbox and no idle lane to retire in time."""

@@ -84,6 +84,9 @@ class Job(BaseModel):
     path: str = Field(min_length=1, max_length=1024)
     mode: Mode = "once"
     after_run: Literal["keep", "disable"] | None = None
+    export_now: bool | None = None
+    """Trigger an ad hoc run now. Default: yes for `once`; for `daily`/`hourly`, no — the
+    schedule's next slot exports a new member in full, and the job reports that run."""
     timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, le=7 * 86400)
     labels: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=500)]] = (
         Field(default_factory=dict, max_length=50)
@@ -130,6 +133,11 @@ class Job(BaseModel):
                 "JSON exports must be gzip-compressed (AEP exports JSON "
                 "compressed only): set compression to gzip"
             )
+        if self.mode == "once" and self.export_now is False:
+            raise ValueError(
+                "a once job without export_now would never run: AEP never runs a one-off "
+                "lane by itself; drop export_now or choose a daily or hourly mode"
+            )
         if self.mode != "once" and self.after_run == "disable":
             raise ValueError(
                 f"after_run=disable would stop the {self.mode} schedule; "
@@ -153,49 +161,19 @@ class Job(BaseModel):
         return "disable" if self.mode == "once" else "keep"
 
     @property
+    def trigger_now(self) -> bool:
+        return self.export_now if self.export_now is not None else self.mode == "once"
+
+    @property
     def job_id(self) -> str:
         """The given id, or one derived from the content so a resubmitted file is the same job."""
         if self.id is not None:
             return self.id
-        content = self.model_dump(mode="json", exclude={"id"})
+        # A field added later is left out while unset, so older jobs keep their ids.
+        unset = {"export_now"} if self.export_now is None else set()
+        content = self.model_dump(mode="json", exclude={"id", *unset})
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return f"job-{digest[:24]}"
-
-
-class ExportTarget(BaseModel):
-    """What identifies a flow: the same target means the same flow, whoever asks."""
-
-    model_config = ConfigDict(frozen=True)
-
-    org_id: str
-    sandbox: str
-    dataset_id: str
-    destination: str
-    file_type: FileType
-    compression: Compression
-    path: str
-
-    @classmethod
-    def of(cls, job: Job, *, org_id: str, sandbox: str) -> ExportTarget:
-        return cls(
-            org_id=org_id,
-            sandbox=sandbox,
-            dataset_id=job.dataset_id,
-            destination=job.destination,
-            file_type=job.file_type,
-            compression=job.compression_type,
-            path=job.path,
-        )
-
-    @property
-    def fingerprint(self) -> str:
-        content = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(content.encode()).hexdigest()[:16]
-
-    @property
-    def flow_name(self) -> str:
-        """Deterministic, so a restarted or second daemon finds the flow by name in AEP."""
-        return f"aep-exporter {self.dataset_id} to {self.destination} [{self.fingerprint}]"
 
 
 class RunError(BaseModel):

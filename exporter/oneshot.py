@@ -142,6 +142,7 @@ async def _export(
             org_id=settings.aep.org_id,
             sandbox=settings.aep.sandbox,
             clock=clock,
+            identity_key=settings.aep.client_secret.get_secret_value().encode(),
         )
         async with engine:
             if not err.is_terminal:

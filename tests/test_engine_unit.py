@@ -14,10 +14,10 @@ from exporter.aepclient import FakeAep, RunInfo
 from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
 from exporter.engine import Engine, EngineConfig
-from exporter.engine.flows import FlowManager
+from exporter.engine.lanes import LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.errors import RequestError, ServerError
-from exporter.jobs import ExportTarget, Job, JobState
+from exporter.jobs import Job, JobState
 
 CONFIG = EngineConfig(
     not_ready_wait_s=600,
@@ -26,6 +26,9 @@ CONFIG = EngineConfig(
     poll_growth=0.25,
     poll_jitter=0,
     status_unreadable_s=300,
+    join_coalesce_s=0,
+    trigger_coalesce_s=0,
+    max_flows=10_000,  # the poller's tests want a run per flow
 )
 DESTS = {"lake": DlzDestination(type="dlz")}
 
@@ -60,12 +63,17 @@ async def poller(aep: FakeAep, clock: FakeClock) -> AsyncIterator[RunPoller]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+def lanes(aep: FakeAep, clock: FakeClock) -> LaneManager:
+    return LaneManager(
+        aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k"
+    )
+
+
 async def flow_with_runs(aep: FakeAep, clock: FakeClock, datasets: int) -> list[str]:
-    """`datasets` runs started now, each of its own flow."""
+    """`datasets` runs started now, each of its own lane."""
     runs = []
     for i in range(datasets):
-        manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-        flow = await manager.ensure(job(f"d{i}"))
+        flow, _ = await lanes(aep, clock).member(job(f"d{i}", path=f"ml/x{i}"))
         await clock.advance(0)
         aep.ready_after_s = -1e9  # skip the window: these tests are about polling
         runs.append(await aep.trigger(flow.id, f"d{i}"))
@@ -176,19 +184,20 @@ async def test_a_poll_that_fails_once_is_retried_on_schedule(
     assert (await wait).status == "success"
 
 
-async def test_concurrent_ensures_share_one_creation(aep: FakeAep, clock: FakeClock) -> None:
-    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-    flows = await asyncio.gather(*(manager.ensure(job(id=f"j{i}")) for i in range(100)))
-    assert len({f.id for f in flows}) == 1
+async def test_concurrent_joins_share_one_creation(aep: FakeAep, clock: FakeClock) -> None:
+    manager = lanes(aep, clock)
+    flows = await asyncio.gather(*(manager.member(job(f"d{i}")) for i in range(100)))
+    assert len({f.id for f, _ in flows}) == 1
     assert aep.calls["flows.create"] == 1
     assert aep.calls["connections.create"] == 1
+    assert aep.calls["sourceConnections.create"] == 1
 
 
 async def test_a_refused_flow_leaves_no_orphans(aep: FakeAep, clock: FakeClock) -> None:
-    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    manager = lanes(aep, clock)
     aep.fail_next("flows.create", RequestError("bad schedule", status=400))
     with pytest.raises(RequestError):
-        await manager.ensure(job())
+        await manager.member(job())
     assert aep.entities["sourceConnections"] == {}
     assert aep.entities["targetConnections"] == {}
     assert len(aep.entities["connections"]) == 1  # the destination's, kept for reuse
@@ -197,39 +206,39 @@ async def test_a_refused_flow_leaves_no_orphans(aep: FakeAep, clock: FakeClock) 
 async def test_an_interrupted_creation_is_resumed_not_repeated(
     aep: FakeAep, clock: FakeClock
 ) -> None:
-    first = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
     aep.fail_next("flows.create", ServerError("gone", status=503))
     with pytest.raises(ServerError):
-        await first.ensure(job())
+        await lanes(aep, clock).member(job())
     assert len(aep.entities["sourceConnections"]) == 1  # retryable: kept to resume
-    second = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-    await second.ensure(job())
+    await lanes(aep, clock).member(job())
     assert aep.calls["sourceConnections.create"] == 1
     assert aep.calls["targetConnections.create"] == 1
     assert len(aep.entities["flows"]) == 1
 
 
 async def test_a_foreign_flow_with_our_name_is_refused(aep: FakeAep, clock: FakeClock) -> None:
-    manager = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-    flow = await manager.ensure(job())
-    target_id = flow.target_connection_ids[0]
-    aep.entities["targetConnections"][target_id]["params"]["path"] = "somewhere/else"
-    fresh = FlowManager(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
-    engine.flows = fresh
-    outcome = await engine.run(job())
+    flow, _ = await lanes(aep, clock).member(job())
+    aep.entities["flows"][flow.id]["flowSpec"]["id"] = "not-a-dataset-flow-spec"
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k")
+    outcome = await engine.run(job(id="other"))
     assert outcome.state == JobState.REJECTED
-    assert "somewhere/else" in outcome.message
+    assert "not-a-dataset-flow-spec" in outcome.message
 
 
 async def test_the_trigger_waits_from_created_at_not_a_fixed_sleep(
     aep: FakeAep, clock: FakeClock
 ) -> None:
     engine = Engine(
-        aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, rng=random.Random(2)
+        aep,
+        DESTS,
+        CONFIG,
+        org_id="o",
+        sandbox="prod",
+        clock=clock,
+        identity_key=b"k",
+        rng=random.Random(2),
     )
-    manager = engine.flows
-    await manager.ensure(job())  # the flow exists since t=0
+    await engine.lanes.member(job())  # the dataset joined at t=0
     await clock.advance(550)
     async with engine:
         run = asyncio.create_task(engine.run(job(id="later")))
@@ -250,7 +259,7 @@ async def test_the_trigger_waits_from_created_at_not_a_fixed_sleep(
 async def test_jobs_sharing_a_run_park_the_flow_without_racing(
     aep: FakeAep, clock: FakeClock
 ) -> None:
-    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock)
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k")
     async with engine:
         runs = [asyncio.create_task(engine.run(job(id=f"j{i}"))) for i in range(20)]
         for _ in range(100):
@@ -259,14 +268,19 @@ async def test_jobs_sharing_a_run_park_the_flow_without_racing(
     assert {o.state for o in outcomes} == {JobState.SUCCEEDED}
     assert len({o.run_id for o in outcomes}) == 1
     assert aep.calls["flows.patch"] == 0  # created parked: nothing to change afterwards
-    assert 1 <= aep.calls["flows.action"] <= 20
+    assert aep.calls["flows.action"] == 1  # disabled once, after the last of them
     (flow,) = aep.entities["flows"].values()
     assert flow["state"] == "disabled"
 
 
-def test_flow_names_carry_the_fingerprint() -> None:
-    target = ExportTarget.of(job(), org_id="o", sandbox="prod")
-    assert target.fingerprint in target.flow_name
+def test_lane_names_carry_the_fingerprint_and_not_the_dataset() -> None:
+    manager = lanes(FakeAep(FakeClock()), FakeClock())
+    key = manager.key(job("d1"))
+    assert key == manager.key(job("d2", labels={"a": "b"}))
+    assert key.fingerprint in key.flow_name()
+    assert key.flow_name(2).endswith(" #2")
+    for other in (job(path="ml/y"), job(format="json"), job(mode="daily")):
+        assert manager.key(other).fingerprint != key.fingerprint
 
 
 async def test_the_unreadable_limit_holds_where_float_rounding_would_disagree(

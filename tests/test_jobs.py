@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from exporter.jobs import (
     TERMINAL,
-    ExportTarget,
     IllegalTransition,
     Job,
     JobState,
@@ -72,25 +71,6 @@ def test_job_id_is_given_or_derived_from_content() -> None:
     assert job().job_id == job().job_id
     assert job().job_id != job(path="ml/other").job_id
     assert job().job_id.startswith("job-")
-
-
-def test_flow_identity_ignores_schedule_and_labels_but_not_what_is_exported() -> None:
-    def target(j: Job, sandbox: str = "prod") -> ExportTarget:
-        return ExportTarget.of(j, org_id="ORG@AdobeOrg", sandbox=sandbox)
-
-    base = target(job())
-    assert target(job(mode="daily", after_run="keep", labels={"a": "b"})) == base
-    for other in (
-        job(path="ml/x"),
-        job(format="json"),
-        job(compression="none"),
-        job(destination="other"),
-        job(dataset_id="0" * 24),
-    ):
-        assert target(other).fingerprint != base.fingerprint
-    assert target(job(), sandbox="dev").fingerprint != base.fingerprint
-    assert base.fingerprint in base.flow_name
-    assert "5c8c3c555033b814b69f947f" in base.flow_name
 
 
 def test_transitions_follow_the_diagram() -> None:

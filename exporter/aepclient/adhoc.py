@@ -8,7 +8,7 @@ loosely: phrases are matched case-insensitively and the run id is found by patte
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from yarl import URL
@@ -18,6 +18,8 @@ from exporter.errors import (
     AdhocError,
     AdhocNotEnabled,
     AepError,
+    FlowDisabled,
+    NotAMember,
     NotReadyError,
     RunInProgress,
     TransportError,
@@ -29,6 +31,9 @@ _WAIT_MINUTES = re.compile(r"wait\s+for\s+(\d+)\s+minute", re.IGNORECASE)
 _NOT_READY = (NOT_READY_PHRASE.lower(), "not ready for dataset export")
 _NOT_ENABLED = (NOT_ENABLED_PHRASE.lower(), "adhoc run can not be executed")
 _IN_PROGRESS = ("already going on", "already running", "run already exists")
+_DATASET = re.compile(r"dataset\s+([0-9a-zA-Z_-]{1,128})", re.IGNORECASE)
+_DISABLED = ("flow is disabled",)
+_NOT_MEMBER = ("is not part of",)
 
 
 class TriggerOutcomeUnknown(TransportError):
@@ -48,11 +53,10 @@ class TriggerOutcomeUnknown(TransportError):
         self.sent_at_ms = sent_at_ms
 
 
-def trigger_body(flow_id: str, dataset_id: str) -> dict[str, Any]:
-    """`activationInfo` asking for one dataset of one flow."""
-    return {
-        "activationInfo": {"destinations": [{"flowId": flow_id, "datasets": [{"id": dataset_id}]}]}
-    }
+def trigger_body(flow_id: str, dataset_ids: Sequence[str]) -> dict[str, Any]:
+    """`activationInfo` asking for datasets of one flow."""
+    datasets = [{"id": d} for d in dataset_ids]
+    return {"activationInfo": {"destinations": [{"flowId": flow_id, "datasets": datasets}]}}
 
 
 def run_id_of(body: Any, flow_id: str, dataset_id: str) -> str | None:
@@ -96,11 +100,23 @@ def refusal(exc: AepError, flow_id: str) -> AepError:
             code=code,
             operation=operation,
         )
+    dataset = _DATASET.search(text)
     if any(p in lowered for p in _IN_PROGRESS):
         found = _RUN_ID.search(text)
         return RunInProgress(
             text,
             run_id=found.group(1) if found else "",
+            dataset_id=dataset.group(1) if dataset else "",
+            status=status,
+            code=code,
+            operation=operation,
+        )
+    if any(p in lowered for p in _DISABLED):
+        return FlowDisabled(text, status=status, code=code, operation=operation)
+    if any(p in lowered for p in _NOT_MEMBER):
+        return NotAMember(
+            text,
+            dataset_id=dataset.group(1) if dataset else "",
             status=status,
             code=code,
             operation=operation,

@@ -49,6 +49,7 @@ class RunInfo:
     created_at_ms: int
     started_at_ms: int | None
     completed_at_ms: int | None
+    dataset_id: str = ""
     output_bytes: int = 0
     output_records: int = 0
     output_files: int = 0
@@ -73,15 +74,19 @@ class RunInfo:
             for e in status.get("errors") or ()
             if isinstance(e, Mapping)
         )
+        records = metrics.get("recordSummary") or {}
+        sources = records.get("sourceSummaries") or ()
+        dataset = next((s.get("id") for s in sources if isinstance(s, Mapping)), "") or ""
         return cls(
             id=item["id"],
             flow_id=item.get("flowId", ""),
+            dataset_id=str(dataset),
             status=str(status.get("status", "")).lower(),
             created_at_ms=int(item.get("createdAt", 0)),
             started_at_ms=duration.get("startedAtUTC"),
             completed_at_ms=duration.get("completedAtUTC"),
             output_bytes=int((metrics.get("sizeSummary") or {}).get("outputBytes", 0)),
-            output_records=int((metrics.get("recordSummary") or {}).get("outputRecordCount", 0)),
+            output_records=int(records.get("outputRecordCount", 0)),
             output_files=int((metrics.get("fileSummary") or {}).get("outputFileCount", 0)),
             errors=errors,
         )
@@ -117,8 +122,23 @@ class AepApi(Protocol):
         """Start an ad hoc export; returns the run id. Raises `NotReadyError`,
         `AdhocNotEnabled` or `RunInProgress` (which carries the run id)."""
 
+    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+        """Start ad hoc exports of several datasets of a flow in one call; returns the run
+        id of each dataset the answer names. Raises as `trigger`, and `FlowDisabled`,
+        `NotAMember`; AEP refuses the whole call when one dataset cannot run."""
+
+    async def list_prefixed(self, collection: Collection, prefix: str) -> list[dict[str, Any]]:
+        """Entities of `collection` whose name starts with `prefix`, newest first."""
+
+    async def count_destination_flows(self) -> int:
+        """How many destination dataflows the sandbox holds."""
+
+    async def flow_busy(self, flow_id: str, since_ms: int) -> bool:
+        """Whether a run of the flow is in progress or was created at or after `since_ms`."""
+
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:
         """The runs among `run_ids` that exist (any number; batched by the implementation)."""
 
     async def runs_of_flow(self, flow_id: str, since_ms: int) -> list[RunInfo]:
-        """Runs of a flow created at or after `since_ms`, newest first."""
+        """Runs of a flow created at or after `since_ms`, newest first (`dataset_id` says
+        which dataset each exports)."""

@@ -62,13 +62,14 @@ class FakeRun:
         metrics: dict[str, Any] = {
             "durationSummary": {"startedAtUTC": int(self.created * 1000)},
             "statusSummary": {"status": status, "errors": []},
+            "recordSummary": {"sourceSummaries": [{"id": self.dataset_id}]},
         }
         if status != "processing" and self.complete_at is not None:
             metrics["durationSummary"]["completedAtUTC"] = int(self.complete_at * 1000)
         if status == "success":
             size, records, files = self.output
             metrics["sizeSummary"] = {"outputBytes": size}
-            metrics["recordSummary"] = {"outputRecordCount": records}
+            metrics["recordSummary"]["outputRecordCount"] = records
             metrics["fileSummary"] = {"outputFileCount": files}
         if status != "processing" and self.outcome in ("failed", "partial"):
             metrics["statusSummary"]["errors"] = [_RUN_ERRORS[self.outcome]]
@@ -293,7 +294,37 @@ class FakeAep:
         raise refusal(RequestError(text, status=400, operation="adhoc.run"), flow_id)
 
     async def trigger(self, flow_id: str, dataset_id: str) -> str:
+        return (await self.trigger_many(flow_id, [dataset_id]))[dataset_id]
+
+    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+        """All or nothing, as the emulator: every dataset is checked before any run starts."""
         failure = self._begin("adhoc.run")
+        for dataset_id in dataset_ids:
+            self._check_trigger(flow_id, dataset_id)
+        started = {d: self._start(flow_id, d) for d in dataset_ids}
+        if failure is not None:
+            raise failure.make()
+        return started
+
+    async def list_prefixed(self, collection: Collection, prefix: str) -> list[dict[str, Any]]:
+        self._begin(f"{collection}.list")
+        return self._sorted(
+            e for e in self.entities[collection].values() if str(e.get("name")).startswith(prefix)
+        )
+
+    async def count_destination_flows(self) -> int:
+        self._begin("flows.list")
+        return len(self.entities["flows"])
+
+    async def flow_busy(self, flow_id: str, since_ms: int) -> bool:
+        self._begin("runs.list")
+        now = self.clock.time()
+        return any(
+            r.flow_id == flow_id and (r.status(now) == "processing" or r.created * 1000 >= since_ms)
+            for r in self.runs.values()
+        )
+
+    def _check_trigger(self, flow_id: str, dataset_id: str) -> None:
         flow = self.entities["flows"].get(flow_id)
         if flow is None:
             self._refuse(f"Flow for id {flow_id} is incorrect. Error is [Flow not found].", flow_id)
@@ -322,6 +353,11 @@ class FakeAep:
                     f"with run id {busy.id}",
                     flow_id,
                 )
+
+    def _start(self, flow_id: str, dataset_id: str) -> str:
+        flow = self.entities["flows"][flow_id]
+        spec_id = str((flow.get("flowSpec") or {}).get("id", ""))
+        now = self.clock.time()
         never = self.run_outcome == "never"
         run = FakeRun(
             id=str(uuid.uuid4()),
@@ -334,8 +370,6 @@ class FakeAep:
             output=self.output,
         )
         self.runs[run.id] = run
-        if failure is not None:
-            raise failure.make()
         return run.id
 
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:

@@ -229,12 +229,20 @@ class HttpAep:
         return _etag(answer.body, "flows.action")
 
     async def trigger(self, flow_id: str, dataset_id: str) -> str:
-        """Start an ad hoc export of one dataset of a flow; returns the run id.
+        """Start an ad hoc export of one dataset of a flow; returns the run id."""
+        return (await self.trigger_many(flow_id, [dataset_id]))[dataset_id]
 
-        Raises `NotReadyError`, `AdhocNotEnabled`, `RunInProgress` (with the run id), other
-        `AdhocError`s, and `TriggerOutcomeUnknown` when the request went out but its answer
-        was lost: it is never re-sent here.
+    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+        """Start ad hoc exports of datasets of one flow in one call; returns the run id of
+        each dataset the answer names (a dataset it leaves out has no known run).
+
+        Raises `NotReadyError`, `AdhocNotEnabled`, `RunInProgress` (with the run id and, when
+        AEP names it, the dataset), `FlowDisabled`, `NotAMember`, other `AdhocError`s, and
+        `TriggerOutcomeUnknown` when the request went out but its answer was lost: it is
+        never re-sent here.
         """
+        if not dataset_ids:
+            raise ValueError("trigger_many needs at least one dataset")
         t = self.transport
         sent_at_ms = int(t.clock.time() * 1000)
         try:
@@ -242,7 +250,7 @@ class HttpAep:
                 "POST",
                 ADHOC_PATH,
                 operation="adhoc.run",
-                json_body=trigger_body(flow_id, dataset_id),
+                json_body=trigger_body(flow_id, dataset_ids),
                 headers={"Accept": ADHOC_DATASET_ACCEPT},
                 idempotent=False,
             )
@@ -250,10 +258,10 @@ class HttpAep:
             if not _was_sent(exc):
                 raise
             raise TriggerOutcomeUnknown(
-                f"the trigger of flow {flow_id}, dataset {dataset_id} got no usable answer "
-                f"({exc}); a run may have started",
+                f"the trigger of flow {flow_id} ({len(dataset_ids)} datasets) got no usable "
+                f"answer ({exc}); runs may have started",
                 flow_id=flow_id,
-                dataset_id=dataset_id,
+                dataset_id=dataset_ids[0],
                 sent_at_ms=sent_at_ms,
                 status=exc.status,
                 operation="adhoc.run",
@@ -270,18 +278,65 @@ class HttpAep:
                         operation=error.operation,
                     )
             raise error from exc
-        run_id = run_id_of(answer.body, flow_id, dataset_id)
-        if run_id is None:
+        found = {d: r for d in dataset_ids if (r := run_id_of(answer.body, flow_id, d))}
+        if not found:
             raise TriggerOutcomeUnknown(
-                "the trigger's answer names no statusURL for the dataset",
+                "the trigger's answer names no statusURL for the datasets",
                 flow_id=flow_id,
-                dataset_id=dataset_id,
+                dataset_id=dataset_ids[0],
                 sent_at_ms=sent_at_ms,
                 status=answer.status,
                 operation="adhoc.run",
             )
-        log.info("aep_run_triggered", flow_id=flow_id, dataset_id=dataset_id, run_id=run_id)
-        return run_id
+        log.info("aep_runs_triggered", flow_id=flow_id, datasets=len(found))
+        return found
+
+    async def list_prefixed(self, collection: Collection, prefix: str) -> list[dict[str, Any]]:
+        """Entities of `collection` whose name starts with `prefix`, newest first."""
+        query = name_filters(prefix)
+        if filterable(prefix):
+            query = [("property", f"name>={prefix}"), ("property", f"name<={prefix}\U0010ffff")]
+        found: list[dict[str, Any]] = []
+        async for page in pages(
+            self.transport, f"{FS}/{collection}", query, f"{collection}.list", self.page_size
+        ):
+            found.extend(e for e in page if str(e.get("name", "")).startswith(prefix))
+        found.sort(key=lambda e: e.get("createdAt") or 0, reverse=True)
+        return found
+
+    async def count_destination_flows(self) -> int:
+        """How many destination dataflows the sandbox holds (AEP's guardrail counts these)."""
+        answer = await self.transport.request(
+            "GET",
+            f"{FS}/flows",
+            operation="flows.list",
+            query=[
+                ("property", "inheritedAttributes.properties.isDestinationFlow==true"),
+                ("count", "true"),
+            ],
+        )
+        count = answer.body.get("count") if isinstance(answer.body, Mapping) else None
+        if not isinstance(count, int):
+            raise ServerError("the flow count answer has no count", operation="flows.list")
+        return count
+
+    async def flow_busy(self, flow_id: str, since_ms: int) -> bool:
+        """Whether a run of the flow is in progress, or one was created at or after
+        `since_ms` (AEP's word, not this process's memory)."""
+        if not filterable(flow_id):
+            return False
+        for query in (
+            [("property", f"flowId=={flow_id}"), ("property", f"createdAt>={int(since_ms)}")],
+            [
+                ("property", f"flowId=={flow_id}"),
+                ("property", "metrics.statusSummary.status==processing"),
+            ],
+        ):
+            async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", 1):
+                if any(i.get("flowId") == flow_id for i in page):
+                    return True
+                break
+        return False
 
     async def _active_run(self, flow_id: str) -> str | None:
         runs = await self.runs_of_flow(flow_id, 0)

@@ -28,7 +28,7 @@ from exporter.aepclient.api import FlowInfo
 from exporter.daemon.daemon import Admission, Daemon, Quiet
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.spool import Rejected, parse_job
-from exporter.errors import AepError
+from exporter.errors import AepError, ConfigError
 from exporter.jobs import Job, JobState
 
 log = structlog.get_logger("exporter.admin")
@@ -295,8 +295,8 @@ class JobsApi:
 
     def _fingerprint(self, spec: dict[str, Any]) -> str | None:
         try:
-            return self.daemon.engine.flows.target(Job.model_validate(spec)).fingerprint
-        except ValidationError:
+            return self.daemon.engine.lanes.key(Job.model_validate(spec)).fingerprint
+        except (ValidationError, ConfigError):
             return None
 
     async def _stop_flow(self, record: JobRecord) -> dict[str, Any]:

@@ -182,6 +182,7 @@ class Daemon:
             org_id=settings.aep.org_id,
             sandbox=settings.aep.sandbox,
             clock=clock,
+            identity_key=settings.aep.client_secret.get_secret_value().encode(),
             metrics=self.metrics,
         )
         config = settings.daemon

@@ -28,10 +28,39 @@ class EngineConfig(BaseModel):
     far_future_s: float = Field(default=365 * 86400.0, gt=86400)
     """Where a one-off flow's schedule start is kept, so AEP never runs it by itself."""
 
+    # Export lanes: one flow, many datasets (docs/design.md, "Export lanes").
+    max_flows: int = Field(default=100, ge=1, le=10_000)
+    """Flows the engine may hold in the sandbox, counting every destination dataflow there:
+    AEP allows 100 per sandbox; set it lower to leave room for flows made by other tools."""
+    max_datasets_per_flow: int = Field(default=250, ge=1, le=10_000)
+    """Adobe documents 250 audiences per dataflow and nothing for datasets."""
+    max_datasets_per_trigger: int = Field(default=80, ge=1, le=1_000)
+    """Datasets named in one ad hoc call (docs/aep-notes.md: 80, as for audiences)."""
+    join_coalesce_s: float = Field(default=2.0, ge=0)
+    """Datasets arriving within this window join a lane in one membership change."""
+    trigger_coalesce_s: float = Field(default=1.0, ge=0)
+    """Ready datasets arriving within this window share one ad hoc call."""
+    lane_idle_s: float = Field(default=3600.0, ge=0)
+    """A lane with no run for this long, none in progress and no job here may be retired."""
+    budget_wait_s: float = Field(default=1800.0, ge=0)
+    """How long a job waits for room in the flow budget before it is rejected."""
+    budget_recheck_s: float = Field(default=60.0, gt=0)
+    schedule_end_s: float = Field(default=180 * 86400.0, gt=86400)
+    """How far out a scheduled lane's `endTime` is set (AEP's default end: six months)."""
+    renew_before_s: float = Field(default=30 * 86400.0, gt=0)
+    """A lane's schedule end (or a one-off lane's parked start) is moved forward once it is
+    this close."""
+    renew_every_s: float = Field(default=6 * 3600.0, gt=0)
+    adopt_window_s: float = Field(default=3600.0, gt=0)
+    """Runs created this long before a trigger are read to tell new runs from old ones: the
+    clocks of AEP and this host may disagree by up to this much."""
+
     @model_validator(mode="after")
     def _ordered(self) -> EngineConfig:
         if self.poll_max_s < self.poll_min_s:
             raise ValueError("poll_max_s must be at least poll_min_s")
         if self.not_ready_retry_max_s < self.not_ready_retry_s:
             raise ValueError("not_ready_retry_max_s must be at least not_ready_retry_s")
+        if self.renew_before_s >= self.schedule_end_s:
+            raise ValueError("renew_before_s must be shorter than schedule_end_s")
         return self

@@ -2,8 +2,10 @@
 
     received ─► flow_ready ─► triggering ─► running ─► succeeded | failed | timed_out
 
-Each step tells `on_state` before the action it enables (the daemon journals there):
-the trigger intent before the trigger, the run id as soon as it is known, before polling.
+`flow_ready`: the dataset is a member of its lane's flow (lanes.py). `triggering`: the mark
+that tells the job's run from older ones is journaled before the ad hoc call goes out (or, for
+a scheduled job, before waiting for the schedule's run). `running`: the run id is journaled
+before polling. Each step tells `on_state` before the action it enables.
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from typing import Any
 
 import structlog
 
-from exporter.aepclient.api import AepApi, FlowInfo, RunInfo
+from exporter.aepclient.api import AepApi, RunInfo
 from exporter.clock import Clock
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
-from exporter.engine.flows import FlowManager, desired_schedule, schedule_matches
+from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.engine.trigger import Triggerer
-from exporter.errors import AepError, ConfigError, NotFoundError
+from exporter.errors import AepError, ConfigError, NotAMember
 from exporter.jobs import Job, JobState, Outcome, RunError
 from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.engine")
+SLOT_GRACE_S = 1800.0  # after a slot, look for its run with backoff this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,48 +63,75 @@ class Engine:
         org_id: str,
         sandbox: str,
         clock: Clock,
+        identity_key: bytes = b"",
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """`identity_key` keys the hash that tells destinations apart by their credentials
+        (the AEP client secret: the same for every daemon of the org, unknown to AEP's
+        readers)."""
         self.api = api
         self.config = config
         self.clock = clock
         rng = rng or random.Random()
-        self.flows = FlowManager(
-            api, destinations, config, org_id=org_id, sandbox=sandbox, clock=clock
+        self.lanes = LaneManager(
+            api,
+            destinations,
+            config,
+            org_id=org_id,
+            sandbox=sandbox,
+            clock=clock,
+            identity_key=identity_key,
         )
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)
         self._poller_task: asyncio.Task[None] | None = None
+        self._renewal_task: asyncio.Task[None] | None = None
         self._destinations = destinations
 
     async def __aenter__(self) -> Engine:
-        self.start()
+        """For one-shot use: no renewal task (the daemon calls `start()`)."""
+        self.start(renew=False)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def start(self) -> None:
+    def start(self, *, renew: bool = True) -> None:
         if self._poller_task is None:
             self._poller_task = asyncio.create_task(self.poller.run(), name="run-poller")
+        if renew and self._renewal_task is None:
+            self._renewal_task = asyncio.create_task(self._renewals(), name="lane-renewal")
 
     def use_destinations(self, destinations: Mapping[str, Destination]) -> None:
         """Jobs that start from now on see these destinations (a reload); jobs under way
         still find the ones they started with."""
         self._destinations = destinations
-        self.flows.add_destinations(destinations)
+        self.lanes.add_destinations(destinations)
 
     @property
     def poller_task(self) -> asyncio.Task[None] | None:
         return self._poller_task
 
     async def stop(self) -> None:
-        task, self._poller_task = self._poller_task, None
-        if task is not None:
+        tasks = [t for t in (self._poller_task, self._renewal_task) if t is not None]
+        self._poller_task = self._renewal_task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await self.flows.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.triggerer.aclose()
+        await self.lanes.aclose()
+
+    async def _renewals(self) -> None:
+        """Keep every lane's schedule from running out (AEP stops a flow silently at its
+        `endTime`), and delete source connections a cut-short change left behind."""
+        while True:
+            try:
+                await self.lanes.renew()
+                await self.lanes.delete_orphans()
+            except AepError as exc:
+                log.warning("lane_renewal_failed", error=str(exc))
+            await self.clock.sleep(self.config.renew_every_s)
 
     async def run(
         self,
@@ -112,8 +142,8 @@ class Engine:
         wait: bool = True,
     ) -> Outcome:
         """Take `job` to a terminal outcome. With `resume`, continue from a journaled state:
-        `triggering` first looks for a run started since the intent, `running` polls. With
-        `wait=False`, return as soon as the run is triggered (state `running`)."""
+        `triggering` first adopts a run of the dataset created after the journaled mark,
+        `running` polls. With `wait=False`, return as soon as the run is known."""
         started = self.clock.monotonic()
         deadline = started + job.timeout
         bound = structlog.contextvars.bound_contextvars(
@@ -142,26 +172,27 @@ class Engine:
             return self._outcome(job, JobState.REJECTED, started, message=message)
         flow_id = resume.flow_id if resume else None
         run_id = resume.run_id if resume and resume.state == JobState.RUNNING else None
+        flow: LaneFlow | None = None
         try:
             if run_id is None:
-                flow = await self.flows.ensure(job)
-                flow_id = flow.id
-                structlog.contextvars.bind_contextvars(flow_id=flow_id)
-                await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
-                intent_ms = (
-                    resume.intent_ms
-                    if resume and resume.state == JobState.TRIGGERING and resume.intent_ms
-                    else int(self.clock.time() * 1000)
-                )
-                await on_state(Progress(JobState.TRIGGERING, flow_id=flow.id, intent_ms=intent_ms))
-                if resume is not None and resume.state == JobState.TRIGGERING:
-                    run_id = await self.triggerer.adopt(flow.id, intent_ms)
-                if run_id is None:
-                    run_id = await self.triggerer.trigger(
-                        flow, job.dataset_id, intent_ms=intent_ms, deadline=deadline
-                    )
+                for attempt in (1, 2):
+                    flow, joined_ms = await self.lanes.member(job)
+                    flow_id = flow.id
+                    structlog.contextvars.bind_contextvars(flow_id=flow_id)
+                    try:
+                        with self.lanes.holding(flow):
+                            run_id = await self._start(
+                                job, flow, joined_ms, on_state, resume, deadline
+                            )
+                        break
+                    except NotAMember:
+                        if attempt == 2:
+                            raise
+                        self.lanes.forget_member(flow, job.dataset_id)
+                        resume = None
+                assert run_id is not None
                 structlog.contextvars.bind_contextvars(run_id=run_id)
-                await on_state(Progress(JobState.RUNNING, flow_id=flow.id, run_id=run_id))
+                await on_state(Progress(JobState.RUNNING, flow_id=flow_id, run_id=run_id))
             if not wait:
                 return self._outcome(
                     job,
@@ -171,7 +202,11 @@ class Engine:
                     run_id=run_id,
                     message="triggered; not waiting",
                 )
-            run = await self.poller.wait(run_id, deadline=deadline)
+            if flow is not None:
+                with self.lanes.holding(flow):
+                    run = await self.poller.wait(run_id, deadline=deadline)
+            else:
+                run = await self.poller.wait(run_id, deadline=deadline)
         except RunTimedOut as exc:
             return self._outcome(
                 job, JobState.TIMED_OUT, started, message=str(exc), flow_id=flow_id, run_id=run_id
@@ -193,30 +228,81 @@ class Engine:
                 errors=(RunError(code=exc.code or str(exc.status or ""), message=exc.message),),
             )
         outcome = self._from_run(job, run, started)
-        if run.succeeded and job.after == "disable" and flow_id is not None:
-            await self._after_run(flow_id)
+        if run.succeeded and job.after == "disable" and flow is not None:
+            await self._after_run(flow)
         return outcome
 
-    async def _after_run(self, flow_id: str) -> None:
-        """The seed's life cycle: a one-off flow is parked, schedule far out, disabled. What is
-        already so is left alone: jobs that shared a run would otherwise race each other's
-        etags (one flow, 200 jobs: a thousand 412s) for a change that is already made."""
+    async def _start(
+        self,
+        job: Job,
+        flow: LaneFlow,
+        joined_ms: int,
+        on_state: OnState,
+        resume: Progress | None,
+        deadline: float,
+    ) -> str:
+        """The run that exports the job's dataset: adopted, triggered or scheduled."""
+        await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
+        if (
+            resume is not None
+            and resume.state == JobState.TRIGGERING
+            and resume.flow_id == flow.id
+            and resume.intent_ms is not None
+        ):
+            adopted = await self.triggerer.adopt(flow.id, job.dataset_id, resume.intent_ms)
+            if adopted is not None:
+                return adopted
+            if not job.trigger_now:
+                return await self._scheduled(job, flow, resume.intent_ms, deadline)
+
+        async def before_send(mark_ms: int) -> None:
+            await on_state(Progress(JobState.TRIGGERING, flow_id=flow.id, intent_ms=mark_ms))
+
+        if not job.trigger_now:
+            mark = (await self.triggerer.marks(flow.id, [job.dataset_id]))[job.dataset_id]
+            await before_send(mark)
+            return await self._scheduled(job, flow, mark, deadline)
+        return await self.triggerer.trigger(
+            flow.info(),
+            job.dataset_id,
+            joined_ms=joined_ms,
+            deadline=deadline,
+            before_send=before_send,
+        )
+
+    async def _scheduled(self, job: Job, flow: LaneFlow, mark_ms: int, deadline: float) -> str:
+        """A scheduled job reports the first run of its dataset that the lane's schedule
+        starts after the mark (its first, full export): looked for just after each slot."""
+        delay = self.config.poll_min_s
+        while True:
+            adopted = await self.triggerer.adopt(flow.id, job.dataset_id, mark_ms)
+            if adopted is not None:
+                return adopted
+            now = self.clock.time()
+            slot, previous = _slots(flow.schedule, now)
+            if previous is not None and now - previous < SLOT_GRACE_S:
+                pause, delay = delay, min(delay * 2, self.config.poll_max_s)  # AEP is late
+            elif slot is not None:
+                pause, delay = slot - now + self.config.poll_min_s, self.config.poll_min_s
+            else:
+                raise RunTimedOut(f"the lane's schedule has no slot left after {int(now)}")
+            left = deadline - self.clock.monotonic()
+            if pause >= left:
+                await self.clock.sleep(max(0.0, left))
+                raise RunTimedOut(
+                    f"the lane's schedule started no run of dataset {job.dataset_id} before "
+                    "the job's deadline"
+                )
+            await self.clock.sleep(pause)
+
+    async def _after_run(self, flow: LaneFlow) -> None:
+        """`after_run=disable` on a lane: the flow is disabled once nothing else uses it (no
+        job here, none waiting to join, no run in progress in AEP); other jobs' lanes are
+        never disabled under them, and the next job enables it again."""
         try:
-            item = await self.api.get("flows", flow_id)
-            if item is None:
-                raise NotFoundError(f"flow {flow_id} is gone", status=404, operation="flows.get")
-            flow = FlowInfo.parse(item)
-            now_s = int(self.clock.time())
-            if not schedule_matches(flow.schedule, "once", now_s, self.config):
-                await self.flows.set_schedule(flow_id, desired_schedule("once", now_s, self.config))
-            if flow.state != "disabled":
-                await self.api.flow_action(flow_id, "disable")
-                log.info("flow_disabled", flow_id=flow_id)
-        except NotFoundError:
-            log.warning("flow_gone_after_run", flow_id=flow_id)
+            await self.lanes.park_if_idle(flow)
         except AepError as exc:
-            if "cannot be applied on the current state disabled" not in exc.message:
-                log.warning("flow_disable_failed", flow_id=flow_id, error=str(exc))
+            log.warning("flow_disable_failed", flow_id=flow.id, error=str(exc))
 
     def _from_run(self, job: Job, run: RunInfo, started: float) -> Outcome:
         errors = tuple(RunError(code=c, message=m) for c, m in run.errors)
@@ -245,3 +331,23 @@ class Engine:
     def _outcome(self, job: Job, state: JobState, started: float, **fields: Any) -> Outcome:
         duration = round(self.clock.monotonic() - started, 3)
         return Outcome(job_id=job.job_id, state=state, duration_s=duration, **fields)
+
+
+def _slots(schedule: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
+    """The next slot of a daily or hourly schedule after `now` and the last one at or before
+    it (epoch seconds; None where there is none)."""
+    unit = str(schedule.get("timeUnit", "")).lower()
+    try:
+        interval = int(schedule.get("interval", 0))
+        start = int(schedule.get("startTime", 0))
+        end = int(schedule.get("endTime", 2**62))
+    except (TypeError, ValueError):
+        return None, None
+    step = interval * (3600 if unit == "hour" else 86400 if unit == "day" else 0)
+    if step <= 0:
+        return None, None
+    if now < start:
+        return (float(start) if start < end else None), None
+    last = start + int((now - start) // step) * step
+    nxt = last + step
+    return (float(nxt) if nxt < end else None), (float(last) if last < end else None)

@@ -1,25 +1,35 @@
-"""trigger: start the ad hoc run of a flow, patiently and exactly once.
+"""trigger: start the ad hoc runs of a lane's datasets, patiently, batched and exactly once.
 
-AEP refuses ad hoc runs of a young flow ("not ready") for about ten minutes after its
-creation, so the wait is measured from the flow's `createdAt`, not slept blindly; after
-that, "not ready" answers are retried with backoff. "Already running" adopts that run. A
-trigger whose answer was lost may or may not have started a run: before sending it again,
-the runs of the flow created since the intent are looked up and adopted.
+AEP refuses ad hoc runs of a dataset for about ten minutes after it joined its flow ("not
+ready"), so each dataset waits from its own join time, not blindly; after that, "not ready"
+answers are retried with backoff. Datasets of one flow that are ready together share one ad
+hoc call (at most `max_datasets_per_trigger`); AEP answers one run per dataset.
+
+Exactly once: before a call is sent, the runs of the flow that already exist are read, and each
+dataset's newest run time (AEP's clock) is told to its job, which journals it. A call whose
+answer was lost — or a job resumed after a crash — adopts the runs of its dataset created
+after that mark, so adoption never depends on this host's clock agreeing with AEP's. A dataset
+that AEP says is already running adopts that run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
-from exporter.aepclient.api import AepApi, FlowInfo
+from exporter.aepclient.api import AepApi, FlowInfo, RunInfo
 from exporter.clock import Clock
 from exporter.engine.config import EngineConfig
-from exporter.engine.poller import RunTimedOut
+from exporter.engine.poller import RunTimedOut, StatusUnreadable
 from exporter.errors import (
     AdhocNotEnabled,
+    AepError,
+    FlowDisabled,
+    NotAMember,
     NotReadyError,
     RunInProgress,
     ServerError,
@@ -29,8 +39,30 @@ from exporter.errors import (
 from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.trigger")
-CLOCK_SKEW_MS = 1_000  # tolerated skew between our clock and AEP's createdAt; a run missed
-# because of a larger skew is still found: re-triggering it answers "already running"
+BeforeSend = Callable[[int], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Ask:
+    """One dataset to trigger, for every job that waits for it."""
+
+    dataset_id: str
+    ready_at: float  # epoch seconds
+    deadline: float  # monotonic: the latest of its jobs'
+    listeners: list[BeforeSend]
+    future: asyncio.Future[str]
+    mark_ms: int | None = None
+
+    async def before_send(self, mark_ms: int) -> None:
+        await asyncio.gather(*(listen(mark_ms) for listen in self.listeners))
+
+
+@dataclass(slots=True)
+class _Queue:
+    flow: FlowInfo
+    asks: dict[str, _Ask] = field(default_factory=dict)
+    worker: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Triggerer:
@@ -48,87 +80,291 @@ class Triggerer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._metrics = metrics
-        self.sent = 0
+        self._queues: dict[str, _Queue] = {}
+        self.sent = 0  # ad hoc calls sent
 
     async def trigger(
         self,
         flow: FlowInfo,
         dataset_id: str,
         *,
-        intent_ms: int,
+        joined_ms: int,
         deadline: float,
-        on_wait: Callable[[float], Awaitable[None]] | None = None,
+        before_send: BeforeSend,
     ) -> str:
-        """The id of the run exporting `dataset_id` through `flow`, started at or after
-        `intent_ms`. Raises `RunTimedOut` at `deadline` (monotonic), `AdhocNotEnabled`."""
-        ready_at = flow.created_at_ms / 1000 + self._config.not_ready_wait_s
+        """The id of the run exporting `dataset_id` through `flow`. `before_send` hears the
+        dataset's mark (ms) before its call goes out. Raises `RunTimedOut` at `deadline`
+        (monotonic), `AdhocNotEnabled`, `NotAMember`, other `AepError`s."""
+        queue = self._queues.get(flow.id)
+        if queue is None:
+            queue = self._queues[flow.id] = _Queue(flow)
+        queue.flow = flow
+        ask = queue.asks.get(dataset_id)
+        if ask is not None and not ask.future.done():  # jobs for one dataset share its run
+            ask.deadline = max(ask.deadline, deadline)
+            ask.listeners.append(before_send)
+            if ask.mark_ms is not None:  # its call is out: this job journals the same mark
+                await before_send(ask.mark_ms)
+            return await asyncio.shield(ask.future)
+        ready_at = joined_ms / 1000 + self._config.not_ready_wait_s
         # Never longer than the whole window: AEP's clock may be ahead of ours.
-        wait = min(ready_at - self._clock.time(), self._config.not_ready_wait_s)
+        ready_at = min(ready_at, self._clock.time() + self._config.not_ready_wait_s)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        queue.asks[dataset_id] = _Ask(dataset_id, ready_at, deadline, [before_send], fut)
+        queue.wake.set()
+        if queue.worker is None or queue.worker.done():
+            queue.worker = asyncio.create_task(self._work(queue), name=f"trigger-{flow.id}")
+        wait = ready_at - self._clock.time()
         if wait > 0:
-            log.info("trigger_waiting_for_flow", flow_id=flow.id, seconds=round(wait, 1))
-            await self._sleep(wait, deadline, on_wait)
-        delay = self._config.not_ready_retry_s
-        uncertain = retrying = False  # retrying: after a failure (not a "not ready" answer)
-        while True:
-            if uncertain:
-                adopted = await self.adopt(flow.id, intent_ms)
-                if adopted is not None:
-                    return adopted
-            if retrying and self._metrics is not None:
-                self._metrics.api_retry("adhoc.run")
-            retrying = False
-            try:
-                self.sent += 1
-                run_id = await self._api.trigger(flow.id, dataset_id)
-            except RunInProgress as exc:
-                log.info("run_adopted", flow_id=flow.id, run_id=exc.run_id)
-                return exc.run_id
-            except NotReadyError:
-                pause = self._rng.uniform(delay / 2, delay)
-                log.info("trigger_not_ready", flow_id=flow.id, retry_in=round(pause, 1))
-                await self._sleep(pause, deadline, on_wait)
-                delay = min(delay * 2, self._config.not_ready_retry_max_s)
-                continue
-            except ThrottledError as exc:
-                pause = max(exc.retry_after or 0.0, self._rng.uniform(delay / 4, delay / 2))
-                log.info("trigger_throttled", flow_id=flow.id, retry_in=round(pause, 1))
-                await self._sleep(pause, deadline, on_wait)
-                retrying = True
-                continue
-            except (TransportError, ServerError) as exc:
-                # The answer was lost or the server failed mid-way: a run may exist. (A
-                # request that was never sent is harmless to look for, too.)
-                uncertain = retrying = True
-                pause = self._rng.uniform(delay / 4, delay / 2)
-                log.warning("trigger_uncertain", flow_id=flow.id, error=str(exc))
-                await self._sleep(pause, deadline, on_wait)
-                continue
-            except AdhocNotEnabled as exc:
-                raise AdhocNotEnabled(
-                    f"dataset export is not enabled for this destination (flow {flow.id}, "
-                    f"flow spec {flow.flow_spec_id}): {exc.message}",
-                    status=exc.status,
-                    operation="adhoc.run",
-                ) from exc
-            log.info("run_triggered", flow_id=flow.id, run_id=run_id)
-            return run_id
+            log.info("trigger_waiting_for_dataset", flow_id=flow.id, seconds=round(wait, 1))
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            mine = queue.asks.get(dataset_id)
+            if mine is not None and mine.future is fut and (fut.done() or len(mine.listeners) < 2):
+                del queue.asks[dataset_id]
+                if not fut.done():
+                    fut.cancel()
 
-    async def adopt(self, flow_id: str, intent_ms: int) -> str | None:
-        """A run of the flow created since the trigger intent, if there is one."""
-        runs = await self._api.runs_of_flow(flow_id, intent_ms - CLOCK_SKEW_MS)
-        fresh = [r for r in runs if r.created_at_ms >= intent_ms - CLOCK_SKEW_MS]
-        if fresh:
-            log.info("run_adopted", flow_id=flow_id, run_id=fresh[0].id)
-            return fresh[0].id
+    async def adopt(self, flow_id: str, dataset_id: str, mark_ms: int) -> str | None:
+        """The run of the dataset created after `mark_ms` (AEP's clock), if there is one."""
+        runs = await self._api.runs_of_flow(flow_id, mark_ms)
+        fresh = _after(runs, dataset_id, mark_ms)
+        if fresh is not None:
+            log.info("run_adopted", flow_id=flow_id, dataset_id=dataset_id, run_id=fresh.id)
+            return fresh.id
         return None
 
-    async def _sleep(
-        self, seconds: float, deadline: float, on_wait: Callable[[float], Awaitable[None]] | None
-    ) -> None:
-        left = deadline - self._clock.monotonic()
-        if seconds >= left:
-            await self._clock.sleep(max(0.0, left))
-            raise RunTimedOut("the job's deadline passed while waiting to trigger its run")
-        if on_wait is not None:
-            await on_wait(seconds)
-        await self._clock.sleep(seconds)
+    async def marks(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, int]:
+        """For each dataset, the creation time of its newest run of the flow (AEP's clock),
+        or the start of the look-back window when it has none."""
+        since = int((self._clock.time() - self._config.adopt_window_s) * 1000)
+        runs = await self._api.runs_of_flow(flow_id, since)
+        marks = dict.fromkeys(dataset_ids, since)
+        for run in runs:
+            if run.dataset_id in marks:
+                marks[run.dataset_id] = max(marks[run.dataset_id], run.created_at_ms)
+        return marks
+
+    async def aclose(self) -> None:
+        tasks = [q.worker for q in self._queues.values() if q.worker is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- the per-flow worker -----------------------------------------------------------------
+
+    async def _work(self, queue: _Queue) -> None:
+        try:
+            while True:
+                self._expire(queue)
+                live = [a for a in queue.asks.values() if not a.future.done()]
+                if not live:
+                    return
+                now = self._clock.time()
+                ready = [a for a in live if a.ready_at <= now]
+                if not ready:
+                    soonest = min(a.ready_at for a in live) - now
+                    await self._nap(queue, min(soonest, self._until_deadline(live)))
+                    continue
+                if self._config.trigger_coalesce_s and len(ready) < (
+                    self._config.max_datasets_per_trigger
+                ):
+                    await self._clock.sleep(self._config.trigger_coalesce_s)
+                    self._expire(queue)
+                    ready = [
+                        a
+                        for a in queue.asks.values()
+                        if not a.future.done() and a.ready_at <= self._clock.time()
+                    ]
+                batch = ready[: self._config.max_datasets_per_trigger]
+                if batch:
+                    await self._send(queue, batch)
+        except asyncio.CancelledError:
+            for ask in queue.asks.values():
+                if not ask.future.done():
+                    ask.future.cancel()
+            raise
+        except Exception as exc:  # a bug must fail the jobs, not leave them waiting
+            log.exception("trigger_worker_failed", flow_id=queue.flow.id)
+            for ask in queue.asks.values():
+                _fail(ask, exc)
+        finally:
+            queue.worker = None
+
+    def _expire(self, queue: _Queue) -> None:
+        now = self._clock.monotonic()
+        for ask in queue.asks.values():
+            if not ask.future.done() and ask.deadline <= now:
+                _fail(ask, RunTimedOut("the job's deadline passed while waiting to trigger"))
+
+    def _until_deadline(self, asks: Sequence[_Ask]) -> float:
+        return min(a.deadline for a in asks) - self._clock.monotonic()
+
+    async def _nap(self, queue: _Queue, seconds: float) -> None:
+        """Sleep `seconds` of the clock, or until a new dataset asks."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        queue.wake.clear()
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(queue.wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+    async def _send(self, queue: _Queue, batch: list[_Ask]) -> None:
+        """One batch to its runs: marks, journal, call; retries until each ask is settled."""
+        flow_id = queue.flow.id
+        unmarked = [a for a in batch if a.mark_ms is None]
+        if unmarked:
+            marks = await self._read_marks(queue, unmarked)
+            if marks is None:
+                return
+            for ask in unmarked:
+                ask.mark_ms = marks[ask.dataset_id]
+            results = await asyncio.gather(
+                *(a.before_send(a.mark_ms or 0) for a in unmarked), return_exceptions=True
+            )
+            for ask, result in zip(unmarked, results, strict=True):
+                if isinstance(result, BaseException):
+                    _fail(ask, result)
+        delay = self._config.not_ready_retry_s
+        uncertain = retrying = False
+        while True:
+            self._expire(queue)
+            pending = [a for a in batch if not a.future.done()]
+            if not pending:
+                return
+            if uncertain:
+                try:
+                    await self._adopt_all(flow_id, pending)
+                except (TransportError, ServerError, ThrottledError) as exc:
+                    log.warning("trigger_adoption_unreadable", flow_id=flow_id, error=str(exc))
+                    await self._pause(queue, batch, self._rng.uniform(delay / 2, delay))
+                    delay = min(delay * 2, self._config.not_ready_retry_max_s)
+                    continue
+                pending = [a for a in pending if not a.future.done()]
+                if not pending:
+                    return
+            if retrying and self._metrics is not None:
+                self._metrics.api_retry("adhoc.run")
+            retrying = uncertain = False
+            pause = 0.0
+            try:
+                self.sent += 1
+                runs = await self._api.trigger_many(flow_id, [a.dataset_id for a in pending])
+            except RunInProgress as exc:
+                busy = next((a for a in pending if a.dataset_id == exc.dataset_id), None)
+                if busy is None and len(pending) == 1:
+                    busy = pending[0]
+                if busy is not None and exc.run_id:
+                    log.info("run_adopted", flow_id=flow_id, run_id=exc.run_id)
+                    busy.future.set_result(exc.run_id)
+                else:  # AEP did not say which: each dataset's own run, if it has one
+                    uncertain = True
+                continue
+            except NotReadyError:
+                pause = self._rng.uniform(delay / 2, delay)
+                log.info("trigger_not_ready", flow_id=flow_id, retry_in=round(pause, 1))
+                delay = min(delay * 2, self._config.not_ready_retry_max_s)
+            except ThrottledError as exc:
+                pause = max(exc.retry_after or 0.0, self._rng.uniform(delay / 4, delay / 2))
+                log.info("trigger_throttled", flow_id=flow_id, retry_in=round(pause, 1))
+                retrying = True
+            except (TransportError, ServerError) as exc:
+                # The answer was lost or the server failed mid-way: runs may exist.
+                uncertain = retrying = True
+                pause = self._rng.uniform(delay / 4, delay / 2)
+                log.warning("trigger_uncertain", flow_id=flow_id, error=str(exc))
+            except FlowDisabled:
+                log.info("trigger_flow_disabled", flow_id=flow_id)
+                await self._api.flow_action(flow_id, "enable")
+                continue
+            except NotAMember as exc:
+                outsider = next((a for a in pending if a.dataset_id == exc.dataset_id), None)
+                for a in [outsider] if outsider is not None else pending:
+                    _fail(a, exc)
+                continue
+            except AdhocNotEnabled as exc:
+                error = AdhocNotEnabled(
+                    f"dataset export is not enabled for this destination (flow {flow_id}, "
+                    f"flow spec {queue.flow.flow_spec_id}): {exc.message}",
+                    status=exc.status,
+                    operation="adhoc.run",
+                )
+                for a in pending:
+                    _fail(a, error)
+                return
+            except AepError as exc:
+                for a in pending:
+                    _fail(a, exc)
+                return
+            else:
+                for ask in pending:
+                    run_id = runs.get(ask.dataset_id)
+                    if run_id is not None:
+                        ask.future.set_result(run_id)
+                missing = [a for a in pending if not a.future.done()]
+                if missing:
+                    uncertain = True
+                    continue
+                log.info("runs_triggered", flow_id=flow_id, datasets=len(pending))
+                return
+            await self._pause(queue, batch, pause)
+
+    async def _read_marks(self, queue: _Queue, asks: list[_Ask]) -> dict[str, int] | None:
+        """The marks, read again after failures until the asks' deadlines or
+        `status_unreadable_s`: no call goes out without them (a lost answer could not be
+        told from an old run)."""
+        given_up = self._clock.monotonic() + self._config.status_unreadable_s
+        delay = self._config.not_ready_retry_s
+        while True:
+            try:
+                return await self.marks(queue.flow.id, [a.dataset_id for a in asks])
+            except (TransportError, ServerError, ThrottledError) as exc:
+                if self._clock.monotonic() >= given_up:
+                    error = StatusUnreadable(
+                        f"the runs of flow {queue.flow.id} could not be read before the "
+                        f"trigger for {self._config.status_unreadable_s:g} s: {exc}"
+                    )
+                    for ask in asks:
+                        _fail(ask, error)
+                    return None
+                log.warning("trigger_marks_unreadable", flow_id=queue.flow.id, error=str(exc))
+            await self._pause(queue, asks, self._rng.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._config.not_ready_retry_max_s)
+            if all(a.future.done() for a in asks):
+                return None
+
+    async def _adopt_all(self, flow_id: str, asks: Sequence[_Ask]) -> None:
+        since = min(a.mark_ms or 0 for a in asks)
+        runs = await self._api.runs_of_flow(flow_id, since)
+        for ask in asks:
+            fresh = _after(runs, ask.dataset_id, ask.mark_ms or 0)
+            if fresh is not None:
+                log.info("run_adopted", flow_id=flow_id, dataset_id=ask.dataset_id, run_id=fresh.id)
+                ask.future.set_result(fresh.id)
+
+    async def _pause(self, queue: _Queue, batch: Sequence[_Ask], seconds: float) -> None:
+        live = [a for a in batch if not a.future.done()]
+        if not live:
+            return
+        left = self._until_deadline(live)
+        await self._clock.sleep(max(0.0, min(seconds, left)))
+        self._expire(queue)
+
+
+def _after(runs: Sequence[RunInfo], dataset_id: str, mark_ms: int) -> RunInfo | None:
+    """The oldest run of the dataset created after the mark."""
+    fresh = [r for r in runs if r.dataset_id == dataset_id and r.created_at_ms > mark_ms]
+    return min(fresh, key=lambda r: r.created_at_ms) if fresh else None
+
+
+def _fail(ask: _Ask, error: BaseException) -> None:
+    if not ask.future.done():
+        ask.future.set_exception(error)
+        ask.future.exception()  # retrieved: a job that left no longer awaits it

@@ -1,0 +1,324 @@
+"""Export lanes against the emulator: one flow for many datasets, within AEP's guardrails.
+
+Real HTTP, the emulator's own limits (100 destination flows per sandbox, 80 datasets per ad hoc
+call, not-ready windows per dataset), virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from exporter.aepclient import HttpAep
+from exporter.destinations import Destination, DlzDestination, SftpDestination
+from exporter.engine import Engine, EngineConfig, Progress
+from exporter.jobs import Job, JobState
+from tests.aepclient_support import config_for
+from tests.conftest import Emulator, default_knobs
+
+ENGINE = EngineConfig(
+    not_ready_wait_s=60,
+    not_ready_retry_s=5,
+    not_ready_retry_max_s=20,
+    poll_min_s=1,
+    poll_max_s=30,
+    status_unreadable_s=120,
+    lane_idle_s=300,
+    budget_wait_s=600,
+    budget_recheck_s=30,
+)
+LAKE = {"lake": DlzDestination(type="dlz")}
+
+
+def job(dataset: str, **changes: Any) -> Job:
+    return Job.model_validate(
+        {"dataset_id": dataset, "destination": "lake", "path": "ml/features", **changes}
+    )
+
+
+def sftp(host: str) -> SftpDestination:
+    return SftpDestination(type="sftp", host=host, username="ml", password=SecretStr("pw-" + host))
+
+
+async def ops(emulator: Emulator) -> dict[str, Counter[int]]:
+    out: dict[str, Counter[int]] = {}
+    for entry in (await emulator.control("GET", "/journal"))["entries"]:
+        out.setdefault(entry["op"], Counter())[entry["status"]] += 1
+    return out
+
+
+async def listed(emulator: Emulator, collection: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    params: dict[str, str] | None = {"limit": "100"}
+    path = f"/{collection}"
+    while True:
+        answer = await emulator.fs("GET", path, params=params)
+        assert answer.status == 200, answer.body
+        items.extend(answer.body["items"])
+        href = answer.body.get("_links", {}).get("next", {}).get("href")
+        if not href:
+            return items
+        path, params = href, None
+
+
+def exported(emulator: Emulator) -> Counter[str]:
+    """Runs started per dataset."""
+    return Counter(run.dataset_id for run in emulator.state.all_runs())
+
+
+class Engines:
+    """Engines on the emulator, closed at the end of the test."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.apis: list[HttpAep] = []
+        self.engines: list[Engine] = []
+
+    async def make(
+        self,
+        destinations: Mapping[str, Destination] = LAKE,
+        config: EngineConfig = ENGINE,
+        seed: int = 6,
+    ) -> Engine:
+        cfg = config_for(self.emulator, rate_limit_rps=500, max_concurrency=32)
+        api = HttpAep.from_config(cfg, clock=self.emulator.clock, rng=random.Random(seed))
+        engine = Engine(
+            api,
+            destinations,
+            config,
+            org_id=cfg.org_id,
+            sandbox=cfg.sandbox,
+            clock=self.emulator.clock,
+            identity_key=b"test-key",
+            rng=random.Random(seed),
+        )
+        engine.start(renew=False)
+        self.apis.append(api)
+        self.engines.append(engine)
+        return engine
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.stop()
+        for api in self.apis:
+            await api.aclose()
+
+
+@pytest.fixture
+async def engines(emulator: Emulator) -> AsyncIterator[Engines]:
+    made = Engines(emulator)
+    yield made
+    await made.close()
+
+
+def with_knobs(**values: Any) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("knobs", [default_knobs(**values)], ids=["knobs"])
+
+
+async def test_250_datasets_share_one_flow_and_land_in_their_own_folders(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make()
+    datasets = await emulator.seed(rows=3, count=250)
+    outcomes = await asyncio.gather(*(engine.run(job(d)) for d in datasets))
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}, outcomes[:3]
+    assert len({o.flow_id for o in outcomes}) == 1
+    assert len({o.run_id for o in outcomes}) == 250
+    counted = await ops(emulator)
+    assert counted["flows.create"] == Counter({201: 1})
+    # They arrived together: one source connection, no membership change at all.
+    assert counted["sourceConnections.create"] == Counter({201: 1})
+    # 250 datasets at most 80 per call: four ad hoc calls.
+    assert counted["adhoc.run"] == Counter({200: 4})
+    assert exported(emulator) == Counter(dict.fromkeys(datasets, 1))
+    for outcome, dataset in zip(outcomes, datasets, strict=True):
+        files = (await emulator.control("GET", f"/runs/{outcome.run_id}"))["files"]
+        assert files
+        assert all(f"/ml/features/{dataset}/exportTime=" in f for f in files), files
+
+
+async def test_a_dataset_joining_a_busy_lane_waits_its_own_window(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make()
+    first, late = await emulator.seed(rows=3, count=2)
+    began = emulator.clock.time()
+    early = asyncio.ensure_future(engine.run(job(first)))
+    await emulator.clock.sleep(40)  # the lane is 40 s into its not-ready window
+    joined_at = emulator.clock.time()
+    second = await engine.run(job(late))
+    assert (await early).state == second.state == JobState.SUCCEEDED
+    assert (await early).flow_id == second.flow_id
+    runs = {r.dataset_id: r for r in emulator.state.all_runs()}
+    # Each ran once, each after its own window: the first from the flow's creation, the late
+    # one from when it joined, not from the flow's creation.
+    assert runs[first].created - began >= 60
+    assert runs[late].created - joined_at >= 60
+    assert runs[first].created < runs[late].created
+    counted = await ops(emulator)
+    assert counted["adhoc.run"][400] == 0  # waited, never refused as not ready
+    assert counted["flows.patch"] == Counter({200: 1})  # the late one joined by one change
+
+
+async def test_two_daemons_adding_different_datasets_to_one_lane_lose_none(
+    emulator: Emulator, engines: Engines
+) -> None:
+    a, b = await engines.make(seed=1), await engines.make(seed=2)
+    datasets = await emulator.seed(rows=2, count=40)
+    (seed_job,) = datasets[:1]
+    assert (await a.run(job(seed_job))).state == JobState.SUCCEEDED  # the lane exists
+    rest = datasets[1:]
+    outcomes = await asyncio.gather(
+        *(a.run(job(d)) for d in rest[::2]), *(b.run(job(d)) for d in rest[1::2])
+    )
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}, outcomes
+    (flow,) = await listed(emulator, "flows")
+    source = await emulator.fs("GET", f"/sourceConnections/{flow['sourceConnectionIds'][0]}")
+    members = {d["dataSetId"] for d in source.body["items"][0]["params"]["datasets"]}
+    assert members == set(datasets)
+    counted = await ops(emulator)
+    assert counted["flows.patch"][412] >= 1  # they did collide, and merged
+    assert exported(emulator) == Counter(dict.fromkeys(datasets, 1))
+    # No source connection is left that the flow does not use.
+    sources = await listed(emulator, "sourceConnections")
+    assert [s["id"] for s in sources] == flow["sourceConnectionIds"]
+
+
+async def test_a_lane_over_its_dataset_limit_gets_a_second_flow(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make(config=ENGINE.model_copy(update={"max_datasets_per_flow": 5}))
+    datasets = await emulator.seed(rows=2, count=12)
+    outcomes = await asyncio.gather(*(engine.run(job(d)) for d in datasets))
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}
+    flows = await listed(emulator, "flows")
+    assert sorted(f["name"][-3:] for f in flows if "#" in f["name"]) == [" #2", " #3"]
+    assert sorted(Counter(o.flow_id for o in outcomes).values()) == [2, 5, 5]
+
+
+@with_knobs(max_destination_flows=100)
+async def test_150_lanes_within_a_limit_of_100_retire_idle_lanes(
+    emulator: Emulator, engines: Engines
+) -> None:
+    config = ENGINE.model_copy(update={"lane_idle_s": 0, "join_coalesce_s": 0})
+    engine = await engines.make(config=config)
+    datasets = await emulator.seed(rows=2, count=150)
+    outcomes = []
+    for i, dataset in enumerate(datasets):  # 150 paths: 150 lanes, one after the other
+        outcomes.append(await engine.run(job(dataset, path=f"ml/lane{i}")))
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}
+    counted = await ops(emulator)
+    assert counted["flows.create"] == Counter({201: 150})  # never refused by AEP
+    assert counted["flows.delete"][202] == 50
+    assert len(await listed(emulator, "flows")) == 100
+    # What a retired lane leaves: nothing but the base connection.
+    assert len(await listed(emulator, "sourceConnections")) == 100
+    assert len(await listed(emulator, "targetConnections")) == 100
+
+
+@with_knobs(max_destination_flows=100, run_duration_s={"min": 50_000, "max": 50_000})
+async def test_no_idle_lane_means_a_clear_refusal_not_an_aep_error(
+    emulator: Emulator, engines: Engines
+) -> None:
+    config = ENGINE.model_copy(
+        update={"max_flows": 3, "lane_idle_s": 0, "join_coalesce_s": 0, "budget_wait_s": 120}
+    )
+    engine = await engines.make(config=config)
+    datasets = await emulator.seed(rows=2, count=4)
+    busy = [
+        asyncio.ensure_future(engine.run(job(d, path=f"ml/busy{i}"), wait=True))
+        for i, d in enumerate(datasets[:3])
+    ]
+    while len(list(emulator.state.all_runs())) < 3:  # three lanes, each running for hours
+        await emulator.clock.sleep(1)
+    refused = await engine.run(job(datasets[3], path="ml/fourth"))
+    assert refused.state == JobState.REJECTED
+    assert "max_flows=3" in refused.message
+    assert "100 destination dataflows" in refused.message
+    assert (await ops(emulator))["flows.create"] == Counter({201: 3})
+    for task in busy:
+        task.cancel()
+    await asyncio.gather(*busy, return_exceptions=True)
+
+
+async def test_an_edited_destination_gets_a_new_lane_and_the_old_one_gets_nothing_more(
+    emulator: Emulator, engines: Engines, tmp_path: Path
+) -> None:
+    engine = await engines.make(destinations={"lake": sftp("old.example.com")})
+    (dataset,) = await emulator.seed(rows=4)
+    before = await engine.run(job(dataset))
+    assert before.state == JobState.SUCCEEDED
+    engine.use_destinations({"lake": sftp("new.example.com")})
+    after = await engine.run(job(dataset, id="after-edit"))
+    assert after.state == JobState.SUCCEEDED
+    assert after.flow_id != before.flow_id
+    root = emulator.data_dir / "destinations" / "sftp"
+    old = sorted(p.name for p in (root / "old.example.com").rglob("*.parquet"))
+    new = sorted(p.name for p in (root / "new.example.com").rglob("*.parquet"))
+    assert len(old) == 1
+    assert len(new) == 1
+    bases = {c["name"] for c in await listed(emulator, "connections")}
+    assert len(bases) == 2  # a base connection per identity: AEP holds the new host
+    # The dataset left the old lane (its last member: the lane is gone).
+    flows = await listed(emulator, "flows")
+    assert [f["id"] for f in flows] == [after.flow_id]
+
+
+async def test_a_shared_flow_is_not_disabled_under_other_jobs(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make()
+    quick, slow = await emulator.seed(rows=2, count=2)
+    first = asyncio.ensure_future(engine.run(job(quick)))
+    second = asyncio.ensure_future(engine.run(job(slow, timeout=3600)))
+    results = await asyncio.gather(first, second)
+    assert {r.state for r in results} == {JobState.SUCCEEDED}
+    counted = await ops(emulator)
+    # Both ran on one flow; it was disabled once, after the last of them.
+    assert counted["flows.action"] == Counter({200: 1})
+    flow = (await listed(emulator, "flows"))[0]
+    assert flow["state"] == "disabled"
+    # The next job enables it again and exports.
+    third = await engine.run(job(quick, id="again"))
+    assert third.state == JobState.SUCCEEDED
+
+
+async def test_a_repeat_export_of_a_member_costs_few_requests(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make()
+    (dataset,) = await emulator.seed(rows=2)
+    assert (await engine.run(job(dataset, after_run="keep"))).state == JobState.SUCCEEDED
+    before = (await emulator.control("GET", "/stats"))["requests"]
+    again = await engine.run(job(dataset, id="repeat", after_run="keep"))
+    assert again.state == JobState.SUCCEEDED
+    spent = (await emulator.control("GET", "/stats"))["requests"] - before
+    # marks + trigger + the polls of one run: no look-ups, no connections, no flow reads.
+    assert spent <= 5, spent
+
+
+async def test_progress_journals_the_mark_before_the_call(
+    emulator: Emulator, engines: Engines
+) -> None:
+    engine = await engines.make()
+    (dataset,) = await emulator.seed(rows=2)
+    seen: list[Progress] = []
+    calls_then: list[int] = []
+
+    async def on_state(progress: Progress) -> None:
+        seen.append(progress)
+        if progress.state == JobState.TRIGGERING:
+            calls_then.append((await ops(emulator)).get("adhoc.run", Counter()).total())
+
+    outcome = await engine.run(job(dataset), on_state)
+    assert outcome.state == JobState.SUCCEEDED
+    assert [p.state for p in seen] == [JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
+    assert calls_then == [0]
+    assert seen[1].intent_ms is not None
