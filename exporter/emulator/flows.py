@@ -27,6 +27,8 @@ from exporter.emulator.state import Sandbox
 TEMPLATE_KEYS = ("foldernameTemplate", "folderNameTemplate")
 SCHEDULE_KEYS = {"exportMode", "timeUnit", "interval", "startTime", "endTime", *TEMPLATE_KEYS}
 HOURLY = {3, 6, 9, 12}
+FLOW_LIMIT_PHRASE = "Maximum number of destinations reached"
+FLOW_LIMIT_CODE = 1400  # Adobe documents no code for this refusal (docs/aep-notes.md)
 MS_THRESHOLD = 100_000_000_000  # epoch seconds reach this in the year 5138
 
 
@@ -188,6 +190,7 @@ async def create_flow(request: web.Request) -> web.Response:
     if "scheduleParams" not in body:
         raise invalid("'scheduleParams' is required for dataset export flows")
     schedule = validate_schedule(body["scheduleParams"], now_ms // 1000)
+    _within_flow_limit(who.sandbox, state_of(request).knobs.max_destination_flows)
     flow_id = new_id()
     flow = {
         "id": flow_id,
@@ -206,6 +209,18 @@ async def create_flow(request: web.Request) -> web.Response:
     }
     who.sandbox.flows[flow_id] = flow
     return json_ok({"id": flow_id, "etag": flow["etag"]}, status=201)
+
+
+def _within_flow_limit(box: Sandbox, limit: int) -> None:
+    """Adobe's destinations guardrail: at most `limit` destination dataflows per sandbox."""
+    held = sum(1 for f in box.flows.values() if f["flowSpec"]["id"] in SPEC_BY_FLOW_SPEC_ID)
+    if held >= limit:
+        raise FlowError(
+            400,
+            FLOW_LIMIT_CODE,
+            f"{FLOW_LIMIT_PHRASE}: sandbox {box.name} has {held} destination dataflows, "
+            f"the limit is {limit}. Delete a dataflow before creating another one.",
+        )
 
 
 FLOWS = Collection("flows", lambda b: b.flows, lambda b, i: [])

@@ -77,6 +77,8 @@ class Knobs(BaseModel):
     slow_ms: float = Field(default=5_000, ge=0)
 
     # Limits
+    # Adobe's destinations guardrails: at most 100 destination dataflows per sandbox.
+    max_destination_flows: int = Field(default=100, ge=0)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_rows_per_file: int = Field(default=1_000_000, gt=0)
     journal_size: int = Field(default=1_000_000, gt=0)
