@@ -117,3 +117,24 @@ class TestSmallFlowLimit:
         await emulator.control("PATCH", "/config", {"max_destination_flows": 4})
         assert (await new_flow(emulator, source_id, target_id)).status == 201
         flow_error(await new_flow(emulator, source_id, target_id), 400, 1400)
+
+
+# -- count=false with limit ------------------------------------------------------------------------
+
+
+async def test_count_false_with_limit_lists_on_every_collection(emulator: Emulator) -> None:
+    source_id, target_id = await links(emulator)
+    for _ in range(3):
+        assert (await new_flow(emulator, source_id, target_id)).status == 201
+    for path in ("/flows", "/runs", "/connections", "/sourceConnections", "/targetConnections"):
+        for false in ("false", "False", "FALSE"):
+            answer = await emulator.fs("GET", path, params={"count": false, "limit": "2"})
+            assert answer.status == 200, (path, answer.body)
+            assert "count" not in answer.body
+            assert len(answer.body["items"]) <= 2
+        for true in ("true", "True", "TRUE"):
+            refused = await emulator.fs("GET", path, params={"count": true, "limit": "2"})
+            flow_error(refused, 400, 1401)
+    flows = await emulator.fs("GET", "/flows", params={"count": "False", "limit": "2"})
+    assert len(flows.body["items"]) == 2
+    assert "continuationToken=" in flows.body["_links"]["next"]["href"]
