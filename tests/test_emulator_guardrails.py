@@ -8,10 +8,23 @@ from typing import Any
 
 import pytest
 
-from exporter.aep import STORAGE_SPECS, StorageType
+from exporter.aep import (
+    ADHOC_DATASET_ACCEPT,
+    ADHOC_PATH,
+    DATALAKE_SOURCE_SPEC_ID,
+    STORAGE_SPECS,
+    StorageType,
+)
 from exporter.emulator.settings import Knobs
 from tests.conftest import Answer, Emulator, default_knobs
 from tests.workflow import base_connection, source_connection, target_connection
+
+LONG_TOKENS = {"token_lifetime_s": 10**9}  # tests here run emulated days on one token
+
+
+@pytest.fixture
+def knobs() -> Knobs:
+    return default_knobs(**LONG_TOKENS)
 
 
 def flow_error(answer: Answer, status: int, code: int) -> None:
@@ -86,7 +99,7 @@ async def test_a_sandbox_holds_at_most_100_destination_flows_by_default(
 class TestSmallFlowLimit:
     @pytest.fixture
     def knobs(self) -> Knobs:
-        return default_knobs(max_destination_flows=3)
+        return default_knobs(max_destination_flows=3, **LONG_TOKENS)
 
     async def test_deleting_a_flow_frees_a_place(self, emulator: Emulator) -> None:
         source_id, target_id = await links(emulator)
@@ -138,3 +151,189 @@ async def test_count_false_with_limit_lists_on_every_collection(emulator: Emulat
     flows = await emulator.fs("GET", "/flows", params={"count": "False", "limit": "2"})
     assert len(flows.body["items"]) == 2
     assert "continuationToken=" in flows.body["_links"]["next"]["href"]
+
+
+# -- shared helpers for flows with several datasets ------------------------------------------------
+
+WINDOW = 60.0  # default_knobs: emulated seconds a dataset is "not ready" after joining a flow
+RUN_SECONDS = 5.0  # default_knobs: every run takes 5 emulated seconds
+DAY = 86_400
+ONE_TIME = {"exportMode": "DAILY_FULL_EXPORT", "timeUnit": "day", "interval": 0}
+DAILY = {"exportMode": "FIRST_FULL_THEN_INCREMENTAL", "timeUnit": "day", "interval": 1}
+
+
+async def source_of(emulator: Emulator, dataset_ids: list[str]) -> str:
+    body = {
+        "name": "source",
+        "connectionSpec": {"id": DATALAKE_SOURCE_SPEC_ID, "version": "1.0"},
+        "params": {"datasets": [{"dataSetId": d} for d in dataset_ids]},
+    }
+    answer = await emulator.fs("POST", "/sourceConnections", json_body=body)
+    assert answer.status == 201, answer.body
+    return str(answer.body["id"])
+
+
+async def flow_of(
+    emulator: Emulator, dataset_ids: list[str], schedule: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """A DLZ flow (Parquet) exporting `dataset_ids`: its id and its source connection's."""
+    base = await emulator.fs("POST", "/connections", json_body=base_connection(StorageType.DLZ))
+    target = await emulator.fs(
+        "POST",
+        "/targetConnections",
+        json_body=target_connection(StorageType.DLZ, base.body["id"], compression="NONE"),
+    )
+    source_id = await source_of(emulator, dataset_ids)
+    body = flow_body(source_id, target.body["id"])
+    body["scheduleParams"] = schedule or {**ONE_TIME, "startTime": int(emulator.clock.time())}
+    made = await emulator.fs("POST", "/flows", json_body=body)
+    assert made.status == 201, made.body
+    return str(made.body["id"]), source_id
+
+
+async def the_flow(emulator: Emulator, flow_id: str) -> dict[str, Any]:
+    answer = await emulator.fs("GET", f"/flows/{flow_id}")
+    assert answer.status == 200, answer.body
+    (item,) = answer.body["items"]
+    return dict(item)
+
+
+async def repoint(emulator: Emulator, flow_id: str, source_id: str) -> Answer:
+    etag = (await the_flow(emulator, flow_id))["etag"]
+    return await emulator.fs(
+        "PATCH",
+        f"/flows/{flow_id}",
+        json_body=[{"op": "replace", "path": "/sourceConnectionIds", "value": [source_id]}],
+        headers={"If-Match": etag},
+    )
+
+
+async def adhoc(emulator: Emulator, *asks: tuple[str, list[str]]) -> Answer:
+    destinations = [{"flowId": f, "datasets": [{"id": d} for d in ds]} for f, ds in asks]
+    return await emulator.request(
+        "POST",
+        ADHOC_PATH,
+        json_body={"activationInfo": {"destinations": destinations}},
+        headers={"Accept": ADHOC_DATASET_ACCEPT},
+    )
+
+
+async def all_runs(emulator: Emulator, *filters: str) -> list[dict[str, Any]]:
+    answer = await emulator.fs("GET", "/runs", params=[("property", f) for f in filters])
+    assert answer.status == 200, answer.body
+    return list(answer.body["items"])
+
+
+def dataset_of(run: dict[str, Any]) -> str:
+    (summary,) = run["metrics"]["recordSummary"]["sourceSummaries"]
+    return str(summary["id"])
+
+
+# -- several datasets per call, with a cap --------------------------------------------------------
+
+
+async def test_one_call_exports_up_to_80_datasets_over_several_flows(emulator: Emulator) -> None:
+    assert Knobs().adhoc_max_datasets_per_call == 80
+    dataset_ids = await emulator.seed(rows=0, count=81)
+    flow_1, _ = await flow_of(emulator, dataset_ids[:41])
+    flow_2, _ = await flow_of(emulator, dataset_ids[41:])
+    await emulator.clock.advance(WINDOW)
+
+    too_many = await adhoc(emulator, (flow_1, dataset_ids[:41]), (flow_2, dataset_ids[41:]))
+    assert too_many.status == 400
+    message = too_many.body["message"]
+    assert message.startswith("Invalid parameter: ")
+    assert "81 datasets" in message
+    assert "at most 80 datasets" in message
+    assert await all_runs(emulator) == []
+
+    answer = await adhoc(emulator, (flow_1, dataset_ids[:41]), (flow_2, dataset_ids[41:80]))
+    assert answer.status == 200, answer.body
+    first, second = answer.body["destinations"]
+    assert [(d["flowId"], d["id"]) for d in first["datasets"]] == [
+        (flow_1, d) for d in dataset_ids[:41]
+    ]
+    assert [(d["flowId"], d["id"]) for d in second["datasets"]] == [
+        (flow_2, d) for d in dataset_ids[41:80]
+    ]
+    urls = [d["statusURL"] for dest in (first, second) for d in dest["datasets"]]
+    assert len(set(urls)) == 80
+    runs = {r["id"]: r for r in await all_runs(emulator)}
+    for dest in (first, second):
+        for started in dest["datasets"]:
+            run = runs[started["statusURL"].rsplit("/", 1)[1]]
+            assert run["flowId"] == started["flowId"]
+            assert dataset_of(run) == started["id"]
+
+
+class TestSmallCap:
+    @pytest.fixture
+    def knobs(self) -> Knobs:
+        return default_knobs(adhoc_max_datasets_per_call=2, **LONG_TOKENS)
+
+    async def test_the_cap_counts_datasets_over_all_flows_of_a_call(
+        self, emulator: Emulator
+    ) -> None:
+        (ds_a, ds_b) = await emulator.seed(rows=1, count=2)
+        flow_1, _ = await flow_of(emulator, [ds_a, ds_b])
+        flow_2, _ = await flow_of(emulator, [ds_a])
+        await emulator.clock.advance(WINDOW)
+        refused = await adhoc(emulator, (flow_1, [ds_a, ds_b]), (flow_2, [ds_a]))
+        assert refused.status == 400
+        assert "at most 2 datasets" in refused.body["message"]
+        assert (await adhoc(emulator, (flow_1, [ds_b]), (flow_2, [ds_a]))).status == 200
+
+
+async def test_a_busy_dataset_refuses_the_whole_call_over_all_flows(emulator: Emulator) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=1, count=2)
+    flow_1, _ = await flow_of(emulator, [ds_a, ds_b])
+    flow_2, _ = await flow_of(emulator, [ds_a, ds_b])
+    await emulator.clock.advance(WINDOW)
+    busy = await adhoc(emulator, (flow_2, [ds_b]))
+    (busy_id,) = [
+        d["statusURL"].rsplit("/", 1)[1] for d in busy.body["destinations"][0]["datasets"]
+    ]
+    # The busy dataset is asked last, in the second flow: nothing of the first flow starts.
+    answer = await adhoc(emulator, (flow_1, [ds_a, ds_b]), (flow_2, [ds_a, ds_b]))
+    assert answer.status == 400
+    assert answer.body == {
+        "message": f"Invalid parameter: Run already going on for dataset {ds_b} "
+        f"for order {flow_2} with run id {busy_id}"
+    }
+    assert [r["id"] for r in await all_runs(emulator)] == [busy_id]
+
+
+# -- runs name the dataset they export ------------------------------------------------------------
+
+
+async def test_runs_name_their_dataset_and_can_be_filtered_by_it(emulator: Emulator) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=3, count=2)
+    flow_1, _ = await flow_of(emulator, [ds_a, ds_b])
+    flow_2, _ = await flow_of(emulator, [ds_a])
+    await emulator.clock.advance(WINDOW)
+    await adhoc(emulator, (flow_1, [ds_a, ds_b]), (flow_2, [ds_a]))
+    await emulator.clock.advance(RUN_SECONDS)
+    since_ms = int(emulator.clock.time() * 1000)
+    later = await adhoc(emulator, (flow_1, [ds_a]))
+    (late_id,) = [
+        d["statusURL"].rsplit("/", 1)[1] for d in later.body["destinations"][0]["datasets"]
+    ]
+
+    runs = await all_runs(emulator)
+    assert len(runs) == 4
+    for run in runs:
+        summary = run["metrics"]["recordSummary"]
+        assert summary["sourceSummaries"] == [
+            {"id": dataset_of(run), "inputRecordCount": summary["inputRecordCount"]}
+        ]
+    field = "metrics.recordSummary.sourceSummaries[].id"
+    of_a = await all_runs(emulator, f"{field}=={ds_a}")
+    assert len(of_a) == 3
+    assert {dataset_of(r) for r in of_a} == {ds_a}
+    of_a_in_1 = await all_runs(emulator, f"{field}=={ds_a}", f"flowId=={flow_1}")
+    assert len(of_a_in_1) == 2
+    recent = await all_runs(
+        emulator, f"{field}=={ds_a}", f"flowId=={flow_1}", f"createdAt>={since_ms}"
+    )
+    assert [r["id"] for r in recent] == [late_id]
+    assert await all_runs(emulator, f"{field}=={ds_b}", f"flowId=={flow_2}") == []

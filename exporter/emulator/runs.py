@@ -226,6 +226,13 @@ async def adhoc_run(request: web.Request) -> web.Response:
         raise _bad(exc.message) from None
     wanted = _requests(body)
     state, who = state_of(request), caller(request)
+    cap = state.knobs.adhoc_max_datasets_per_call
+    asked = sum(len(dataset_ids) for _, dataset_ids in wanted)
+    if asked > cap:
+        raise _bad(
+            f"activationInfo.destinations names {asked} datasets; one ad hoc call may export "
+            f"at most {cap} datasets. Split the datasets over several calls."
+        )
     # Runs end on their own: one whose time is over must neither block this trigger nor hide
     # the batches it exported from an incremental run, whether or not anyone polled it.
     active = (who.sandbox.active_runs.get((f, d)) for f, ds in wanted for d in ds)
@@ -322,7 +329,10 @@ def render(run: Run) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "durationSummary": {"startedAtUTC": started},
         "sizeSummary": {"inputBytes": run.input_bytes},
-        "recordSummary": {"inputRecordCount": input_records},
+        "recordSummary": {
+            "inputRecordCount": input_records,
+            "sourceSummaries": [{"id": run.dataset_id, "inputRecordCount": input_records}],
+        },
         "fileSummary": {"inputFileCount": len(run.batches)},
         "statusSummary": status,
     }
