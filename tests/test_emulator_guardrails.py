@@ -4,6 +4,7 @@ call, runs that name their dataset, scheduled runs in emulated time, and `count=
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from exporter.aep import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
+    NOT_READY_MESSAGE,
     STORAGE_SPECS,
     StorageType,
 )
@@ -229,6 +231,125 @@ def dataset_of(run: dict[str, Any]) -> str:
     return str(summary["id"])
 
 
+# -- source connections are immutable in their datasets ----------------------------------------
+
+
+async def test_a_source_connection_cannot_be_patched_or_replaced(emulator: Emulator) -> None:
+    (dataset_id, other) = await emulator.seed(rows=1, count=2)
+    source_id = await source_of(emulator, [dataset_id])
+    change = [{"op": "replace", "path": "/params/datasets", "value": [{"dataSetId": other}]}]
+    for method in ("PATCH", "PUT"):
+        answer = await emulator.fs(
+            method, f"/sourceConnections/{source_id}", json_body=change, headers={"If-Match": "*"}
+        )
+        flow_error(answer, 405, 1100)
+    stored = (await emulator.fs("GET", f"/sourceConnections/{source_id}")).body["items"][0]
+    assert stored["params"]["datasets"] == [{"dataSetId": dataset_id}]
+
+
+async def test_a_flow_changes_datasets_by_a_new_source_connection(emulator: Emulator) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=1, count=2)
+    flow_id, first = await flow_of(emulator, [ds_a])
+    second = await source_of(emulator, [ds_a, ds_b])
+    before = await the_flow(emulator, flow_id)
+    stale = before["etag"]
+    moved = await repoint(emulator, flow_id, second)
+    assert moved.status == 200, moved.body
+    assert moved.body["etag"] != stale
+    after = await the_flow(emulator, flow_id)
+    assert after["sourceConnectionIds"] == [second]
+    assert after["inheritedAttributes"]["sourceConnections"][0]["id"] == second
+    assert set(after) == set(before)  # join times are the emulator's own, not in the JSON
+
+    again = await emulator.fs(
+        "PATCH",
+        f"/flows/{flow_id}",
+        json_body=[{"op": "replace", "path": "/sourceConnectionIds", "value": [first]}],
+        headers={"If-Match": stale},
+    )
+    flow_error(again, 412, 1404)
+    assert (await the_flow(emulator, flow_id))["sourceConnectionIds"] == [second]
+
+
+async def test_a_source_connection_in_use_cannot_be_deleted(emulator: Emulator) -> None:
+    (dataset_id,) = await emulator.seed(rows=1)
+    flow_id, first = await flow_of(emulator, [dataset_id])
+    in_use = await emulator.fs("DELETE", f"/sourceConnections/{first}")
+    flow_error(in_use, 400, 1418)
+    assert flow_id in in_use.body["errorMessage"]
+    second = await source_of(emulator, [dataset_id])
+    assert (await repoint(emulator, flow_id, second)).status == 200
+    assert (await emulator.fs("DELETE", f"/sourceConnections/{first}")).status == 202
+    flow_error(await emulator.fs("DELETE", f"/sourceConnections/{second}"), 400, 1418)
+
+
+# -- per-dataset join time and "not ready" --------------------------------------------------------
+
+
+async def test_a_dataset_that_joins_later_is_not_ready_for_its_own_window(
+    emulator: Emulator,
+) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=3, count=2)
+    flow_id, _ = await flow_of(emulator, [ds_a])
+    await emulator.clock.advance(WINDOW)
+    assert (await repoint(emulator, flow_id, await source_of(emulator, [ds_a, ds_b]))).status == 200
+
+    await emulator.clock.advance(WINDOW - 1)
+    late = await adhoc(emulator, (flow_id, [ds_b]))
+    assert late.status == 400
+    assert late.body == {"message": NOT_READY_MESSAGE}
+    # The whole call is refused: the dataset that stayed (and is ready) gets no run either.
+    both = await adhoc(emulator, (flow_id, [ds_a, ds_b]))
+    assert both.body == {"message": NOT_READY_MESSAGE}
+    assert await all_runs(emulator) == []
+    stayed = await adhoc(emulator, (flow_id, [ds_a]))
+    assert stayed.status == 200, stayed.body
+
+    await emulator.clock.advance(1)  # exactly the window after the PATCH
+    joined = await adhoc(emulator, (flow_id, [ds_b]))
+    assert joined.status == 200, joined.body
+
+
+async def test_runs_of_a_dataset_that_left_finish_and_it_rejoins_afresh(
+    emulator: Emulator,
+) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=4, count=2)
+    both = await source_of(emulator, [ds_a, ds_b])
+    schedule = {**DAILY, "startTime": int(emulator.clock.time()) + 10 * DAY}
+    flow_id, _ = await flow_of(emulator, [ds_a, ds_b], schedule)
+    assert (await repoint(emulator, flow_id, both)).status == 200  # same datasets: no new join
+    await emulator.clock.advance(WINDOW)
+    answer = await adhoc(emulator, (flow_id, [ds_b]))
+    assert answer.status == 200, answer.body
+    (leaving,) = [
+        d["statusURL"].rsplit("/", 1)[1] for d in answer.body["destinations"][0]["datasets"]
+    ]
+
+    assert (await repoint(emulator, flow_id, await source_of(emulator, [ds_a]))).status == 200
+    refused = await adhoc(emulator, (flow_id, [ds_b]))
+    assert refused.body == {
+        "message": f"Invalid parameter: Dataset {ds_b} is not part of flow {flow_id}."
+    }
+    await emulator.clock.advance(RUN_SECONDS)
+    run = (await emulator.fs("GET", f"/runs/{leaving}")).body["items"][0]
+    assert run["metrics"]["statusSummary"]["status"] == "success"
+    assert run["metrics"]["recordSummary"]["outputRecordCount"] == 4
+    files = (await emulator.control("GET", f"/runs/{leaving}"))["files"]
+    assert len(files) == 1
+
+    # Rejoining is a new join: a new window, and the incremental flow exports it in full again.
+    assert (await repoint(emulator, flow_id, both)).status == 200
+    assert (await adhoc(emulator, (flow_id, [ds_b]))).body == {"message": NOT_READY_MESSAGE}
+    await emulator.clock.advance(WINDOW)
+    again = await adhoc(emulator, (flow_id, [ds_b]))
+    (run_id,) = [
+        d["statusURL"].rsplit("/", 1)[1] for d in again.body["destinations"][0]["datasets"]
+    ]
+    await emulator.clock.advance(RUN_SECONDS)
+    rerun = (await emulator.fs("GET", f"/runs/{run_id}")).body["items"][0]
+    assert rerun["metrics"]["recordSummary"]["outputRecordCount"] == 4
+
+
 # -- several datasets per call, with a cap --------------------------------------------------------
 
 
@@ -337,3 +458,132 @@ async def test_runs_name_their_dataset_and_can_be_filtered_by_it(emulator: Emula
     )
     assert [r["id"] for r in recent] == [late_id]
     assert await all_runs(emulator, f"{field}=={ds_b}", f"flowId=={flow_2}") == []
+
+
+# -- scheduled flows fire in emulated time ---------------------------------------------------
+
+
+def hourly(hours: int) -> dict[str, Any]:
+    return {"exportMode": "FIRST_FULL_THEN_INCREMENTAL", "timeUnit": "hour", "interval": hours}
+
+
+def records(run: dict[str, Any]) -> int:
+    return int(run["metrics"]["recordSummary"]["outputRecordCount"])
+
+
+def created_s(runs: list[dict[str, Any]]) -> list[float]:
+    return sorted(r["createdAt"] / 1000 for r in runs)
+
+
+async def test_a_daily_flow_fires_each_slot_incrementally_until_its_end(
+    emulator: Emulator,
+) -> None:
+    (ds_a, ds_b) = await emulator.seed(rows=10, count=2)
+    t0 = int(emulator.clock.time())
+    start = t0 + 3600
+    schedule = {**DAILY, "startTime": start, "endTime": start + 2 * DAY}
+    flow_id, _ = await flow_of(emulator, [ds_a, ds_b], schedule)
+    await emulator.clock.advance(start - t0 - 1)
+    assert await all_runs(emulator) == []
+
+    await emulator.clock.advance(DAY)  # past the first slot, not the second
+    first = await all_runs(emulator, f"flowId=={flow_id}")
+    assert sorted(dataset_of(r) for r in first) == sorted([ds_a, ds_b])
+    assert created_s(first) == [start, start]  # created at the slot's time, not at the read
+    folder = (await emulator.control("GET", f"/runs/{first[0]['id']}"))["folder"]
+    assert folder.endswith(f"exportTime={datetime.fromtimestamp(start, UTC):%Y%m%d%H%M}")
+    assert {records(r) for r in first} == {10}  # the slot's runs ended long ago: full exports
+
+    await emulator.control("POST", f"/datasets/{ds_a}/batches", {"rows": 7})
+    await emulator.clock.advance(DAY)
+    second = [
+        r for r in await all_runs(emulator, f"flowId=={flow_id}") if r["createdAt"] > start * 1000
+    ]
+    assert created_s(second) == [start + DAY, start + DAY]
+    assert {dataset_of(r): records(r) for r in second} == {ds_a: 7, ds_b: 0}
+
+    await emulator.clock.advance(5 * DAY)  # the third slot would be at endTime: none
+    assert len(await all_runs(emulator)) == 4
+
+
+async def test_a_flow_read_fires_due_slots(emulator: Emulator) -> None:
+    (dataset_id,) = await emulator.seed(rows=2)
+    t0 = int(emulator.clock.time())
+    flow_id, _ = await flow_of(emulator, [dataset_id], {**hourly(3), "startTime": t0 + 600})
+    await emulator.clock.advance(600)
+    box = emulator.state.sandbox(emulator.knobs.org_id, "prod")
+    assert box.runs == {}
+    await the_flow(emulator, flow_id)
+    assert [r.created for r in box.runs.values()] == [t0 + 600]
+
+
+async def test_a_busy_or_unready_dataset_is_skipped_for_a_slot(emulator: Emulator) -> None:
+    (ds_a, ds_b, ds_c) = await emulator.seed(rows=1, count=3)
+    t0 = int(emulator.clock.time())
+    flow_id, _ = await flow_of(emulator, [ds_a, ds_b], {**hourly(3), "startTime": t0 + 600})
+    await emulator.clock.advance(WINDOW)
+    await emulator.control("PATCH", "/config", {"run_duration_s": {"min": DAY, "max": DAY}})
+    busy = await adhoc(emulator, (flow_id, [ds_a]))
+    assert busy.status == 200, busy.body
+    await emulator.control("PATCH", "/config", {"run_duration_s": {"min": 5, "max": 5}})
+    # ds_c joins 10 s before the slot: still inside its not-ready window then.
+    await emulator.clock.advance(600 - WINDOW - 10)
+    assert (await repoint(emulator, flow_id, await source_of(emulator, [ds_a, ds_b, ds_c]))).status
+    await emulator.clock.advance(10)
+    fired = [r for r in await all_runs(emulator) if r["createdAt"] == (t0 + 600) * 1000]
+    assert [dataset_of(r) for r in fired] == [ds_b]
+    await emulator.clock.advance(3 * 3600)  # ds_a still busy; ds_c ready by now
+    fired = [r for r in await all_runs(emulator) if r["createdAt"] == (t0 + 600 + 3 * 3600) * 1000]
+    assert sorted(dataset_of(r) for r in fired) == sorted([ds_b, ds_c])
+
+
+async def test_catching_up_fires_at_most_the_last_48_slots(emulator: Emulator) -> None:
+    (dataset_id,) = await emulator.seed(rows=1)
+    t0 = int(emulator.clock.time())
+    start = t0 + 3 * 3600
+    await flow_of(emulator, [dataset_id], {**hourly(3), "startTime": start})
+    await emulator.clock.advance(30 * DAY)  # 240 slots went by unobserved
+    runs = await all_runs(emulator)
+    last = start + 239 * 3 * 3600
+    assert created_s(runs) == [last - k * 3 * 3600 for k in range(47, -1, -1)]
+    await emulator.clock.advance(RUN_SECONDS)
+    runs = await all_runs(emulator)
+    assert sum(records(r) for r in runs) == 1  # incremental: the first of them exports the row
+    await emulator.clock.advance(3 * 3600)
+    assert len(await all_runs(emulator)) == 49
+
+
+async def test_one_time_and_disabled_flows_do_not_fire(emulator: Emulator) -> None:
+    (dataset_id,) = await emulator.seed(rows=1)
+    t0 = int(emulator.clock.time())
+    await flow_of(emulator, [dataset_id], {**ONE_TIME, "startTime": t0 + 600})
+    daily, _ = await flow_of(emulator, [dataset_id], {**DAILY, "startTime": t0 + 600})
+    off = await emulator.fs("POST", f"/flows/{daily}/action", params={"op": "disable"})
+    assert off.status == 200
+    await emulator.clock.advance(3 * DAY)
+    assert await all_runs(emulator) == []
+    # Enabling does not fire the slots missed while disabled; the next one fires.
+    on = await emulator.fs("POST", f"/flows/{daily}/action", params={"op": "enable"})
+    assert on.status == 200
+    assert await all_runs(emulator) == []
+    await emulator.clock.advance(DAY)
+    assert created_s(await all_runs(emulator)) == [t0 + 600 + 3 * DAY]
+
+
+async def test_a_new_schedule_recomputes_the_next_slot(emulator: Emulator) -> None:
+    (dataset_id,) = await emulator.seed(rows=1)
+    t0 = int(emulator.clock.time())
+    flow_id, _ = await flow_of(emulator, [dataset_id], {**DAILY, "startTime": t0 + DAY})
+    await emulator.clock.advance(100)
+    etag = (await the_flow(emulator, flow_id))["etag"]
+    patched = await emulator.fs(
+        "PATCH",
+        f"/flows/{flow_id}",
+        json_body=[
+            {"op": "replace", "path": "/scheduleParams", "value": {**hourly(6), "startTime": t0}}
+        ],
+        headers={"If-Match": etag},
+    )
+    assert patched.status == 200, patched.body
+    await emulator.clock.advance(DAY - 100)
+    assert created_s(await all_runs(emulator)) == [t0 + h * 3600 for h in (6, 12, 18, 24)]
