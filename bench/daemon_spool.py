@@ -75,6 +75,9 @@ SPOOL_KNOBS = [
     "2-10",
     "--time-scale",
     "1",
+    # one flow per dataset until the engine's export lanes land (issue 9)
+    "--max-destination-flows",
+    "100000",
 ]
 SPOOL_ENGINE: dict[str, Any] = {
     "not_ready_wait_s": 2.0,
@@ -85,7 +88,17 @@ SPOOL_ENGINE: dict[str, Any] = {
 }
 
 # spool-unpaced: the same jobs on a service that answers at once and never throttles.
-UNPACED_KNOBS = ["--not-ready-window", "2", "--run-duration", "2-10", "--time-scale", "1"]
+UNPACED_KNOBS = [
+    "--not-ready-window",
+    "2",
+    "--run-duration",
+    "2-10",
+    "--time-scale",
+    "1",
+    # one flow per dataset until the engine's export lanes land (issue 9)
+    "--max-destination-flows",
+    "100000",
+]
 UNPACED_AEP: dict[str, Any] = {"rate_limit_rps": 1000.0, "max_concurrency": 32}
 
 Report = dict[str, Any]
@@ -573,6 +586,8 @@ async def journal_counts(state_dir: Path) -> dict[str, int]:
 async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks) -> Report:
     n = args.inflight
     knobs = ["--not-ready-window", "0", "--run-duration", args.run_duration, "--time-scale", "1"]
+    # one flow per dataset until the engine's export lanes land (issue 9)
+    knobs += ["--max-destination-flows", "100000"]
     engine = {"not_ready_wait_s": 0.0, "poll_max_s": args.poll_max_s}
     aep = {"rate_limit_rps": args.setup_rps, "max_concurrency": 64}
     async with (

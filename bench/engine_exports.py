@@ -97,6 +97,9 @@ BUSY_KNOBS = [
     "0.03",
     "--time-scale",
     "1",
+    # one flow per dataset until the engine's export lanes land (issue 9)
+    "--max-destination-flows",
+    "100000",
 ]
 # The engine for that service: AEP's defaults shrunk to a 2 s window and runs of seconds.
 BUSY_ENGINE = EngineConfig(
@@ -125,7 +128,15 @@ URLLIB3_RETRY_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PUT", "T
 
 # Polling: long runs, nothing else in the way.
 POLL_RUN_S = (60.0, 120.0)
-POLL_KNOBS = ["--not-ready-window", "0", "--run-duration", f"{POLL_RUN_S[0]:g}-{POLL_RUN_S[1]:g}"]
+POLL_KNOBS = [
+    "--not-ready-window",
+    "0",
+    "--run-duration",
+    f"{POLL_RUN_S[0]:g}-{POLL_RUN_S[1]:g}",
+    # one flow per dataset until the engine's export lanes land (issue 9)
+    "--max-destination-flows",
+    "100000",
+]
 
 DEADLINE_S = {"many": 600.0, "one": 300.0, "sample": 300.0, "baseline": 900.0, "polling": 600.0}
 

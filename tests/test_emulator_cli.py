@@ -77,7 +77,16 @@ async def test_serves_seeded_datasets_and_stops_cleanly_on_sigterm(tmp_path: Pat
     out, _ = await seed.communicate()
     (dataset,) = json.loads(out)
     async with running(
-        "--data-dir", str(tmp_path), "--not-ready-window", "0", "--client-id", "my-client"
+        "--data-dir",
+        str(tmp_path),
+        "--not-ready-window",
+        "0",
+        "--client-id",
+        "my-client",
+        "--max-destination-flows",
+        "7",
+        "--adhoc-max-datasets-per-call",
+        "3",
     ) as (proc, url):
         assert url.startswith("http://127.0.0.1:")
         async with aiohttp.ClientSession() as session:
@@ -85,6 +94,8 @@ async def test_serves_seeded_datasets_and_stops_cleanly_on_sigterm(tmp_path: Pat
                 config = await resp.json()
             assert config["client_id"] == "my-client"
             assert config["not_ready_window_s"] == 0
+            assert config["max_destination_flows"] == 7
+            assert config["adhoc_max_datasets_per_call"] == 3
             assert "client_secret" not in config
             async with session.post(
                 f"{url}/ims/token/v3",
@@ -145,6 +156,8 @@ async def test_client_secret_comes_from_a_file(tmp_path: Path) -> None:
         (["--time-scale", "0"], "time_scale"),
         (["--run-failure-rate", "2"], "run_failure_rate"),
         (["--run-duration", "10-2"], "below min"),
+        (["--max-destination-flows", "-1"], "max_destination_flows"),
+        (["--adhoc-max-datasets-per-call", "0"], "adhoc_max_datasets_per_call"),
     ],
 )
 async def test_bad_knobs_are_refused_with_a_reason(
@@ -185,6 +198,8 @@ async def test_help_documents_every_knob() -> None:
         "--token-lifetime",
         "--run-duration",
         "--run-failure-rate",
+        "--max-destination-flows",
+        "--adhoc-max-datasets-per-call",
         "--data-dir",
         "--host",
         "--port",

@@ -252,6 +252,17 @@ def test_limit_and_count_together_is_error_1401() -> None:
     assert err.code == 1401
     assert err.error_type == "https://ns.adobe.com/aep/errors/FLOW-1401-400"
     assert err.message.startswith("The limit and count parameters cannot be given together")
+    for true in ("TRUE", "True"):
+        assert error(("limit", "10"), ("count", true)).code == 1401
+
+
+def test_count_false_with_limit_is_a_plain_listing() -> None:
+    # aepp sends `count=False` together with `limit` on every list call.
+    for false in ("false", "False", "FALSE"):
+        query = parse_list_query([("count", false), ("limit", "2")])
+        assert not query.count
+        assert query.limit == 2
+        assert ids(("count", false), ("limit", "2")) == ["f3", "f2"]
 
 
 # --- paging --------------------------------------------------------------------------------------

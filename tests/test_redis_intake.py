@@ -190,6 +190,8 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         error_5xx_rate=0.02,
         drop_rate=0.005,
         seed=500,
+        # one flow per dataset until the engine's export lanes land (issue 9)
+        max_destination_flows=100_000,
     )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         datasets = seed(state, 250)

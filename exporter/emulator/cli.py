@@ -109,6 +109,22 @@ def add_parser(subparsers: Any) -> None:
         metavar="ID",
         help="flow spec id whose ad hoc runs 'can not be executed'",
     )
+    g = parser.add_argument_group("guardrails")
+    g.add_argument(
+        "--max-destination-flows",
+        type=int,
+        default=Knobs().max_destination_flows,
+        metavar="N",
+        help="destination dataflows a sandbox may hold before creating one more is refused "
+        "(Adobe's guardrail; default %(default)s)",
+    )
+    g.add_argument(
+        "--adhoc-max-datasets-per-call",
+        type=int,
+        default=Knobs().adhoc_max_datasets_per_call,
+        metavar="N",
+        help="datasets one ad hoc call may name, over all its flows (default %(default)s)",
+    )
     f = parser.add_argument_group("faults on platform calls")
     f.add_argument(
         "--latency-ms",
@@ -245,6 +261,8 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
         slow_rate=args.slow_rate,
         slow_ms=args.slow_ms,
         allow_json_uncompressed=args.allow_json_uncompressed,
+        max_destination_flows=args.max_destination_flows,
+        adhoc_max_datasets_per_call=args.adhoc_max_datasets_per_call,
         seed=args.seed,
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,12 +343,20 @@ class Collection:
     path: str
     select: Callable[[Sandbox], dict[str, dict[str, Any]]]
     users: Callable[[Sandbox, str], list[str]]
+    # Brings the sandbox up to date before a read or delete (flows: scheduled runs).
+    refresh: Callable[[web.Request], Awaitable[None]] | None = None
+    # Forgets what the sandbox keeps about an entity besides its JSON, once it is deleted.
+    forget: Callable[[Sandbox, str], None] | None = None
 
     async def list(self, request: web.Request) -> web.Response:
+        if self.refresh is not None:
+            await self.refresh(request)
         found = self.select(caller(request).sandbox)
         return list_response(request, found.values(), found)
 
     async def get(self, request: web.Request) -> web.Response:
+        if self.refresh is not None:
+            await self.refresh(request)
         return items(self.lookup(request))
 
     def lookup(self, request: web.Request) -> dict[str, Any]:
@@ -359,6 +367,8 @@ class Collection:
         return entity
 
     async def delete(self, request: web.Request) -> web.Response:
+        if self.refresh is not None:
+            await self.refresh(request)
         entity = self.lookup(request)
         box = caller(request).sandbox
         flows = self.users(box, entity["id"])
@@ -373,6 +383,8 @@ class Collection:
             )
         del self.select(box)[entity["id"]]
         box.secrets.pop(entity["id"], None)
+        if self.forget is not None:
+            self.forget(box, entity["id"])
         return web.Response(status=202)
 
 

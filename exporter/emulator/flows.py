@@ -22,11 +22,14 @@ from exporter.emulator.connections import Collection, invalid
 from exporter.emulator.errors import FlowError
 from exporter.emulator.exporting import validate_template
 from exporter.emulator.gateway import caller
+from exporter.emulator.runs import catch_up, forget_flow, join_datasets, schedule_flow
 from exporter.emulator.state import Sandbox
 
 TEMPLATE_KEYS = ("foldernameTemplate", "folderNameTemplate")
 SCHEDULE_KEYS = {"exportMode", "timeUnit", "interval", "startTime", "endTime", *TEMPLATE_KEYS}
 HOURLY = {3, 6, 9, 12}
+FLOW_LIMIT_PHRASE = "Maximum number of destinations reached"
+FLOW_LIMIT_CODE = 1400  # Adobe documents no code for this refusal (docs/aep-notes.md)
 MS_THRESHOLD = 100_000_000_000  # epoch seconds reach this in the year 5138
 
 
@@ -188,6 +191,7 @@ async def create_flow(request: web.Request) -> web.Response:
     if "scheduleParams" not in body:
         raise invalid("'scheduleParams' is required for dataset export flows")
     schedule = validate_schedule(body["scheduleParams"], now_ms // 1000)
+    _within_flow_limit(who.sandbox, state_of(request).knobs.max_destination_flows)
     flow_id = new_id()
     flow = {
         "id": flow_id,
@@ -205,10 +209,31 @@ async def create_flow(request: web.Request) -> web.Response:
         "lastOperation": _operation(now_ms, "create"),
     }
     who.sandbox.flows[flow_id] = flow
+    # Every dataset of the source connection joins the flow when it is created.
+    join_datasets(who.sandbox, flow, now_ms / 1000)
+    schedule_flow(who.sandbox, flow, now_ms / 1000)
     return json_ok({"id": flow_id, "etag": flow["etag"]}, status=201)
 
 
-FLOWS = Collection("flows", lambda b: b.flows, lambda b, i: [])
+def _within_flow_limit(box: Sandbox, limit: int) -> None:
+    """Adobe's destinations guardrail: at most `limit` destination dataflows per sandbox."""
+    held = sum(1 for f in box.flows.values() if f["flowSpec"]["id"] in SPEC_BY_FLOW_SPEC_ID)
+    if held >= limit:
+        raise FlowError(
+            400,
+            FLOW_LIMIT_CODE,
+            f"{FLOW_LIMIT_PHRASE}: sandbox {box.name} has {held} destination dataflows, "
+            f"the limit is {limit}. Delete a dataflow before creating another one.",
+        )
+
+
+async def _catch_up(request: web.Request) -> None:
+    await catch_up(state_of(request), caller(request).sandbox)
+
+
+FLOWS = Collection(
+    "flows", lambda b: b.flows, lambda b, i: [], refresh=_catch_up, forget=forget_flow
+)
 
 
 def _apply_patch(box: Sandbox, flow: dict[str, Any], ops: Any, now_s: int) -> dict[str, Any]:
@@ -253,6 +278,7 @@ def _apply_patch(box: Sandbox, flow: dict[str, Any], ops: Any, now_s: int) -> di
 
 
 async def patch_flow(request: web.Request) -> web.Response:
+    await _catch_up(request)  # slots due under the old schedule fire first
     flow = FLOWS.lookup(request)
     if_match = request.headers.get("If-Match")
     if not if_match:
@@ -272,11 +298,15 @@ async def patch_flow(request: web.Request) -> web.Response:
     updated["lastOperation"] = _operation(now_ms, "update")
     flow.clear()
     flow.update(updated)
+    # Datasets new to the flow join now; those that stay keep their time; those gone leave.
+    join_datasets(who.sandbox, flow, now_ms / 1000)
+    schedule_flow(who.sandbox, flow, now_ms / 1000)
     etag = touch(request, who, flow)
     return json_ok({"id": flow["id"], "etag": etag})
 
 
 async def flow_action(request: web.Request) -> web.Response:
+    await _catch_up(request)  # slots due before the change fire first
     flow = FLOWS.lookup(request)
     op = request.query.get("op", "")
     target = {"enable": "enabled", "disable": "disabled"}.get(op.lower())
@@ -287,6 +317,9 @@ async def flow_action(request: web.Request) -> web.Response:
             f"The action {op.lower()} cannot be applied on the current state {flow['state']}", 1422
         )
     flow["state"] = target
-    flow["lastOperation"] = _operation(state_of(request).clock.now_ms(), op.lower())
+    now_ms = state_of(request).clock.now_ms()
+    flow["lastOperation"] = _operation(now_ms, op.lower())
+    # Slots missed while the flow was disabled are not fired when it is enabled again.
+    schedule_flow(caller(request).sandbox, flow, now_ms / 1000)
     etag = touch(request, caller(request), flow)
     return json_ok({"id": flow["id"], "etag": etag})

@@ -6,7 +6,8 @@ API" (help/dataflows/api/sort-and-filter.md) with error codes from "Flow Service
 Where the docs are silent: equality is exact and case-sensitive ("equals exactly"); `!=` with a
 list means "none of" and so also matches entities lacking the field; a bare `field` means "exists"
 and `!field` "absent" (Catalog's syntax for the same parameter); `limit` above 100 is clamped,
-since AEP documents "a maximum of 100 entities" and no error for it; `count` ignores any token.
+since AEP documents "a maximum of 100 entities" and no error for it; `count` ignores any token;
+`count=false` (any case) with `limit` is a plain listing, only `count=true` with `limit` is 1401.
 
 A query is parsed once into a `ListQuery` whose filters are pre-compiled closures, so matching an
 entity does no parsing. Paging is keyset-based: the token holds the sort key and id of the last
@@ -346,7 +347,8 @@ def parse_list_query(
             raise QueryError(1453, f"Invalid query value {name}={value} provided in query param.")
         else:
             single[name] = value
-    if "limit" in single and "count" in single:
+    # aepp sends `count=False` with `limit` on every list call: only a true count conflicts.
+    if "limit" in single and single.get("count", "").lower() == "true":
         raise QueryError(
             1401,
             "The limit and count parameters cannot be given together in the same request. "

@@ -9,6 +9,8 @@ success. Terminal runs never change, so their JSON is rendered once and reused.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import random
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -38,6 +40,8 @@ from exporter.emulator.state import EmulatorState, Run, Sandbox
 
 log = structlog.get_logger("exporter.emulator")
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]
+DAY_S, HOUR_S = 86_400, 3_600
+MAX_CATCH_UP_SLOTS = 48  # slots a flow fires at most when the clock has jumped over many
 PARTIAL_ERRORS = [
     {
         "code": "EXPORT-0002-200",  # Info.code must match ABC-123-400 (destinations.yaml)
@@ -154,14 +158,17 @@ def _check(state: EmulatorState, box: Sandbox, flow_id: str, dataset_ids: list[s
         )
     if flow["state"] != "enabled":
         raise _bad(f"Flow for id {flow_id} is incorrect. Error is [Flow is disabled.]")
-    ready_at = flow["createdAt"] / 1000 + state.knobs.scaled(state.knobs.not_ready_window_s)
-    if state.clock.now() < ready_at:
-        raise _bad(NOT_READY_MESSAGE.removeprefix("Invalid parameter: "))
-    source = box.source_connections[flow["sourceConnectionIds"][0]]
-    allowed = {d["dataSetId"] for d in source["params"]["datasets"]}
+    # Each dataset is "not ready" for a while after it joined the flow (at the flow's creation
+    # or when a PATCH of sourceConnectionIds brought it in); one such dataset refuses the call.
+    joined = box.joined.get(flow_id, {})
+    window, now = state.knobs.scaled(state.knobs.not_ready_window_s), state.clock.now()
     for dataset_id in dataset_ids:
-        if dataset_id not in allowed:
+        since = joined.get(dataset_id)
+        if since is None:
             raise _bad(f"Dataset {dataset_id} is not part of flow {flow_id}.")
+        if now < since + window:
+            raise _bad(NOT_READY_MESSAGE.removeprefix("Invalid parameter: "))
+    for dataset_id in dataset_ids:
         if state.lake.get(box.name, dataset_id) is None:
             raise _bad(f"Dataset {dataset_id} no longer exists.")
         active = box.active_runs.get((flow_id, dataset_id))
@@ -172,14 +179,25 @@ def _check(state: EmulatorState, box: Sandbox, flow_id: str, dataset_ids: list[s
 
 
 def _start(
-    state: EmulatorState, box: Sandbox, client_id: str, flow: dict[str, Any], dataset_id: str
+    state: EmulatorState,
+    box: Sandbox,
+    client_id: str,
+    flow: dict[str, Any],
+    dataset_id: str,
+    *,
+    at: float | None = None,
 ) -> Run:
-    knobs, rng, now = state.knobs, state.rng, state.clock.now()
+    """A new run of the flow for one dataset, created now or at `at` (a scheduled slot that
+    is being caught up: it sees only the batches that existed then)."""
+    knobs, rng = state.knobs, state.rng
+    now = state.clock.now() if at is None else at
     dataset = state.lake.get(box.name, dataset_id)
     if dataset is None:
         raise _bad(f"Dataset {dataset_id} no longer exists.")
     key = (flow["id"], dataset_id)
     batches = dataset.batches
+    if at is not None:
+        batches = tuple(b for b in batches if b.created_ms <= at * 1000)
     if flow["scheduleParams"]["exportMode"] == "FIRST_FULL_THEN_INCREMENTAL":
         done = box.exported_batches.get(key, set())
         batches = tuple(b for b in batches if b.id not in done)
@@ -226,6 +244,14 @@ async def adhoc_run(request: web.Request) -> web.Response:
         raise _bad(exc.message) from None
     wanted = _requests(body)
     state, who = state_of(request), caller(request)
+    cap = state.knobs.adhoc_max_datasets_per_call
+    asked = sum(len(dataset_ids) for _, dataset_ids in wanted)
+    if asked > cap:
+        raise _bad(
+            f"activationInfo.destinations names {asked} datasets; one ad hoc call may export "
+            f"at most {cap} datasets. Split the datasets over several calls."
+        )
+    await catch_up(state, who.sandbox)
     # Runs end on their own: one whose time is over must neither block this trigger nor hide
     # the batches it exported from an incremental run, whether or not anyone polled it.
     active = (who.sandbox.active_runs.get((f, d)) for f, ds in wanted for d in ds)
@@ -284,9 +310,12 @@ async def _complete(state: EmulatorState, run: Run) -> None:
     else:
         run.status = "success"
         run.errors = list(PARTIAL_ERRORS) if run.outcome == "partial" else []
-        box.exported_batches.setdefault((run.flow_id, run.dataset_id), set()).update(
-            b.id for b in run.batches
-        )
+        # A dataset that left the flow since (or left and joined again) starts afresh.
+        since = box.joined.get(run.flow_id, {}).get(run.dataset_id)
+        if since is not None and since <= run.created:
+            box.exported_batches.setdefault((run.flow_id, run.dataset_id), set()).update(
+                b.id for b in run.batches
+            )
     run.view = run.view_bytes = None
     if box.active_runs.get((run.flow_id, run.dataset_id)) is run:
         del box.active_runs[(run.flow_id, run.dataset_id)]
@@ -322,7 +351,10 @@ def render(run: Run) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "durationSummary": {"startedAtUTC": started},
         "sizeSummary": {"inputBytes": run.input_bytes},
-        "recordSummary": {"inputRecordCount": input_records},
+        "recordSummary": {
+            "inputRecordCount": input_records,
+            "sourceSummaries": [{"id": run.dataset_id, "inputRecordCount": input_records}],
+        },
         "fileSummary": {"inputFileCount": len(run.batches)},
         "statusSummary": status,
     }
@@ -384,7 +416,9 @@ def run_bytes(run: Run) -> bytes:
 
 async def get_run(request: web.Request) -> web.Response:
     run_id = request.match_info["id"]
-    run = caller(request).sandbox.runs.get(run_id)
+    box = caller(request).sandbox
+    await catch_up(state_of(request), box)
+    run = box.runs.get(run_id)
     if run is None:
         raise not_found("runs", run_id)
     await settle(state_of(request), [run])
@@ -396,6 +430,7 @@ async def get_run(request: web.Request) -> web.Response:
 async def list_runs(request: web.Request) -> web.Response:
     query = parse_list_query(request.query)
     box = caller(request).sandbox
+    await catch_up(state_of(request), box)
     ids = query.id_candidates()
     stored = box.runs
     runs = (
@@ -415,3 +450,91 @@ async def list_runs(request: web.Request) -> web.Response:
     return web.Response(
         body=b"".join((b'{"items":[', page, b"]", links, b"}")), content_type="application/json"
     )
+
+
+# -- the datasets of a flow, and its scheduled runs --------------------------------------------
+
+
+def flow_datasets(box: Sandbox, flow: dict[str, Any]) -> list[str]:
+    """The datasets the flow exports: those of its source connection, in their order."""
+    source = box.source_connections[flow["sourceConnectionIds"][0]]
+    return list(dict.fromkeys(d["dataSetId"] for d in source["params"]["datasets"]))
+
+
+def join_datasets(box: Sandbox, flow: dict[str, Any], when: float) -> None:
+    """Record when each dataset of the flow joined it: datasets that stay keep their time, new
+    ones join at `when`, those that left are forgotten, with what their runs exported."""
+    before = box.joined.get(flow["id"], {})
+    after = {d: before.get(d, when) for d in flow_datasets(box, flow)}
+    for gone in before.keys() - after.keys():
+        box.exported_batches.pop((flow["id"], gone), None)
+    box.joined[flow["id"]] = after
+
+
+def forget_flow(box: Sandbox, flow_id: str) -> None:
+    """A deleted flow: no more slots, no join times (its runs stay readable)."""
+    box.joined.pop(flow_id, None)
+    box.next_slot.pop(flow_id, None)
+
+
+def _interval_s(schedule: dict[str, Any]) -> int:
+    unit = DAY_S if schedule["timeUnit"] == "day" else HOUR_S
+    return unit * int(schedule["interval"])
+
+
+def schedule_flow(box: Sandbox, flow: dict[str, Any], after: float) -> None:
+    """Set the flow's next slot: the first `startTime + k * interval` after `after` (the moment
+    its schedule took effect: creation, a PATCH, enabling) and before `endTime`. One-time
+    exports (interval 0) and disabled flows have none."""
+    box.next_slot.pop(flow["id"], None)
+    schedule = flow["scheduleParams"]
+    every = _interval_s(schedule)
+    if flow["state"] != "enabled" or every <= 0:
+        return
+    start, end = schedule["startTime"], schedule["endTime"]
+    slot = start if after < start else start + (math.floor((after - start) / every) + 1) * every
+    if slot < end:
+        box.next_slot[flow["id"]] = slot
+        heapq.heappush(box.slots, (slot, flow["id"]))
+
+
+async def catch_up(state: EmulatorState, box: Sandbox) -> None:
+    """Start the runs of every scheduled slot that is due. Called whenever runs or flows are
+    read or triggered, so slots fire deterministically in emulated time; a flow whose clock
+    jumped over many slots fires only the last MAX_CATCH_UP_SLOTS of them."""
+    if not box.slot_lock.locked() and (not box.slots or box.slots[0][0] > state.clock.now()):
+        return
+    async with box.slot_lock:
+        now = state.clock.now()
+        while box.slots and box.slots[0][0] <= now:
+            slot, flow_id = heapq.heappop(box.slots)
+            flow = box.flows.get(flow_id)
+            if box.next_slot.get(flow_id) != slot or flow is None:
+                continue  # rescheduled, disabled or deleted since
+            schedule = flow["scheduleParams"]
+            every, end = _interval_s(schedule), schedule["endTime"]
+            due = min(math.floor((now - slot) / every) + 1, math.ceil((end - slot) / every))
+            following = slot + due * every
+            if following < end:
+                box.next_slot[flow_id] = following
+                heapq.heappush(box.slots, (following, flow_id))
+            else:
+                del box.next_slot[flow_id]
+            for k in range(max(0, due - MAX_CATCH_UP_SLOTS), due):
+                await _fire(state, box, flow, slot + k * every)
+
+
+async def _fire(state: EmulatorState, box: Sandbox, flow: dict[str, Any], slot: float) -> None:
+    """One slot: a run per dataset of the flow, created at the slot's time. A dataset whose
+    run is still in progress, that is not ready yet or that no longer exists is skipped."""
+    active = (box.active_runs.get((flow["id"], d)) for d in box.joined.get(flow["id"], {}))
+    # Runs over by now record what they exported before an incremental run looks.
+    await settle(state, [r for r in active if r is not None])
+    window = state.knobs.scaled(state.knobs.not_ready_window_s)
+    for dataset_id, since in box.joined.get(flow["id"], {}).items():
+        running = box.active_runs.get((flow["id"], dataset_id))
+        if running is not None and not running.terminal:
+            continue
+        if slot < since + window or state.lake.get(box.name, dataset_id) is None:
+            continue
+        _start(state, box, flow["createdClient"], flow, dataset_id, at=slot)

@@ -77,6 +77,11 @@ class Knobs(BaseModel):
     slow_ms: float = Field(default=5_000, ge=0)
 
     # Limits
+    # Adobe's destinations guardrails: at most 100 destination dataflows per sandbox.
+    max_destination_flows: int = Field(default=100, ge=0)
+    # Datasets over all destinations of one ad hoc call (Adobe documents 80 audiences per ad
+    # hoc job and nothing for datasets: the same cap, by analogy).
+    adhoc_max_datasets_per_call: int = Field(default=80, ge=1)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_rows_per_file: int = Field(default=1_000_000, gt=0)
     journal_size: int = Field(default=1_000_000, gt=0)

@@ -83,6 +83,13 @@ class Sandbox:
     active_runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     exported_batches: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # flow id -> dataset id -> when the dataset joined the flow (epoch s): not in the flow JSON.
+    joined: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Scheduled runs: flow id -> its next slot (epoch s), and a heap of (slot, flow id) whose
+    # entries are current only while they match `next_slot` (stale ones are skipped).
+    next_slot: dict[str, float] = field(default_factory=dict)
+    slots: list[tuple[float, str]] = field(default_factory=list)
+    slot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Token(NamedTuple):
