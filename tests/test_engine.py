@@ -342,14 +342,41 @@ async def test_an_unknown_destination_is_rejected_without_calling_aep(
     assert (await emulator.control("GET", "/stats"))["requests"] == before
 
 
-async def test_a_scheduled_job_promotes_the_flow_and_keeps_it(
+async def test_a_scheduled_job_moves_the_dataset_and_reports_the_schedules_run(
     emulator: Emulator, engine: Engine
 ) -> None:
     (dataset,) = await emulator.seed(rows=5)
     once = await engine.run(job(dataset))
-    daily = await engine.run(job(dataset, mode="hourly:6", id="promoted"))
-    assert once.flow_id == daily.flow_id
-    assert daily.state == JobState.SUCCEEDED
-    flow = (await emulator.fs("GET", f"/flows/{daily.flow_id}")).body["items"][0]
+    daily = await engine.run(job(dataset, mode="hourly:6", id="promoted", timeout=8 * 3600))
+    assert daily.state == JobState.SUCCEEDED, daily
+    assert once.flow_id != daily.flow_id  # another lane: the schedule is part of it
+    flows = (await emulator.fs("GET", "/flows")).body["items"]
+    # The dataset left the one-off lane (its only member: the lane is gone).
+    assert [f["id"] for f in flows] == [daily.flow_id]
+    flow = flows[0]
     assert flow["state"] == "enabled"
-    assert (flow["scheduleParams"]["timeUnit"], flow["scheduleParams"]["interval"]) == ("hour", 6)
+    schedule = flow["scheduleParams"]
+    assert (schedule["timeUnit"], schedule["interval"]) == ("hour", 6)
+    assert schedule["endTime"] - emulator.clock.time() > 150 * 86400
+    # No ad hoc run for the scheduled job: the schedule's first slot exported it in full.
+    assert (await counts(emulator))["adhoc.run"] == Counter({200: 1})
+    run = emulator.state.sandboxes[(emulator.knobs.org_id, "prod")].runs[daily.run_id or ""]
+    assert (run.created - schedule["startTime"]) % (6 * 3600) == 0
+    assert daily.records == 5
+
+
+async def test_a_scheduled_lanes_end_is_renewed_before_it_passes(
+    emulator: Emulator, engine: Engine
+) -> None:
+    (dataset,) = await emulator.seed(rows=5)
+    outcome = await engine.run(job(dataset, mode="daily", timeout=2 * 86400))
+    assert outcome.state == JobState.SUCCEEDED
+    flow = (await emulator.fs("GET", f"/flows/{outcome.flow_id}")).body["items"][0]
+    end = flow["scheduleParams"]["endTime"]
+    assert await engine.lanes.renew() == 0  # far from its end: nothing to do
+    await emulator.clock.sleep(end - emulator.clock.time() - 20 * 86400)
+    assert await engine.lanes.renew() == 1
+    emulator._token = None  # the test's own token expired in those months
+    renewed = (await emulator.fs("GET", f"/flows/{outcome.flow_id}")).body["items"][0]
+    assert renewed["scheduleParams"]["endTime"] > end + 100 * 86400
+    assert renewed["scheduleParams"]["interval"] == 1

@@ -532,7 +532,8 @@ class LaneManager:
                     continue
                 made.remove(source)
                 flow.source_id = source
-                _keep(flow, wanted, now_ms)
+                # Joined when AEP took the change: after the answer, never before it.
+                _keep(flow, wanted, int(self._clock.time() * 1000))
                 log.info(
                     "lane_members_changed",
                     flow_id=flow.id,
