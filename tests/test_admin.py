@@ -123,11 +123,12 @@ async def admin_daemon(
     admin: dict[str, Any] | None = None,
     aep: dict[str, Any] | None = None,
     services: Iterable[Service] = (),
+    engine: EngineConfig = ENGINE,
     **daemon: Any,
 ) -> AsyncIterator[Admin]:
     settings = settings_for(emulator, tmp_path, **daemon)
     update: dict[str, Any] = {
-        "engine": ENGINE,
+        "engine": engine,
         "admin": AdminConfig.model_validate({"port": 0, "token": TOKEN, **(admin or {})}),
     }
     if aep:
@@ -484,6 +485,122 @@ async def test_cancel_before_a_flow_exists_touches_nothing_in_aep(
     assert actions["entries"] == []
 
 
+# -- lanes -----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def ticking(clock: FakeClock, step: float = 1.0) -> AsyncIterator[None]:
+    """Fake time moves in steps of `step` s while jobs run: the clock jumps to the earliest
+    sleeper, and between two polls that may be a job's deadline hours away."""
+
+    async def tick() -> None:
+        while True:
+            await clock.sleep(step)
+
+    task = asyncio.create_task(tick(), name="ticker")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def flow_exists(emulator: Emulator, flow_id: str) -> bool:
+    answer = await emulator.fs("GET", f"/flows/{flow_id}")
+    assert answer.status in (200, 404), answer.body
+    return answer.status == 200
+
+
+async def test_lanes_are_listed_and_an_idle_one_off_lane_is_pruned(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    engine = ENGINE.model_copy(update={"lane_idle_s": 0, "join_coalesce_s": 0})
+    datasets = await emulator.seed(rows=3, count=2)
+    async with admin_daemon(emulator, tmp_path, engine=engine) as admin, ticking(admin.clock):
+        done = []
+        for n, dataset in enumerate(datasets):  # two datasets, one place: one lane
+            assert (await admin.submit(job(dataset, n, path="ml/lane"))).status == 202
+            done.append(await admin.until_state(f"job-{n}", TERMINAL))
+        assert {d["state"] for d in done} == {"succeeded"}, done
+        (flow_id,) = {d["flow_id"] for d in done}
+
+        listed = await admin.call("GET", "/v1/lanes")
+        assert listed.status == 200, listed.body
+        (lane,) = listed.body["lanes"]
+        assert lane["flow_id"] == flow_id
+        assert lane["datasets"] == 2
+        assert (lane["destination"], lane["path"], lane["mode"]) == ("lake", "ml/lane", "once")
+        assert (lane["format"], lane["compression"]) == ("PARQUET", "GZIP")
+        assert lane["jobs_here"] == 0
+        assert len(lane["lane"]) == 16
+
+        for how in ({"body": {"dry_run": True}}, {"params": {"dry_run": "true"}}):
+            dry = await admin.call("POST", "/v1/lanes/prune", **how)
+            assert dry.status == 200, dry.body
+            assert dry.body["dry_run"] is True
+            assert [v["flow_id"] for v in dry.body["retired"]] == [flow_id]
+            assert await flow_exists(emulator, flow_id)
+
+        pruned = await admin.call("POST", "/v1/lanes/prune")
+        assert pruned.status == 200, pruned.body
+        assert pruned.body["dry_run"] is False
+        assert [v["flow_id"] for v in pruned.body["retired"]] == [flow_id]
+        assert not await flow_exists(emulator, flow_id)
+        assert (await admin.call("GET", "/v1/lanes")).body == {"lanes": []}
+        again = await admin.call("POST", "/v1/lanes/prune", body={"dry_run": False})
+        assert (again.status, again.body) == (200, {"retired": [], "dry_run": False})
+
+
+async def test_prune_keeps_a_lane_with_a_recent_run(emulator: Emulator, tmp_path: Path) -> None:
+    (dataset,) = await emulator.seed(rows=3)
+    # lane_idle_s: an hour
+    async with admin_daemon(emulator, tmp_path) as admin, ticking(admin.clock):
+        assert (await admin.submit(job(dataset, 1))).status == 202
+        flow_id = (await admin.until_state("job-1", ["succeeded"]))["flow_id"]
+        pruned = await admin.call("POST", "/v1/lanes/prune")
+        assert (pruned.status, pruned.body) == (200, {"retired": [], "dry_run": False})
+        assert await flow_exists(emulator, flow_id)
+
+
+@pytest.mark.parametrize(
+    ("how", "status"),
+    [
+        ({"params": {"dry_run": "maybe"}}, 400),
+        ({"params": {"dry_run": "1"}}, 400),
+        ({"params": [("dry_run", "true"), ("dry_run", "true")]}, 400),
+        ({"params": {"dry_run": "true"}, "body": {"dry_run": False}}, 400),
+        ({"params": {"force": "true"}}, 400),
+        ({"body": {"dry_run": "yes"}}, 400),
+        ({"body": {"dry_run": True, "force": True}}, 400),
+        ({"body": [True]}, 400),
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400),
+        ({"data": b"dry_run=true", "headers": {"Content-Type": "text/plain"}}, 415),
+    ],
+)
+async def test_lanes_routes_refuse_bad_parameters(
+    emulator: Emulator, tmp_path: Path, how: dict[str, Any], status: int
+) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        answer = await admin.call("POST", "/v1/lanes/prune", **how)
+        assert answer.status == status, answer.body
+        assert set(answer.body) == {"error", "message"}
+        unknown = await admin.call("GET", "/v1/lanes", params={"dry_run": "true"})
+        assert (unknown.status, unknown.body["error"]) == (400, "bad_request")
+
+
+async def test_an_aep_error_is_a_502_naming_it(emulator: Emulator, tmp_path: Path) -> None:
+    async with admin_daemon(emulator, tmp_path) as admin:
+        fault = {"action": "status", "op": "flows.list", "status": 400, "count": 1000}
+        await emulator.control("POST", "/faults", fault)
+        for method, path in (("GET", "/v1/lanes"), ("POST", "/v1/lanes/prune")):
+            answer = await admin.call(method, path)
+            assert answer.status == 502, (path, answer.body)
+            assert answer.body["error"] == "aep_error"
+            assert answer.body["message"].startswith(("listing the lanes: AEP: ", "pruning"))
+        await emulator.control("DELETE", "/faults")
+        assert (await admin.call("GET", "/v1/lanes")).body == {"lanes": []}
+
+
 # -- liveness and readiness ------------------------------------------------------------------
 
 
@@ -662,6 +779,8 @@ async def test_beyond_loopback_everything_but_the_probes_needs_the_token(
                 ("POST", "/v1/jobs"),
                 ("GET", "/v1/jobs/job-1"),
                 ("DELETE", "/v1/jobs/job-1"),
+                ("GET", "/v1/lanes"),
+                ("POST", "/v1/lanes/prune"),
                 ("GET", "/anything"),
             ]
             for method, path in protected:

@@ -180,4 +180,6 @@ def test_the_served_document_is_the_file_and_valid_openapi(live: Live) -> None:
         ("GET", "/v1/jobs"),
         ("GET", "/v1/jobs/{job_id}"),
         ("DELETE", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/lanes"),
+        ("POST", "/v1/lanes/prune"),
     }

@@ -5,6 +5,7 @@
     GET  /metrics          Prometheus text exposition of `daemon.metrics.registry`
     GET  /v1/openapi.json  the OpenAPI document of all of this (`admin_openapi.json`)
     /v1/jobs...            submit, list, get and cancel jobs (`exporter.daemon.admin_jobs`)
+    /v1/lanes...           list the export lanes and prune idle ones (`admin_lanes`)
 
 It listens on 127.0.0.1 by default. With a token configured (required by the settings when
 it is bound beyond loopback) every route but /healthz and /readyz asks for
@@ -33,6 +34,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.daemon.admin_jobs import JobsApi, error_response
+from exporter.daemon.admin_lanes import LanesApi
 from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import Daemon
 from exporter.daemon.journal import JobRecord
@@ -96,6 +98,7 @@ class AdminServer:
         self.monitor = LoopMonitor(threshold=config.loop_stall_s, window=config.loop_stall_window_s)
         self.openapi = resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_bytes()
         self._token = config.token.get_secret_value().encode() if config.token is not None else None
+        self.lanes = LanesApi(daemon)
         self._runner: web.AppRunner | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._ready: bool | None = None
@@ -114,6 +117,7 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/openapi.json", self._openapi)
         JobsApi(self.daemon).add_routes(app.router)
+        self.lanes.add_routes(app.router)
         return app
 
     # -- Service ---------------------------------------------------------------------------
@@ -160,6 +164,7 @@ class AdminServer:
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
+        await self.lanes.aclose()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
