@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from exporter import __version__, oneshot
+from exporter import __version__, lanes_cli, oneshot
 from exporter.daemon import cli as daemon_cli
 from exporter.daemon import probe
 from exporter.emulator import cli as emulator_cli
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     oneshot.add_parser(sub)
     daemon_cli.add_parsers(sub)
     probe.add_parser(sub)
+    lanes_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the daemon on the sample jobs against a local emulator")
     demo.add_argument(
         "--workdir",

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import random
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, Journal
+from exporter.emulator.app import serve
+from exporter.emulator.settings import DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, Knobs, Span
+from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
 from tests.bad_jobs import BY_NAME, CASES, DESTINATIONS, MAX_JOB_FILE_BYTES, as_json, as_yaml
+from tests.daemon_support import write_config as emulator_config
 
 pytestmark = pytest.mark.slow
 SECRET = "Sup3r-s3cret-VALUE-7f1c"  # never to be printed
@@ -291,3 +302,140 @@ job = { dataset_id = "ds_0002", destination = "archive", path = "ml/nightly" }
     assert hourly is not None, lines[1]
     assert lines[2].startswith("ok  schedule paused: ")
     assert lines[2].endswith("exports ds_0002 to archive; disabled")
+
+
+# -- lanes -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def aep(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
+    """An emulator on the real clock whose waits are all zero, for child processes."""
+    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
+        yield running
+
+
+async def acli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`cli`, without blocking the event loop the emulator serves on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    env["COLUMNS"] = "250"
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(
+        list(map(str, args)), proc.returncode, out.decode(), err.decode()
+    )
+
+
+def lanes_config(tmp_path: Path, url: str, **engine: Any) -> Path:
+    return emulator_config(
+        tmp_path, url, engine={"not_ready_wait_s": 0, "poll_min_s": 0.05, **engine}
+    )
+
+
+async def export_to(config: Path, dataset: str, path: str) -> str:
+    done = await acli(
+        "export", "--config", config, "--dataset", dataset, "--destination", "lake",
+        "--path", path, "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["state"] == "succeeded", outcome
+    flow_id: str = outcome["flow_id"]
+    return flow_id
+
+
+def flows_in(state: EmulatorState) -> set[str]:
+    return set(state.sandbox(DEFAULT_ORG_ID, "prod").flows)
+
+
+async def test_lanes_list_shows_one_lane_for_two_exports_to_one_place(
+    tmp_path: Path, aep: tuple[str, EmulatorState]
+) -> None:
+    url, state = aep
+    config = lanes_config(tmp_path, url)
+    datasets = [
+        state.lake.create_dataset("prod", f"features{n}", 5, rng=random.Random(n), now_ms=0).id
+        for n in range(2)
+    ]
+    (flow_id,) = {await export_to(config, d, "ml/lane") for d in datasets}
+
+    listed = await acli("lanes", "list", "--config", config, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (lane,) = json.loads(listed.stdout)
+    assert lane["flow_id"] == flow_id
+    assert lane["datasets"] == 2
+    assert (lane["destination"], lane["path"], lane["mode"]) == ("lake", "ml/lane", "once")
+    assert lane["jobs_here"] == 0
+    assert set(lane) == {
+        "lane", "flow_id", "name", "destination", "path", "format", "compression", "mode",
+        "datasets", "state", "schedule", "end_time", "last_run", "jobs_here",
+    }  # fmt: skip
+
+    table = await acli("lanes", "list", "--config", config)
+    assert table.returncode == 0, table.stderr
+    assert "export lanes in sandbox prod" in table.stdout
+    assert row(table.stdout, lane["lane"], flow_id, "lake", "ml/lane", "PARQUET/GZIP", "once", "2")
+    end = datetime.fromtimestamp(lane["end_time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert end in table.stdout
+    assert DEFAULT_CLIENT_SECRET not in table.stdout + table.stderr
+
+
+async def test_lanes_prune_dry_run_lists_and_prune_retires_an_idle_lane(
+    tmp_path: Path, aep: tuple[str, EmulatorState]
+) -> None:
+    url, state = aep
+    dataset = state.lake.create_dataset("prod", "features", 5, rng=random.Random(1), now_ms=0)
+    kept = lanes_config(tmp_path, url)  # lane_idle_s: an hour, and a run just now
+    flow_id = await export_to(kept, dataset.id, "ml/once")
+    none = await acli("lanes", "prune", "--config", kept)
+    assert none.returncode == 0, none.stderr
+    assert "no idle one-off lane to retire in sandbox prod" in none.stdout
+    assert flow_id in flows_in(state)
+
+    idle = lanes_config(tmp_path, url, lane_idle_s=0)
+    dry = await acli("lanes", "prune", "--config", idle, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    answer = json.loads(dry.stdout)
+    assert answer["dry_run"] is True
+    assert [lane["flow_id"] for lane in answer["retired"]] == [flow_id]
+    assert flow_id in flows_in(state)  # only listed
+    shown = await acli("lanes", "prune", "--config", idle, "--dry-run")
+    assert "would retire 1 lane flow(s) in sandbox prod" in shown.stdout
+    assert "dry run: nothing was changed" in shown.stdout
+    assert flow_id in flows_in(state)
+
+    pruned = await acli("lanes", "prune", "--config", idle)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "retired 1 lane flow(s) in sandbox prod" in pruned.stdout
+    assert flow_id in pruned.stdout
+    assert flow_id not in flows_in(state)
+    listed = await acli("lanes", "list", "--config", idle, "--json")
+    assert json.loads(listed.stdout) == []
+    empty = await acli("lanes", "list", "--config", idle)
+    assert empty.stdout.strip() == "no export lanes in sandbox prod"
+
+
+async def test_lanes_exit_codes(tmp_path: Path, aep: tuple[str, EmulatorState]) -> None:
+    url, _ = aep
+    missing = await acli("lanes", "list", "--config", tmp_path / "nope.toml")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: ")
+    config = lanes_config(tmp_path, url)
+    (tmp_path / "client_secret").write_text("not-the-secret")
+    for args in (("list",), ("prune", "--dry-run")):
+        refused = await acli("lanes", *args, "--config", config)
+        assert refused.returncode == 1, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith("error: AEP: "), line
+        assert refused.stdout == ""
