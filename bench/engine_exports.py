@@ -473,7 +473,7 @@ async def run_engine(
             limiter=asdict(api.transport.limiter.stats),
             poller_requests=poller.stats.requests,
             poller_batches=list(poller.stats.batch_sizes),
-            flows_created=engine.flows.created,
+            flows_created=engine.lanes.created,
             events=dict(EVENTS),
             samples=samples,
         )
