@@ -167,6 +167,11 @@ async def until_results(spool: Path, names: Iterable[str], *, deadline_s: float)
                 return
 
 
+def runs_by_dataset(state: EmulatorState) -> Counter[str]:
+    """Runs the emulator started, by dataset (a batched trigger starts several at once)."""
+    return Counter(run.dataset_id for run in state.all_runs())
+
+
 def triggers_by_job(state: EmulatorState) -> Counter[str]:
     """Runs the emulator started, by the job id in the x-request-id of the trigger that
     started each (whether or not its answer reached the client)."""

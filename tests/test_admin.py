@@ -162,7 +162,7 @@ def job(dataset: str, n: int, **changes: Any) -> dict[str, Any]:
 
 async def test_a_submitted_job_runs_to_success_in_aep(emulator: Emulator, tmp_path: Path) -> None:
     (dataset,) = await emulator.seed(rows=20)
-    async with admin_daemon(emulator, tmp_path) as admin:
+    async with admin_daemon(emulator, tmp_path) as admin, ticking(admin.clock):
         spec = {"dataset_id": dataset, "destination": "lake", "path": "ml/http", "id": "http-1"}
         answer = await admin.submit(spec)
         assert answer.status == 202, answer.body
@@ -272,7 +272,7 @@ async def test_a_full_daemon_answers_503_with_retry_after(
 
 async def test_list_filters_and_pages_newest_first(emulator: Emulator, tmp_path: Path) -> None:
     (dataset,) = await emulator.seed(rows=5)
-    async with admin_daemon(emulator, tmp_path) as admin:
+    async with admin_daemon(emulator, tmp_path) as admin, ticking(admin.clock):
         for n in range(5):
             assert (await admin.submit(job(dataset, n))).status == 202
         await admin.filed(5)

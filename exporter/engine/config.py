@@ -51,6 +51,9 @@ class EngineConfig(BaseModel):
     """A lane's schedule end (or a one-off lane's parked start) is moved forward once it is
     this close."""
     renew_every_s: float = Field(default=6 * 3600.0, gt=0)
+    orphan_age_s: float = Field(default=600.0, ge=0)
+    """A lane's source connection that no flow uses is deleted once it is this old (younger,
+    another daemon may be about to use it in its change)."""
     adopt_window_s: float = Field(default=3600.0, gt=0)
     """Runs created this long before a trigger are read to tell new runs from old ones: the
     clocks of AEP and this host may disagree by up to this much."""

@@ -52,7 +52,6 @@ from exporter.jobs import Job
 
 log = structlog.get_logger("exporter.lanes")
 LANE_PREFIX = "aep-exporter lane "
-SOURCE_ORPHAN_AGE_S = 600.0  # a source connection this old that no flow uses is an orphan
 
 
 @dataclass(frozen=True, slots=True)
@@ -901,15 +900,21 @@ class LaneManager:
         used = {
             sid for item in self._known.values() for sid in item.get("sourceConnectionIds") or ()
         }
-        horizon = (self._clock.time() - SOURCE_ORPHAN_AGE_S) * 1000
+        horizon = (self._clock.time() - self._config.orphan_age_s) * 1000
+        changing = tuple(
+            f"{lane.key.flow_name()}"
+            for lane in self._lanes.values()
+            if lane.worker is not None and not lane.worker.done()
+        )
         deleted = []
         for item in await self._api.list_prefixed("sourceConnections", LANE_PREFIX):
-            if item["id"] in used or int(item.get("createdAt") or 0) > horizon:
+            if item["id"] in used or int(item.get("createdAt") or 0) >= horizon:
                 continue
+            if changing and str(item.get("name", "")).startswith(changing):
+                continue  # a change of ours is under way: it may be about to use it
             await self._delete_quietly("sourceConnections", str(item["id"]))
             deleted.append(str(item["id"]))
-        if deleted:
-            log.info("lane_orphans_deleted", count=len(deleted))
+        log.info("lane_tidy", orphans_deleted=len(deleted))
         return deleted
 
     # ---- operators --------------------------------------------------------------------------
