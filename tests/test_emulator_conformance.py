@@ -104,7 +104,22 @@ EMULATOR_CHOICES: tuple[Deviation, ...] = (
     ),
 )
 
-DEVIATIONS: tuple[Deviation, ...] = (*KNOWN_DEVIATIONS, *EMULATOR_CHOICES)
+# aepp sends Python's `count=False` with `limit` on every list call; the files declare `count` a
+# boolean, whose query form is lowercase. The emulator accepts any case (docs/aep-notes.md).
+LISTS = ("/flows", "/runs", "/connections", "/sourceConnections", "/targetConnections")
+AEPP_COUNT: tuple[Deviation, ...] = tuple(
+    Deviation(
+        api=api,
+        rule=f"GET {path} query#/properties/count/type",
+        accept=("False",),
+        reason="aepp sends count=False with limit; the emulator reads count case-insensitively "
+        "(docs/aep-notes.md)",
+    )
+    for api in (DEST, FS)
+    for path in LISTS
+)
+
+DEVIATIONS: tuple[Deviation, ...] = (*KNOWN_DEVIATIONS, *EMULATOR_CHOICES, *AEPP_COUNT)
 
 Query = Mapping[str, str | Sequence[str]]
 
@@ -650,6 +665,146 @@ async def scenario_runs(aep: Conformance) -> None:
     flow_error(await aep.fs("GET", "/runs/not-a-run", status=404, request=[FS]), 1101)
 
 
+# -- guardrails (issue 9) ------------------------------------------------------------------------
+
+
+SUMMARIES = "metrics.recordSummary.sourceSummaries[].id"
+
+
+async def scenario_guardrails(aep: Conformance) -> None:
+    """What issue 9 added: a dataset joining a flow through a new source connection, one ad hoc
+    call for several datasets of several flows (refused whole while one is not ready), runs
+    naming their dataset and filtered by it, `count=false` with `limit`, the flow limit."""
+    first = await create_entities(aep, StorageType.DLZ, name="guard-1")
+    second = await create_entities(aep, StorageType.S3, name="guard-2")
+    body = source_connection(first.dataset_id, name="guard-1-source-2")
+    body["params"]["datasets"].append({"dataSetId": second.dataset_id, "name": "features"})
+    validate_schema(
+        DEST,
+        "Create_Data_Lake_Source_Connection_Request",
+        body,
+        direction="request",
+        deviations=DEVIATIONS,
+    )
+    source = await aep.fs(
+        "POST", "/sourceConnections", body=body, status=201, request=BOTH, response=BOTH
+    )
+    source_id = created_id(source)
+    path = f"/flows/{first.flow_id}"
+    etag = only(await aep.fs("GET", path, status=200, request=BOTH, response=BOTH))["etag"]
+    await aep.emulator.clock.advance(WINDOW)
+    repoint = [{"op": "replace", "path": "/sourceConnectionIds", "value": [source_id]}]
+    await aep.fs(
+        "PATCH",
+        path,
+        body=repoint,
+        headers={"If-Match": etag},
+        status=200,
+        request=[FS],  # destinations.yaml's PatchFlowItem only has object values
+        response=BOTH,
+    )
+
+    asked = [
+        (first.flow_id, first.dataset_id),
+        (first.flow_id, second.dataset_id),
+        (second.flow_id, second.dataset_id),
+    ]
+    call = {
+        "activationInfo": {
+            "destinations": [
+                {"flowId": flow_id, "datasets": [{"id": d} for f, d in asked if f == flow_id]}
+                for flow_id in (first.flow_id, second.flow_id)
+            ]
+        }
+    }
+    accept = {"Accept": ADHOC_DATASET_ACCEPT}
+    refused = await aep.call(
+        "POST",
+        ADHOC_PATH,
+        body=call,
+        headers=accept,
+        status=400,
+        request=[ADHOC],
+        response=[ADHOC],
+    )
+    assert refused.body == {"message": NOT_READY_MESSAGE}  # the dataset that just joined
+    await aep.emulator.clock.advance(WINDOW)
+    answer = await aep.call(
+        "POST",
+        ADHOC_PATH,
+        body=call,
+        headers=accept,
+        status=200,
+        request=[ADHOC],
+        response=[ADHOC],
+    )
+    started = [d for dest in answer.body["destinations"] for d in dest["datasets"]]
+    assert [(d["flowId"], d["id"]) for d in started] == asked
+    run_ids = [URL(d["statusURL"]).name for d in started]
+    assert len(set(run_ids)) == 3
+    await aep.emulator.clock.advance(RUN_SECONDS)
+    for (_, dataset_id), run_id in zip(asked, run_ids, strict=True):
+        summary = (await get_run(aep, run_id))["metrics"]["recordSummary"]
+        assert summary["sourceSummaries"] == [{"id": dataset_id, "inputRecordCount": 10}]
+    of_second = await aep.fs(
+        "GET",
+        "/runs",
+        query={"property": f"{SUMMARIES}=={second.dataset_id}"},
+        status=200,
+        request=BOTH,
+        response=BOTH,
+    )
+    assert sorted(r["id"] for r in of_second.body["items"]) == sorted(run_ids[1:])
+    in_first = await aep.fs(
+        "GET",
+        "/runs",
+        query={"property": [f"{SUMMARIES}=={second.dataset_id}", f"flowId=={first.flow_id}"]},
+        status=200,
+        request=[FS],  # a repeated `property`: flow-service.yaml declares it an array
+        response=BOTH,
+    )
+    assert [r["id"] for r in in_first.body["items"]] == [run_ids[1]]
+
+    # aepp's `count=False` with `limit`, on every list.
+    # Base and target connections of the S3 flow: destinations.yaml knows S3, not the DLZ.
+    s3 = f"connectionSpec.id=={spec_ref(StorageType.S3)['id']}"
+    for collection in LISTS:
+        narrow = {"property": s3} if collection in ("/connections", "/targetConnections") else {}
+        for false in ("false", "False"):
+            listed = await aep.fs(
+                "GET",
+                collection,
+                query={**narrow, "count": false, "limit": "1"},
+                status=200,
+                request=BOTH,
+                response=BOTH,
+            )
+            assert len(listed.body["items"]) == 1
+
+    # The limit on destination dataflows, at the number this sandbox holds now.
+    counted = await aep.fs(
+        "GET", "/flows", query={"count": "true"}, status=200, request=BOTH, response=BOTH
+    )
+    held = counted.body["count"]
+    await aep.emulator.control("PATCH", "/config", {"max_destination_flows": held})
+    try:
+        over = await aep.fs(
+            "POST",
+            "/flows",
+            body=flow(StorageType.DLZ, source_id, first.target_id, name="guard-over"),
+            status=400,
+            request=BOTH,
+            # Neither file lists 400 for POST /flows: flow_error checks the envelope below.
+        )
+    finally:
+        await aep.emulator.control("PATCH", "/config", {"max_destination_flows": 100})
+    flow_error(over, 1400)
+    assert over.body["report"]["detailed-message"].startswith(
+        f"Maximum number of destinations reached: sandbox prod has {held} destination "
+        f"dataflows, the limit is {held}."
+    )
+
+
 # -- Data Landing Zone ----------------------------------------------------------------------------
 
 
@@ -771,6 +926,10 @@ async def test_adhoc_and_runs(aep: Conformance) -> None:
     await scenario_runs(aep)
 
 
+async def test_guardrails(aep: Conformance) -> None:
+    await scenario_guardrails(aep)
+
+
 async def test_landing_zone(aep: Conformance) -> None:
     await scenario_landing_zone(aep)
 
@@ -793,6 +952,7 @@ def every_scenario() -> list[Scenario]:
         *(entities(storage) for storage in StorageType),
         scenario_flow_updates,
         scenario_runs,
+        scenario_guardrails,
         scenario_landing_zone,
         scenario_paging,
     ]

@@ -78,8 +78,8 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=600,
         metavar="S",
-        help="emulated seconds after a flow's creation during which ad hoc runs "
-        "answer 'not ready' (default %(default)s)",
+        help="emulated seconds after a dataset joins a flow (its creation, or a PATCH of "
+        "sourceConnectionIds) during which ad hoc runs answer 'not ready' (default %(default)s)",
     )
     t.add_argument(
         "--run-duration",

@@ -58,7 +58,7 @@ class Knobs(BaseModel):
 
     # Time
     time_scale: float = Field(default=1.0, gt=0)
-    not_ready_window_s: float = Field(default=600, ge=0)  # emulated
+    not_ready_window_s: float = Field(default=600, ge=0)  # emulated, from a dataset's join
     run_duration_s: Span = Span(min=20, max=60)  # emulated
     run_failure_rate: float = Field(default=0.0, ge=0, le=1)
     run_partial_rate: float = Field(default=0.0, ge=0, le=1)
