@@ -46,8 +46,6 @@ async def test_sigkill_at_twenty_random_moments_loses_and_repeats_nothing(tmp_pa
         error_429_rate=0.005,
         drop_rate=0.005,
         seed=7,
-        # one flow per dataset until the engine's export lanes land (issue 9)
-        max_destination_flows=100_000,
     )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         datasets = [

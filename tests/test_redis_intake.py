@@ -48,6 +48,7 @@ from tests.daemon_support import (
     drop_job,
     kill,
     results,
+    runs_by_dataset,
     start_daemon,
     triggers_by_job,
     until_results,
@@ -190,14 +191,18 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         error_5xx_rate=0.02,
         drop_rate=0.005,
         seed=500,
-        # one flow per dataset until the engine's export lanes land (issue 9)
-        max_destination_flows=100_000,
     )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         datasets = seed(state, 250)
         ids = [f"j{i:03d}" for i in range(500)]
-        # Two exports of each dataset, to two paths: 500 flows, one run each.
-        await submit(client, *({"job": job(i, datasets[n % 250])} for n, i in enumerate(ids)))
+        # Two exports of each dataset, to two paths: two lanes, one run per job.
+        await submit(
+            client,
+            *(
+                {"job": job(i, datasets[n % 250], path=f"ml/half{n // 250}")}
+                for n, i in enumerate(ids)
+            ),
+        )
 
         daemons = {}
         for name in ("a", "b"):
@@ -211,9 +216,9 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
             )
             daemons[name] = await start_daemon(config, tmp_path / f"{name}.log")
         try:
-            # Half-way by the emulator's count (about twelve requests a job with these
-            # faults), a SIGKILL: the killed daemon has a hundred jobs in flight.
-            await asyncio.wait_for(state.served(3000), DEADLINE * 2)
+            # Once a third of the results are in, a SIGKILL: the killed daemon has jobs in
+            # flight (lanes batch joins and triggers: requests no longer measure progress).
+            await until_entries(client, RESULTS, 160, deadline_s=DEADLINE * 2)
             assert await kill(daemons["a"]) == -signal.SIGKILL
             results = await until_entries(client, RESULTS, 500, deadline_s=90)
             survivor = await scrape(daemons["b"])
@@ -230,7 +235,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         assert await pending(client, JOBS, GROUP) == 0, "every message acknowledged"
         assert await client.xlen(JOBS) == 0, "and deleted: the stream does not grow"
         assert await client.xlen(DEAD) == 0
-        assert triggers_by_job(state) == dict.fromkeys(ids, 1), "one trigger per job"
+        assert runs_by_dataset(state) == dict.fromkeys(datasets, 2), "one run per job"
         assert len({o["run_id"] for o in outcomes.values()}) == 500
 
         # The survivor took the dead daemon's jobs over after the lease and resumed them

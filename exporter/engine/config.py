@@ -14,8 +14,6 @@ class EngineConfig(BaseModel):
     """How long after a flow's `createdAt` AEP refuses ad hoc runs ("not ready")."""
     not_ready_retry_s: float = Field(default=15.0, gt=0)
     not_ready_retry_max_s: float = Field(default=120.0, gt=0)
-    max_concurrent_setups: int = Field(default=256, ge=1, le=100_000)
-    """Distinct flows being found or created at once; more jobs queue for a turn."""
     poll_min_s: float = Field(default=3.0, gt=0)
     poll_max_s: float = Field(default=120.0, gt=0)
     poll_growth: float = Field(default=0.25, gt=0, le=1)
