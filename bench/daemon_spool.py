@@ -35,32 +35,39 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import watchfiles
+from harness import (
+    TICKS,
+    BenchError,
+    Checks,
+    Report,
+    cpu_of,
+    loadavg,
+    machine,
+    memory_of,
+    running_emulator,
+    stop_process,
+)
 
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
-HOST = "127.0.0.1"
 SCENARIOS = ("spool", "spool-unpaced", "inflight")
 STARTUP_DEADLINE = 60.0
 STOP_DEADLINE = 60.0
 CPU_TARGET_MS = 5.0
 RSS_TARGET_MB = 200.0
-TICKS = os.sysconf("SC_CLK_TCK")
 
 # spool: the busy service (time scale 1) and a daemon tuned to it.
 SPOOL_RPS = 50.0
@@ -101,20 +108,7 @@ UNPACED_KNOBS = [
 ]
 UNPACED_AEP: dict[str, Any] = {"rate_limit_rps": 1000.0, "max_concurrency": 32}
 
-Report = dict[str, Any]
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run."""
-
-
 # -- /proc ---------------------------------------------------------------------------------
-
-
-def cpu_of(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process, all its threads, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def threads_of(pid: int) -> dict[str, float]:
@@ -136,113 +130,7 @@ def threads_of(pid: int) -> dict[str, float]:
     return {"main_cpu_s": main, "other_cpu_s": other, "main_wakeups": float(wakeups)}
 
 
-def memory_of(pid: int) -> dict[str, float]:
-    """VmHWM (peak RSS) and VmRSS of a process in MB (10^6 bytes), from /proc/<pid>/status."""
-    found: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            found[key] = round(int(value.split()[0]) * 1024 / 1e6, 1)
-    return found
-
-
-def loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "n/a"
-
-
-def machine() -> Report:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "system": platform.platform(terse=True),
-    }
-
-
 # -- child processes -----------------------------------------------------------------------
-
-
-@dataclass
-class Emulator:
-    proc: asyncio.subprocess.Process
-    url: str = ""
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
-
-    async def drain(self) -> None:
-        """Keep reading the emulator's output so that a full pipe never blocks it."""
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.output.append(line.decode(errors="replace").rstrip())
-
-
-async def stop_process(proc: asyncio.subprocess.Process, deadline: float) -> int:
-    """SIGTERM, then SIGKILL after `deadline` seconds; the exit code (negative: a signal)."""
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(deadline):
-            return await proc.wait()
-    except TimeoutError:
-        proc.kill()
-        return await proc.wait()
-
-
-@contextlib.asynccontextmanager
-async def running_emulator(
-    data_dir: Path, knobs: Sequence[str], seed: int
-) -> AsyncIterator[Emulator]:
-    """`python -m exporter emulator --port 0 <knobs>`, stopped when the block ends."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "exporter",
-        "emulator",
-        "--host",
-        HOST,
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--seed",
-        str(seed),
-        *knobs,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    emulator = Emulator(proc)
-    drain: asyncio.Task[None] | None = None
-    try:
-        assert proc.stdout is not None
-        try:
-            async with asyncio.timeout(STARTUP_DEADLINE):
-                while line := (await proc.stdout.readline()).decode(errors="replace"):
-                    emulator.output.append(line.rstrip())
-                    if "listening on " in line:
-                        emulator.url = line.split("listening on ", 1)[1].split()[0]
-                        break
-        except TimeoutError:
-            raise BenchError("the emulator did not start listening in time") from None
-        if not emulator.url:
-            raise BenchError("the emulator exited before listening:\n" + "\n".join(emulator.output))
-        if urlsplit(emulator.url).hostname != HOST:
-            raise BenchError(f"the emulator listens on {emulator.url}, not on {HOST}")
-        drain = asyncio.create_task(emulator.drain())
-        yield emulator
-    finally:
-        await stop_process(proc, 10)
-        if drain is not None:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain
 
 
 @dataclass
@@ -476,7 +364,7 @@ async def scenario_spool(
     aep = {"rate_limit_rps": SPOOL_RPS, "max_concurrency": 32} if paced else UNPACED_AEP
     load_before = loadavg()
     async with (
-        running_emulator(work / "emulator", knobs, args.seed) as emu,
+        running_emulator(knobs, seed=args.seed, data_dir=work / "emulator") as emu,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
     ):
         control = Control(session, emu.url)
@@ -591,7 +479,7 @@ async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks
     engine = {"not_ready_wait_s": 0.0, "poll_max_s": args.poll_max_s}
     aep = {"rate_limit_rps": args.setup_rps, "max_concurrency": 64}
     async with (
-        running_emulator(work / "emulator", knobs, args.seed) as emu,
+        running_emulator(knobs, seed=args.seed, data_dir=work / "emulator") as emu,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session,
     ):
         control = Control(session, emu.url)
@@ -710,19 +598,6 @@ _LIVE = {"received", "flow_ready", "triggering", "running"}
 
 
 # -- checks and reports --------------------------------------------------------------------
-
-
-class Checks:
-    """Assertions on what the daemon did, reported rather than raised."""
-
-    def __init__(self) -> None:
-        self.results: list[Report] = []
-
-    def check(self, scenario: str, what: str, ok: bool, detail: Any = None) -> None:
-        self.results.append({"scenario": scenario, "check": what, "ok": ok, "detail": detail})
-
-    def failed(self) -> list[Report]:
-        return [r for r in self.results if not r["ok"]]
 
 
 async def bounded(name: str, seconds: float, work: Awaitable[Report]) -> Report:
@@ -965,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else human(report, checks))
-    return 1 if checks.failed() else 0
+    return 1 if checks.failed else 0
 
 
 if __name__ == "__main__":

@@ -39,14 +39,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from harness import HOST, MODULE, BenchError, machine_busy_seconds, running_emulator
 
 from exporter.aep import (
     ADHOC_DATASET_ACCEPT,
@@ -60,10 +60,8 @@ from exporter.aep import (
 from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
 TARGET_RPS = 2_000
-HOST = "127.0.0.1"
 RUNS_PATH = f"{FLOW_SERVICE_PATH}/runs"
 ITEM_MARKER = b'"providerRefId":'  # once per run object in a runs answer
-STARTUP_DEADLINE = 30.0
 SETUP_DEADLINE = 300.0
 # Runs the emulator under uvloop, for the --uvloop experiment only (uvloop is no dependency).
 UVLOOP_LAUNCHER = (
@@ -142,36 +140,6 @@ end
 """
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run (emulator, setup or load generator failure)."""
-
-
-# -- the emulator process ------------------------------------------------------------------
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, from /proc (None where there is none)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # utime and stime are fields 14 and 15 of proc(5); the slice starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all cores of the machine have spent busy (or stolen by the host) since
-    boot, from /proc/stat; less the emulator and the load generator, it is what anything
-    else running on the machine took."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Usage:
     """CPU use over the measured span: the emulator's, and the whole machine's."""
@@ -181,84 +149,7 @@ class Usage:
     machine_s: float | None
 
 
-@dataclass
-class Emulator:
-    proc: asyncio.subprocess.Process
-    url: str = ""
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.proc.pid)
-
-    async def drain(self) -> None:
-        """Keep reading the emulator's output so that a full pipe never blocks it."""
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.output.append(line.decode(errors="replace").rstrip())
-
-
-@contextlib.asynccontextmanager
-async def running_emulator(
-    data_dir: Path, *, use_uvloop: bool, seed: int
-) -> AsyncIterator[Emulator]:
-    """`aep-exporter emulator` as a child process on 127.0.0.1, stopped when the block ends."""
-    args = [
-        "emulator",
-        "--host",
-        HOST,
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--not-ready-window",
-        "0",
-        "--run-duration",
-        "0",
-        "--latency-ms",
-        "0",
-        "--seed",
-        str(seed),
-    ]
-    launcher = ["-c", UVLOOP_LAUNCHER] if use_uvloop else ["-m", "exporter"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *launcher,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    emulator = Emulator(proc)
-    drain: asyncio.Task[None] | None = None
-    try:
-        assert proc.stdout is not None
-        try:
-            async with asyncio.timeout(STARTUP_DEADLINE):
-                while line := (await proc.stdout.readline()).decode(errors="replace"):
-                    emulator.output.append(line.rstrip())
-                    if "listening on " in line:
-                        emulator.url = line.split("listening on ", 1)[1].split()[0]
-                        break
-        except TimeoutError:
-            raise BenchError("the emulator did not start listening in time") from None
-        if not emulator.url:
-            raise BenchError("the emulator exited before listening:\n" + "\n".join(emulator.output))
-        if urlsplit(emulator.url).hostname != HOST:
-            raise BenchError(f"the emulator listens on {emulator.url}, not on {HOST}")
-        drain = asyncio.create_task(emulator.drain())
-        yield emulator
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if drain is not None:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain
+EMULATOR_KNOBS = ("--not-ready-window", "0", "--run-duration", "0", "--latency-ms", "0")
 
 
 # -- building the runs through the API -----------------------------------------------------
@@ -844,7 +735,12 @@ async def bench(args: argparse.Namespace) -> Report:
     with tempfile.TemporaryDirectory(prefix="aep-bench-") as tmp:
         workdir = Path(tmp)
         async with (
-            running_emulator(workdir / "emulator", use_uvloop=args.uvloop, seed=args.seed) as emu,
+            running_emulator(
+                EMULATOR_KNOBS,
+                seed=args.seed,
+                data_dir=workdir / "emulator",
+                launcher=["-c", UVLOOP_LAUNCHER] if args.uvloop else MODULE,
+            ) as emu,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
         ):
             try:

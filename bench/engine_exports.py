@@ -33,23 +33,27 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import platform
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Mapping, MutableMapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
+from harness import (
+    BenchError,
+    Checks,
+    Emulator,
+    Report,
+    machine,
+    machine_busy_seconds,
+    running_emulator,
+)
 from pydantic import SecretStr
 
 from exporter.aep import (
@@ -70,8 +74,6 @@ from exporter.engine import Engine, EngineConfig, Progress
 from exporter.engine.poller import RunPoller
 from exporter.jobs import Job, JobState, Outcome
 
-HOST = "127.0.0.1"
-STARTUP_DEADLINE = 30.0
 SCENARIOS = ("many", "one", "baseline", "polling")
 DLZ = STORAGE_SPECS[StorageType.DLZ]
 DESTINATION = "lake"
@@ -141,87 +143,6 @@ POLL_KNOBS = [
 DEADLINE_S = {"many": 600.0, "one": 300.0, "sample": 300.0, "baseline": 900.0, "polling": 600.0}
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run."""
-
-
-Report = dict[str, Any]
-
-
-# -- the emulator process ------------------------------------------------------------------
-
-
-@dataclass
-class Emulator:
-    proc: asyncio.subprocess.Process
-    url: str = ""
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
-
-    async def drain(self) -> None:
-        """Keep reading the emulator's output so that a full pipe never blocks it."""
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.output.append(line.decode(errors="replace").rstrip())
-
-
-@contextlib.asynccontextmanager
-async def running_emulator(knobs: Sequence[str], seed: int) -> AsyncIterator[Emulator]:
-    """`python -m exporter emulator --port 0 <knobs>` with a fresh data folder; stopped, and
-    its folder removed, when the block ends, however it ends."""
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    emulator: Emulator | None = None
-    drain: asyncio.Task[None] | None = None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "exporter",
-            "emulator",
-            "--host",
-            HOST,
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--seed",
-            str(seed),
-            *knobs,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        emulator = Emulator(proc)
-        assert proc.stdout is not None
-        try:
-            async with asyncio.timeout(STARTUP_DEADLINE):
-                while line := (await proc.stdout.readline()).decode(errors="replace"):
-                    emulator.output.append(line.rstrip())
-                    if "listening on " in line:
-                        emulator.url = line.split("listening on ", 1)[1].split()[0]
-                        break
-        except TimeoutError:
-            raise BenchError("the emulator did not start listening in time") from None
-        if not emulator.url:
-            raise BenchError("the emulator exited before listening:\n" + "\n".join(emulator.output))
-        if urlsplit(emulator.url).hostname != HOST:
-            raise BenchError(f"the emulator listens on {emulator.url}, not on {HOST}")
-        drain = asyncio.create_task(emulator.drain())
-        yield emulator
-    finally:
-        if emulator is not None and emulator.proc.returncode is None:
-            emulator.proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await emulator.proc.wait()
-            except TimeoutError:
-                emulator.proc.kill()
-                await emulator.proc.wait()
-        if drain is not None:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
 class Control:
     """The emulator's control API (`/_emulator`): datasets and the journal."""
 
@@ -254,7 +175,7 @@ class Control:
 async def emulator_with_datasets(
     knobs: Sequence[str], seed: int, count: int, rows: int, name: str
 ) -> AsyncIterator[tuple[Emulator, Control, list[str]]]:
-    async with running_emulator(knobs, seed) as emulator, aiohttp.ClientSession() as session:
+    async with running_emulator(knobs, seed=seed) as emulator, aiohttp.ClientSession() as session:
         control = Control(session, emulator.url)
         yield emulator, control, await control.seed(count, rows, name)
 
@@ -578,20 +499,6 @@ def engine_summary(run: EngineRun, ops: Mapping[str, OpCount], jobs: int) -> Rep
         "phases_s": phases(run),
         "events": dict(sorted(run.events.items())),
     }
-
-
-class Checks:
-    """The invariants a scenario must hold; a broken one fails the benchmark, not the run."""
-
-    def __init__(self) -> None:
-        self.results: list[Report] = []
-
-    def check(self, scenario: str, what: str, ok: bool, detail: Any = None) -> None:
-        self.results.append({"scenario": scenario, "check": what, "ok": ok, "detail": detail})
-
-    @property
-    def failed(self) -> list[Report]:
-        return [r for r in self.results if not r["ok"]]
 
 
 # -- scenario many: 200 exports, 200 datasets ----------------------------------------------------
@@ -1104,31 +1011,12 @@ def cpu_seconds() -> tuple[float, float, float]:
     the whole machine (from /proc/stat; -1 where there is none)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    machine = -1.0
-    with contextlib.suppress(OSError, ValueError):
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first[1:9])
-        machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    busy = machine_busy_seconds()
     return (
         own.ru_utime + own.ru_stime,
         kids.ru_utime + kids.ru_stime,
-        machine,
+        -1.0 if busy is None else busy,
     )
-
-
-def machine() -> Report:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "system": platform.platform(terse=True),
-    }
 
 
 # -- the human report ----------------------------------------------------------------------------
