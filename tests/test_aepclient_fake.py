@@ -18,6 +18,7 @@ from exporter.clock import FakeClock
 from exporter.errors import (
     AdhocError,
     AdhocNotEnabled,
+    FlowDisabled,
     NotReadyError,
     PreconditionFailed,
     RequestError,
@@ -118,7 +119,7 @@ async def test_the_export_script_runs_the_same_on_fake_and_emulator(world: World
     assert await api.flow_action(flow.id, "disable") == disabled
     with pytest.raises(AdhocError) as off:
         await api.trigger(built.flow_id, world.dataset_id)
-    assert type(off.value) is AdhocError
+    assert type(off.value) is FlowDisabled
 
     with pytest.raises(RequestError):  # in use by the flow
         await api.delete("sourceConnections", built.source_id)

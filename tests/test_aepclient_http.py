@@ -30,6 +30,7 @@ from exporter.errors import (
     AdhocNotEnabled,
     AepError,
     AuthError,
+    FlowDisabled,
     NotReadyError,
     PreconditionFailed,
     RequestError,
@@ -293,7 +294,7 @@ async def test_trigger_refusals_map_to_the_engines_errors(emulator: Emulator, ae
     await aep.flow_action(built.flow_id, "disable")
     with pytest.raises(AdhocError) as disabled:
         await aep.trigger(built.flow_id, dataset)
-    assert type(disabled.value) is AdhocError
+    assert type(disabled.value) is FlowDisabled
     assert await statuses(emulator, "adhoc.run") == [400, 200, 400, 400, 400]
 
 

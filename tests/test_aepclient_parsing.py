@@ -18,6 +18,8 @@ from exporter.errors import (
     AdhocError,
     AdhocNotEnabled,
     AuthError,
+    FlowDisabled,
+    NotAMember,
     NotFoundError,
     NotReadyError,
     PreconditionFailed,
@@ -110,7 +112,18 @@ def test_adhoc_refusals_become_the_errors_the_engine_acts_on() -> None:
     unnamed = refusal(adhoc("Run already going on for dataset d1"), "f1")
     assert isinstance(unnamed, RunInProgress)
     assert unnamed.run_id == ""
-    other = refusal(adhoc("Invalid parameter: Flow is disabled."), "f1")
+    disabled = refusal(adhoc("Invalid parameter: Flow is disabled."), "f1")
+    assert type(disabled) is FlowDisabled
+    outsider = refusal(adhoc("Invalid parameter: Dataset d9 is not part of flow f1."), "f1")
+    assert isinstance(outsider, NotAMember)
+    assert outsider.dataset_id == "d9"
+    busy = refusal(
+        adhoc("Invalid parameter: Run already going on for dataset d7 for order f1 with run id r1"),
+        "f1",
+    )
+    assert isinstance(busy, RunInProgress)
+    assert (busy.dataset_id, busy.run_id) == ("d7", "r1")
+    other = refusal(adhoc("Invalid parameter: something else entirely."), "f1")
     assert type(other) is AdhocError
     assert not other.retryable
 

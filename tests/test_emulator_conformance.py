@@ -21,7 +21,7 @@ best, as tests/openapi.py's author assessed them:
 
 Where a ``oneOf`` overlaps, the message is also pinned to its component with ``validate_schema``.
 Operations no spec file describes (the IMS token, the Data Landing Zone, the exportable-dataset
-listing's 200 body) are checked against /work/shared/aep-api.md's shapes by hand.  Error bodies
+listing's 200 body) are checked against the shapes in docs/aep-notes.md by hand.  Error bodies
 have no usable schemas besides ad hoc's 400: their status must be one the file lists, and
 Flow Service envelopes are checked against aep-api.md section 11.1.
 

@@ -1,6 +1,6 @@
 """IMS token issuance and the Adobe I/O gateway's header checks, over real HTTP.
 
-Envelopes after /work/shared/aep-api.md §1 and §11.1: IMS answers OAuth's
+Envelopes after docs/aep-notes.md ("error envelopes"): IMS answers OAuth's
 `{error, error_description}`, the gateway `{error_code, message}`, an unknown sandbox
 Flow Service's `FLOW-2100-404` problem document.
 """

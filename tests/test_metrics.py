@@ -246,17 +246,17 @@ async def test_jobs_in_flight_are_shown_by_their_state(
         daemon = run.daemon
         gate, held = asyncio.Event(), asyncio.Condition()
         waiting = 0
-        trigger = daemon.engine.triggerer.trigger
+        trigger_many = daemon.api.trigger_many
 
-        async def held_trigger(*args: Any, **kwargs: Any) -> str:
-            nonlocal waiting
+        async def held_trigger(flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+            nonlocal waiting  # datasets whose ad hoc call is held (a call may carry several)
             async with held:
-                waiting += 1
+                waiting += len(dataset_ids)
                 held.notify_all()
             await gate.wait()
-            return await trigger(*args, **kwargs)
+            return await trigger_many(flow_id, dataset_ids)
 
-        monkeypatch.setattr(daemon.engine.triggerer, "trigger", held_trigger)
+        monkeypatch.setattr(daemon.api, "trigger_many", held_trigger)
         for n, dataset in enumerate(datasets):
             run.drop(f"job-{n}.json", good_job(dataset, n))
         async with asyncio.timeout(DEADLINE), held:

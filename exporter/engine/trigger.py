@@ -105,7 +105,9 @@ class Triggerer:
             ask.listeners.append(before_send)
             if ask.mark_ms is not None:  # its call is out: this job journals the same mark
                 await before_send(ask.mark_ms)
-            return await asyncio.shield(ask.future)
+            run_id = await asyncio.shield(ask.future)
+            log.info("run_triggered", flow_id=flow.id, dataset_id=dataset_id, run_id=run_id)
+            return run_id
         ready_at = joined_ms / 1000 + self._config.not_ready_wait_s
         # Never longer than the whole window: AEP's clock may be ahead of ours.
         ready_at = min(ready_at, self._clock.time() + self._config.not_ready_wait_s)
@@ -118,7 +120,10 @@ class Triggerer:
         if wait > 0:
             log.info("trigger_waiting_for_dataset", flow_id=flow.id, seconds=round(wait, 1))
         try:
-            return await asyncio.shield(fut)
+            run_id = await asyncio.shield(fut)
+            # In the job's own context (the call went out in the worker's): one line a job.
+            log.info("run_triggered", flow_id=flow.id, dataset_id=dataset_id, run_id=run_id)
+            return run_id
         finally:
             mine = queue.asks.get(dataset_id)
             if mine is not None and mine.future is fut and (fut.done() or len(mine.listeners) < 2):
