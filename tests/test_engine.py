@@ -380,3 +380,16 @@ async def test_a_scheduled_lanes_end_is_renewed_before_it_passes(
     renewed = (await emulator.fs("GET", f"/flows/{outcome.flow_id}")).body["items"][0]
     assert renewed["scheduleParams"]["endTime"] > end + 100 * 86400
     assert renewed["scheduleParams"]["interval"] == 1
+
+
+async def test_a_one_off_export_leaves_the_datasets_schedule_alone(
+    emulator: Emulator, engine: Engine
+) -> None:
+    (dataset,) = await emulator.seed(rows=5)
+    daily = await engine.run(job(dataset, mode="daily", timeout=2 * 86400))
+    once = await engine.run(job(dataset, id="now-too"))
+    assert daily.state == once.state == JobState.SUCCEEDED
+    assert daily.flow_id != once.flow_id
+    flow = (await emulator.fs("GET", f"/flows/{daily.flow_id}")).body["items"][0]
+    source = await emulator.fs("GET", f"/sourceConnections/{flow['sourceConnectionIds'][0]}")
+    assert [d["dataSetId"] for d in source.body["items"][0]["params"]["datasets"]] == [dataset]

@@ -565,20 +565,24 @@ class LaneManager:
         )
 
     async def _leave_others(self, key: LaneKey, dataset_id: str) -> None:
-        """A dataset has one lane per place its files land: joining a daily lane moves it out
-        of the one-off lane (the seed's "promote the flow"), and an edited destination's new
-        lane takes it out of the old one, which then exports nothing more for it."""
-        others = [
-            lane for lane in self._lanes.values() if lane.key != key and lane.key.home == key.home
-        ]
+        """A dataset has one schedule per place its files land: joining a daily or hourly lane
+        moves it out of every other lane there (the seed's "promote the flow"; a new schedule
+        replaces the old), and an edited destination's new lane takes it out of the old one,
+        which then exports nothing more for it. A one-off export leaves a schedule alone."""
+
+        def displaced(other: LaneKey) -> bool:
+            if other == key or other.home != key.home:
+                return False
+            return key.mode != "once" or other.mode == "once"
+
+        others = [lane for lane in self._lanes.values() if displaced(lane.key)]
         for name, item in self._known.items():
             described = _described(item)
             if described is None:
                 continue
             other = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
             if (
-                other != key
-                and other.home == key.home
+                displaced(other)
                 and other.flow_name() == name.split(" #")[0]
                 and other.fingerprint not in self._lanes
                 and other.destination in self._destinations
