@@ -328,3 +328,28 @@ async def test_progress_journals_the_mark_before_the_call(
     assert [p.state for p in seen] == [JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
     assert calls_then == [0]
     assert seen[1].intent_ms is not None
+
+
+async def test_two_daemons_making_one_lane_at_once_end_with_one_flow(
+    emulator: Emulator, engines: Engines
+) -> None:
+    config = ENGINE.model_copy(update={"join_coalesce_s": 0})
+    a, b = await engines.make(config=config, seed=1), await engines.make(config=config, seed=2)
+    datasets = await emulator.seed(rows=2, count=6)
+    outcomes = await asyncio.gather(
+        *(a.run(job(d)) for d in datasets[:3]), *(b.run(job(d)) for d in datasets[3:])
+    )
+    assert {o.state for o in outcomes} == {JobState.SUCCEEDED}, outcomes
+    (flow,) = await listed(emulator, "flows")
+    assert {o.flow_id for o in outcomes} == {flow["id"]}
+    source = await emulator.fs("GET", f"/sourceConnections/{flow['sourceConnectionIds'][0]}")
+    members = {d["dataSetId"] for d in source.body["items"][0]["params"]["datasets"]}
+    assert members == set(datasets)
+    assert exported(emulator) == Counter(dict.fromkeys(datasets, 1))
+    counted = await ops(emulator)
+    # Both made the flow (neither could see the other's yet); the younger was deleted unused.
+    assert counted["flows.create"] == Counter({201: 2})
+    assert counted["flows.delete"] == Counter({202: 1})
+    assert [t["id"] for t in await listed(emulator, "targetConnections")] == flow[
+        "targetConnectionIds"
+    ]

@@ -253,13 +253,15 @@ class Engine:
         if (
             resume is not None
             and resume.state == JobState.TRIGGERING
-            and resume.flow_id == flow.id
+            and resume.flow_id is not None
             and resume.intent_ms is not None
         ):
-            adopted = await self.triggerer.adopt(flow.id, job.dataset_id, resume.intent_ms)
+            # The flow the call went to, even if the lane now resolves to another (a lane two
+            # daemons made at once is merged into the older flow).
+            adopted = await self.triggerer.adopt(resume.flow_id, job.dataset_id, resume.intent_ms)
             if adopted is not None:
                 return adopted
-            if not job.trigger_now:
+            if not job.trigger_now and resume.flow_id == flow.id:
                 return await self._scheduled(job, flow, resume.intent_ms, deadline)
 
         async def before_send(mark_ms: int) -> None:

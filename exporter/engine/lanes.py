@@ -664,6 +664,22 @@ class LaneManager:
             item = await self._api.get("flows", flow_id)
             if item is None:
                 raise AepError(f"flow {flow_id} was created but cannot be read back")
+            same = await self._api.find_by_name("flows", name)
+            first = min(same or [item], key=lambda i: (int(i.get("createdAt") or 0), i["id"]))
+            if first["id"] != flow_id:
+                # Another daemon made this lane's flow at the same moment: the older one is
+                # the lane's (both daemons decide alike); ours, still unused, goes.
+                log.info("lane_made_twice", flow_id=flow_id, kept=first["id"], lane=key.fingerprint)
+                await self._delete_quietly("flows", flow_id)
+                await self._delete_quietly("sourceConnections", source)
+                await self._delete_quietly("targetConnections", target)
+                self._known[name] = first
+                flow = await self._load(key, shard, first)
+                self._lanes[key.fingerprint].flows[shard] = flow
+                rest = await self._change(self._lanes[key.fingerprint], flow, set(datasets), set())
+                if rest:
+                    raise AepError(f"lane flow {flow.id} is full; {len(rest)} datasets wait")
+                return flow
             self._known[name] = item
             self.created += 1
             info = FlowInfo.parse(item)
