@@ -8,20 +8,27 @@ written as `*.tmp`, then renamed. The daemon's CPU and memory come from `/proc/<
 (utime + stime, every thread) and `/proc/<pid>/status` (VmHWM, VmRSS); request counts from the
 emulator's `/_emulator/stats`: what the server saw.
 
-Scenarios (all by default; choose with --scenario, repeatable):
+Scenarios (all by default; choose with --scenario, repeatable). The emulator keeps AEP's limits:
+100 destination flows per sandbox, 80 datasets per ad hoc call. Jobs spread their datasets over
+a few paths, one export lane (one AEP flow) each.
 
-- `spool`: 1,000 jobs of 1,000 datasets on a busy service: 50 ms latency, 50 requests/s per org
-  (the daemon's own limit is 50/s too), a 2 s "not ready" window, runs of 2-10 s. Wall time from
-  the drop to the last result file against the rate-limit lower bound (all requests / 50 per s),
-  requests per job by operation, the daemon's CPU per job and peak RSS. Every job must succeed
-  and the daemon must exit 0 on SIGTERM.
-- `spool-unpaced`: the same jobs on a service that answers at once and never throttles (the
+- `spool`: 1,000 jobs of 1,000 datasets over 4 lanes, dropped at once, on a busy service: 50 ms
+  latency, 50 requests/s per org (the daemon's own limit is 50/s too), a 2 s "not ready" window,
+  runs of 2-10 s. Then, once all are done, the same 1,000 datasets again (`repeat`: members of
+  their lanes by then). For each round: requests per job by operation, wall time from the drop
+  to the last result file against the critical path (the window + the longest run + how late
+  that run's end reached its result file), the daemon's CPU per job; every job must succeed,
+  4 lanes be made, and the daemon exit 0 on SIGTERM.
+- `paced`: the same 1,000 jobs dropped one per emulated second on the same service, the
+  world running `--time-scale` fast (default 0.25: the emulator's --time-scale, every engine
+  timing and the pace, so 1,000 jobs take about 250 s; 1 for real seconds).
+- `spool-unpaced`: the `spool` jobs on a service that answers at once and never throttles (the
   daemon's own limit raised to 1,000/s): its CPU per job when it is busy rather than mostly
   asleep between paced requests (each wake of an idle process has a cost of its own).
-- `inflight`: 10,000 jobs whose runs are all in flight at once (runs of 30-40 min, no latency,
-  no rate limit on the emulator), set up through the real API at a high client rate; once the
-  journal says all 10,000 are `running`, the daemon's CPU per minute, its RSS and the poller's
-  requests per minute over a steady window (60 s by default).
+- `inflight`: 10,000 jobs over 40 lanes of 250 datasets whose runs are all in flight at once
+  (runs of 30-40 min, no latency, no rate limit on the emulator), set up through the real API
+  at a high client rate; once the journal says all 10,000 are `running`, the daemon's CPU per
+  minute, its RSS and the poller's requests per minute over a steady window (60 s by default).
 
 Every phase has a hard deadline; the emulator, the daemon and the temporary folder are always
 removed (--keep keeps the folder: logs, journal, spool). Exit status: 0 every check held,
@@ -34,8 +41,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 import watchfiles
 from harness import (
     TICKS,
@@ -59,54 +69,61 @@ from harness import (
     running_emulator,
     stop_process,
 )
+from pydantic import SecretStr
 
+from exporter.aepclient import AepConfig, HttpAep, RunInfo
+from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
-SCENARIOS = ("spool", "spool-unpaced", "inflight")
+SCENARIOS = ("spool", "paced", "spool-unpaced", "inflight")
 STARTUP_DEADLINE = 60.0
 STOP_DEADLINE = 60.0
-CPU_TARGET_MS = 5.0
-RSS_TARGET_MB = 200.0
+# Aims of issue 9 (export lanes).
+REQUESTS_AIM = {"spool": 0.5, "repeat": 1.5, "paced": 2.0}
+CRITICAL_AIM = 1.1  # wall time / critical path, jobs arriving at once
+CPU_AIM_MS = 3.0  # daemon CPU per job, paced one per second
+RSS_AIM_MB = 150.0  # peak RSS with 10,000 runs in flight
+LANES = 4  # paths the spool scenarios spread their datasets over: one lane each
+INFLIGHT_LANES = 40  # 10,000 datasets, 250 per lane (a sandbox holds 100 flows)
 
-# spool: the busy service (time scale 1) and a daemon tuned to it.
+# spool and paced: the busy service, in emulated seconds (x the time scale), and a daemon
+# tuned to it: AEP's 600 s "not ready" window shrunk to 2 s, runs of minutes to 2-10 s.
 SPOOL_RPS = 50.0
-SPOOL_KNOBS = [
-    "--latency-ms",
-    "50",
-    "--rate-limit",
-    f"{SPOOL_RPS:g}",
-    "--not-ready-window",
-    "2",
-    "--run-duration",
-    "2-10",
-    "--time-scale",
-    "1",
-    # one flow per dataset until the engine's export lanes land (issue 9)
-    "--max-destination-flows",
-    "100000",
-]
-SPOOL_ENGINE: dict[str, Any] = {
-    "not_ready_wait_s": 2.0,
+NOT_READY_S = 2.0
+RUN_S = "2-10"
+LATENCY_MS = 50
+# Engine timings in emulated seconds, multiplied by the time scale like the emulator's. The
+# lane windows are the engine's defaults (2 s to gather joins, 1 s to gather triggers).
+SPOOL_ENGINE: dict[str, float] = {
+    "not_ready_wait_s": NOT_READY_S,
     "not_ready_retry_s": 0.5,
     "not_ready_retry_max_s": 2.0,
     "poll_min_s": 0.5,
     "poll_max_s": 5.0,
+    "join_coalesce_s": 2.0,
+    "trigger_coalesce_s": 1.0,
 }
 
+
+def spool_knobs(scale: float, *, busy: bool = True) -> list[str]:
+    """The emulator: a 2 s window and runs of 2-10 s (emulated), 50 ms latency and 50
+    requests/s (real) when `busy`; every emulated duration x `scale`."""
+    knobs = ["--not-ready-window", f"{NOT_READY_S:g}", "--run-duration", RUN_S]
+    knobs += ["--time-scale", f"{scale:g}"]
+    if busy:
+        knobs += ["--latency-ms", f"{LATENCY_MS}", "--rate-limit", f"{SPOOL_RPS:g}"]
+    return knobs
+
+
+def spool_engine(scale: float, overrides: Mapping[str, float]) -> dict[str, float]:
+    """The engine's timings, emulated seconds x `scale`; `overrides` (--engine) first."""
+    return {k: round(v * scale, 4) for k, v in {**SPOOL_ENGINE, **overrides}.items()}
+
+
 # spool-unpaced: the same jobs on a service that answers at once and never throttles.
-UNPACED_KNOBS = [
-    "--not-ready-window",
-    "2",
-    "--run-duration",
-    "2-10",
-    "--time-scale",
-    "1",
-    # one flow per dataset until the engine's export lanes land (issue 9)
-    "--max-destination-flows",
-    "100000",
-]
 UNPACED_AEP: dict[str, Any] = {"rate_limit_rps": 1000.0, "max_concurrency": 32}
+
 
 # -- /proc ---------------------------------------------------------------------------------
 
@@ -291,22 +308,43 @@ def count_of(ops: Mapping[str, Mapping[str, int]], op: str | None = None) -> int
 # -- the spool ------------------------------------------------------------------------------
 
 
-def job_body(i: int, dataset_id: str) -> str:
-    return json.dumps(
-        {"id": f"bench-{i:05d}", "dataset_id": dataset_id, "destination": "lake", "path": "bench"}
-    )
+def job_body(job_id: str, dataset_id: str, path: str) -> str:
+    return json.dumps({"id": job_id, "dataset_id": dataset_id, "destination": "lake", "path": path})
 
 
-def drop_jobs(incoming: Path, datasets: Sequence[str]) -> float:
+def make_jobs(prefix: str, datasets: Sequence[str], lanes: int) -> list[tuple[str, str]]:
+    """(file name, content) of one job per dataset, the datasets spread over `lanes` paths
+    (one lane each: same destination, format, compression and mode)."""
+    return [
+        (
+            f"{prefix}-{i:05d}.json",
+            job_body(f"{prefix}-{i:05d}", ds, f"bench/lane-{i % lanes:02d}"),
+        )
+        for i, ds in enumerate(datasets)
+    ]
+
+
+def drop_jobs(incoming: Path, jobs: Sequence[tuple[str, str]]) -> float:
     """Write every job as a .tmp file, then rename them all; the time.time() of the first
     rename (the drop)."""
-    names = []
-    for i, dataset_id in enumerate(datasets):
-        name = f"job-{i:05d}.json"
-        (incoming / f"{name}.tmp").write_text(job_body(i, dataset_id))
-        names.append(name)
+    for name, body in jobs:
+        (incoming / f"{name}.tmp").write_text(body)
     dropped = time.time()
-    for name in names:
+    for name, _ in jobs:
+        (incoming / f"{name}.tmp").rename(incoming / name)
+    return dropped
+
+
+async def drop_paced(
+    incoming: Path, jobs: Sequence[tuple[str, str]], interval: float
+) -> dict[str, float]:
+    """Drop one job every `interval` seconds (on a fixed grid: no drift); when each went."""
+    dropped: dict[str, float] = {}
+    start = time.monotonic()
+    for i, (name, body) in enumerate(jobs):
+        await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
+        (incoming / f"{name}.tmp").write_text(body)
+        dropped[name.removesuffix(".json")] = time.time()
         (incoming / f"{name}.tmp").rename(incoming / name)
     return dropped
 
@@ -314,22 +352,28 @@ def drop_jobs(incoming: Path, datasets: Sequence[str]) -> float:
 RESULT_FOLDERS = ("done", "failed", "rejected")
 
 
-def result_files(spool: Path) -> list[Path]:
+def result_files(spool: Path, prefix: str = "") -> list[Path]:
     found = []
     for folder in RESULT_FOLDERS:
         with os.scandir(spool / folder) as entries:
-            found += [Path(e.path) for e in entries if e.name.endswith(".result.json")]
+            found += [
+                Path(e.path)
+                for e in entries
+                if e.name.endswith(".result.json") and e.name.startswith(prefix)
+            ]
     return found
 
 
-async def until_results(spool: Path, daemon: Daemon, want: int, deadline: float) -> float:
+async def until_results(
+    spool: Path, daemon: Daemon, want: int, deadline: float, prefix: str = ""
+) -> float:
     """Wait on filesystem events until `want` result files exist; when the last one was seen."""
     stop = asyncio.Event()
     exited = asyncio.ensure_future(daemon.proc.wait())
     exited.add_done_callback(lambda _: stop.set())
     try:
         async with asyncio.timeout(deadline):
-            if len(result_files(spool)) >= want:
+            if len(result_files(spool, prefix)) >= want:
                 return time.time()
             async for _ in watchfiles.awatch(
                 *(spool / f for f in RESULT_FOLDERS),
@@ -338,31 +382,156 @@ async def until_results(spool: Path, daemon: Daemon, want: int, deadline: float)
                 step=20,
                 stop_event=stop,
             ):
-                if len(result_files(spool)) >= want:
+                if len(result_files(spool, prefix)) >= want:
                     return time.time()
             daemon.alive()
             raise BenchError("the file watcher stopped")
     except TimeoutError:
-        got = len(result_files(spool))
+        got = len(result_files(spool, prefix))
         raise BenchError(f"only {got} of {want} results after {deadline:g} s") from None
     finally:
         exited.cancel()
 
 
-# -- scenario spool --------------------------------------------------------------------------
+async def read_runs(url: str, run_ids: Sequence[str]) -> dict[str, RunInfo]:
+    """The runs as AEP (the emulator) has them, read after the measurement."""
+    config = AepConfig(
+        platform_url=url,
+        ims_url=url,
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+        org_id=DEFAULT_ORG_ID,
+        rate_limit_rps=1000,
+    )
+    async with HttpAep.from_config(config, clock=SystemClock()) as api:
+        return await api.get_runs(list(run_ids))
 
 
-async def scenario_spool(
-    args: argparse.Namespace, work: Path, checks: Checks, *, paced: bool
+def quantiles(values: Sequence[float]) -> Report:
+    if not values:
+        return {"median": None, "p95": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "median": round(statistics.median(ordered), 2),
+        "p95": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 2),
+        "max": round(ordered[-1], 2),
+    }
+
+
+@dataclass
+class Meter:
+    """Readings at the start of a measured span."""
+
+    cpu: tuple[float, float]
+    threads: dict[str, float]
+    stats: dict[str, dict[str, int]]
+    emulator_cpu: float
+
+    @classmethod
+    async def read(cls, daemon: Daemon, emulator_pid: int, control: Control) -> Meter:
+        return cls(
+            cpu_of(daemon.pid),
+            threads_of(daemon.pid),
+            await control.stats(),
+            sum(cpu_of(emulator_pid)),
+        )
+
+
+def measured(
+    start: Meter, end: Meter, jobs: int, results: Sequence[Report], times: Report
 ) -> Report:
-    """`paced`: the busy service of the brief (latency, rate limit); else the same jobs on a
-    service that answers at once and never throttles, the daemon's own limit raised: the
-    daemon's CPU per job when it is busy rather than waiting."""
-    name = "spool" if paced else "spool-unpaced"
+    """Requests, CPU and outcomes of one round of `jobs` jobs."""
+    ops = stats_delta(start.stats, end.stats)
+    total = count_of(ops)
+    cpu = sum(end.cpu) - sum(start.cpu)
+    per_job = {
+        k: round(
+            (end.threads[k] - start.threads[k]) / jobs * (1 if k == "main_wakeups" else 1000), 2
+        )
+        for k in ("main_cpu_s", "other_cpu_s", "main_wakeups")
+    }
+    return {
+        "jobs": jobs,
+        "states": dict(Counter(str(r["state"]) for r in results)),
+        **times,
+        "requests": total,
+        "requests_per_job": round(total / jobs, 3),
+        "ops": op_rows(ops, jobs),
+        "lanes_created": count_of({k: v for k, v in ops.items() if k == "flows.create"}),
+        "daemon_cpu_s": round(cpu, 2),
+        "daemon_cpu_user_s": round(end.cpu[0] - start.cpu[0], 2),
+        "daemon_cpu_system_s": round(end.cpu[1] - start.cpu[1], 2),
+        "cpu_ms_per_job": round(cpu / jobs * 1000, 2),
+        "main_thread_cpu_ms_per_job": per_job["main_cpu_s"],
+        "other_threads_cpu_ms_per_job": per_job["other_cpu_s"],
+        "main_thread_wakeups_per_job": per_job["main_wakeups"],
+        "emulator_cpu_s": round(end.emulator_cpu - start.emulator_cpu, 1),
+    }
+
+
+async def timing(
+    url: str, spool: Path, prefix: str, dropped: Mapping[str, float], scale: float
+) -> tuple[list[Report], Report]:
+    """Each job's result, and the round's timing: wall time from the first drop to the last
+    result file, each job's drop → result, and the critical path: the "not ready" window +
+    the longest run + how late that run's end reached its result file (detection)."""
+    paths = result_files(spool, prefix)
+    results = [json.loads(p.read_text()) for p in paths]
+    filed = {str(r["job_id"]): p.stat().st_mtime for r, p in zip(results, paths, strict=True)}
+    runs = await read_runs(url, [str(r["run_id"]) for r in results if r.get("run_id")])
+    window = NOT_READY_S * scale
+    latency = [filed[j] - dropped[j] for j in filed if j in dropped]
+    first = min(dropped.values())
+    last = max(filed.values(), default=first)
+    longest: tuple[float, float] | None = None  # (duration, detection)
+    detections = []
+    for r in results:
+        run = runs.get(str(r.get("run_id")))
+        if run is None or run.completed_at_ms is None:
+            continue
+        detection = filed[str(r["job_id"])] - run.completed_at_ms / 1000
+        detections.append(detection)
+        duration = (run.completed_at_ms - run.created_at_ms) / 1000
+        if longest is None or duration > longest[0]:
+            longest = (duration, detection)
+    out: Report = {
+        "wall_s": round(last - first, 2),
+        "last_drop_to_last_result_s": round(last - max(dropped.values()), 2),
+        "job_latency_s": quantiles(latency),
+        "detection_s": quantiles(detections),
+        "distinct_runs": len({r.get("run_id") for r in results}),
+        "distinct_flows": len({r.get("flow_id") for r in results}),
+    }
+    if longest is not None:
+        critical = window + longest[0] + longest[1]
+        out["critical_path_s"] = {
+            "not_ready": round(window, 2),
+            "longest_run": round(longest[0], 2),
+            "detection": round(longest[1], 2),
+            "total": round(critical, 2),
+        }
+        out["wall_over_critical"] = round((last - first) / critical, 3)
+        out["tail_over_critical"] = round((last - max(dropped.values())) / critical, 3)
+    return results, out
+
+
+# -- scenarios spool, paced, spool-unpaced ----------------------------------------------------
+
+
+async def scenario_spool(args: argparse.Namespace, work: Path, checks: Checks, name: str) -> Report:
+    """`spool`: 1,000 jobs at once on the busy service, then the same datasets again (members
+    of their lanes by then); `paced`: the same jobs one per (emulated) second, the world
+    running `--time-scale` fast; `spool-unpaced`: at once on a service that answers at once
+    and never throttles (the daemon's CPU per job when it is busy, not asleep)."""
     jobs = args.jobs
-    knobs = SPOOL_KNOBS if paced else UNPACED_KNOBS
-    aep = {"rate_limit_rps": SPOOL_RPS, "max_concurrency": 32} if paced else UNPACED_AEP
+    scale = args.time_scale if name == "paced" else 1.0
+    knobs = spool_knobs(scale, busy=name != "spool-unpaced")
+    engine = spool_engine(scale, args.engine)
+    aep = UNPACED_AEP if name == "spool-unpaced" else {"rate_limit_rps": SPOOL_RPS}
+    aep = {**aep, "max_concurrency": 32}
+    daemon_cfg = {"max_in_flight": max(jobs, 1000), "rescan_s": 5}
     load_before = loadavg()
+    rounds: Report = {}
     async with (
         running_emulator(knobs, seed=args.seed, data_dir=work / "emulator") as emu,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
@@ -371,86 +540,85 @@ async def scenario_spool(
         t = time.perf_counter()
         datasets = await control.seed(jobs, args.rows)
         seed_s = time.perf_counter() - t
-        config = write_config(
-            work,
-            emu.url,
-            aep=aep,
-            engine=SPOOL_ENGINE,
-            daemon={"max_in_flight": max(jobs, 1000), "rescan_s": 5},
-        )
+        config = write_config(work, emu.url, aep=aep, engine=engine, daemon=daemon_cfg)
         spool = work / "spool"
         async with running_daemon(config, work / "daemon.log") as daemon:
             await daemon.ready()
             cpu_ready = daemon.cpu()
-            threads_ready = threads_of(daemon.pid)
             mem_ready = memory_of(daemon.pid)
-            emu_cpu0 = sum(cpu_of(emu.proc.pid))
-            before = await control.stats()
-            dropped = drop_jobs(spool / "incoming", datasets)
-            seen = await until_results(spool, daemon, jobs, args.spool_deadline)
-            user, system = cpu_of(daemon.pid)  # before stopping it
-            threads_end = threads_of(daemon.pid)
+            plan = [("jobs", "bench")] + ([("repeat", "again")] if name == "spool" else [])
+            for label, prefix in plan:
+                batch = make_jobs(prefix, datasets, LANES)
+                start = await Meter.read(daemon, emu.pid, control)
+                if name == "paced":
+                    deadline = args.spool_deadline + len(batch) * scale  # from the first drop
+                    waiting = asyncio.ensure_future(
+                        until_results(spool, daemon, jobs, deadline, prefix)
+                    )
+                    try:
+                        dropped = await drop_paced(spool / "incoming", batch, scale)
+                        await waiting
+                    finally:
+                        waiting.cancel()
+                else:
+                    at = drop_jobs(spool / "incoming", batch)
+                    dropped = {n.removesuffix(".json"): at for n, _ in batch}
+                    await until_results(spool, daemon, jobs, args.spool_deadline, prefix)
+                end = await Meter.read(daemon, emu.pid, control)
+                results, times = await timing(emu.url, spool, prefix, dropped, scale)
+                rounds[label] = measured(start, end, jobs, results, times)
+                checks.check(
+                    name,
+                    f"{label}: all {jobs} jobs succeeded",
+                    rounds[label]["states"] == {"succeeded": jobs},
+                    rounds[label]["states"],
+                )
             mem_end = memory_of(daemon.pid)
-            emu_cpu = sum(cpu_of(emu.proc.pid)) - emu_cpu0
-            after = await control.stats()
+            cpu_end = daemon.cpu()
             code = await stop_process(daemon.proc, STOP_DEADLINE)
             events = daemon.events()
-    results = [json.loads(p.read_text()) for p in result_files(spool)]
-    states = Counter(str(r["state"]) for r in results)
-    last = max(p.stat().st_mtime for p in result_files(spool))
-    ops = stats_delta(before, after)
-    total = count_of(ops)
-    wall = last - dropped
-    bound = total / SPOOL_RPS if paced else None
-    cpu_total = user + system
-    durations = sorted(float(r["duration_s"]) for r in results if r.get("duration_s") is not None)
-    checks.check(name, f"all {jobs} jobs succeeded", states == {"succeeded": jobs}, states)
     checks.check(name, "the daemon exited 0 on SIGTERM", code == 0, code)
-    cpu_ms = cpu_total / jobs * 1000
-    per_job = {
-        k: round(
-            (threads_end[k] - threads_ready[k]) / jobs * (1 if k == "main_wakeups" else 1000), 2
+    checks.check(
+        name,
+        f"{LANES} lanes made",
+        sum(r["lanes_created"] for r in rounds.values()) == LANES,
+        [r["lanes_created"] for r in rounds.values()],
+    )
+    aims: Report = {}
+    for label, r in rounds.items():
+        key = name if label == "jobs" else label
+        if key in REQUESTS_AIM:
+            aims[f"{label}: requests per job ≤ {REQUESTS_AIM[key]:g}"] = (
+                r["requests_per_job"] <= REQUESTS_AIM[key]
+            )
+    if name == "spool" and "wall_over_critical" in rounds["jobs"]:
+        aims[f"jobs: wall ≤ {CRITICAL_AIM:g} x critical path"] = (
+            rounds["jobs"]["wall_over_critical"] <= CRITICAL_AIM
         )
-        for k in ("main_cpu_s", "other_cpu_s", "main_wakeups")
-    }
+    if name == "paced":
+        aims[f"jobs: daemon CPU per job ≤ {CPU_AIM_MS:g} ms"] = (
+            rounds["jobs"]["cpu_ms_per_job"] <= CPU_AIM_MS
+        )
     return {
         "jobs": jobs,
+        "lanes": LANES,
         "rows_per_dataset": args.rows,
+        "time_scale": scale,
+        "arrival": f"one every {scale:g} s" if name == "paced" else "at once",
         "emulator": " ".join(knobs),
-        "daemon_config": {**aep, "engine": SPOOL_ENGINE, "max_in_flight": max(jobs, 1000)},
+        "daemon_config": {**aep, "engine": engine, **daemon_cfg},
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "seed_s": round(seed_s, 1),
-        "states": dict(states),
-        "wall_s": round(wall, 1),
-        "wall_seen_s": round(seen - dropped, 1),
-        "requests": total,
-        "rate_limit_bound_s": None if bound is None else round(bound, 1),
-        "wall_over_bound": round(wall / bound, 3) if bound else None,
-        "achieved_rps": round(total / wall, 1) if wall > 0 else None,
-        "requests_per_job": round(total / jobs, 2),
-        "ops": op_rows(ops, jobs),
-        "job_duration_s": {
-            "p50": durations[len(durations) // 2] if durations else None,
-            "max": durations[-1] if durations else None,
-        },
-        "daemon_cpu_s": round(cpu_total, 2),
-        "daemon_cpu_user_s": round(user, 2),
-        "daemon_cpu_system_s": round(system, 2),
+        "rounds": rounds,
+        "aims": aims,
         "daemon_cpu_at_ready_s": round(cpu_ready, 2),
-        "cpu_ms_per_job": round(cpu_ms, 2),
-        "cpu_ms_per_job_after_ready": round((cpu_total - cpu_ready) / jobs * 1000, 2),
-        "main_thread_cpu_ms_per_job": per_job["main_cpu_s"],
-        "other_threads_cpu_ms_per_job": per_job["other_cpu_s"],
-        "main_thread_wakeups_per_job": per_job["main_wakeups"],
-        "cpu_target_ms": CPU_TARGET_MS,
-        "cpu_target_met": cpu_ms < CPU_TARGET_MS,
+        "daemon_cpu_total_s": round(cpu_end, 2),
         "daemon_rss_at_ready_mb": mem_ready.get("VmRSS"),
         "daemon_peak_rss_mb": mem_end.get("VmHWM"),
         "daemon_rss_end_mb": mem_end.get("VmRSS"),
-        "emulator_cpu_s": round(emu_cpu, 1),
         "exit_code": code,
-        "log_events": dict(events.most_common(15)),
+        "log_events": dict(events.most_common(20)),
     }
 
 
@@ -474,8 +642,6 @@ async def journal_counts(state_dir: Path) -> dict[str, int]:
 async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks) -> Report:
     n = args.inflight
     knobs = ["--not-ready-window", "0", "--run-duration", args.run_duration, "--time-scale", "1"]
-    # one flow per dataset until the engine's export lanes land (issue 9)
-    knobs += ["--max-destination-flows", "100000"]
     engine = {"not_ready_wait_s": 0.0, "poll_max_s": args.poll_max_s}
     aep = {"rate_limit_rps": args.setup_rps, "max_concurrency": 64}
     async with (
@@ -495,7 +661,7 @@ async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks
             cpu_ready = daemon.cpu()
             mem_ready = memory_of(daemon.pid)
             before = await control.stats()
-            dropped = drop_jobs(spool / "incoming", datasets)
+            dropped = drop_jobs(spool / "incoming", make_jobs("bench", datasets, args.lanes))
             progress: list[tuple[float, int]] = []
             counts: dict[str, int] = {}
             try:
@@ -547,12 +713,16 @@ async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks
         counts_end,
     )
     checks.check("inflight", "the daemon exited 0 on SIGTERM", code == 0, code)
+    lanes_made = count_of(setup_ops, "flows.create")
+    checks.check("inflight", f"{args.lanes} lanes made", lanes_made == args.lanes, lanes_made)
     checks.check(
         "inflight", "only runs were read in the window", set(polls) <= {"runs.list"}, polls
     )
     peak = mem_end.get("VmHWM", 0.0)
     return {
         "in_flight": n,
+        "lanes": args.lanes,
+        "lanes_created": lanes_made,
         "emulator": " ".join(knobs),
         "daemon_config": {**aep, "engine": engine, "max_in_flight": n},
         "seed_datasets_s": round(seed_s, 1),
@@ -585,8 +755,8 @@ async def scenario_inflight(args: argparse.Namespace, work: Path, checks: Checks
         "rss_kb_per_job": round(
             (mem_end.get("VmRSS", 0.0) - mem_ready.get("VmRSS", 0.0)) * 1000 / n, 2
         ),
-        "rss_target_mb": RSS_TARGET_MB,
-        "rss_target_met": peak < RSS_TARGET_MB,
+        "rss_aim_mb": RSS_AIM_MB,
+        "rss_aim_met": peak <= RSS_AIM_MB,
         "journal_at_end": counts_end,
         "stop_s": round(stop_s, 1),
         "exit_code": code,
@@ -609,16 +779,20 @@ async def bounded(name: str, seconds: float, work: Awaitable[Report]) -> Report:
 
 
 async def bench(args: argparse.Namespace) -> tuple[Report, Checks]:
+    # The client that reads the runs back logs each request: not in the report.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     checks = Checks()
     report: Report = {"machine": machine(), "loadavg_at_start": loadavg()}
     for name in args.scenario:
         work = Path(tempfile.mkdtemp(prefix=f"bench-daemon-{name}-"))
         try:
-            if name.startswith("spool"):
-                deadline = args.spool_deadline + 300
-                paced = name == "spool"
+            if name != "inflight":
+                rounds = 2 if name == "spool" else 1
+                deadline = (args.spool_deadline + 120) * rounds
+                if name == "paced":
+                    deadline += args.jobs * args.time_scale
                 report[name] = await bounded(
-                    name, deadline, scenario_spool(args, work, checks, paced=paced)
+                    name, deadline, scenario_spool(args, work, checks, name)
                 )
             else:
                 deadline = args.setup_deadline + args.window_s + 600
@@ -657,61 +831,74 @@ def ops_lines(rows: Sequence[Report]) -> list[str]:
 
 
 def human_spool(name: str, r: Report) -> list[str]:
-    target = "met" if r["cpu_target_met"] else "NOT met"
-    lines = [f"Daemon ({name}): {r['jobs']:,} jobs through the spool (emulator {r['emulator']})"]
+    lines = [
+        f"Daemon ({name}): {r['jobs']:,} jobs over {r['lanes']} lanes, {r['arrival']} "
+        f"(emulator {r['emulator']})"
+    ]
     lines += rows_table(
         [
             ("load average", f"{r['loadavg_before']} before, {r['loadavg_after']} after"),
             ("seeding", f"{r['jobs']:,} datasets of {r['rows_per_dataset']} rows: {r['seed_s']} s"),
-            ("states", ", ".join(f"{k}: {v:,}" for k, v in r["states"].items())),
-            (
-                "wall time",
-                f"{fmt(r['wall_s'])} s from the drop to the last result file "
-                f"(seen after {fmt(r['wall_seen_s'])} s)",
-            ),
-            (
-                "rate-limit bound",
-                f"{fmt(r['rate_limit_bound_s'])} s = {r['requests']:,} requests / "
-                f"{SPOOL_RPS:g} per s; wall = {r['wall_over_bound']:.2f} x bound, "
-                f"{fmt(r['achieved_rps'])} requests/s"
-                if r["rate_limit_bound_s"] is not None
-                else f"none (no rate limit): {r['requests']:,} requests at "
-                f"{fmt(r['achieved_rps'])} requests/s",
-            ),
-            ("requests per job", fmt(r["requests_per_job"])),
-            (
-                "daemon CPU",
-                f"{fmt(r['daemon_cpu_s'])} s (user {fmt(r['daemon_cpu_user_s'])}, system "
-                f"{fmt(r['daemon_cpu_system_s'])}; {fmt(r['daemon_cpu_at_ready_s'])} s to start)",
-            ),
-            (
-                "CPU per job",
-                f"{fmt(r['cpu_ms_per_job'])} ms ({fmt(r['cpu_ms_per_job_after_ready'])} ms "
-                f"without start-up); target < {CPU_TARGET_MS:g} ms: {target}",
-            ),
-            (
-                "… by thread",
-                f"event loop {fmt(r['main_thread_cpu_ms_per_job'])} ms, other threads "
-                f"(journal, spool files, watcher) {fmt(r['other_threads_cpu_ms_per_job'])} ms; "
-                f"the event loop slept and woke {fmt(r['main_thread_wakeups_per_job'])} times "
-                "per job",
-            ),
             (
                 "daemon RSS",
                 f"peak {fmt(r['daemon_peak_rss_mb'])} MB, {fmt(r['daemon_rss_end_mb'])} MB at "
-                f"the end, {fmt(r['daemon_rss_at_ready_mb'])} MB when ready",
+                f"the end, {fmt(r['daemon_rss_at_ready_mb'])} MB when ready; "
+                f"{fmt(r['daemon_cpu_at_ready_s'])} s of CPU to start",
             ),
-            ("emulator CPU", f"{fmt(r['emulator_cpu_s'])} s"),
             ("exit on SIGTERM", r["exit_code"]),
         ]
     )
-    lines.append("  requests by operation:")
-    lines += ops_lines(r["ops"])
+    for label, x in r["rounds"].items():
+        cp = x.get("critical_path_s", {})
+        lines.append(f"  -- {label} ({x['jobs']:,} jobs) --")
+        lines += rows_table(
+            [
+                ("states", ", ".join(f"{k}: {v:,}" for k, v in x["states"].items())),
+                (
+                    "requests per job",
+                    f"{x['requests_per_job']:.3f} ({x['requests']:,} requests; lanes created "
+                    f"{x['lanes_created']}; distinct flows {x['distinct_flows']}, runs "
+                    f"{x['distinct_runs']:,})",
+                ),
+                (
+                    "wall time",
+                    f"{fmt(x['wall_s'])} s from the first drop to the last result file; "
+                    f"{fmt(x['last_drop_to_last_result_s'])} s after the last drop",
+                ),
+                (
+                    "critical path",
+                    f"{fmt(cp.get('total'))} s = {fmt(cp.get('not_ready'))} not ready + "
+                    f"{fmt(cp.get('longest_run'))} longest run + {fmt(cp.get('detection'))} "
+                    f"detection; wall / critical = {fmt(x.get('wall_over_critical'))}, "
+                    f"after the last drop / critical = {fmt(x.get('tail_over_critical'))}",
+                ),
+                (
+                    "job drop → result",
+                    "median {median} / p95 {p95} / max {max} s".format(**x["job_latency_s"]),
+                ),
+                (
+                    "run end → result",
+                    "median {median} / p95 {p95} / max {max} s".format(**x["detection_s"]),
+                ),
+                (
+                    "daemon CPU",
+                    f"{fmt(x['daemon_cpu_s'])} s = {fmt(x['cpu_ms_per_job'])} ms per job "
+                    f"(event loop {fmt(x['main_thread_cpu_ms_per_job'])}, other threads "
+                    f"{fmt(x['other_threads_cpu_ms_per_job'])}; "
+                    f"{fmt(x['main_thread_wakeups_per_job'])} wake-ups per job); emulator "
+                    f"{fmt(x['emulator_cpu_s'])} s",
+                ),
+            ]
+        )
+        lines.append("  requests by operation:")
+        lines += ops_lines(x["ops"])
+    for aim, met in r["aims"].items():
+        lines.append(f"  aim {aim}: {'met' if met else 'NOT met'}")
     return lines
 
 
 def human_inflight(r: Report) -> list[str]:
-    target = "met" if r["rss_target_met"] else "NOT met"
+    aim = "met" if r["rss_aim_met"] else "NOT met"
     lines = [f"Daemon: {r['in_flight']:,} runs in flight (emulator {r['emulator']})"]
     lines += rows_table(
         [
@@ -750,8 +937,8 @@ def human_inflight(r: Report) -> list[str]:
                 "daemon RSS",
                 f"peak {fmt(r['daemon_peak_rss_mb'])} MB (VmHWM), now {fmt(r['daemon_rss_mb'])}"
                 f" MB, {fmt(r['daemon_rss_at_ready_mb'])} MB when ready: "
-                f"{fmt(r['rss_kb_per_job'])} kB per job in flight; target < "
-                f"{RSS_TARGET_MB:g} MB: {target}",
+                f"{fmt(r['rss_kb_per_job'])} kB per job in flight; aim ≤ "
+                f"{RSS_AIM_MB:g} MB: {aim}",
             ),
             ("exit on SIGTERM", f"{r['exit_code']} after {fmt(r['stop_s'])} s"),
         ]
@@ -765,7 +952,7 @@ def human(report: Report, checks: Checks) -> str:
     m = report["machine"]
     lines = [f"{m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['system']}"]
     lines.append(f"load average at start: {report['loadavg_at_start']}")
-    for name in ("spool", "spool-unpaced"):
+    for name in ("spool", "paced", "spool-unpaced"):
         if name in report:
             lines += ["", *human_spool(name, report[name])]
     if "inflight" in report:
@@ -787,12 +974,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=SCENARIOS,
-        help="spool, spool-unpaced, inflight (default: all; repeatable)",
+        help="spool, paced, spool-unpaced, inflight (default: all; repeatable)",
     )
-    p.add_argument("--jobs", type=int, default=1_000, help="spool: jobs (default %(default)s)")
+    p.add_argument(
+        "--jobs", type=int, default=1_000, help="spool, paced: jobs (default %(default)s)"
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.25,
+        help="paced: real seconds per emulated second: the emulator's --time-scale, the "
+        "engine's timings and the pace of one job per emulated second (default %(default)s: "
+        "1,000 jobs in about 250 s; 1 for one job per real second)",
+    )
+    p.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="spool, paced, spool-unpaced: an [engine] timing in emulated seconds, e.g. "
+        "join_coalesce_s=20 (repeatable; scaled like the others)",
+    )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=INFLIGHT_LANES,
+        help="inflight: paths (lanes) the jobs are spread over (default %(default)s)",
+    )
     p.add_argument("--rows", type=int, default=10, help="spool: rows per dataset (default 10)")
     p.add_argument(
-        "--spool-deadline", type=float, default=900.0, help="spool: seconds for all results"
+        "--spool-deadline",
+        type=float,
+        default=300.0,
+        help="spool: seconds for all results of a round (paced: after the last drop)",
     )
     p.add_argument(
         "--inflight", type=int, default=10_000, help="inflight: runs (default %(default)s)"
@@ -825,6 +1039,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     args.scenario = list(dict.fromkeys(args.scenario or SCENARIOS))
+    try:
+        args.engine = {k.strip(): float(v) for k, v in (e.split("=", 1) for e in args.engine)}
+    except ValueError:
+        p.error("--engine takes NAME=SECONDS")
     if not 1 <= args.jobs <= 10_000 or not 1 <= args.inflight <= 10_000:
         p.error("--jobs and --inflight must be between 1 and 10,000 (one seeding request)")
     if args.window_s < 1 or args.settle_s < 0:
