@@ -27,11 +27,10 @@ from rich.table import Table
 
 from exporter.aepclient import HttpAep
 from exporter.clock import Clock, SystemClock
-from exporter.engine import Engine
 from exporter.engine.lanes import LaneView
 from exporter.errors import ConfigError, ExporterError
 from exporter.logs import configure_logging
-from exporter.oneshot import add_config_argument
+from exporter.oneshot import add_config_argument, engine_for
 from exporter.settings import Settings, load_settings
 
 EXIT_OK = 0
@@ -79,19 +78,6 @@ def _settings(args: argparse.Namespace, err: Console) -> Settings | None:
     except ConfigError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return None
-
-
-def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
-    """The engine a one-shot command uses: the same lanes the daemon finds."""
-    return Engine(
-        api,
-        settings.destinations,
-        settings.engine,
-        org_id=settings.aep.org_id,
-        sandbox=settings.aep.sandbox,
-        clock=clock,
-        identity_key=settings.aep.client_secret.get_secret_value().encode(),
-    )
 
 
 async def list_lanes(settings: Settings, clock: Clock | None = None) -> list[LaneView]:

@@ -135,15 +135,7 @@ async def _export(
 ) -> Outcome:
     clock = clock or SystemClock()
     async with HttpAep.from_config(settings.aep, clock=clock) as api:
-        engine = Engine(
-            api,
-            settings.destinations,
-            settings.engine,
-            org_id=settings.aep.org_id,
-            sandbox=settings.aep.sandbox,
-            clock=clock,
-            identity_key=settings.aep.client_secret.get_secret_value().encode(),
-        )
+        engine = engine_for(settings, api, clock)
         async with engine:
             if not err.is_terminal:
                 return await engine.run(job, wait=wait)
@@ -187,3 +179,16 @@ def report(outcome: Outcome, console: Console) -> None:
     for error in outcome.errors:
         console.print(f"  {error.code}: {error.message}", markup=False, highlight=False)
     sys.stderr.flush()
+
+
+def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
+    """The engine a one-shot command uses: the same lanes the daemon finds."""
+    return Engine(
+        api,
+        settings.destinations,
+        settings.engine,
+        org_id=settings.aep.org_id,
+        sandbox=settings.aep.sandbox,
+        clock=clock,
+        identity_key=settings.aep.client_secret.get_secret_value().encode(),
+    )

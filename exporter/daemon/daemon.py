@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 
 from exporter.aepclient import HttpAep
-from exporter.clock import Clock
+from exporter.clock import Clock, sleep_or_wake
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.spool import Parsed, Rejected, Spool
 from exporter.engine import Engine, Progress
@@ -477,13 +477,7 @@ class Daemon:
                         self.counts.claimed += 1
                         await self._admit(claimed)
             self._wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(config.rescan_s))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                waker.cancel()
+            await sleep_or_wake(self.clock, config.rescan_s, self._wake)
 
     async def _admit(self, path: Path) -> None:
         """A claimed file becomes a journaled job in flight, or a rejection."""

@@ -38,7 +38,7 @@ import structlog
 
 from exporter.aep import DATALAKE_SOURCE_SPEC_ID, SPEC_VERSION
 from exporter.aepclient.api import AepApi, Collection, FlowInfo
-from exporter.clock import Clock
+from exporter.clock import Clock, sleep_or_wake
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
 from exporter.errors import (
@@ -168,6 +168,27 @@ class LaneFlow:
     in_use: int = 0
     last_used: float = float("-inf")  # monotonic; -inf: not used by this process
     updated_at_ms: int = 0
+
+    @classmethod
+    def of(
+        cls, key: LaneKey, shard: int, item: Mapping[str, Any], members: dict[str, int]
+    ) -> LaneFlow:
+        """The lane flow AEP shows in `item`, exporting `members` (dataset -> joined at)."""
+        info = FlowInfo.parse(item)
+        return cls(
+            key=key,
+            shard=shard,
+            id=info.id,
+            etag=info.etag,
+            state=info.state,
+            created_at_ms=info.created_at_ms,
+            flow_spec_id=info.flow_spec_id,
+            source_id=next(iter(info.source_connection_ids), ""),
+            target_id=next(iter(info.target_connection_ids), ""),
+            schedule=dict(info.schedule),
+            members=members,
+            updated_at_ms=int(item.get("updatedAt") or 0),
+        )
 
     @property
     def name(self) -> str:
@@ -413,20 +434,7 @@ class LaneManager:
         # latest it can have been (a wait too long once after a restart, never too short).
         joined = max(info.created_at_ms, int((source or {}).get("createdAt") or 0))
         log.info("lane_found", flow_id=info.id, lane=key.fingerprint, datasets=len(datasets))
-        return LaneFlow(
-            key=key,
-            shard=shard,
-            id=info.id,
-            etag=info.etag,
-            state=info.state,
-            created_at_ms=info.created_at_ms,
-            flow_spec_id=info.flow_spec_id,
-            source_id=source_id,
-            target_id=info.target_connection_ids[0] if info.target_connection_ids else "",
-            schedule=dict(info.schedule),
-            members=dict.fromkeys(datasets, joined),
-            updated_at_ms=int(item.get("updatedAt") or 0),
-        )
+        return LaneFlow.of(key, shard, item, dict.fromkeys(datasets, joined))
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -682,22 +690,9 @@ class LaneManager:
                 return flow
             self._known[name] = item
             self.created += 1
-            info = FlowInfo.parse(item)
             log.info("lane_created", flow_id=flow_id, lane=key.fingerprint, datasets=len(datasets))
-            return LaneFlow(
-                key=key,
-                shard=shard,
-                id=info.id,
-                etag=info.etag,
-                state=info.state,
-                created_at_ms=info.created_at_ms,
-                flow_spec_id=info.flow_spec_id,
-                source_id=source,
-                target_id=target,
-                schedule=dict(info.schedule),
-                members=dict.fromkeys(datasets, info.created_at_ms),
-                updated_at_ms=int(item.get("updatedAt") or 0),
-            )
+            created_at = int(item.get("createdAt") or 0)
+            return LaneFlow.of(key, shard, item, dict.fromkeys(datasets, created_at))
 
     async def _piece(
         self, collection: Collection, made: list[tuple[Collection, str]], body: dict[str, Any]
@@ -756,22 +751,8 @@ class LaneManager:
                     "delete flows made by other tools, or raise max_flows if AEP allows it."
                 )
             log.info("lane_budget_wait", flows=count, limit=limit)
-            self._freed.clear()
-            wait = min(left, self._config.budget_recheck_s)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._clock_wait(wait)
-
-    async def _clock_wait(self, seconds: float) -> None:
-        """Until a lane is released here or `seconds` of the clock pass."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        freed = asyncio.ensure_future(self._freed.wait())
-        try:
-            await asyncio.wait({sleeper, freed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            freed.cancel()
-            await asyncio.gather(sleeper, freed, return_exceptions=True)
+            self._freed.clear()  # until a lane is released here, or the recheck is due
+            await sleep_or_wake(self._clock, min(left, self._config.budget_recheck_s), self._freed)
 
     def _idle_candidates(self) -> list[LaneFlow]:
         """Lane flows that may be retired, least recently used first."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from exporter.aepclient.api import AepApi, RunInfo
-from exporter.clock import Clock
+from exporter.clock import Clock, sleep_or_wake
 from exporter.engine.config import EngineConfig
 from exporter.errors import AepError
 from exporter.metrics import Metrics
@@ -213,13 +213,7 @@ class RunPoller:
             await self._wake.wait()
             return
         until = min(heap[0][0] for heap in (self._due, self._expiry) if heap)
-        sleeper = asyncio.ensure_future(self._clock.sleep(max(0.0, until - now)))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_or_wake(self._clock, max(0.0, until - now), self._wake)
 
     async def _poll(self, due: list[_Waiter]) -> None:
         ids = list(dict.fromkeys(w.run_id for w in due))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from exporter.aepclient.api import AepApi, FlowInfo, RunInfo
-from exporter.clock import Clock
+from exporter.clock import Clock, sleep_or_wake
 from exporter.engine.config import EngineConfig
 from exporter.engine.poller import RunTimedOut, StatusUnreadable
 from exporter.errors import (
@@ -212,14 +212,7 @@ class Triggerer:
             await asyncio.sleep(0)
             return
         queue.wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(queue.wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await sleep_or_wake(self._clock, seconds, queue.wake)
 
     async def _send(self, queue: _Queue, batch: list[_Ask]) -> None:
         """One batch to its runs: marks, journal, call; retries until each ask is settled."""
