@@ -522,7 +522,7 @@ class LaneManager:
                     _keep(flow, current, now_ms)
                     return rest
                 if not wanted:
-                    await self._retire(lane, flow, reason="its last dataset left")
+                    await self._empty(lane, flow, now_ms)
                     return rest
                 source = await self._source(flow.name, wanted)
                 made.append(source)
@@ -758,9 +758,12 @@ class LaneManager:
         """Lane flows that may be retired, least recently used first."""
         known: list[LaneFlow] = []
         for lane in self._lanes.values():
-            if lane.busy or lane.key.mode != "once":
+            if lane.busy:
                 continue
-            known.extend(lane.flows.values())
+            # A schedule is a promise: only one-off lanes, and disabled (emptied) ones, go.
+            known.extend(
+                f for f in lane.flows.values() if lane.key.mode == "once" or f.state == "disabled"
+            )
         now = self._clock.monotonic()
         fresh = [f for f in known if now - f.last_used < self._config.lane_idle_s]
         idle = [f for f in known if f not in fresh]
@@ -772,7 +775,9 @@ class LaneManager:
         out = []
         for name, item in self._known.items():
             described = _described(item)
-            if name in loaded or described is None or described.get("mode") != "once":
+            if name in loaded or described is None:
+                continue
+            if described.get("mode") != "once" and str(item.get("state")) != "disabled":
                 continue
             key = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
             shard = int(name.rsplit("#", 1)[1]) if " #" in name else 1
@@ -807,6 +812,18 @@ class LaneManager:
             await self._retire(lane, flow, reason="the flow budget is full")
             return True
         return False
+
+    async def _empty(self, lane: Lane, flow: LaneFlow, now_ms: int) -> None:
+        """The flow's last dataset leaves. A flow cannot export nothing: retire it — unless a
+        run is still going on (its files must land), then only disable it (no further slot
+        fires) and leave it to the budget or `lanes prune`."""
+        if flow.in_use or await self._api.flow_busy(flow.id, now_ms):
+            if flow.state != "disabled":
+                flow.etag = await self._api.flow_action(flow.id, "disable")
+                flow.state = "disabled"
+            log.info("lane_emptied_while_busy", flow_id=flow.id, lane=flow.key.fingerprint)
+            return
+        await self._retire(lane, flow, reason="its last dataset left")
 
     async def _retire(self, lane: Lane, flow: LaneFlow, *, reason: str) -> None:
         """Disable, then delete the flow and its source and target connections."""
