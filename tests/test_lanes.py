@@ -353,3 +353,50 @@ async def test_two_daemons_making_one_lane_at_once_end_with_one_flow(
     assert [t["id"] for t in await listed(emulator, "targetConnections")] == flow[
         "targetConnectionIds"
     ]
+
+
+class SkewedClock:
+    """The emulator's clock, read `skew_s` ahead: a host whose clock disagrees with AEP's."""
+
+    def __init__(self, base: Any, skew_s: float) -> None:
+        self.base, self.skew_s = base, skew_s
+
+    def time(self) -> float:
+        return float(self.base.time()) + self.skew_s
+
+    def monotonic(self) -> float:
+        return float(self.base.monotonic())
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+
+@pytest.mark.parametrize("skew_s", [-600.0, 600.0])
+async def test_a_lost_trigger_answer_is_adopted_whatever_the_clocks_say(
+    emulator: Emulator, skew_s: float
+) -> None:
+    clock = SkewedClock(emulator.clock, skew_s)
+    cfg = config_for(emulator, rate_limit_rps=500)
+    (dataset,) = await emulator.seed(rows=2)
+    # An earlier export of the dataset on the lane: the new run must be told from it.
+    async with HttpAep.from_config(cfg, clock=clock) as api:
+        engine = Engine(
+            api,
+            LAKE,
+            ENGINE,
+            org_id=cfg.org_id,
+            sandbox=cfg.sandbox,
+            clock=clock,
+            identity_key=b"k",
+        )
+        async with engine:
+            first = await engine.run(job(dataset, after_run="keep"))
+            await emulator.control("POST", "/faults", {"action": "drop_after", "op": "adhoc.run"})
+            second = await engine.run(job(dataset, id="again", after_run="keep"))
+    assert first.state == second.state == JobState.SUCCEEDED
+    assert second.run_id != first.run_id
+    assert exported(emulator) == Counter({dataset: 2})  # no third: the lost one was adopted
+    calls = (await ops(emulator))["adhoc.run"]
+    # One call started the first run, one (whose answer was lost) the second; a clock ahead
+    # of AEP's also meets "not ready" answers first, which start nothing.
+    assert (calls[200], calls[599]) == (1, 1)
