@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+JOIN_SHARE = 0.05  # of the not-ready wait: 30 s of AEP's ten minutes
+
 
 class EngineConfig(BaseModel):
     """Timings of the export engine. Defaults suit real AEP; tests and benchmarks shrink them."""
@@ -34,8 +36,9 @@ class EngineConfig(BaseModel):
     """Adobe documents 250 audiences per dataflow and nothing for datasets."""
     max_datasets_per_trigger: int = Field(default=80, ge=1, le=1_000)
     """Datasets named in one ad hoc call (docs/aep-notes.md: 80, as for audiences)."""
-    join_coalesce_s: float = Field(default=2.0, ge=0)
-    """Datasets arriving within this window join a lane in one membership change."""
+    join_coalesce_s: float = Field(default=30.0, ge=0)
+    """Datasets arriving within this window join a lane in one membership change; the window
+    is at most `JOIN_SHARE` of `not_ready_wait_s` (a joining dataset waits that anyway)."""
     trigger_coalesce_s: float = Field(default=1.0, ge=0)
     """Ready datasets arriving within this window share one ad hoc call."""
     lane_idle_s: float = Field(default=3600.0, ge=0)
@@ -55,6 +58,12 @@ class EngineConfig(BaseModel):
     adopt_window_s: float = Field(default=3600.0, gt=0)
     """Runs created this long before a trigger are read to tell new runs from old ones: the
     clocks of AEP and this host may disagree by up to this much."""
+
+    @property
+    def join_window_s(self) -> float:
+        """How long a lane gathers joins before it changes: free next to the not-ready wait
+        each joining dataset has ahead of it anyway."""
+        return min(self.join_coalesce_s, JOIN_SHARE * self.not_ready_wait_s)
 
     @model_validator(mode="after")
     def _ordered(self) -> EngineConfig:

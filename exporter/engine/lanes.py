@@ -168,6 +168,7 @@ class LaneFlow:
     in_use: int = 0
     last_used: float = float("-inf")  # monotonic; -inf: not used by this process
     updated_at_ms: int = 0
+    guard: asyncio.Lock = field(default_factory=asyncio.Lock)  # one schedule/state fix at a time
 
     @classmethod
     def of(
@@ -447,8 +448,8 @@ class LaneManager:
     async def _changes(self, lane: Lane) -> None:
         """Apply pending membership changes, one batch at a time, until none is left."""
         while lane.pending.joins or lane.pending.leaves:
-            if self._config.join_coalesce_s:
-                await self._clock.sleep(self._config.join_coalesce_s)
+            if self._config.join_window_s:
+                await self._clock.sleep(self._config.join_window_s)
             batch, lane.pending = lane.pending, _Change()
             try:
                 await self._apply(lane, batch)
@@ -506,18 +507,25 @@ class LaneManager:
         made: list[str] = []
         try:
             for attempt in range(1, self._config.patch_attempts + 1):
-                item = await self._api.get("flows", flow.id)
-                if item is None:
-                    raise NotFoundError(f"lane flow {flow.id} is gone", status=404)
-                info = FlowInfo.parse(item)
-                old_source = info.source_connection_ids[0]
-                current = frozenset(_datasets(await self._api.get("sourceConnections", old_source)))
+                if attempt == 1 and flow.etag and flow.source_id:
+                    # What this process last saw: if anyone changed the flow since, its etag
+                    # changed too, and the PATCH's If-Match says so (then AEP is read).
+                    etag, old_source = flow.etag, flow.source_id
+                    current = frozenset(flow.members)
+                else:
+                    item = await self._api.get("flows", flow.id)
+                    if item is None:
+                        raise NotFoundError(f"lane flow {flow.id} is gone", status=404)
+                    info = FlowInfo.parse(item)
+                    etag, old_source = info.etag, info.source_connection_ids[0]
+                    source_item = await self._api.get("sourceConnections", old_source)
+                    current = frozenset(_datasets(source_item))
+                    _sync(flow, info, old_source)
                 room = self._config.max_datasets_per_flow - len(current - drops)
                 fit = sorted(adds - current)[: max(0, room)]
                 rest = sorted(adds - current)[max(0, room) :]
                 wanted = (current | set(fit)) - drops
                 now_ms = int(self._clock.time() * 1000)
-                _sync(flow, info, old_source)
                 if wanted == current:
                     _keep(flow, current, now_ms)
                     return rest
@@ -525,11 +533,12 @@ class LaneManager:
                     await self._empty(lane, flow, now_ms)
                     return rest
                 source = await self._source(flow.name, wanted)
-                made.append(source)
+                if source not in made:
+                    made.append(source)
                 try:
                     flow.etag = await self._api.patch_flow(
                         flow.id,
-                        info.etag,
+                        etag,
                         [{"op": "replace", "path": "/sourceConnectionIds", "value": [source]}],
                     )
                 except PreconditionFailed:
@@ -850,13 +859,24 @@ class LaneManager:
     # ---- schedule and state -------------------------------------------------------------
 
     async def _reconcile(self, flow: LaneFlow) -> None:
-        now_s = int(self._clock.time())
-        if not schedule_matches(flow.schedule, flow.key.mode, now_s, self._config):
-            await self.set_schedule(flow, desired_schedule(flow.key.mode, now_s, self._config))
-        if flow.state != "enabled":
-            flow.etag = await self._api.flow_action(flow.id, "enable")
-            flow.state = "enabled"
-            log.info("flow_enabled", flow_id=flow.id)
+        """The lane's schedule and state as its mode wants them; jobs arriving together wait
+        for one fix instead of each sending its own."""
+
+        def fine() -> bool:
+            now_s = int(self._clock.time())
+            ok = schedule_matches(flow.schedule, flow.key.mode, now_s, self._config)
+            return ok and flow.state == "enabled"
+
+        if fine():
+            return
+        async with flow.guard:
+            now_s = int(self._clock.time())
+            if not schedule_matches(flow.schedule, flow.key.mode, now_s, self._config):
+                await self.set_schedule(flow, desired_schedule(flow.key.mode, now_s, self._config))
+            if flow.state != "enabled":
+                flow.etag = await self._api.flow_action(flow.id, "enable")
+                flow.state = "enabled"
+                log.info("flow_enabled", flow_id=flow.id)
 
     async def set_schedule(self, flow: LaneFlow, schedule: dict[str, Any]) -> None:
         """Replace the whole `scheduleParams` under `If-Match`, re-reading on a stale etag."""
