@@ -224,6 +224,7 @@ class Lane:
     pending: _Change = field(default_factory=_Change)
     worker: asyncio.Task[None] | None = None
     loaded: bool = False
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load at a time
 
     def member(self, dataset_id: str) -> LaneFlow | None:
         return next((f for f in self.flows.values() if dataset_id in f.members), None)
@@ -410,14 +411,17 @@ class LaneManager:
         if lane is None:
             lane = self._lanes[key.fingerprint] = Lane(key)
         if not lane.loaded:
-            await self.refresh(if_unread=True)
-            for shard in range(1, 10_000):
-                item = self._known.get(key.flow_name(shard))
-                if item is None:
-                    break
-                if shard not in lane.flows:
-                    lane.flows[shard] = await self._load(key, shard, item)
-            lane.loaded = True
+            async with lane.loading:  # jobs arriving together wait for one load
+                if lane.loaded:
+                    return lane
+                await self.refresh(if_unread=True)
+                for shard in range(1, 10_000):
+                    item = self._known.get(key.flow_name(shard))
+                    if item is None:
+                        break
+                    if shard not in lane.flows:
+                        lane.flows[shard] = await self._load(key, shard, item)
+                lane.loaded = True
         return lane
 
     async def _load(self, key: LaneKey, shard: int, item: Mapping[str, Any]) -> LaneFlow:
@@ -430,6 +434,16 @@ class LaneManager:
             )
         source_id = info.source_connection_ids[0] if info.source_connection_ids else ""
         source = await self._api.get("sourceConnections", source_id) if source_id else None
+        for _ in range(self._config.patch_attempts):
+            if source is not None or not source_id:
+                break
+            # The listing is older than a change that replaced the source: read the flow again.
+            fresh = await self._api.get("flows", info.id)
+            if fresh is None:
+                raise NotFoundError(f"lane flow {info.id} is gone", status=404)
+            item, info = fresh, FlowInfo.parse(fresh)
+            source_id = info.source_connection_ids[0] if info.source_connection_ids else ""
+            source = await self._api.get("sourceConnections", source_id) if source_id else None
         datasets = _datasets(source)
         # When each member joined is not in AEP; the source connection's creation is the
         # latest it can have been (a wait too long once after a restart, never too short).
