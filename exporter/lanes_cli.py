@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,8 +29,8 @@ from exporter.clock import Clock, SystemClock
 from exporter.engine.lanes import LaneView
 from exporter.errors import ConfigError, ExporterError
 from exporter.logs import configure_logging
-from exporter.oneshot import add_config_argument, engine_for
-from exporter.settings import Settings, load_settings
+from exporter.oneshot import add_config_argument, engine_for, settings_or_report
+from exporter.settings import Settings
 
 EXIT_OK = 0
 EXIT_AEP = 1
@@ -68,16 +67,6 @@ def add_parser(subparsers: Any) -> None:
     )
     prune.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     prune.set_defaults(func=cmd_prune)
-
-
-def _settings(args: argparse.Namespace, err: Console) -> Settings | None:
-    try:
-        return load_settings(
-            args.config, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY")
-        )
-    except ConfigError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        return None
 
 
 async def list_lanes(settings: Settings, clock: Clock | None = None) -> list[LaneView]:
@@ -168,7 +157,7 @@ def _run(coro: Any, err: Console) -> tuple[int, list[LaneView]]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    settings = _settings(args, err)
+    settings = settings_or_report(args, err)
     if settings is None:
         return EXIT_CONFIG
     configure_logging("warning")
@@ -187,7 +176,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    settings = _settings(args, err)
+    settings = settings_or_report(args, err)
     if settings is None:
         return EXIT_CONFIG
     configure_logging("warning")

@@ -192,3 +192,15 @@ def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
         clock=clock,
         identity_key=settings.aep.client_secret.get_secret_value().encode(),
     )
+
+
+def settings_or_report(args: argparse.Namespace, err: Console) -> Settings | None:
+    """The settings `--config` names (secrets from `$CREDENTIALS_DIRECTORY` too), or None
+    after saying on `err` why they cannot be loaded."""
+    try:
+        return load_settings(
+            args.config, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY")
+        )
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return None

@@ -28,9 +28,8 @@ from exporter.daemon.daemon import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
 from exporter.daemon.schedules import iso, status_table, upcoming
 from exporter.daemon.spool import Rejected, Spool
-from exporter.errors import ConfigError
 from exporter.logs import configure_logging
-from exporter.oneshot import add_config_argument
+from exporter.oneshot import add_config_argument, settings_or_report
 from exporter.settings import Settings, load_settings
 
 log = structlog.get_logger("exporter.daemon")
@@ -63,19 +62,9 @@ def add_parsers(subparsers: Any) -> None:
     validate.set_defaults(func=cmd_validate)
 
 
-def _settings(args: argparse.Namespace, err: Console) -> Settings | None:
-    try:
-        return load_settings(
-            args.config, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY")
-        )
-    except ConfigError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     err = Console(stderr=True, soft_wrap=True)
-    settings = _settings(args, err)
+    settings = settings_or_report(args, err)
     if settings is None:
         return EXIT_CONFIG
     fmt = settings.log.format
@@ -128,7 +117,7 @@ async def _run(settings: Settings, reread: Callable[[], Settings] | None = None)
 
 def cmd_status(args: argparse.Namespace) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    settings = _settings(args, err)
+    settings = settings_or_report(args, err)
     if settings is None:
         return EXIT_CONFIG
     path = settings.daemon.state_dir / FILE_NAME
@@ -164,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     err = Console(stderr=True, soft_wrap=True)
     out = Console(soft_wrap=True)
-    settings = _settings(args, err)
+    settings = settings_or_report(args, err)
     if settings is None:
         return EXIT_CONFIG
     where = args.config or "environment"
