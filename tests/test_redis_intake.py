@@ -244,7 +244,11 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         taken = sum(e["count"] for e in b_events if e["event"] == "redis_messages_taken_over")
         resumed = [e for e in b_events if e["event"] == "job_resumed"]
         assert taken > 0
-        assert any(e["state"] == "running" for e in resumed), Counter(e["state"] for e in resumed)
+        # Taken over mid-way, from their journaled progress: triggering (with its mark) or
+        # running; the one-run-per-job count above shows none was triggered twice. (Which
+        # states the killed daemon's jobs were in depends on where batching had them.)
+        states = Counter(e["state"] for e in resumed)
+        assert set(states) & {"triggering", "running"}, states
         a_done = {j for j, o in outcomes.items() if o["consumer"] == "a"}
         assert not a_done & {e["job_id"] for e in resumed}
 
