@@ -542,3 +542,38 @@ async def test_a_refused_name_range_falls_back_to_comparing_every_entity(
         found = await aep.find_by_name("connections", "a,b")
     assert [c["id"] for c in found] == ["c3", "c0"]
     assert asked == [["name>=a", "name<=a\U0010ffff"], []]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("where", ["ims", "platform"])
+async def test_a_redirect_is_refused_and_nothing_goes_to_the_other_origin(
+    emulator: Emulator, status: int, where: str
+) -> None:
+    """A 3xx is an error, never followed: the IMS form (the client secret) and Flow Service
+    bodies (a base connection's credentials) must not be re-sent to another origin."""
+    reached: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(f"{request.method} {request.path} {await request.text()}")
+        return web.json_response({"access_token": "stolen", "expires_in": 3600, "id": "x"})
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    async with stub_server(other) as other_url:
+
+        async def redirect(request: web.Request) -> web.Response:
+            location = f"{other_url}{request.path_qs}"
+            return web.Response(status=status, headers={"Location": location})
+
+        redirector = web.Application()
+        redirector.router.add_route("*", "/{tail:.*}", redirect)
+        async with stub_server(redirector) as redirect_url:
+            config = config_for(emulator, **{f"{where}_url": redirect_url})
+            async with HttpAep.from_config(config, clock=emulator.clock) as api:
+                with pytest.raises(AepError) as refused:
+                    await api.create("connections", workflow.base_connection(StorageType.SFTP))
+    assert reached == []
+    assert f"HTTP {status}" in str(refused.value)
+    assert "redirects are not followed" in str(refused.value)
+    assert DEFAULT_CLIENT_SECRET not in str(refused.value)
+    assert not refused.value.retryable

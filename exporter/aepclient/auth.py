@@ -26,6 +26,7 @@ from exporter.aepclient.envelopes import (
     describe,
     error_for,
     parse_retry_after,
+    redirect_refused,
     transport_error,
 )
 from exporter.clock import Clock
@@ -59,9 +60,13 @@ async def fetch_ims_token(
         "scope": ",".join(config.scopes),
     }
     try:
-        async with session.post(config.ims_url + IMS_TOKEN_PATH, data=form) as resp:
+        async with session.post(
+            config.ims_url + IMS_TOKEN_PATH, data=form, allow_redirects=False
+        ) as resp:
             raw = await resp.read()
             status, retry_after = resp.status, resp.headers.get("Retry-After")
+            if 300 <= status < 400:  # the form carries the client secret: never re-sent
+                raise redirect_refused(status, resp.headers, operation=OPERATION, peer="IMS")
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise transport_error(exc, operation=OPERATION, peer="IMS") from exc
     body = decode_body(raw)

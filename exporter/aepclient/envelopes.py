@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from exporter.errors import (
     AepError,
@@ -133,3 +134,18 @@ def error_for(
     else:
         cls = RequestError
     return cls(message, status=status, code=code, operation=operation, retry_after=retry_after)
+
+
+def redirect_refused(
+    status: int, headers: Mapping[str, str], *, operation: str, peer: str
+) -> RequestError:
+    """A 3xx answer: redirects are never followed (a request body may carry secrets, and a
+    redirect could send it to another origin). Only the target's origin is named."""
+    location = URL(headers.get("Location", ""))
+    where = f"{location.scheme}://{location.host}" if location.is_absolute() else "elsewhere"
+    return RequestError(
+        f"{peer} answered HTTP {status}, a redirect to {where}; redirects are not followed: "
+        "check the configured URL",
+        status=status,
+        operation=operation,
+    )

@@ -33,7 +33,13 @@ from exporter.aepclient.auth import OPERATION as IMS_OPERATION
 from exporter.aepclient.auth import IssuedToken, TokenProvider, fetch_ims_token
 from exporter.aepclient.backoff import Backoff
 from exporter.aepclient.config import AepConfig
-from exporter.aepclient.envelopes import decode_body, error_for, parse_retry_after, transport_error
+from exporter.aepclient.envelopes import (
+    decode_body,
+    error_for,
+    parse_retry_after,
+    redirect_refused,
+    transport_error,
+)
 from exporter.aepclient.ratelimit import RateLimiter
 from exporter.clock import Clock, SystemClock
 from exporter.errors import AepError, ClientClosed, PreconditionFailed, ServerError
@@ -248,7 +254,12 @@ class Transport:
         began, status, sends = time.perf_counter(), None, _Sends()
         try:
             async with self.session.request(
-                method, url, headers=headers, data=data, trace_request_ctx=sends
+                method,
+                url,
+                headers=headers,
+                data=data,
+                trace_request_ctx=sends,
+                allow_redirects=False,  # a body with secrets never goes to another origin
             ) as resp:
                 answer = resp.status, resp.headers.copy(), await resp.read()
             status = answer[0]
@@ -294,6 +305,8 @@ class Transport:
             raise error_for(status, body, operation=operation, retry_after=retry_after)
         if status < 500:
             self.limiter.on_success()
+        if 300 <= status < 400:
+            raise redirect_refused(status, answer_headers, operation=operation, peer="AEP")
         if status >= 400:
             retry_after = parse_retry_after(answer_headers.get("Retry-After"), self.clock.time())
             raise error_for(status, body, operation=operation, retry_after=retry_after)
