@@ -20,13 +20,30 @@ REDACTED = "[redacted]"
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Blank values under secret-sounding keys and bearer tokens inside strings."""
+    """Blank values under secret-sounding keys and bearer tokens inside strings, at any depth
+    (a rendered traceback is a list of frames of dicts)."""
     for key, value in list(event.items()):
-        if SECRET_KEY.search(key) and key not in ("event", "token_type"):
-            event[key] = REDACTED
-        elif isinstance(value, str) and "Bearer" in value:
-            event[key] = BEARER.sub(r"\1" + REDACTED, value)
+        event[key] = _scrub(key, value)
     return event
+
+
+def _scrub(key: str, value: Any) -> Any:
+    if SECRET_KEY.search(key) and key not in ("event", "token_type"):
+        return REDACTED
+    if isinstance(value, str):
+        return BEARER.sub(r"\1" + REDACTED, value) if "Bearer" in value else value
+    if isinstance(value, MutableMapping):
+        return {k: _scrub(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub("", v) for v in value]
+    return value
+
+
+# Tracebacks as data, without each frame's local variables: a frame's locals hold what the
+# code was handling (a password being sent, an auth dict), under any name.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def configure_logging(
@@ -45,11 +62,9 @@ def configure_logging(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks
-            if as_json
-            else structlog.processors.format_exc_info,
+            _TRACEBACKS if as_json else structlog.processors.format_exc_info,
+            redact,  # after the traceback is rendered: its text is searched too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
