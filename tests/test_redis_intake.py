@@ -42,7 +42,7 @@ from exporter.emulator.app import serve
 from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
-from exporter.settings import load_settings
+from exporter.settings import describe_errors, load_settings
 from tests.daemon_support import (
     Running,
     drop_job,
@@ -930,3 +930,37 @@ def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path:
     for expected, values in bad.items():
         with pytest.raises(ValidationError, match=expected):
             RedisConfig.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    ("url", "password", "allowed"),
+    [
+        ("redis://redis.internal:6379/0", True, False),  # a password in clear text: refused
+        ("redis://:pw@redis.internal:6379/0", False, False),
+        ("redis://redis.internal:6379/0?password=pw", False, False),
+        ("redis://10.0.0.7:6379/0", True, False),
+        ("rediss://redis.internal:6380/0", True, True),  # TLS
+        ("redis://redis.internal:6379/0", False, True),  # no password to leak
+        ("redis://127.0.0.1:6379/0", True, True),  # this machine
+        ("redis://localhost:6379/0", True, True),
+        ("redis://[::1]:6379/0", True, True),
+        ("unix:///run/redis.sock", True, True),
+    ],
+)
+def test_a_password_over_plain_redis_to_another_host_needs_an_opt_out(
+    tmp_path: Path, url: str, password: bool, allowed: bool
+) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    given: dict[str, Any] = {"url": url, "consumer": "c"}
+    if password:
+        given["password_file"] = str(tmp_path / "pw")
+    if allowed:
+        RedisConfig.model_validate(given)
+    else:
+        with pytest.raises(ValidationError, match="clear text: use rediss://") as refused:
+            RedisConfig.model_validate(given)
+        said = describe_errors(refused.value, "redis")  # what the settings loader prints
+        assert "rediss://" in said
+        assert "s3cret" not in said
+        assert "pw@" not in said
+        RedisConfig.model_validate({**given, "insecure_plaintext": True})  # the opt-out

@@ -64,6 +64,9 @@ class RedisConfig(BaseModel):
     """redis://, rediss:// (TLS) or unix://; put the password in `password_file`."""
     password: SecretStr | None = None
     """Given as `password_file` (a secret file); never logged."""
+    insecure_plaintext: bool = False
+    """Allow a password over plain `redis://` to a host that is not this machine (it travels
+    in clear text): otherwise such a url is refused; use `rediss://`."""
     stream: str = Field(default="aep-exporter:jobs", min_length=1)
     """Producers XADD jobs here: the field `job` holds the job document (JSON)."""
     group: str = Field(default="aep-exporter", min_length=1)
@@ -105,6 +108,18 @@ class RedisConfig(BaseModel):
         in_url = parts.password or any(_is_password(p) for p in parts.query.split("&"))
         if in_url and self.password is not None:
             raise ValueError("the url holds a password and password_file gives one: keep one")
+        has_password = bool(in_url) or self.password is not None
+        if (
+            parts.scheme == "redis"
+            and has_password
+            and not _loopback(parts.hostname or "")
+            and not self.insecure_plaintext
+        ):
+            raise ValueError(
+                f"a password over plain redis:// to {parts.hostname} would travel in clear "
+                "text: use rediss:// (TLS), or set insecure_plaintext = true on a network "
+                "you trust"
+            )
         names = [self.stream, self.results_stream, self.dead_letter_stream]
         if len(set(names)) != len(names):
             raise ValueError("stream, results_stream and dead_letter_stream must differ")
@@ -290,3 +305,13 @@ class ScheduleConfig(BaseModel):
         if self.cron is not None:
             return f"cron {self.cron} ({self.timezone})"
         return f"every {self.interval_s} s"
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` names this machine (a name or a loopback address)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
