@@ -608,17 +608,13 @@ class LaneManager:
 
         others = [lane for lane in self._lanes.values() if displaced(lane.key)]
         for name, item in self._known.items():
-            described = _described(item)
-            if described is None:
-                continue
-            other = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
+            found = self._known_lane(name, item)
             if (
-                displaced(other)
-                and other.flow_name() == name.split(" #")[0]
-                and other.fingerprint not in self._lanes
-                and other.destination in self._destinations
+                found is not None
+                and displaced(found[0])
+                and found[0].fingerprint not in self._lanes
             ):
-                others.append(await self._lane(other))
+                others.append(await self._lane(found[0]))
         for lane in others:
             if not lane.loaded:
                 await self._lane(lane.key)
@@ -792,19 +788,28 @@ class LaneManager:
         idle = [f for f in known if f not in fresh]
         return sorted(idle, key=lambda f: (f.last_used, f.updated_at_ms))
 
+    def _known_lane(self, name: str, item: Mapping[str, Any]) -> tuple[LaneKey, int] | None:
+        """The lane and shard a listed flow is, when it is one of ours (its description names
+        a lane whose flow name is its name) and its destination is configured here."""
+        described = _described(item)
+        if described is None:
+            return None
+        key = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
+        shard = int(name.rsplit("#", 1)[1]) if " #" in name else 1
+        if key.flow_name(shard) != name or key.destination not in self._destinations:
+            return None
+        return key, shard
+
     async def _unloaded_candidates(self) -> list[tuple[LaneKey, int, dict[str, Any]]]:
         """Lane flows in AEP that this process has not loaded (another daemon's, or older)."""
         loaded = {f.name for lane in self._lanes.values() for f in lane.flows.values()}
         out = []
         for name, item in self._known.items():
-            described = _described(item)
-            if name in loaded or described is None:
+            found = None if name in loaded else self._known_lane(name, item)
+            if found is None:
                 continue
-            if described.get("mode") != "once" and str(item.get("state")) != "disabled":
-                continue
-            key = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
-            shard = int(name.rsplit("#", 1)[1]) if " #" in name else 1
-            if key.flow_name(shard) != name or key.destination not in self._destinations:
+            key, shard = found
+            if key.mode != "once" and str(item.get("state")) != "disabled":
                 continue
             out.append((key, shard, item))
         out.sort(key=lambda t: int(t[2].get("updatedAt") or 0))
@@ -927,16 +932,13 @@ class LaneManager:
         now_s = int(self._clock.time())
         renewed = 0
         for name, item in list(self._known.items()):
-            described = _described(item)
-            if described is None:
+            found = self._known_lane(name, item)
+            if found is None:
                 continue
-            key = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
-            if key.destination not in self._destinations:
-                continue
+            key, shard = found
             info = FlowInfo.parse(item)
             if schedule_matches(info.schedule, key.mode, now_s, self._config):
                 continue
-            shard = int(name.rsplit("#", 1)[1]) if " #" in name else 1
             lane = await self._lane(key)
             flow = lane.flows.get(shard)
             if flow is None:
