@@ -8,9 +8,11 @@ waits are tested without sleeping for real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
@@ -26,6 +28,10 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Wait for `seconds` of this clock's time."""
+
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        """Work this clock cannot see is under way (a request on the wire): a virtual clock
+        holds still until it ends, a real one ignores it."""
 
 
 async def sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> None:
@@ -50,12 +56,16 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
 
 class FakeClock:
     """A clock that stands still until `advance()` is awaited.
 
     With `auto_advance`, time moves by itself: whenever sleepers are waiting, it jumps to the
-    earliest deadline as soon as the event loop has had a moment for network I/O. Code that
+    earliest deadline as soon as the event loop has had a moment and no `busy()` work (a
+    request on the wire, which may wait on threads or another process) is under way. Code that
     backs off, polls and waits runs at full speed in virtual time; concurrent sleeps overlap
     as they would in real time; a server sharing the clock (the emulator in tests) sees the
     same time pass.
@@ -69,6 +79,9 @@ class FakeClock:
         self._now = 0.0
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def time(self) -> float:
         return self._wall0 + self._now
@@ -91,11 +104,26 @@ class FakeClock:
             self._driver = asyncio.create_task(self._drive(), name="fake-clock-driver")
         await fut
 
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
     async def _drive(self) -> None:
         try:
             while True:
-                # Give ready callbacks and in-flight network I/O a moment before time moves.
+                # Give ready callbacks and in-flight network I/O a moment before time moves;
+                # a request on the wire holds it still whatever the machine's load.
                 await asyncio.sleep(AUTO_ADVANCE_PAUSE)
+                if self._busy:
+                    await self._idle.wait()
+                    continue
                 while self._sleepers and self._sleepers[0][2].done():
                     heapq.heappop(self._sleepers)
                 if not self._sleepers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from exporter.clock import FakeClock
+from exporter.clock import AUTO_ADVANCE_PAUSE, FakeClock
 
 
 async def test_sleepers_wake_in_deadline_order_only_when_time_passes() -> None:
@@ -51,3 +51,18 @@ async def test_auto_advance_jumps_time_instead_of_waiting() -> None:
     assert clock.time() == wall + 600
     await clock.sleep(0)
     assert clock.monotonic() == 600
+
+
+async def test_auto_advance_holds_still_while_work_is_on_the_wire() -> None:
+    # Under load a request can take longer than the driver's pause: time must not leap past
+    # a deadline (a poll's, a lease's) while the answer is still on its way.
+    clock = FakeClock(auto_advance=True)
+    sleeper = asyncio.create_task(clock.sleep(30))
+    with clock.busy(), clock.busy():
+        # The driver gets many turns, each longer than its pause, to move time: it must not.
+        for _ in range(20):
+            await asyncio.sleep(AUTO_ADVANCE_PAUSE * 2)
+        assert clock.monotonic() == 0
+        assert not sleeper.done()
+    await sleeper
+    assert clock.monotonic() == 30

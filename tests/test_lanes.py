@@ -10,6 +10,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +370,9 @@ class SkewedClock:
 
     async def sleep(self, seconds: float) -> None:
         await self.base.sleep(seconds)
+
+    def busy(self) -> AbstractContextManager[None]:
+        return self.base.busy()  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("skew_s", [-600.0, 600.0])

@@ -106,6 +106,10 @@ class Transport:
         return f"Transport({self.config.platform_url}, sandbox={self.config.sandbox!r})"
 
     async def _fetch_token(self) -> IssuedToken:
+        with self.clock.busy():
+            return await self._fetch_token_on_wire()
+
+    async def _fetch_token_on_wire(self) -> IssuedToken:
         if self.metrics is None:
             return await fetch_ims_token(self.session, self.config, now=self.clock.time)
         began = time.perf_counter()
@@ -253,15 +257,16 @@ class Transport:
         # AEP saw is counted once; in real time: the wire does not run on a fake clock.
         began, status, sends = time.perf_counter(), None, _Sends()
         try:
-            async with self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                trace_request_ctx=sends,
-                allow_redirects=False,  # a body with secrets never goes to another origin
-            ) as resp:
-                answer = resp.status, resp.headers.copy(), await resp.read()
+            with self.clock.busy():
+                async with self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    trace_request_ctx=sends,
+                    allow_redirects=False,  # a body with secrets never goes to another origin
+                ) as resp:
+                    answer = resp.status, resp.headers.copy(), await resp.read()
             status = answer[0]
             return answer
         finally:
