@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from typing import Protocol
 
 AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
+# How long (real seconds) work marked busy() holds an auto-advancing clock: far longer than a
+# loaded machine takes to answer on loopback, far shorter than a request a test hangs on purpose
+# (whose timeouts and shutdown deadlines must still come in virtual time).
+BUSY_HOLD_S = 0.25
 SETTLE_TURNS = 30
 
 
@@ -79,9 +83,8 @@ class FakeClock:
         self._now = 0.0
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
-        self._busy = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._holds: dict[int, float] = {}  # busy() work under way: when it began (real)
+        self._released = asyncio.Event()
 
     def time(self) -> float:
         return self._wall0 + self._now
@@ -106,14 +109,26 @@ class FakeClock:
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
-        self._busy += 1
-        self._idle.clear()
+        token = next(self._seq)
+        self._holds[token] = time.monotonic()
         try:
             yield
         finally:
-            self._busy -= 1
-            if not self._busy:
-                self._idle.set()
+            del self._holds[token]
+            self._released.set()
+
+    async def _held(self) -> bool:
+        """Until no busy() work younger than BUSY_HOLD_S is under way; whether it waited."""
+        waited = False
+        while self._holds:
+            left = max(self._holds.values()) + BUSY_HOLD_S - time.monotonic()
+            if left <= 0:
+                break
+            waited = True
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), left)
+        return waited and not self._holds
 
     async def _drive(self) -> None:
         try:
@@ -121,9 +136,8 @@ class FakeClock:
                 # Give ready callbacks and in-flight network I/O a moment before time moves;
                 # a request on the wire holds it still whatever the machine's load.
                 await asyncio.sleep(AUTO_ADVANCE_PAUSE)
-                if self._busy:
-                    await self._idle.wait()
-                    continue
+                if await self._held():
+                    continue  # answers came: what they wake runs before time moves
                 while self._sleepers and self._sleepers[0][2].done():
                     heapq.heappop(self._sleepers)
                 if not self._sleepers:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
-from exporter.clock import AUTO_ADVANCE_PAUSE, FakeClock
+from exporter.clock import AUTO_ADVANCE_PAUSE, BUSY_HOLD_S, FakeClock
 
 
 async def test_sleepers_wake_in_deadline_order_only_when_time_passes() -> None:
@@ -65,4 +66,15 @@ async def test_auto_advance_holds_still_while_work_is_on_the_wire() -> None:
         assert clock.monotonic() == 0
         assert not sleeper.done()
     await sleeper
+    assert clock.monotonic() == 30
+
+
+async def test_work_hung_on_purpose_holds_the_clock_only_briefly() -> None:
+    # A test that hangs a request (a fault delaying an answer for minutes) still needs its
+    # deadlines and shutdown grace to come, in virtual time.
+    clock = FakeClock(auto_advance=True)
+    with clock.busy():
+        began = time.monotonic()
+        await clock.sleep(30)
+        assert time.monotonic() - began >= BUSY_HOLD_S
     assert clock.monotonic() == 30
