@@ -28,6 +28,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Run ids per status query: one run up to AEP's maximum of 100 per filter.
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100)
+# Event-loop lag: a healthy loop wakes within a millisecond or two; the stall alarm is seconds.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Export runs last from under a minute to hours.
 RUN_BUCKETS = (15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
 # A finished run is seen at the next poll: within the poll cadence (3 s to 2 min by default).
@@ -143,6 +145,12 @@ class Metrics:
             buckets=DETECTION_BUCKETS,
             registry=r,
         )
+        self.event_loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the event loop woke the admin server's monitor (it asks every second).",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         for state in IN_FLIGHT_STATES:  # shown as 0, not absent, while no job is there
             self.jobs_in_flight_by_state.labels(state.value)
         self._job_states: dict[str, JobState] = {}
@@ -203,6 +211,9 @@ class Metrics:
         self.api_requests_in_flight.set_function(in_flight)
 
     # -- runs ------------------------------------------------------------------------------
+
+    def loop_lag(self, seconds: float) -> None:
+        self.event_loop_lag.observe(max(0.0, seconds))
 
     def poll_batch(self, size: int) -> None:
         self.poll_batch_size.observe(size)

@@ -622,6 +622,12 @@ async def test_healthz_fails_after_the_loop_was_blocked_and_remembers_it(
         assert reason.startswith("the event loop was blocked for ")
         assert float(reason.split()[6]) >= 0.35
         assert reason.endswith(f"within the last {window:g} s (limit 0.1 s)")
+        # The lag histogram saw the block too: one wake at least 0.35 s late.
+        (family,) = admin.daemon.metrics.event_loop_lag.collect()
+        lag = family.samples
+        slow = [s.value for s in lag if s.name.endswith("_bucket") and s.labels["le"] == "0.25"]
+        count = [s.value for s in lag if s.name.endswith("_count")]
+        assert count[0] - slow[0] >= 1
 
         # It stays remembered for the window (the monitor has long caught up by then),
         # then liveness comes back.

@@ -52,8 +52,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class LoopMonitor:
     """How late the event loop wakes a task that sleeps `interval` seconds at a time."""
 
-    def __init__(self, *, threshold: float, window: float) -> None:
+    def __init__(
+        self,
+        *,
+        threshold: float,
+        window: float,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.threshold = threshold
+        self.observe = observe
         self.window = window
         self.interval = min(1.0, threshold / 4)
         self._due: float | None = None  # when the monitor should wake next; None: not running
@@ -66,6 +73,8 @@ class LoopMonitor:
                 await asyncio.sleep(self.interval)
                 now = time.monotonic()
                 lag = now - self._due
+                if self.observe is not None:
+                    self.observe(lag)
                 while self._stalls and self._stalls[0][0] < now - self.window:
                     self._stalls.popleft()
                 if lag > self.threshold:
@@ -95,7 +104,11 @@ class AdminServer:
         self.config = config
         self.port: int | None = None
         """The bound port, once started (the configured one, or the one picked for 0)."""
-        self.monitor = LoopMonitor(threshold=config.loop_stall_s, window=config.loop_stall_window_s)
+        self.monitor = LoopMonitor(
+            threshold=config.loop_stall_s,
+            window=config.loop_stall_window_s,
+            observe=daemon.metrics.loop_lag,
+        )
         self.openapi = resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_bytes()
         self._token = config.token.get_secret_value().encode() if config.token is not None else None
         self.lanes = LanesApi(daemon)
