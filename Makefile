@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test lint check bench-emulator bench-engine bench-daemon clean
+.PHONY: demo test lint check bench-emulator bench-engine bench-daemon bench-soak clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -35,6 +35,11 @@ bench-engine: $(READY)
 
 bench-daemon: $(READY)
 	$(BIN)/python bench/daemon_spool.py
+
+# An hour with about 1,000 runs in flight (docs/benchmarks.md, "Soak"); draws docs/soak.png.
+bench-soak: $(READY)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .demo .aep-emulator .pytest_cache .mypy_cache .ruff_cache .coverage
