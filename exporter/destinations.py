@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from exporter.aep import STORAGE_SPECS, StorageSpec, StorageType
+from exporter.redaction import Secret
 
 S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 BLOB_CONTAINER = r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"
@@ -49,16 +50,17 @@ class _Base(BaseModel):
             if not key.endswith("_file"):
                 continue
             name = key.removesuffix("_file")
-            if name not in cls.model_fields or cls.model_fields[name].annotation not in (
-                SecretStr,
-                SecretStr | None,
-            ):
+            if name not in cls.model_fields or name not in cls._secret_fields():
                 continue
             if data.get(name) is not None:
                 raise ValueError(f"give either {name} or {key}, not both")
             out[name] = read_secret(Path(str(value)))
             del out[key]
         return out
+
+    @classmethod
+    def _secret_fields(cls) -> set[str]:
+        return {n for n, f in cls.model_fields.items() if "SecretStr" in str(f.annotation)}
 
     @property
     def spec(self) -> StorageSpec:
@@ -89,7 +91,7 @@ class S3Destination(_Base):
     type: Literal["s3"]
     bucket: Annotated[str, Field(pattern=S3_BUCKET)]
     access_key_id: Annotated[str, Field(pattern=r"^[A-Z2-7]{20}$")] | None = None
-    secret_access_key: SecretStr | None = None
+    secret_access_key: Secret | None = None
     role_arn: Annotated[str, Field(pattern=r"^arn:aws:iam::\d{12}:role/\S+$")] | None = None
 
     @model_validator(mode="after")
@@ -123,7 +125,7 @@ class S3Destination(_Base):
 class AzureBlobDestination(_Base):
     type: Literal["azure_blob"]
     container: Annotated[str, Field(pattern=BLOB_CONTAINER)]
-    connection_string: SecretStr
+    connection_string: Secret
 
     @model_validator(mode="after")
     def _account(self) -> AzureBlobDestination:
@@ -148,7 +150,7 @@ class AdlsGen2Destination(_Base):
     type: Literal["adls_gen2"]
     url: Annotated[str, Field(pattern=r"^https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?$")]
     service_principal_id: str = Field(min_length=1)
-    service_principal_key: SecretStr
+    service_principal_key: Secret
     tenant: str = Field(min_length=1)
 
     def auth(self) -> dict[str, Any]:
@@ -180,7 +182,7 @@ class GcsDestination(_Base):
     type: Literal["gcs"]
     bucket: Annotated[str, Field(pattern=GCS_BUCKET)]
     access_key_id: str = Field(min_length=1)
-    secret_access_key: SecretStr
+    secret_access_key: Secret
 
     def auth(self) -> dict[str, Any]:
         return {
@@ -202,8 +204,8 @@ class SftpDestination(_Base):
     type: Literal["sftp"]
     host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]
     username: str = Field(min_length=1)
-    password: SecretStr | None = None
-    ssh_key: SecretStr | None = None
+    password: Secret | None = None
+    ssh_key: Secret | None = None
 
     @model_validator(mode="after")
     def _one_auth(self) -> SftpDestination:
