@@ -8,6 +8,8 @@ as `**********`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -23,6 +25,11 @@ from exporter.redaction import Secret
 S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 BLOB_CONTAINER = r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"
 GCS_BUCKET = r"^(?!goog)(?!.*google)[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
+# AWS access key ids: AKIA (long-term) or ASIA (temporary, from STS), then 16 characters of
+# the base32 alphabet; AEP's S3 spec takes 20 of those (docs/aep-notes.md). Secret access
+# keys are 40 characters of base64's alphabet.
+S3_ACCESS_KEY_ID = r"^A[KS]IA[A-Z2-7]{16}$"
+S3_SECRET_KEY = re.compile(r"[A-Za-z0-9/+]{40}")
 
 
 def read_secret(path: Path) -> SecretStr:
@@ -90,7 +97,7 @@ class _Base(BaseModel):
 class S3Destination(_Base):
     type: Literal["s3"]
     bucket: Annotated[str, Field(pattern=S3_BUCKET)]
-    access_key_id: Annotated[str, Field(pattern=r"^[A-Z2-7]{20}$")] | None = None
+    access_key_id: Annotated[str, Field(pattern=S3_ACCESS_KEY_ID)] | None = None
     secret_access_key: Secret | None = None
     role_arn: Annotated[str, Field(pattern=r"^arn:aws:iam::\d{12}:role/\S+$")] | None = None
 
@@ -101,6 +108,14 @@ class S3Destination(_Base):
             raise ValueError("give either access_key_id with secret_access_key(_file), or role_arn")
         if keys and (self.access_key_id is None or self.secret_access_key is None):
             raise ValueError("access_key_id and secret_access_key go together")
+        if self.secret_access_key is not None and not S3_SECRET_KEY.fullmatch(
+            self.secret_access_key.get_secret_value()
+        ):
+            # AEP refuses it and echoes it in the error; the value is never named here.
+            raise ValueError(
+                "secret_access_key is not an AWS secret access key: 40 characters of "
+                "A-Z, a-z, 0-9, / and +"
+            )
         return self
 
     def auth(self) -> dict[str, Any]:
@@ -200,6 +215,26 @@ class GcsDestination(_Base):
         return f"gs://{self.bucket}"
 
 
+def ssh_key_problem(value: str) -> str | None:
+    """Why `value` is not what AEP takes as an SFTP key — the OpenSSH/PEM private key file,
+    Base64-encoded (docs/aep-notes.md) — or None. Never quotes the value."""
+    if "-----BEGIN" in value:
+        return (
+            "ssh_key is a PEM private key as-is: AEP expects it Base64-encoded "
+            "(e.g. `base64 -w0 id_ed25519`)"
+        )
+    try:
+        decoded = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return "ssh_key is not Base64: AEP expects the private key file Base64-encoded"
+    if not re.match(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", decoded.lstrip()):
+        return (
+            "ssh_key is Base64 but not of a private key file (one that starts with "
+            "-----BEGIN ... PRIVATE KEY-----)"
+        )
+    return None
+
+
 class SftpDestination(_Base):
     type: Literal["sftp"]
     host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]
@@ -211,6 +246,10 @@ class SftpDestination(_Base):
     def _one_auth(self) -> SftpDestination:
         if (self.password is None) == (self.ssh_key is None):
             raise ValueError("give either password(_file) or ssh_key(_file)")
+        if self.ssh_key is not None:
+            problem = ssh_key_problem(self.ssh_key.get_secret_value())
+            if problem:
+                raise ValueError(problem)
         return self
 
     def auth(self) -> dict[str, Any]:
