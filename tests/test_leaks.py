@@ -5,19 +5,42 @@ searched for them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import random
+import signal
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote, quote_plus
 
+import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 
+from exporter.aep import StorageType
 from exporter.aepclient.envelopes import error_for
+from exporter.clock import SystemClock
 from exporter.daemon.config import RedisConfig
 from exporter.destinations import AzureBlobDestination, SftpDestination
+from exporter.emulator.app import serve
+from exporter.emulator.settings import Knobs, Span
 from exporter.errors import RequestError
 from exporter.jobs import JobState, Outcome, RunError
 from exporter.redaction import MIN_SCRUB_CHARS, REDACTED, SECRETS, SecretRegistry, forms
+from tests.conftest import Emulator
+from tests.daemon_support import (
+    daemon_process,
+    drop_job,
+    results,
+    until_results,
+    write_config,
+)
+from tests.redis_support import RedisServer, start_redis, until_entries
+from tests.workflow import spec_ref
+
+DEADLINE = 30.0  # real seconds: a bound on a wait, never a sleep
 
 PEM = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\n"
@@ -38,7 +61,7 @@ def encodings(value: str) -> list[str]:
         quote_plus(value),
         json.dumps(value)[1:-1],
     ]
-    return [f for f in found if len(f) >= MIN_SCRUB_CHARS]
+    return [f for f in dict.fromkeys(found) if len(f) >= MIN_SCRUB_CHARS]
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -133,3 +156,291 @@ def test_nothing_to_scrub_leaves_text_alone(value: str) -> None:
     registry = SecretRegistry()
     registry.add(value)
     assert registry.scrub("short text") == "short text"
+
+
+# -- the emulator echoes, as AEP does: what makes the daemon test below a real one ----------
+
+
+@pytest.mark.parametrize(
+    ("storage", "spec_name", "params", "echoed"),
+    [
+        (
+            StorageType.GCS,
+            "Google Cloud Storage authentication credentials",
+            {"accessKeyId": "GOOG1", "secretAccessKey": "GCSecho+Secret/" + "x" * 26},
+            "GCSecho+Secret/" + "x" * 26,
+        ),
+        (
+            StorageType.SFTP,
+            "SFTP with SSH Key",
+            {"domain": "h.example.com", "username": "u", "sshKey": PEM},
+            repr(PEM)[1:-1],  # as Python's (and Java's) validators quote it: \n escaped
+        ),
+        (
+            StorageType.S3,
+            "Access Key",
+            {"s3AccessKey": "AKIAIOSFODNN7EXAMPLE", "s3SecretKey": "S3echo/" + "y" * 34},
+            "S3echo/" + "y" * 34,
+        ),
+    ],
+)
+async def test_the_emulator_echoes_a_rejected_secret_in_its_error_as_aep_does(
+    emulator: Emulator, storage: StorageType, spec_name: str, params: dict[str, Any], echoed: str
+) -> None:
+    body = {
+        "name": "echo",
+        "connectionSpec": spec_ref(storage),
+        "auth": {"specName": spec_name, "params": params},
+    }
+    answer = await emulator.fs("POST", "/connections", json_body=body)
+    assert answer.status == 400
+    assert any(echoed in text for text in strings(answer.body)), answer.body
+
+
+def strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [s for item in value for s in strings(item)] if isinstance(value, list) else []
+
+
+# -- the daemon: every byte it writes, searched -----------------------------------------------
+
+AEP_SECRET = "aep-Client+Secret/LEAK-7Q2x9"
+S3_SECRET = "S3leak+Secret/0123456789abcdefghijklmnop"
+AZURE_KEY = "AzLeakAccountKey+/" + "k" * 68 + "=="
+AZURE_CONNECTION = (
+    f"DefaultEndpointsProtocol=https;AccountName=leakacct;AccountKey={AZURE_KEY};"
+    "EndpointSuffix=core.windows.net"
+)
+ADLS_KEY = "adls-Leak~Principal.Key_8Xq"
+GCS_SECRET = "GCSleak+Secret/0123456789abcdefghijklmnop"  # 41 characters: AEP refuses it
+GCS_SECRET_RELOADED = "GCSleak+Reloaded/0123456789abcdefghijkl"  # 39: refused as well
+SFTP_PASSWORD = "sftp-Leak-Password!9z"
+SFTP_KEY = base64.b64encode(PEM.encode()).decode()
+ADMIN_TOKEN = "admin-Leak-Token-0123456789abcdef"
+REDIS_PASSWORD = "redis-Leak-Pass-1st"
+REDIS_PASSWORD_ROTATED = "redis-Leak-Pass-2nd-rotated"
+SECRET_VALUES = {
+    "aep.client_secret": AEP_SECRET,
+    "s3.secret_access_key": S3_SECRET,
+    "azure.connection_string": AZURE_CONNECTION,
+    "azure AccountKey": AZURE_KEY,
+    "adls.service_principal_key": ADLS_KEY,
+    "gcs.secret_access_key": GCS_SECRET,
+    "gcs.secret_access_key (reloaded)": GCS_SECRET_RELOADED,
+    "sftp.password": SFTP_PASSWORD,
+    "sftp.ssh_key": SFTP_KEY,
+    "sftp.ssh_key decoded": PEM,
+    "sftp.ssh_key PEM body": PEM.splitlines()[2],
+    "admin.token": ADMIN_TOKEN,
+    "redis.password": REDIS_PASSWORD,
+    "redis.password (rotated)": REDIS_PASSWORD_ROTATED,
+}
+DESTINATIONS = {
+    "s3": {
+        "type": "s3",
+        "bucket": "leak-s3",
+        "access_key_id": "AKIAIOSFODNN7EXAMPLE",
+        "secret_access_key_file": "secrets/s3",
+    },
+    "azure": {
+        "type": "azure_blob",
+        "container": "leak-blob",
+        "connection_string_file": "secrets/az",
+    },
+    "adls": {
+        "type": "adls_gen2",
+        "url": "https://leaklake.dfs.core.windows.net",
+        "service_principal_id": "sp",
+        "tenant": "t",
+        "service_principal_key_file": "secrets/adls",
+    },
+    "gcs": {
+        "type": "gcs",
+        "bucket": "leak-gcs",
+        "access_key_id": "GOOG1LEAK",
+        "secret_access_key_file": "secrets/gcs",
+    },
+    "sftp_pw": {
+        "type": "sftp",
+        "host": "sftp.example.com",
+        "username": "ml",
+        "password_file": "secrets/sftp_pw",
+    },
+    "sftp_key": {
+        "type": "sftp",
+        "host": "sftp.example.com",
+        "username": "ml",
+        "ssh_key_file": "secrets/sftp_key",
+    },
+}
+
+
+def job(dataset: str, destination: str, suffix: str = "") -> dict[str, Any]:
+    return {
+        "id": f"{destination}{suffix}",
+        "dataset_id": dataset,
+        "destination": destination,
+        "path": f"leak/{destination}",
+    }
+
+
+def leaks(name: str, data: bytes) -> list[str]:
+    """Which secrets, in which encoding, `data` holds."""
+    found = []
+    for what, value in SECRET_VALUES.items():
+        for form in encodings(value):
+            if form.encode() in data:
+                found.append(f"{name}: {what} as {form[:12]}...")
+    return found
+
+
+def write_leak_config(folder: Path, url: str, redis: RedisServer) -> Path:
+    secrets = folder / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    for name, value in {
+        "s3": S3_SECRET,
+        "az": AZURE_CONNECTION,
+        "adls": ADLS_KEY,
+        "gcs": GCS_SECRET,
+        "sftp_pw": SFTP_PASSWORD,
+        "sftp_key": SFTP_KEY,
+        "admin": ADMIN_TOKEN,
+        "redis": REDIS_PASSWORD,
+    }.items():
+        (secrets / name).write_text(value + "\n")
+    path = write_config(
+        folder,
+        url,
+        admin={"port": 0, "token_file": "secrets/admin"},
+        redis={
+            "url": redis.url,
+            "password_file": "secrets/redis",
+            "consumer": "leak",
+            "block_s": 0.5,
+        },
+    )
+    (folder / "client_secret").write_text(AEP_SECRET)
+    lines = [path.read_text()]
+    for name, values in DESTINATIONS.items():
+        lines.append(f"[destinations.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _admin_answers(http: aiohttp.ClientSession, admin: str) -> dict[str, bytes]:
+    answers = {}
+    for path in ("/v1/jobs", "/v1/jobs?state=failed", "/v1/jobs/gcs", "/metrics"):
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with http.get(admin + path, headers=headers) as resp:
+            assert resp.status == 200, path
+            answers[f"admin {path}"] = await resp.read()
+    return answers
+
+
+async def _streams(redis: RedisServer, password: str) -> dict[str, bytes]:
+    client = aioredis.Redis(host="127.0.0.1", port=redis.port, password=password)
+    found = {}
+    try:
+        for stream in ("aep-exporter:results", "aep-exporter:dead-letter"):
+            reply: Any = await client.xrange(stream)
+            found[f"redis {stream}"] = b"\n".join(
+                k + b"=" + v for _, fields in reply for k, v in fields.items()
+            )
+    finally:
+        await client.aclose()
+    return found
+
+
+def _files(folder: Path, when: str) -> dict[str, bytes]:
+    """Every file the daemon writes: the journal (and its -wal, -shm), result files."""
+    written = [p for d in ("state", "spool") for p in (folder / d).rglob("*") if p.is_file()]
+    return {f"{p.relative_to(folder)} ({when})": p.read_bytes() for p in written}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_no_secret_reaches_any_output_of_the_daemon(tmp_path: Path) -> None:
+    """Validation errors that echo values (GCS secrets, through the emulator over HTTP),
+    reloads (a changed secret, a PEM key where base64 belongs) and a Redis password rotation;
+    then the log, result files, journal and its WAL, Redis streams and the admin API are
+    searched for every secret in every encoding."""
+    knobs = Knobs(
+        client_secret=AEP_SECRET,
+        not_ready_window_s=0.2,
+        run_duration_s=Span(min=0.1, max=0.2),
+        seed=5,
+    )
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        dataset = state.lake.create_dataset(
+            "prod", "features", 10, rng=random.Random(1), now_ms=0
+        ).id
+        await _provoke_and_search(tmp_path, url, dataset)
+
+
+async def _provoke_and_search(tmp_path: Path, url: str, dataset: str) -> None:
+    redis = await start_redis(tmp_path / "redis", password=REDIS_PASSWORD)
+    folder = tmp_path / "daemon"
+    folder.mkdir()
+    config = write_leak_config(folder, url, redis)
+    spool = folder / "spool"
+    log = tmp_path / "daemon.log"
+    try:
+        async with daemon_process(config, log) as running, aiohttp.ClientSession() as http:
+            await running.until("admin_listening", deadline_s=DEADLINE)
+            (listening,) = [e for e in running.lines if e["event"] == "admin_listening"]
+            admin = f"http://127.0.0.1:{listening['port']}"
+            names = [drop_job(spool, f"{dest}.json", job(dataset, dest)) for dest in DESTINATIONS]
+            await redis.client.xadd(
+                "aep-exporter:jobs", {"job": json.dumps(job(dataset, "gcs", "r"))}
+            )
+            await until_results(spool, names, deadline_s=DEADLINE * 4)
+            await until_entries(redis.client, "aep-exporter:results", 1, deadline_s=DEADLINE)
+            gcs = results(spool)["gcs.json"]
+            assert gcs["state"] in ("rejected", "failed"), gcs
+            assert "secretAccessKey" in gcs["message"]  # AEP's echo, scrubbed
+            assert "[redacted]" in gcs["message"]
+
+            # A reload that changes a secret: the new one is known from then on.
+            (folder / "secrets" / "gcs").write_text(GCS_SECRET_RELOADED)
+            running.proc.send_signal(signal.SIGHUP)
+            await running.until("reload_done", deadline_s=DEADLINE)
+            again = drop_job(spool, "gcs-2.json", job(dataset, "gcs", "2"))
+            await until_results(spool, [again], deadline_s=DEADLINE)
+            assert "[redacted]" in results(spool)["gcs-2.json"]["message"]
+
+            # A reload refused: the SSH key pasted as a PEM, not base64.
+            (folder / "secrets" / "sftp_key").write_text(PEM)
+            running.proc.send_signal(signal.SIGHUP)
+            await running.until("reload_refused", deadline_s=DEADLINE)
+            (refused,) = [e for e in running.lines if e["event"] == "reload_refused"]
+            assert "ssh_key is a PEM private key as-is" in refused["reason"]
+            (folder / "secrets" / "sftp_key").write_text(SFTP_KEY)
+
+            outputs = await _admin_answers(http, admin)
+            assert b'"gcs"' in outputs["admin /v1/jobs"]
+            outputs |= await _streams(redis, REDIS_PASSWORD)
+            outputs |= _files(folder, "running")
+            assert any("-wal (" in name for name in outputs), sorted(outputs)
+
+            # Redis's password rotated: the daemon is told (a restart applies it), and its
+            # connections are cut; it cannot log in again and stops, for systemd to restart.
+            await redis.client.config_set("requirepass", REDIS_PASSWORD_ROTATED)
+            (folder / "secrets" / "redis").write_text(REDIS_PASSWORD_ROTATED)
+            running.proc.send_signal(signal.SIGHUP)
+            await running.until("reload_needs_restart", deadline_s=DEADLINE)
+            await redis.client.client_kill_filter(_type="normal", skipme=True)
+            async with asyncio.timeout(DEADLINE):
+                await running.proc.wait()
+            assert any(e["event"] == "task_died" for e in running.lines)
+        outputs |= _files(folder, "stopped")
+        outputs |= await _streams(redis, REDIS_PASSWORD_ROTATED)
+        outputs["log"] = log.read_bytes()
+        assert b'"job_finished"' in outputs["log"]
+        found = [hit for name, data in outputs.items() for hit in leaks(name, data)]
+        assert not found, "\n".join(found)
+    finally:
+        await redis.stop()
