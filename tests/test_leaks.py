@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import random
 import signal
@@ -17,18 +18,25 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from pydantic import SecretStr
 
 from exporter.aep import StorageType
+from exporter.aepclient import http as http_module
 from exporter.aepclient.envelopes import error_for
 from exporter.clock import SystemClock
-from exporter.daemon.config import RedisConfig
+from exporter.daemon.assemble import build_daemon
+from exporter.daemon.config import DaemonConfig, LogConfig, RedisConfig
 from exporter.destinations import AzureBlobDestination, SftpDestination
 from exporter.emulator.app import serve
 from exporter.emulator.settings import Knobs, Span
+from exporter.engine import EngineConfig
 from exporter.errors import RequestError
 from exporter.jobs import JobState, Outcome, RunError
+from exporter.logs import configure_logging
 from exporter.redaction import MIN_SCRUB_CHARS, REDACTED, SECRETS, SecretRegistry, forms
+from exporter.settings import Settings
+from tests.aepclient_support import config_for
 from tests.conftest import Emulator
 from tests.daemon_support import (
     daemon_process,
@@ -444,3 +452,68 @@ async def _provoke_and_search(tmp_path: Path, url: str, dataset: str) -> None:
         assert not found, "\n".join(found)
     finally:
         await redis.stop()
+
+
+class _LeakyJson:
+    """The HTTP client's `json`, with a bug: encoding a body with `auth` fails, the whole
+    body (credentials included) in the exception's message."""
+
+    loads = staticmethod(json.loads)
+
+    @staticmethod
+    def dumps(value: Any, **kwargs: Any) -> str:
+        if isinstance(value, dict) and "auth" in value:
+            raise TypeError(f"cannot encode {value!r}")
+        return json.dumps(value, **kwargs)
+
+
+async def test_a_traceback_from_the_http_client_building_a_connection_leaks_nothing(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that puts the connection's body (the SFTP password in it) into an exception,
+    raised in the HTTP client as the engine builds the base connection: the job ends with
+    "internal error: ...", the log has the traceback; neither holds the password."""
+    password = "sftp-Traceback-Password-77"
+    monkeypatch.setattr(http_module, "json", _LeakyJson)
+    settings = Settings.model_construct(
+        aep=config_for(emulator),
+        engine=EngineConfig(),
+        destinations={
+            "sftp": SftpDestination(
+                type="sftp", host="h.example.com", username="u", password=SecretStr(password)
+            )
+        },
+        daemon=DaemonConfig(
+            state_dir=tmp_path / "state", spool_dir=tmp_path / "spool", shutdown_grace_s=1
+        ),
+        log=LogConfig(),
+    )
+    (dataset,) = await emulator.seed(rows=5)
+    saved = structlog.get_config()
+    out = io.StringIO()
+    configure_logging("info", json=True, stream=out)
+    try:
+        daemon = build_daemon(settings, clock=emulator.clock)
+        task = asyncio.create_task(daemon.run())
+        async with asyncio.timeout(DEADLINE):
+            await daemon.ready.wait()
+        name = drop_job(tmp_path / "spool", "crash.json", job(dataset, "sftp"))
+        await until_results(tmp_path / "spool", [name], deadline_s=DEADLINE)
+        daemon.stop()
+        await asyncio.wait_for(task, DEADLINE)
+    finally:
+        structlog.configure(**saved)
+    outcome = results(tmp_path / "spool")[name]
+    assert outcome["message"].startswith("internal error: TypeError(")
+    assert "[redacted]" in outcome["message"]
+    logged = out.getvalue()
+    assert '"job_crashed"' in logged
+    assert "_LeakyJson" in logged or "dumps" in logged  # the traceback is there
+    outputs = {"log": logged.encode()} | _files(tmp_path, "stopped")
+    found = [
+        f"{where}: {form[:12]}..."
+        for where, data in outputs.items()
+        for form in encodings(password)
+        if form.encode() in data
+    ]
+    assert not found, "\n".join(found)
