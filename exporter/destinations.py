@@ -15,7 +15,7 @@ import hmac
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -43,6 +43,11 @@ def read_secret(path: Path) -> SecretStr:
     return SecretStr(value)
 
 
+def _holds_secret(annotation: Any) -> bool:
+    """Whether a field's type is `SecretStr`, plain, `Annotated` (`Secret`) or optional."""
+    return annotation is SecretStr or any(_holds_secret(a) for a in get_args(annotation))
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
 
@@ -67,7 +72,7 @@ class _Base(BaseModel):
 
     @classmethod
     def _secret_fields(cls) -> set[str]:
-        return {n for n, f in cls.model_fields.items() if "SecretStr" in str(f.annotation)}
+        return {n for n, f in cls.model_fields.items() if _holds_secret(f.annotation)}
 
     @property
     def spec(self) -> StorageSpec:
