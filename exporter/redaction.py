@@ -69,7 +69,8 @@ def _parts(value: str) -> list[str]:
         decoded = ""
     if len(decoded) >= MIN_SCRUB_CHARS:
         parts.append(decoded)
-        parts += decoded.strip().splitlines()  # a PEM body, line by line
+        # A PEM body line by line (its -----BEGIN/END----- lines are no secret).
+        parts += [line for line in decoded.splitlines() if not line.startswith("-----")]
     parts += [m.group(1) for pattern in _AZURE_KEYS for m in pattern.finditer(value)]
     return [p for p in parts if len(p) >= MIN_SCRUB_CHARS]
 

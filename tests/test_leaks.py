@@ -95,6 +95,8 @@ def test_a_base64_ssh_key_is_scrubbed_as_configured_and_as_the_pem_it_encodes() 
         scrubbed = registry.scrub(text)
         assert "leakTestKeyBody" not in scrubbed
         assert "b3BlbnNzaC1rZXkt" not in scrubbed
+    header = "a key file starts with -----BEGIN OPENSSH PRIVATE KEY-----"
+    assert registry.scrub(header) == header  # not a secret: errors may say it
 
 
 def test_the_key_parts_of_an_azure_connection_string_are_secrets_on_their_own() -> None:
