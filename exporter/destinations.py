@@ -8,20 +8,28 @@ as `**********`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from exporter.aep import STORAGE_SPECS, StorageSpec, StorageType
+from exporter.redaction import Secret
 
 S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 BLOB_CONTAINER = r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"
 GCS_BUCKET = r"^(?!goog)(?!.*google)[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
+# AWS access key ids: AKIA (long-term) or ASIA (temporary, from STS), then 16 characters of
+# the base32 alphabet; AEP's S3 spec takes 20 of those (docs/aep-notes.md). Secret access
+# keys are 40 characters of base64's alphabet.
+S3_ACCESS_KEY_ID = r"^A[KS]IA[A-Z2-7]{16}$"
+S3_SECRET_KEY = re.compile(r"[A-Za-z0-9/+]{40}")
 
 
 def read_secret(path: Path) -> SecretStr:
@@ -33,6 +41,11 @@ def read_secret(path: Path) -> SecretStr:
     if not value:
         raise ValueError(f"secret file {path} is empty")
     return SecretStr(value)
+
+
+def _holds_secret(annotation: Any) -> bool:
+    """Whether a field's type is `SecretStr`, plain, `Annotated` (`Secret`) or optional."""
+    return annotation is SecretStr or any(_holds_secret(a) for a in get_args(annotation))
 
 
 class _Base(BaseModel):
@@ -49,16 +62,17 @@ class _Base(BaseModel):
             if not key.endswith("_file"):
                 continue
             name = key.removesuffix("_file")
-            if name not in cls.model_fields or cls.model_fields[name].annotation not in (
-                SecretStr,
-                SecretStr | None,
-            ):
+            if name not in cls.model_fields or name not in cls._secret_fields():
                 continue
             if data.get(name) is not None:
                 raise ValueError(f"give either {name} or {key}, not both")
             out[name] = read_secret(Path(str(value)))
             del out[key]
         return out
+
+    @classmethod
+    def _secret_fields(cls) -> set[str]:
+        return {n for n, f in cls.model_fields.items() if _holds_secret(f.annotation)}
 
     @property
     def spec(self) -> StorageSpec:
@@ -88,8 +102,8 @@ class _Base(BaseModel):
 class S3Destination(_Base):
     type: Literal["s3"]
     bucket: Annotated[str, Field(pattern=S3_BUCKET)]
-    access_key_id: Annotated[str, Field(pattern=r"^[A-Z2-7]{20}$")] | None = None
-    secret_access_key: SecretStr | None = None
+    access_key_id: Annotated[str, Field(pattern=S3_ACCESS_KEY_ID)] | None = None
+    secret_access_key: Secret | None = None
     role_arn: Annotated[str, Field(pattern=r"^arn:aws:iam::\d{12}:role/\S+$")] | None = None
 
     @model_validator(mode="after")
@@ -99,6 +113,14 @@ class S3Destination(_Base):
             raise ValueError("give either access_key_id with secret_access_key(_file), or role_arn")
         if keys and (self.access_key_id is None or self.secret_access_key is None):
             raise ValueError("access_key_id and secret_access_key go together")
+        if self.secret_access_key is not None and not S3_SECRET_KEY.fullmatch(
+            self.secret_access_key.get_secret_value()
+        ):
+            # AEP refuses it and echoes it in the error; the value is never named here.
+            raise ValueError(
+                "secret_access_key is not an AWS secret access key: 40 characters of "
+                "A-Z, a-z, 0-9, / and +"
+            )
         return self
 
     def auth(self) -> dict[str, Any]:
@@ -123,7 +145,7 @@ class S3Destination(_Base):
 class AzureBlobDestination(_Base):
     type: Literal["azure_blob"]
     container: Annotated[str, Field(pattern=BLOB_CONTAINER)]
-    connection_string: SecretStr
+    connection_string: Secret
 
     @model_validator(mode="after")
     def _account(self) -> AzureBlobDestination:
@@ -148,7 +170,7 @@ class AdlsGen2Destination(_Base):
     type: Literal["adls_gen2"]
     url: Annotated[str, Field(pattern=r"^https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?$")]
     service_principal_id: str = Field(min_length=1)
-    service_principal_key: SecretStr
+    service_principal_key: Secret
     tenant: str = Field(min_length=1)
 
     def auth(self) -> dict[str, Any]:
@@ -180,7 +202,7 @@ class GcsDestination(_Base):
     type: Literal["gcs"]
     bucket: Annotated[str, Field(pattern=GCS_BUCKET)]
     access_key_id: str = Field(min_length=1)
-    secret_access_key: SecretStr
+    secret_access_key: Secret
 
     def auth(self) -> dict[str, Any]:
         return {
@@ -198,17 +220,41 @@ class GcsDestination(_Base):
         return f"gs://{self.bucket}"
 
 
+def ssh_key_problem(value: str) -> str | None:
+    """Why `value` is not what AEP takes as an SFTP key — the OpenSSH/PEM private key file,
+    Base64-encoded (docs/aep-notes.md) — or None. Never quotes the value."""
+    if "-----BEGIN" in value:
+        return (
+            "ssh_key is a PEM private key as-is: AEP expects it Base64-encoded "
+            "(e.g. `base64 -w0 id_ed25519`)"
+        )
+    try:
+        decoded = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return "ssh_key is not Base64: AEP expects the private key file Base64-encoded"
+    if not re.match(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", decoded.lstrip()):
+        return (
+            "ssh_key is Base64 but not of a private key file (one that starts with "
+            "-----BEGIN ... PRIVATE KEY-----)"
+        )
+    return None
+
+
 class SftpDestination(_Base):
     type: Literal["sftp"]
     host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]
     username: str = Field(min_length=1)
-    password: SecretStr | None = None
-    ssh_key: SecretStr | None = None
+    password: Secret | None = None
+    ssh_key: Secret | None = None
 
     @model_validator(mode="after")
     def _one_auth(self) -> SftpDestination:
         if (self.password is None) == (self.ssh_key is None):
             raise ValueError("give either password(_file) or ssh_key(_file)")
+        if self.ssh_key is not None:
+            problem = ssh_key_problem(self.ssh_key.get_secret_value())
+            if problem:
+                raise ValueError(problem)
         return self
 
     def auth(self) -> dict[str, Any]:

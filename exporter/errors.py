@@ -18,6 +18,8 @@ ExporterError
 
 from __future__ import annotations
 
+from exporter.redaction import SECRETS
+
 
 class ExporterError(Exception):
     """Base of every error raised by aep-exporter."""
@@ -45,10 +47,12 @@ class AepError(ExporterError):
         operation: str | None = None,
         retry_after: float | None = None,
     ) -> None:
+        # AEP's errors may echo a secret we sent (docs/aep-notes.md): no error keeps one.
+        message = SECRETS.scrub(message)
         super().__init__(message)
         self.message = message
         self.status = status
-        self.code = code
+        self.code = SECRETS.scrub(code) if code else code
         self.operation = operation
         self.retry_after = retry_after
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exporter.aep import ALLOWED_FORMATS, Compression, FileType
+from exporter.redaction import Scrubbed
 
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
 DATASET_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
@@ -180,7 +181,7 @@ class RunError(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     code: str
-    message: str
+    message: Scrubbed
 
 
 class Outcome(BaseModel):
@@ -198,4 +199,4 @@ class Outcome(BaseModel):
     duration_s: float | None = None
     partial: bool = False
     errors: tuple[RunError, ...] = ()
-    message: str = ""
+    message: Scrubbed = ""

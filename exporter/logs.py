@@ -10,18 +10,21 @@ from typing import Any, TextIO
 
 import structlog
 
+from exporter.redaction import REDACTED as REDACTED  # tests and callers name it here
+from exporter.redaction import SECRETS
+
 SECRET_KEY = re.compile(
     r"secret|password|passwd|token|authorization|api[-_]?key|ssh[-_]?key|"
     r"connection[-_]?string|credential",
     re.IGNORECASE,
 )
 BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
-REDACTED = "[redacted]"
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Blank values under secret-sounding keys and bearer tokens inside strings, at any depth
-    (a rendered traceback is a list of frames of dicts)."""
+    """Blank values under secret-sounding keys, bearer tokens and the configured secret values
+    (exporter/redaction.py) inside strings, at any depth (a rendered traceback is a list of
+    frames of dicts)."""
     for key, value in list(event.items()):
         event[key] = _scrub(key, value)
     return event
@@ -31,7 +34,8 @@ def _scrub(key: str, value: Any) -> Any:
     if SECRET_KEY.search(key) and key not in ("event", "token_type"):
         return REDACTED
     if isinstance(value, str):
-        return BEARER.sub(r"\1" + REDACTED, value) if "Bearer" in value else value
+        value = BEARER.sub(r"\1" + REDACTED, value) if "Bearer" in value else value
+        return SECRETS.scrub(value)
     if isinstance(value, MutableMapping):
         return {k: _scrub(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):

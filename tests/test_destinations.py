@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from exporter.aep import StorageType
 from exporter.destinations import Destination
+from exporter.settings import describe_errors
 from tests.workflow import AUTH
 
 ADAPTER: TypeAdapter[Destination] = TypeAdapter(Destination)
-SECRET = "s3cr3t-value-that-must-not-leak"
+# Valid for every storage, S3's 40-character secret access key included.
+SECRET = "s3cr3t+value/that/must/not/leak/01234567"
+PEM = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+    "-----END OPENSSH PRIVATE KEY-----\n"
+)
+SSH_KEY = base64.b64encode(PEM.encode()).decode()
 
 
 def make(**data: Any) -> Destination:
@@ -25,7 +34,7 @@ def examples(secret_file: Path) -> dict[StorageType, dict[str, Any]]:
         StorageType.S3: {
             "type": "s3",
             "bucket": "ml-features",
-            "access_key_id": "ABCDEFGHIJKLMNOPQRST",
+            "access_key_id": "AKIAIOSFODNN7EXAMPLE",
             "secret_access_key_file": str(secret_file),
         },
         StorageType.AZURE_BLOB: {
@@ -95,7 +104,7 @@ def test_each_storage_builds_the_auth_aep_expects_and_hides_secrets(
             {
                 "type": "s3",
                 "bucket": "ml-x",
-                "access_key_id": "ABCDEFGHIJKLMNOPQRST",
+                "access_key_id": "AKIAIOSFODNN7EXAMPLE",
                 "role_arn": "arn:aws:iam::123456789012:role/r",
             },
             "either",
@@ -137,8 +146,78 @@ def test_role_auth_and_ssh_keys(secret_file: Path) -> None:
         "specName": "Assumed Role",
         "params": {"s3Role": "arn:aws:iam::123456789012:role/exporter"},
     }
-    ssh = make(type="sftp", host="h.example.com", username="u", ssh_key_file=str(secret_file))
+    key_file = secret_file.with_name("ssh_key")
+    key_file.write_text(SSH_KEY + "\n")
+    ssh = make(type="sftp", host="h.example.com", username="u", ssh_key_file=str(key_file))
     auth = ssh.auth()
     assert auth is not None
     assert auth["specName"] == "SFTP with SSH Key"
-    assert auth["params"]["sshKey"] == SECRET
+    assert auth["params"]["sshKey"] == SSH_KEY
+
+
+S3_BASE = {"type": "s3", "bucket": "ml-x"}
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (
+            {**S3_BASE, "access_key_id": "AKIA1234", "secret_access_key": SECRET},
+            "access_key_id",
+        ),
+        (  # AWS key ids are AKIA (long-term) or ASIA (temporary), then 16 base32 characters
+            {**S3_BASE, "access_key_id": "ABCDEFGHIJKLMNOPQRST", "secret_access_key": SECRET},
+            "access_key_id",
+        ),
+        (  # one character too long: AEP would refuse it and echo it in its error
+            {**S3_BASE, "access_key_id": "ASIAIOSFODNN7EXAMPLE", "secret_access_key": SECRET + "x"},
+            "not an AWS secret access key: 40 characters",
+        ),
+        (
+            {**S3_BASE, "access_key_id": "AKIAIOSFODNN7EXAMPLE", "secret_access_key": SECRET[:-1]},
+            "not an AWS secret access key",
+        ),
+        (
+            {
+                **S3_BASE,
+                "access_key_id": "AKIAIOSFODNN7EXAMPLE",
+                "secret_access_key": SECRET[:-1] + "-",
+            },
+            "not an AWS secret access key",
+        ),
+        (
+            {"type": "sftp", "host": "h", "username": "u", "ssh_key": PEM},
+            "ssh_key is a PEM private key as-is: AEP expects it Base64-encoded",
+        ),
+        (
+            {"type": "sftp", "host": "h", "username": "u", "ssh_key": "key: " + SECRET},
+            "ssh_key is not Base64",
+        ),
+        (
+            {
+                "type": "sftp",
+                "host": "h",
+                "username": "u",
+                "ssh_key": base64.b64encode(SECRET.encode()).decode(),
+            },
+            "not of a private key file",
+        ),
+    ],
+)
+def test_s3_keys_and_ssh_keys_are_checked_locally_without_echoing_them(
+    data: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make(**data)
+    text = describe_errors(caught.value, "destinations.x")  # what the CLI and reloads print
+    assert words in text
+    for secret in (SECRET, PEM, PEM.replace("-", ""), "b3BlbnNzaC1rZXkt"):
+        assert secret[:-1] not in text
+
+
+def test_a_base64_ssh_key_with_line_breaks_is_accepted() -> None:
+    wrapped = "\n".join(SSH_KEY[i : i + 64] for i in range(0, len(SSH_KEY), 64))
+    ssh = make(type="sftp", host="h.example.com", username="u", ssh_key=wrapped)
+    auth = ssh.auth()
+    assert auth is not None
+    assert auth["params"]["sshKey"] == wrapped

@@ -114,7 +114,7 @@ DESTINATIONS = {
         _auth(
             "Google Cloud Storage authentication credentials",
             accessKeyId="GOOG1E",
-            secretAccessKey="s",
+            secretAccessKey="GCSsecret+EXAMPLE/0123456789abcdefghijkl",
         ),
         {"bucketName": "acme-gcs", "path": "exports"},
         ("acme-gcs",),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import structlog
+from pydantic import SecretStr
 
+from exporter.destinations import AdlsGen2Destination
 from exporter.logs import REDACTED, configure_logging
 
 SECRET = "hunter2-Zq8x-very-secret"
@@ -58,3 +62,37 @@ def test_redaction_reaches_into_nested_values_after_rendering(logged: io.StringI
     assert SECRET not in logged.getvalue()
     assert line["body"]["auth"]["params"] == {"password": REDACTED, "domain": "sftp.example.com"}
     assert line["headers"] == [{"Authorization": REDACTED}, f"Bearer {REDACTED}"]
+
+
+CONFIGURED = "cfg-Secret+value/9Kq2-logged-by-mistake"
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_configured_secret_values_are_scrubbed_anywhere_in_a_line(as_json: bool) -> None:
+    """Under innocent keys, inside an exception's message and its rendered traceback, and in
+    their base64 and URL-encoded forms: the values the settings registered."""
+    AdlsGen2Destination(
+        type="adls_gen2",
+        url="https://mllake.dfs.core.windows.net",
+        service_principal_id="sp",
+        tenant="t",
+        service_principal_key=SecretStr(CONFIGURED),
+    )
+    saved = structlog.get_config()
+    out = io.StringIO()
+    configure_logging("info", json=as_json, stream=out)
+    try:
+        log = structlog.get_logger("test")
+        encoded = base64.b64encode(CONFIGURED.encode()).decode()
+        log.info("aep_answer", detail=f"value {CONFIGURED!r} is invalid", seen=[encoded])
+        log.info("url", where="https://x.example/?k=" + quote(CONFIGURED, safe=""))
+        try:
+            raise ValueError(f"bad key {CONFIGURED}")
+        except ValueError:
+            log.exception("job_crashed")
+    finally:
+        structlog.configure(**saved)
+    text = out.getvalue()
+    assert "bad key [redacted]" in text  # the message is kept, the value is not
+    for form in (CONFIGURED, encoded, quote(CONFIGURED, safe=""), quote(CONFIGURED)):
+        assert form not in text

@@ -536,7 +536,9 @@ FAKE_SECRETS = {
     "AccountKey=ZmFrZQ==;EndpointSuffix=core.windows.net",
     "adls-service-principal-key": "fake-service-principal-key",
     "gcs-hmac-secret": "fake-hmac-secret",
-    "sftp-ssh-key": "ZmFrZSBrZXk=",
+    # A fake OpenSSH private key file, Base64-encoded as AEP (and the daemon) take it.
+    "sftp-ssh-key": "LS0tLS1CRUdJTiBPUEVOU1NIIFBSSVZBVEUgS0VZLS0tLS0KWm1GclpTQnJaWGs9Ci0tLS"
+    "0tRU5EIE9QRU5TU0ggUFJJVkFURSBLRVktLS0tLQo=",
 }
 
 

@@ -32,7 +32,10 @@ AUTH: dict[StorageType, dict[str, Any] | None] = {
     StorageType.DLZ: None,
     StorageType.GCS: {
         "specName": "Google Cloud Storage authentication credentials",
-        "params": {"accessKeyId": "GOOG1EXAMPLE", "secretAccessKey": "secret"},
+        "params": {
+            "accessKeyId": "GOOG1EXAMPLE",
+            "secretAccessKey": "bGm+EXAMPLE/0123456789abcdefghijklmnopqr",
+        },
     },
     StorageType.SFTP: {
         "specName": "SFTP with Password",

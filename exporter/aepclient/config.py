@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from yarl import URL
 
 from exporter.aepclient.backoff import Backoff
+from exporter.redaction import Secret
 
 # The scopes of Adobe's own AEP sample (aep-cloud-ml-ecosystem conf/config.ini).
 DEFAULT_SCOPES = (
@@ -55,7 +56,7 @@ class AepConfig(BaseModel):
     platform_url: str = "https://platform.adobe.io"
     ims_url: str = "https://ims-na1.adobelogin.com"
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
+    client_secret: Secret
     org_id: str = Field(min_length=1)
     sandbox: str = Field(default="prod", min_length=1)
     scopes: tuple[str, ...] = Field(default=DEFAULT_SCOPES, min_length=1)

@@ -28,6 +28,7 @@ from exporter.errors import (
     ThrottledError,
     TransportError,
 )
+from exporter.redaction import SECRETS
 
 _FLOW_TYPE = re.compile(r"(FLOW-\d+-\d+)$")
 _MAX_TEXT = 500
@@ -86,7 +87,13 @@ def _text(value: Any) -> str | None:
 
 
 def describe(body: Any) -> tuple[str, str | None]:
-    """The human message and machine code of an error body, whichever envelope it uses."""
+    """The human message and machine code of an error body, whichever envelope it uses, with
+    every configured secret scrubbed: AEP's validation errors echo the rejected value."""
+    message, code = _describe(body)
+    return SECRETS.scrub(message), SECRETS.scrub(code) if code else code
+
+
+def _describe(body: Any) -> tuple[str, str | None]:
     if isinstance(body, str):
         return body.strip()[:_MAX_TEXT] or "(empty answer)", None
     if not isinstance(body, Mapping):

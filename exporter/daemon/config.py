@@ -7,16 +7,17 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exporter.destinations import read_secret
 from exporter.jobs import Job
+from exporter.redaction import SECRETS, Secret
 
 
 def secret_from_file(data: Any, field: str) -> Any:
@@ -62,7 +63,7 @@ class RedisConfig(BaseModel):
 
     url: str = "redis://127.0.0.1:6379/0"
     """redis://, rediss:// (TLS) or unix://; put the password in `password_file`."""
-    password: SecretStr | None = None
+    password: Secret | None = None
     """Given as `password_file` (a secret file); never logged."""
     insecure_plaintext: bool = False
     """Allow a password over plain `redis://` to a host that is not this machine (it travels
@@ -120,6 +121,11 @@ class RedisConfig(BaseModel):
                 "text: use rediss:// (TLS), or set insecure_plaintext = true on a network "
                 "you trust"
             )
+        # A password in the url is scrubbed from errors and logs like password_file's.
+        for given in [unquote(parts.password or "")] + [
+            unquote_plus(p.partition("=")[2]) for p in parts.query.split("&") if _is_password(p)
+        ]:
+            SECRETS.add(given)
         names = [self.stream, self.results_stream, self.dead_letter_stream]
         if len(set(names)) != len(names):
             raise ValueError("stream, results_stream and dead_letter_stream must differ")
@@ -171,7 +177,7 @@ class AdminConfig(BaseModel):
     """Loopback by default; any other address requires `token_file`."""
     port: int = Field(default=9464, ge=0, le=65535)
     """0 picks a free port; the bound one is logged (`admin_listening`)."""
-    token: SecretStr | None = None
+    token: Secret | None = None
     """A bearer token; give it as `token_file` (a secret file) rather than inline."""
     loop_stall_s: float = Field(default=5.0, gt=0)
     """/healthz fails when the event loop was blocked longer than this..."""

@@ -99,7 +99,11 @@ AUTH_SPECS: dict[StorageType, list[dict[str, Any]]] = {
             "name": "Google Cloud Storage authentication credentials",
             "type": "GoogleCloudStorageAuth",
             "spec": _obj(
-                {"accessKeyId": _text(), "secretAccessKey": _text(secret=True)},
+                {
+                    "accessKeyId": _text(),
+                    # Google: an HMAC key's secret is a 40-character base64 string.
+                    "secretAccessKey": _text(r"^[A-Za-z0-9/+]{40}$", secret=True),
+                },
                 ["accessKeyId", "secretAccessKey"],
             ),
         }
