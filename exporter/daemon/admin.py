@@ -7,10 +7,15 @@
     /v1/jobs...            submit, list, get and cancel jobs (`exporter.daemon.admin_jobs`)
     /v1/lanes...           list the export lanes and prune idle ones (`admin_lanes`)
 
-It listens on 127.0.0.1 by default. With a token configured (required by the settings when
-it is bound beyond loopback) every route but /healthz and /readyz asks for
-`Authorization: Bearer <token>`: probes rarely can send one and those two say nothing
-private; /metrics and /v1 do. Every error is a JSON body `{"error", "message"}`.
+It listens on 127.0.0.1 by default. Every route but /healthz and /readyz asks for
+`Authorization: Bearer <token>`, on loopback too (any local process could call it): the
+configured `admin.token_file`, or else the token the daemon keeps in its state folder
+(`admin_token`). Probes rarely can send one and those two say nothing private; /metrics and
+/v1 do. Every request must name this server in its `Host` header (a loopback name or the
+address it was reached at, with the port, or one of `admin.allowed_hosts`), or it is refused
+421 before anything else: a web page whose host name an attacker points at 127.0.0.1 (DNS
+rebinding) sends its own name, so it reaches nothing, not even the probes. Every error is a
+JSON body `{"error", "message"}`.
 
 The event-loop monitor is a task that asks to wake every fraction of `loop_stall_s` and
 notes how late it is: a stall is remembered for `loop_stall_window_s`, so a probe that comes
@@ -27,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,9 +41,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.daemon.admin_jobs import JobsApi, error_response
 from exporter.daemon.admin_lanes import LanesApi
+from exporter.daemon.admin_token import ensure_token, token_path
 from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import Daemon
 from exporter.daemon.journal import JobRecord
+from exporter.errors import ConfigError
 
 log = structlog.get_logger("exporter.admin")
 
@@ -45,6 +53,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 OPENAPI_FILE = "admin_openapi.json"
 REALM = 'Bearer realm="aep-exporter"'
 SHUTDOWN_TIMEOUT_S = 1.0  # requests still open at close get this long
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - names to recognise, not to bind
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -110,11 +120,14 @@ class AdminServer:
             observe=daemon.metrics.loop_lag,
         )
         self.openapi = resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_bytes()
-        self._token = config.token.get_secret_value().encode() if config.token is not None else None
+        self._token = config.token.get_secret_value().encode() if config.token is not None else b""
+        self.token_file: Path | None = None
+        """The token file the daemon made or reused, when no token is configured."""
         self.lanes = LanesApi(daemon)
         self._runner: web.AppRunner | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._ready: bool | None = None
+        self._hosts: frozenset[str] = frozenset()
 
     @property
     def url(self) -> str:
@@ -123,7 +136,8 @@ class AdminServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=self.config.max_body_bytes
+            middlewares=[self._errors, self._host, self._auth],
+            client_max_size=self.config.max_body_bytes,
         )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -136,9 +150,14 @@ class AdminServer:
     # -- Service ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._token:
+            await self._own_token()
         self._monitor = asyncio.create_task(self.monitor.run(), name="admin-loop-monitor")
         runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            self.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()
         try:
@@ -158,12 +177,41 @@ class AdminServer:
             ) from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else self.config.port
+        self._hosts = self._known_hosts()
         log.info(
             "admin_listening",
             host=self.config.host,
             port=self.port,
-            auth="bearer" if self._token is not None else "none",
+            auth="bearer",
+            bearer_file=str(self.token_file) if self.token_file else "admin.token_file",
         )
+
+    async def _own_token(self) -> None:
+        """Make or reuse the token in the state folder (never logged: only its path)."""
+        path = token_path(self.daemon.settings.daemon.state_dir)
+        try:
+            token, made = await asyncio.to_thread(ensure_token, path)
+        except ConfigError as exc:
+            log.error("admin_token_refused", path=str(path), error=str(exc))
+            raise
+        except OSError as exc:
+            log.error("admin_token_refused", path=str(path), error=str(exc))
+            raise ConfigError(f"cannot make the admin token file {path}: {exc}") from exc
+        if made:
+            log.info("admin_token_created", path=str(path))
+        self._token, self.token_file = token.encode(), path
+
+    def _known_hosts(self) -> frozenset[str]:
+        """`Host` values that name this server whatever connection they come on."""
+        port = self.port
+        names = {*LOOPBACK_NAMES}
+        if self.config.host not in WILDCARDS:
+            host = self.config.host.lower()
+            names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+        hosts = {f"{name}:{port}" for name in names}
+        if port == 80:  # a client leaves out the default port
+            hosts |= names
+        return frozenset(hosts | {h.lower() for h in self.config.allowed_hosts})
 
     async def recover(self, records: list[JobRecord]) -> None:
         return None
@@ -213,8 +261,33 @@ class AdminServer:
             return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
     @web.middleware
+    async def _host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a request that names another server (see the module's docstring)."""
+        given = request.headers.get("Host", "").strip().lower()
+        if given in self._hosts or given == self._local_host(request):
+            return await handler(request)
+        shown = given[:100] or "(none)"
+        log.warning("admin_host_refused", method=request.method, path=request.path, host=shown)
+        return error_response(
+            421,
+            "misdirected_request",
+            f"Host {shown!r} does not name this server: ask http://127.0.0.1:{self.port} "
+            "(or list the name in admin.allowed_hosts)",
+            headers={"Connection": "close"},
+        )
+
+    def _local_host(self, request: web.Request) -> str | None:
+        """The address the request came to, as a `Host` value (bound to every interface,
+        this is the interface it came on)."""
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        if not isinstance(local, tuple) or len(local) < 2:
+            return None
+        address = str(local[0]).lower()
+        return f"[{address}]:{local[1]}" if ":" in address else f"{address}:{local[1]}"
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is None or request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(

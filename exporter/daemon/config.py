@@ -186,6 +186,10 @@ class AdminConfig(BaseModel):
     check_timeout_s: float = Field(default=2.0, gt=0)
     """Deadline of each /readyz check (AEP token, journal)."""
     max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
+    allowed_hosts: tuple[str, ...] = ()
+    """More `Host` header values to accept (`name` or `name:port`), e.g. the name of a
+    Kubernetes Service or a forwarded port; loopback names and the address a request came
+    to, with the bound port, are always accepted."""
 
     @model_validator(mode="before")
     @classmethod
