@@ -816,6 +816,7 @@ async def test_beyond_loopback_everything_but_the_probes_needs_the_token(
             "port": admin.server.port,
             "auth": "bearer",
             "bearer_file": "admin.token_file",
+            "max_connections": 64,
             "log_level": "info",
         }
     ]

@@ -17,6 +17,10 @@ address it was reached at, with the port, or one of `admin.allowed_hosts`), or i
 rebinding) sends its own name, so it reaches nothing, not even the probes. Every error is a
 JSON body `{"error", "message"}`.
 
+Connections are capped (`admin.max_connections`, `admin_site`), closed after
+`admin.idle_timeout_s` without a request under way (also when the headers have not all
+come), and a request body must arrive within `admin.read_timeout_s` (else 408).
+
 The event-loop monitor is a task that asks to wake every fraction of `loop_stall_s` and
 notes how late it is: a stall is remembered for `loop_stall_window_s`, so a probe that comes
 after a stall still sees it. It measures the real event loop, so it reads real time, not the
@@ -41,6 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.daemon.admin_jobs import JobsApi, error_response
 from exporter.daemon.admin_lanes import LanesApi
+from exporter.daemon.admin_site import CappedSite
 from exporter.daemon.admin_token import ensure_token, token_path
 from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import Daemon
@@ -136,7 +141,7 @@ class AdminServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._errors, self._host, self._auth],
+            middlewares=[self._errors, self._host, self._auth, self._read_body],
             client_max_size=self.config.max_body_bytes,
         )
         app.router.add_get("/healthz", self._healthz)
@@ -158,10 +163,13 @@ class AdminServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            keepalive_timeout=self.config.idle_timeout_s,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = CappedSite(
+                runner, self.config.host, self.config.port, limit=self.config.max_connections
+            )
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -184,6 +192,7 @@ class AdminServer:
             port=self.port,
             auth="bearer",
             bearer_file=str(self.token_file) if self.token_file else "admin.token_file",
+            max_connections=self.config.max_connections,
         )
 
     async def _own_token(self) -> None:
@@ -284,6 +293,24 @@ class AdminServer:
             return None
         address = str(local[0]).lower()
         return f"[{address}]:{local[1]}" if ":" in address else f"{address}:{local[1]}"
+
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Read the body within `read_timeout_s` (a slow sender holds no handler longer)."""
+        if request.body_exists:
+            limit = self.config.read_timeout_s
+            try:
+                async with asyncio.timeout(limit):
+                    await request.read()  # kept by aiohttp: the handler's read() returns it
+            except TimeoutError:
+                log.warning("admin_body_timeout", method=request.method, path=request.path)
+                return error_response(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {limit:g} s (admin.read_timeout_s)",
+                    headers={"Connection": "close"},
+                )
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
