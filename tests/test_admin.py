@@ -925,12 +925,21 @@ async def test_a_request_naming_another_host_is_refused_everywhere(
     for configured in (TOKEN, None):  # with the configured token, and with the one made
         folder = tmp_path / str(bool(configured))
         folder.mkdir()
-        admin_settings = {"token": configured, "allowed_hosts": ["exporter.internal"]}
+        admin_settings = {
+            "token": configured,
+            "allowed_hosts": ["exporter.internal", "Forwarded.example:8080"],
+        }
         with capture_logs() as logs:
             async with admin_daemon(emulator, folder, admin=admin_settings) as admin:
                 port = admin.server.port or 0
                 token = configured or (folder / "state" / "admin-token").read_text().strip()
-                for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}", "localhost", ""):
+                for host in (
+                    f"evil.example:{port}",
+                    f"127.0.0.1:{port + 1}",
+                    "localhost",
+                    "",
+                    "forwarded.example:8081",
+                ):
                     foreign = {"Host": host, "Origin": f"http://{host}"}
                     for method, path, body in (
                         ("GET", "/healthz", None),
@@ -957,6 +966,8 @@ async def test_a_request_naming_another_host_is_refused_everywhere(
                     f"[::1]:{port}",
                     f"127.0.0.1:{port}",
                     "exporter.internal",
+                    "exporter.internal:80",
+                    "forwarded.example:8080",
                 ):
                     answer = await admin.call(
                         "GET", "/metrics", token=token, headers={"Host": host}
@@ -969,6 +980,7 @@ async def test_a_request_naming_another_host_is_refused_everywhere(
             f"127.0.0.1:{port + 1}",
             "localhost",
             "(none)",
+            "forwarded.example:8081",
         }
         assert token not in repr(logs)
 

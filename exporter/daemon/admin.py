@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 from collections import deque
@@ -222,6 +223,13 @@ class AdminServer:
             hosts |= names
         return frozenset(hosts | {h.lower() for h in self.config.allowed_hosts})
 
+    @property
+    def _any_port(self) -> frozenset[str]:
+        """`admin.allowed_hosts` entries without a port: accepted with any port."""
+        return frozenset(
+            h.lower() for h in self.config.allowed_hosts if not (h.count(":") == 1 or "]:" in h)
+        )
+
     async def recover(self, records: list[JobRecord]) -> None:
         return None
 
@@ -273,7 +281,8 @@ class AdminServer:
     async def _host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Refuse a request that names another server (see the module's docstring)."""
         given = request.headers.get("Host", "").strip().lower()
-        if given in self._hosts or given == self._local_host(request):
+        name = given.rsplit(":", 1)[0] if given.count(":") == 1 or "]:" in given else given
+        if given in self._hosts or name in self._any_port or given == self._local_host(request):
             return await handler(request)
         shown = given[:100] or "(none)"
         log.warning("admin_host_refused", method=request.method, path=request.path, host=shown)
@@ -291,8 +300,11 @@ class AdminServer:
         local = request.transport.get_extra_info("sockname") if request.transport else None
         if not isinstance(local, tuple) or len(local) < 2:
             return None
-        address = str(local[0]).lower()
-        return f"[{address}]:{local[1]}" if ":" in address else f"{address}:{local[1]}"
+        address = ipaddress.ip_address(str(local[0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack socket: the client used IPv4
+        shown = f"[{address}]" if address.version == 6 else str(address)
+        return f"{shown}:{local[1]}"
 
     @web.middleware
     async def _read_body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
