@@ -8,6 +8,7 @@ import asyncio
 import os
 import resource
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,14 @@ async def test_past_the_cap_a_connection_is_answered_503_and_closed(
 ) -> None:
     settings = {"max_connections": 4, "idle_timeout_s": 3600}  # idle ones stay for this test
     with capture_logs() as logs:
-        async with admin_daemon(emulator, tmp_path, admin=settings) as admin:
+        async with (
+            admin_daemon(emulator, tmp_path, admin=settings) as admin,
+            AsyncExitStack() as stack,
+        ):
             port = admin.server.port or 0
             held = await connect(port, 4)
             over = await connect(port, 6)
+            stack.push_async_callback(close, held + over)
             for connection in over:  # accepted in order: the last six are past the cap
                 refused = await answer_then_eof(connection)
                 assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused
@@ -74,7 +79,6 @@ async def test_past_the_cap_a_connection_is_answered_503_and_closed(
                     pass
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
             assert b'{"status": "ok"}' in answer
-            await close(held[1:] + over)
     full = [e for e in logs if e["event"] == "admin_connections_full"]
     assert full[0] == {
         "event": "admin_connections_full",
@@ -86,32 +90,35 @@ async def test_past_the_cap_a_connection_is_answered_503_and_closed(
 
 
 async def test_idle_and_slow_connections_are_closed(emulator: Emulator, tmp_path: Path) -> None:
-    settings = {"idle_timeout_s": 0.2, "read_timeout_s": 0.2}
+    # Idle long enough for a loaded machine to read a request sent at once.
+    settings = {"idle_timeout_s": 0.5, "read_timeout_s": 0.2}
     async with admin_daemon(emulator, tmp_path, admin=settings) as admin:
         port = admin.server.port or 0
-        idle, slow_headers, slow_body = await connect(port, 3)
-        # Nothing sent, or headers that never end: closed without an answer.
-        slow_headers[1].write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
-        assert await answer_then_eof(idle) == b""
-        assert await answer_then_eof(slow_headers) == b""
-        # A body that never comes whole: 408, then closed.
-        slow_body[1].write(
-            f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
-            'Content-Length: 100\r\n\r\n{"dataset_id": '.encode()
-        )
-        answer = await answer_then_eof(slow_body)
-        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
-        assert b'"error": "request_timeout"' in answer
-        assert b"within 0.2 s (admin.read_timeout_s)" in answer
-        # A connection kept alive after an answer is closed once idle, too.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        async with asyncio.timeout(DEADLINE):
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-            assert await reader.read() == b'{"status": "ok"}'  # the body, then the close
-        await close([idle, slow_headers, slow_body, (reader, writer)])
+        connections = await connect(port, 4)
+        idle, slow_headers, slow_body, kept = connections
+        try:
+            slow_headers[1].write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+            slow_body[1].write(
+                f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                'Content-Length: 100\r\n\r\n{"dataset_id": '.encode()
+            )
+            kept[1].write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            # Nothing sent, or headers that never end: closed without an answer.
+            assert await answer_then_eof(idle) == b""
+            assert await answer_then_eof(slow_headers) == b""
+            # A body that never comes whole: 408, then closed.
+            answer = await answer_then_eof(slow_body)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+            assert b'"error": "request_timeout"' in answer
+            assert b"within 0.2 s (admin.read_timeout_s)" in answer
+            # A connection kept alive after its answer is closed once idle, too.
+            answer = await answer_then_eof(kept)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+            assert answer.endswith(b'\r\n\r\n{"status": "ok"}')  # the answer, then the close
+            assert b"Connection: close" not in answer
+        finally:
+            await close(connections)
         listed = await admin.call("GET", "/v1/jobs")
     assert listed.body == {"jobs": [], "next_cursor": None}  # the cut-off body was not a job
 
