@@ -174,7 +174,8 @@ async def test_300_idle_connections_leave_a_daemon_with_256_files_answering(
         refused = await asyncio.gather(*(answer_then_eof(c) for c in connections[64:]))
         assert all(r.startswith(b"HTTP/1.1 503 ") for r in refused)
         held = open_files(running.proc.pid) - before
-        assert 64 <= held <= 64 + 4, held  # the refused ones' descriptors are closed
+        # The 64 held connections, give or take a connection to AEP: the refused are closed.
+        assert 64 - 4 <= held <= 64 + 4, held
         await close(connections[:64])
         async with asyncio.timeout(DEADLINE):
             while (answer := await get(port, "/readyz")).startswith(b"HTTP/1.1 503 "):
