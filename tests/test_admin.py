@@ -849,6 +849,9 @@ def test_settings_refuse_binding_beyond_loopback_without_a_token(tmp_path: Path)
     config = write_config(tmp_path, url, admin={"token_file": "missing"})
     with pytest.raises(ConfigError, match="cannot read secret file"):
         load_settings(config)
+    for bad in ("http://exporter.internal", "", "two names"):
+        with pytest.raises(ValidationError, match="is not a Host header value"):
+            AdminConfig(allowed_hosts=(bad,))
     # Disabled, it may name any host.
     AdminConfig(enabled=False, host="0.0.0.0")  # noqa: S104
     with pytest.raises(ValidationError, match="not a loopback address"):

@@ -203,6 +203,17 @@ class AdminConfig(BaseModel):
     def _token_file(cls, data: Any) -> Any:
         return secret_from_file(data, "token")
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_values(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if not host or any(c.isspace() or c in "/@?#" for c in host):
+                raise ValueError(
+                    f"allowed_hosts: {host!r} is not a Host header value: give a name or "
+                    "address, optionally with :port (no scheme, no path)"
+                )
+        return value
+
     @model_validator(mode="after")
     def _guarded(self) -> AdminConfig:
         if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_CHARS:
