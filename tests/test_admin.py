@@ -38,6 +38,7 @@ from exporter.emulator.settings import DEFAULT_CLIENT_ID, Span
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL
+from exporter.redaction import SECRETS
 from exporter.settings import load_settings
 from tests.bad_jobs import DESTINATIONS
 from tests.conftest import Answer, Emulator
@@ -1017,6 +1018,9 @@ async def test_without_a_configured_token_one_is_made_kept_and_required(
             token = made.read_text().strip()
             assert len(token) >= 32
             assert admin.server.token_file == made
+            assert SECRETS.scrub(f"an error that echoes {token}") == (
+                "an error that echoes [redacted]"
+            )
             for method, path in (("GET", "/metrics"), ("GET", "/v1/jobs"), ("GET", "/v1/lanes")):
                 missing = await admin.call(method, path, token=None)
                 assert missing.status == 401, path

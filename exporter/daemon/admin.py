@@ -52,6 +52,7 @@ from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.errors import ConfigError
+from exporter.redaction import SECRETS
 
 log = structlog.get_logger("exporter.admin")
 
@@ -207,6 +208,7 @@ class AdminServer:
         except OSError as exc:
             log.error("admin_token_refused", path=str(path), error=str(exc))
             raise ConfigError(f"cannot make the admin token file {path}: {exc}") from exc
+        SECRETS.add(token)  # scrubbed from every output, like the configured secrets
         if made:
             log.info("admin_token_created", path=str(path))
         self._token, self.token_file = token.encode(), path
