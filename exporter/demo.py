@@ -107,9 +107,13 @@ async def _until_filed(spool: Path, names: set[str]) -> None:
                 return
 
 
-async def _metrics(log: Path) -> list[str]:
-    """A few figures from the daemon's own /metrics, as Prometheus would scrape them."""
+async def _metrics(log: Path, config: Path) -> list[str]:
+    """A few figures from the daemon's own /metrics, as Prometheus would scrape them (with
+    the admin token the daemon made, found through the same configuration)."""
     from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter.daemon.admin_token import client_token
+    from exporter.settings import load_settings
 
     port = None
     for line in (await asyncio.to_thread(log.read_text)).splitlines():
@@ -118,8 +122,12 @@ async def _metrics(log: Path) -> list[str]:
     if port is None:
         return ["(the admin server did not start: no metrics)"]
     url = f"http://127.0.0.1:{port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+    token = await asyncio.to_thread(lambda: client_token(load_settings(config)))
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=auth) as resp:
         text = await resp.text()
+        if resp.status != 200:
+            return [f"(the admin server answered {resp.status}: no metrics)"]
     finished: dict[str, float] = {}
     requests: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -224,7 +232,7 @@ async def demo(workdir: Path, jobs_dir: Path, console: Console) -> int:
         with console.status("   exporting: flows, 'not ready' window, runs, polling …"):
             try:
                 await _until_filed(spool, {j.name for j in jobs})
-                metrics = await _metrics(workdir / "daemon.log")
+                metrics = await _metrics(workdir / "daemon.log", config)
             finally:
                 code = await _stop(daemon)
                 log.close()

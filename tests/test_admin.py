@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -26,15 +28,17 @@ from structlog.testing import capture_logs
 
 from exporter.clock import FakeClock
 from exporter.daemon.admin import AdminServer
+from exporter.daemon.admin_token import ensure_token, read_token
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, is_loopback
-from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon, Service
+from exporter.daemon.daemon import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon, Service
 from exporter.daemon.journal import JobRecord
 from exporter.daemon.spool import Rejected, parse_job
 from exporter.emulator.settings import DEFAULT_CLIENT_ID, Span
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL
+from exporter.redaction import SECRETS
 from exporter.settings import load_settings
 from tests.bad_jobs import DESTINATIONS
 from tests.conftest import Answer, Emulator
@@ -812,6 +816,8 @@ async def test_beyond_loopback_everything_but_the_probes_needs_the_token(
             "host": "0.0.0.0",  # noqa: S104
             "port": admin.server.port,
             "auth": "bearer",
+            "bearer_file": "admin.token_file",
+            "max_connections": 64,
             "log_level": "info",
         }
     ]
@@ -844,6 +850,9 @@ def test_settings_refuse_binding_beyond_loopback_without_a_token(tmp_path: Path)
     config = write_config(tmp_path, url, admin={"token_file": "missing"})
     with pytest.raises(ConfigError, match="cannot read secret file"):
         load_settings(config)
+    for bad in ("http://exporter.internal", "", "two names"):
+        with pytest.raises(ValidationError, match="is not a Host header value"):
+            AdminConfig(allowed_hosts=(bad,))
     # Disabled, it may name any host.
     AdminConfig(enabled=False, host="0.0.0.0")  # noqa: S104
     with pytest.raises(ValidationError, match="not a loopback address"):
@@ -890,11 +899,209 @@ async def test_a_spawned_daemon_serves_its_probes_on_a_free_port(
         await running.until("daemon_ready", deadline_s=DEADLINE)
         (listening,) = [e for e in running.lines if e.get("event") == "admin_listening"]
         assert listening["host"] == "127.0.0.1"
-        assert listening["auth"] == "none"
+        assert listening["auth"] == "bearer"
+        made = tmp_path / "state" / "admin-token"
+        assert listening["bearer_file"] == str(made)
+        token = made.read_text().strip()
         url = f"http://127.0.0.1:{listening['port']}"
         async with aiohttp.ClientSession() as session:
-            for path in ("/healthz", "/readyz", "/metrics"):
+            for path in ("/healthz", "/readyz"):
                 async with session.get(url + path) as resp:
                     assert resp.status == 200, (path, await resp.text())
+            async with session.get(url + "/metrics") as resp:
+                assert resp.status == 401
+            auth = {"Authorization": f"Bearer {token}"}
+            async with session.get(url + "/metrics", headers=auth) as resp:
+                assert resp.status == 200, await resp.text()
         assert await kill(running, 15) == EXIT_OK
     assert any(e.get("event") == "admin_closed" for e in running.lines)
+    assert token not in (tmp_path / "daemon.log").read_text()
+
+
+# -- the Host header, and the token the daemon makes -----------------------------------------
+
+
+async def test_a_request_naming_another_host_is_refused_everywhere(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # DNS rebinding: a page at http://evil.example:PORT whose name now resolves to 127.0.0.1.
+    (dataset,) = await emulator.seed(rows=5)
+    for configured in (TOKEN, None):  # with the configured token, and with the one made
+        folder = tmp_path / str(bool(configured))
+        folder.mkdir()
+        admin_settings = {
+            "token": configured,
+            "allowed_hosts": ["exporter.internal", "Forwarded.example:8080"],
+        }
+        with capture_logs() as logs:
+            async with admin_daemon(emulator, folder, admin=admin_settings) as admin:
+                port = admin.server.port or 0
+                token = configured or (folder / "state" / "admin-token").read_text().strip()
+                for host in (
+                    f"evil.example:{port}",
+                    f"127.0.0.1:{port + 1}",
+                    "localhost",
+                    "",
+                    "forwarded.example:8081",
+                ):
+                    foreign = {"Host": host, "Origin": f"http://{host}"}
+                    for method, path, body in (
+                        ("GET", "/healthz", None),
+                        ("GET", "/readyz", None),
+                        ("GET", "/metrics", None),
+                        ("POST", "/v1/jobs", job(dataset, 1)),
+                        ("GET", "/nowhere", None),
+                    ):
+                        for sent in (token, None):
+                            answer = await admin.call(
+                                method, path, body=body, token=sent, headers=foreign
+                            )
+                            assert answer.status == 421, (host, method, path, answer.body)
+                            assert answer.body["error"] == "misdirected_request"
+                            assert f"Host {host!r} does not name this server" in (
+                                answer.body["message"]
+                            ) or (host == "" and "Host '(none)'" in answer.body["message"])
+                # Nothing was journaled, nothing was exported.
+                listed = await admin.call("GET", "/v1/jobs", token=token)
+                assert listed.body == {"jobs": [], "next_cursor": None}
+                for host in (
+                    f"localhost:{port}",
+                    f"LOCALHOST:{port}",
+                    f"[::1]:{port}",
+                    f"127.0.0.1:{port}",
+                    "exporter.internal",
+                    "exporter.internal:80",
+                    "forwarded.example:8080",
+                ):
+                    answer = await admin.call(
+                        "GET", "/metrics", token=token, headers={"Host": host}
+                    )
+                    assert answer.status == 200, host
+        assert not list(emulator.state.all_runs())
+        refused = [e for e in logs if e["event"] == "admin_host_refused"]
+        assert {e["host"] for e in refused} == {
+            f"evil.example:{port}",
+            f"127.0.0.1:{port + 1}",
+            "localhost",
+            "(none)",
+            "forwarded.example:8081",
+        }
+        assert token not in repr(logs)
+
+
+async def test_bound_to_every_interface_the_address_reached_is_accepted(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A Kubernetes probe or a Prometheus scrape names the pod's address, which is the
+    # connection's local address; here that is 127.0.0.2, which no loopback name covers.
+    admin_settings = {"host": "0.0.0.0"}  # noqa: S104
+    async with admin_daemon(emulator, tmp_path, admin=admin_settings) as admin:
+        url = f"http://127.0.0.2:{admin.server.port}"
+        async with admin.session.get(
+            url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as resp:
+            assert resp.status == 200
+        foreign = {"Host": f"127.0.0.3:{admin.server.port}"}
+        async with admin.session.get(url + "/healthz", headers=foreign) as resp:
+            assert resp.status == 421
+
+
+async def test_without_a_configured_token_one_is_made_kept_and_required(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    made = tmp_path / "state" / "admin-token"
+    with capture_logs() as logs:
+        async with admin_daemon(emulator, tmp_path, admin={"token": None}) as admin:
+            info = made.stat()
+            assert stat.S_IMODE(info.st_mode) == 0o600
+            assert info.st_uid == os.geteuid()
+            token = made.read_text().strip()
+            assert len(token) >= 32
+            assert admin.server.token_file == made
+            assert SECRETS.scrub(f"an error that echoes {token}") == (
+                "an error that echoes [redacted]"
+            )
+            for method, path in (("GET", "/metrics"), ("GET", "/v1/jobs"), ("GET", "/v1/lanes")):
+                missing = await admin.call(method, path, token=None)
+                assert missing.status == 401, path
+                assert (await admin.call(method, path, token=TOKEN)).status == 401, path
+            assert (await admin.call("GET", "/metrics", token=token)).status == 200
+            assert (await admin.call("GET", "/v1/jobs", token=token)).status == 200
+            for path in ("/healthz", "/readyz"):
+                assert (await admin.call("GET", path, token=None)).status == 200
+    assert [e for e in logs if e["event"] == "admin_token_created"] == [
+        {"event": "admin_token_created", "path": str(made), "log_level": "info"}
+    ]
+    assert token not in repr(logs)
+
+    # The next start reuses it.
+    with capture_logs() as logs:
+        async with admin_daemon(emulator, tmp_path, admin={"token": None}) as admin:
+            assert (await admin.call("GET", "/metrics", token=token)).status == 200
+    assert made.read_text().strip() == token
+    assert not [e for e in logs if e["event"] == "admin_token_created"]
+    (listening,) = [e for e in logs if e["event"] == "admin_listening"]
+    assert listening["bearer_file"] == str(made)
+    assert token not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    ("mode", "content", "reason"),
+    [
+        (0o640, None, "has mode 0640: others may have read the token"),
+        (0o604, None, "has mode 0604: others may have read the token"),
+        (0o600, "short\n", "does not hold a token"),
+        (0o600, "has a space in the middle\n", "does not hold a token"),
+    ],
+)
+async def test_a_token_file_others_could_read_is_refused(
+    emulator: Emulator, tmp_path: Path, mode: int, content: str | None, reason: str
+) -> None:
+    made = tmp_path / "state" / "admin-token"
+    made.parent.mkdir()
+    made.write_text(content or TOKEN + "\n")
+    made.chmod(mode)
+    with capture_logs() as logs, pytest.raises(ConfigError, match=reason) as refused:
+        async with admin_daemon(emulator, tmp_path, admin={"token": None}):
+            pass
+    assert str(made) in str(refused.value)
+    assert made.read_text() == (content or TOKEN + "\n")  # left for the operator to look at
+    assert stat.S_IMODE(made.stat().st_mode) == mode
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["admin_token_refused"]
+    assert TOKEN not in repr(logs)
+
+
+def test_a_token_file_of_another_user_or_a_link_is_refused(tmp_path: Path) -> None:
+    made = tmp_path / "admin-token"
+    made.write_text(TOKEN)
+    made.chmod(0o600)
+    assert read_token(made, owner=os.geteuid()) == TOKEN
+    with pytest.raises(ConfigError, match=f"belongs to uid {os.geteuid()}, not to this"):
+        read_token(made, owner=os.geteuid() + 1)
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    with pytest.raises(ConfigError, match="cannot read the admin token file"):
+        ensure_token(link)
+    folder = tmp_path / "folder"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_token(folder)
+
+
+@pytest.mark.slow
+async def test_a_spawned_daemon_refuses_a_readable_token_file_with_exit_2(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, emulator.url)
+    made = tmp_path / "state" / "admin-token"
+    made.parent.mkdir()
+    made.write_text(TOKEN)
+    made.chmod(0o644)
+    async with daemon_process(config, tmp_path / "daemon.log") as running:
+        async with asyncio.timeout(DEADLINE):
+            code = await running.proc.wait()
+        await running.until("daemon_config_error", deadline_s=DEADLINE)
+    assert code == EXIT_CONFIG
+    (error,) = [e for e in running.lines if e.get("event") == "daemon_config_error"]
+    assert "has mode 0644" in error["error"]
+    assert TOKEN not in (tmp_path / "daemon.log").read_text()

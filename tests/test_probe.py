@@ -81,3 +81,51 @@ def test_a_disabled_admin_server_is_a_configuration_error(
     config = write_config(tmp_path, "http://127.0.0.1:1", admin={"enabled": False})
     assert cmd_probe(probe_args("--config", str(config))) == 2
     assert "the admin server is disabled" in capsys.readouterr().err
+
+
+async def test_paths_beyond_the_probes_are_asked_with_the_token_the_daemon_made(
+    emulator: Emulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The probe's configuration names the same state folder as the daemon's: tmp_path/state.
+    config = write_config(tmp_path, emulator.url)
+    async with admin_daemon(emulator, tmp_path, admin={"token": None}) as admin:
+        token = (tmp_path / "state" / "admin-token").read_text().strip()
+        asked = ("--config", str(config), "--url", admin.url)
+        code, out = await probe(capsys, *asked, "--path", "/v1/jobs?limit=1")
+        assert (code, out) == (
+            0,
+            f'ok: {admin.url}/v1/jobs?limit=1: 200 {{"jobs": [], "next_cursor": null}}\n',
+        )
+        code, out = await probe(capsys, *asked, "--path", "/metrics")
+        assert code == 0, out
+        assert out.startswith(f"ok: {admin.url}/metrics: 200 # HELP ")
+        # The probes themselves need no token: a probe that cannot read it still passes.
+        (tmp_path / "state" / "admin-token").chmod(0o644)
+        assert (await probe(capsys, *asked))[0] == 0
+        code = await asyncio.to_thread(cmd_probe, probe_args(*asked, "--path", "/metrics"))
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "has mode 0644: others may have read the token" in err
+        assert token not in err
+        # Elsewhere, the configuration points at a state folder with no token in it.
+        other = write_config(tmp_path / "state", emulator.url)
+        code = await asyncio.to_thread(
+            cmd_probe, probe_args("--config", str(other), "--url", admin.url, "--path", "/metrics")
+        )
+        assert code == 2
+        assert "no admin token: admin.token_file is not set and" in capsys.readouterr().err
+
+
+async def test_without_the_token_a_protected_path_fails_the_probe(
+    emulator: Emulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = tmp_path / "other-token"
+    wrong.write_text("w" * 32)
+    config = write_config(tmp_path, emulator.url, admin={"token_file": str(wrong)})
+    async with admin_daemon(emulator, tmp_path) as admin:
+        code, out = await probe(
+            capsys, "--config", str(config), "--url", admin.url, "--path", "/metrics"
+        )
+    assert code == 1
+    assert out.startswith(f"unhealthy: {admin.url}/metrics: 401 ")
+    assert "w" * 32 not in out

@@ -264,7 +264,10 @@ async def scrape(running: Running) -> dict[str, float]:
     """A child daemon's `aep_exporter_redis_messages_total` by outcome, from its /metrics."""
     (listening,) = [e for e in await running.events() if e["event"] == "admin_listening"]
     url = f"http://127.0.0.1:{listening['port']}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+    token = (await asyncio.to_thread(Path(listening["bearer_file"]).read_text)).strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
         text = await resp.text()
     return {
         sample.labels["outcome"]: sample.value

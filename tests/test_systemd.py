@@ -28,6 +28,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.clock import SystemClock
+from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.daemon.systemd import (
     Notifier,
@@ -420,3 +421,12 @@ async def test_a_failing_socket_is_logged_once_and_never_raises(tmp_path: Path) 
     assert len(failures) == 1
     assert failures[0]["socket"] == str(path)
     assert systemd.messages == [{"WATCHDOG": "1"}]
+
+
+def test_the_unit_allows_far_more_open_files_than_the_admin_server_may_hold() -> None:
+    unit = (Path(__file__).parents[1] / "config" / "aep-exporter.service").read_text()
+    (value,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    # Even the largest admin.max_connections leaves most descriptors to the rest.
+    largest = AdminConfig.model_json_schema()["properties"]["max_connections"]["maximum"]
+    assert int(value) >= 4 * largest
+    assert int(value) >= 64 * AdminConfig().max_connections

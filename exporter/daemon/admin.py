@@ -7,10 +7,19 @@
     /v1/jobs...            submit, list, get and cancel jobs (`exporter.daemon.admin_jobs`)
     /v1/lanes...           list the export lanes and prune idle ones (`admin_lanes`)
 
-It listens on 127.0.0.1 by default. With a token configured (required by the settings when
-it is bound beyond loopback) every route but /healthz and /readyz asks for
-`Authorization: Bearer <token>`: probes rarely can send one and those two say nothing
-private; /metrics and /v1 do. Every error is a JSON body `{"error", "message"}`.
+It listens on 127.0.0.1 by default. Every route but /healthz and /readyz asks for
+`Authorization: Bearer <token>`, on loopback too (any local process could call it): the
+configured `admin.token_file`, or else the token the daemon keeps in its state folder
+(`admin_token`). Probes rarely can send one and those two say nothing private; /metrics and
+/v1 do. Every request must name this server in its `Host` header (a loopback name or the
+address it was reached at, with the port, or one of `admin.allowed_hosts`), or it is refused
+421 before anything else: a web page whose host name an attacker points at 127.0.0.1 (DNS
+rebinding) sends its own name, so it reaches nothing, not even the probes. Every error is a
+JSON body `{"error", "message"}`.
+
+Connections are capped (`admin.max_connections`, `admin_site`), closed after
+`admin.idle_timeout_s` without a request under way (also when the headers have not all
+come), and a request body must arrive within `admin.read_timeout_s` (else 408).
 
 The event-loop monitor is a task that asks to wake every fraction of `loop_stall_s` and
 notes how late it is: a stall is remembered for `loop_stall_window_s`, so a probe that comes
@@ -22,11 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,9 +46,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.daemon.admin_jobs import JobsApi, error_response
 from exporter.daemon.admin_lanes import LanesApi
+from exporter.daemon.admin_site import CappedSite
+from exporter.daemon.admin_token import ensure_token, token_path
 from exporter.daemon.config import AdminConfig
 from exporter.daemon.daemon import Daemon
 from exporter.daemon.journal import JobRecord
+from exporter.errors import ConfigError
+from exporter.redaction import SECRETS
 
 log = structlog.get_logger("exporter.admin")
 
@@ -45,6 +60,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 OPENAPI_FILE = "admin_openapi.json"
 REALM = 'Bearer realm="aep-exporter"'
 SHUTDOWN_TIMEOUT_S = 1.0  # requests still open at close get this long
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - names to recognise, not to bind
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -110,11 +127,14 @@ class AdminServer:
             observe=daemon.metrics.loop_lag,
         )
         self.openapi = resources.files("exporter.daemon").joinpath(OPENAPI_FILE).read_bytes()
-        self._token = config.token.get_secret_value().encode() if config.token is not None else None
+        self._token = config.token.get_secret_value().encode() if config.token is not None else b""
+        self.token_file: Path | None = None
+        """The token file the daemon made or reused, when no token is configured."""
         self.lanes = LanesApi(daemon)
         self._runner: web.AppRunner | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._ready: bool | None = None
+        self._hosts: frozenset[str] = frozenset()
 
     @property
     def url(self) -> str:
@@ -123,7 +143,8 @@ class AdminServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=self.config.max_body_bytes
+            middlewares=[self._errors, self._host, self._auth, self._read_body],
+            client_max_size=self.config.max_body_bytes,
         )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -136,13 +157,21 @@ class AdminServer:
     # -- Service ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._token:
+            await self._own_token()
         self._monitor = asyncio.create_task(self.monitor.run(), name="admin-loop-monitor")
         runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            self.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            keepalive_timeout=self.config.idle_timeout_s,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = CappedSite(
+                runner, self.config.host, self.config.port, limit=self.config.max_connections
+            )
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -158,11 +187,49 @@ class AdminServer:
             ) from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else self.config.port
+        self._hosts = self._known_hosts()
         log.info(
             "admin_listening",
             host=self.config.host,
             port=self.port,
-            auth="bearer" if self._token is not None else "none",
+            auth="bearer",
+            bearer_file=str(self.token_file) if self.token_file else "admin.token_file",
+            max_connections=self.config.max_connections,
+        )
+
+    async def _own_token(self) -> None:
+        """Make or reuse the token in the state folder (never logged: only its path)."""
+        path = token_path(self.daemon.settings.daemon.state_dir)
+        try:
+            token, made = await asyncio.to_thread(ensure_token, path)
+        except ConfigError as exc:
+            log.error("admin_token_refused", path=str(path), error=str(exc))
+            raise
+        except OSError as exc:
+            log.error("admin_token_refused", path=str(path), error=str(exc))
+            raise ConfigError(f"cannot make the admin token file {path}: {exc}") from exc
+        SECRETS.add(token)  # scrubbed from every output, like the configured secrets
+        if made:
+            log.info("admin_token_created", path=str(path))
+        self._token, self.token_file = token.encode(), path
+
+    def _known_hosts(self) -> frozenset[str]:
+        """`Host` values that name this server whatever connection they come on."""
+        port = self.port
+        names = {*LOOPBACK_NAMES}
+        if self.config.host not in WILDCARDS:
+            host = self.config.host.lower()
+            names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+        hosts = {f"{name}:{port}" for name in names}
+        if port == 80:  # a client leaves out the default port
+            hosts |= names
+        return frozenset(hosts | {h.lower() for h in self.config.allowed_hosts})
+
+    @property
+    def _any_port(self) -> frozenset[str]:
+        """`admin.allowed_hosts` entries without a port: accepted with any port."""
+        return frozenset(
+            h.lower() for h in self.config.allowed_hosts if not (h.count(":") == 1 or "]:" in h)
         )
 
     async def recover(self, records: list[JobRecord]) -> None:
@@ -213,8 +280,55 @@ class AdminServer:
             return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
     @web.middleware
+    async def _host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a request that names another server (see the module's docstring)."""
+        given = request.headers.get("Host", "").strip().lower()
+        name = given.rsplit(":", 1)[0] if given.count(":") == 1 or "]:" in given else given
+        if given in self._hosts or name in self._any_port or given == self._local_host(request):
+            return await handler(request)
+        shown = given[:100] or "(none)"
+        log.warning("admin_host_refused", method=request.method, path=request.path, host=shown)
+        return error_response(
+            421,
+            "misdirected_request",
+            f"Host {shown!r} does not name this server: ask http://127.0.0.1:{self.port} "
+            "(or list the name in admin.allowed_hosts)",
+            headers={"Connection": "close"},
+        )
+
+    def _local_host(self, request: web.Request) -> str | None:
+        """The address the request came to, as a `Host` value (bound to every interface,
+        this is the interface it came on)."""
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        if not isinstance(local, tuple) or len(local) < 2:
+            return None
+        address = ipaddress.ip_address(str(local[0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack socket: the client used IPv4
+        shown = f"[{address}]" if address.version == 6 else str(address)
+        return f"{shown}:{local[1]}"
+
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Read the body within `read_timeout_s` (a slow sender holds no handler longer)."""
+        if request.body_exists:
+            limit = self.config.read_timeout_s
+            try:
+                async with asyncio.timeout(limit):
+                    await request.read()  # kept by aiohttp: the handler's read() returns it
+            except TimeoutError:
+                log.warning("admin_body_timeout", method=request.method, path=request.path)
+                return error_response(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {limit:g} s (admin.read_timeout_s)",
+                    headers={"Connection": "close"},
+                )
+        return await handler(request)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is None or request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(

@@ -28,6 +28,7 @@ from exporter.daemon.daemon import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
 from exporter.daemon.schedules import iso, status_table, upcoming
 from exporter.daemon.spool import Rejected, Spool
+from exporter.errors import ConfigError
 from exporter.logs import configure_logging
 from exporter.oneshot import add_config_argument, settings_or_report
 from exporter.settings import Settings, load_settings
@@ -70,9 +71,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     fmt = settings.log.format
     configure_logging(settings.log.level, json=None if fmt == "auto" else fmt == "json")
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    return asyncio.run(
-        _run(settings, reread=lambda: load_settings(args.config, credentials_directory=credentials))
-    )
+    try:
+        return asyncio.run(
+            _run(
+                settings,
+                reread=lambda: load_settings(args.config, credentials_directory=credentials),
+            )
+        )
+    except ConfigError as exc:  # found on start, e.g. an admin token file others could read
+        log.error("daemon_config_error", error=str(exc))
+        return EXIT_CONFIG
 
 
 async def _run(settings: Settings, reread: Callable[[], Settings] | None = None) -> int:

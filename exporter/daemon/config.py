@@ -186,11 +186,33 @@ class AdminConfig(BaseModel):
     check_timeout_s: float = Field(default=2.0, gt=0)
     """Deadline of each /readyz check (AEP token, journal)."""
     max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    """Connections open at once; past it a new one is answered 503 and closed."""
+    idle_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    """A connection with no request under way (idle, or its headers not all come) this long
+    after it opened or its last answer is closed."""
+    read_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """A request body must arrive within this, or the answer is 408."""
+    allowed_hosts: tuple[str, ...] = ()
+    """More `Host` header values to accept (`name` or `name:port`), e.g. the name of a
+    Kubernetes Service or a forwarded port; loopback names and the address a request came
+    to, with the bound port, are always accepted."""
 
     @model_validator(mode="before")
     @classmethod
     def _token_file(cls, data: Any) -> Any:
         return secret_from_file(data, "token")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_values(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if not host or any(c.isspace() or c in "/@?#" for c in host):
+                raise ValueError(
+                    f"allowed_hosts: {host!r} is not a Host header value: give a name or "
+                    "address, optionally with :port (no scheme, no path)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _guarded(self) -> AdminConfig:
