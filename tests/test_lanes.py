@@ -195,6 +195,23 @@ async def test_two_daemons_adding_different_datasets_to_one_lane_lose_none(
     assert [s["id"] for s in sources] == flow["sourceConnectionIds"]
 
 
+async def test_a_writer_that_keeps_losing_the_race_waits_and_gets_its_turn(
+    emulator: Emulator, engines: Engines
+) -> None:
+    # Another daemon changes the flow just before each of seven PATCHes (AEP answers 412):
+    # re-reading at once each time would give up after a few; a jittered wait lets it through.
+    engine = await engines.make()
+    first, late = await emulator.seed(rows=2, count=2)
+    assert (await engine.run(job(first))).state == JobState.SUCCEEDED
+    fault = {"action": "status", "op": "flows.patch", "status": 412, "count": 7}
+    await emulator.control("POST", "/faults", fault)
+    outcome = await engine.run(job(late))
+    assert outcome.state == JobState.SUCCEEDED, outcome
+    counted = await ops(emulator)
+    assert counted["flows.patch"] == Counter({412: 7, 200: 1})
+    assert exported(emulator) == Counter({first: 1, late: 1})
+
+
 async def test_a_lane_over_its_dataset_limit_gets_a_second_flow(
     emulator: Emulator, engines: Engines
 ) -> None:

@@ -24,7 +24,8 @@ class EngineConfig(BaseModel):
     poll_batch: int = Field(default=100, ge=1, le=100)
     status_unreadable_s: float = Field(default=900.0, gt=0)
     """A run whose status cannot be read for this long fails its job."""
-    patch_attempts: int = Field(default=5, ge=1)
+    patch_attempts: int = Field(default=8, ge=1)
+    """Attempts at a flow change when another writer changed it first (a jittered wait each)."""
     far_future_s: float = Field(default=365 * 86400.0, gt=86400)
     """Where a one-off flow's schedule start is kept, so AEP never runs it by itself."""
 

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ import structlog
 
 from exporter.aep import DATALAKE_SOURCE_SPEC_ID, SPEC_VERSION
 from exporter.aepclient.api import AepApi, Collection, FlowInfo
+from exporter.aepclient.backoff import Backoff
 from exporter.clock import Clock, sleep_or_wake
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
@@ -295,6 +297,12 @@ class LaneManager:
         self._sandbox = sandbox
         self._clock = clock
         self._key = identity_key
+        # Two daemons changing one flow: the loser of a 412 waits a jittered moment, so the
+        # two do not meet again at once (and a busy winner does not starve it).
+        self._conflict = Backoff(
+            max_attempts=config.patch_attempts, base_delay_s=0.2, max_delay_s=5.0
+        )
+        self._rng = random.Random()
         self._lanes: dict[str, Lane] = {}
         self._known: dict[str, dict[str, Any]] = {}  # flow name -> AEP item (lane flows only)
         self._listed = False
@@ -559,6 +567,7 @@ class LaneManager:
                     if attempt == self._config.patch_attempts:
                         raise
                     log.info("lane_change_conflict", flow_id=flow.id, attempt=attempt)
+                    await self._after_conflict(attempt)
                     continue
                 made.remove(source)
                 flow.source_id = source
@@ -578,6 +587,10 @@ class LaneManager:
         finally:
             for source in made:
                 await self._delete_quietly("sourceConnections", source)
+
+    async def _after_conflict(self, attempt: int) -> None:
+        delay = self._conflict.next_delay(attempt, self._rng)
+        await self._clock.sleep(self._conflict.ceiling(attempt) if delay is None else delay)
 
     async def _source(self, flow_name: str, datasets: frozenset[str]) -> str:
         """The source connection holding exactly `datasets`, named after the set, so one a
@@ -919,6 +932,7 @@ class LaneManager:
             except PreconditionFailed:
                 if attempt == self._config.patch_attempts:
                     raise
+                await self._after_conflict(attempt)
                 continue
             flow.schedule = full
             flow.state = info.state
