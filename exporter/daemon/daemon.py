@@ -24,6 +24,7 @@ import enum
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -166,6 +167,28 @@ class Health:
 
     dead: list[str] = field(default_factory=list)
     ready: bool = False
+
+
+def already_submitted(job_id: str, known: JobRecord | None) -> str:
+    """Why a job whose id the journal knows is not run again: a job id is an idempotency
+    key, so the same content dropped again is refused, never answered with the old result."""
+    if known is None:  # (forgotten meanwhile: handed over to another daemon)
+        return f"job id {job_id!r} was already submitted; give the new job another id"
+    if known.terminal:
+        outcome = known.outcome or {}
+        run = outcome.get("run_id") or known.run_id
+        at = datetime.fromtimestamp(known.updated, UTC).isoformat(timespec="seconds")
+        return (
+            f"job id {job_id!r} was already submitted (from {known.source} {known.name}) and "
+            f"{known.state.value}"
+            + (f" as run {run}" if run else "")
+            + f" at {at}; a job id exports once: give the job another id (its id field) "
+            "to export again"
+        )
+    return (
+        f"job id {job_id!r} was already submitted (from {known.source} {known.name}, now "
+        f"{known.state.value}); a job id runs once: give the new job another id"
+    )
 
 
 class Daemon:
@@ -479,8 +502,9 @@ class Daemon:
             self._wake.clear()
             await sleep_or_wake(self.clock, config.rescan_s, self._wake)
 
-    async def _admit(self, path: Path) -> None:
-        """A claimed file becomes a journaled job in flight, or a rejection."""
+    async def _admit(self, path: Path, *, recovering: bool = False) -> None:
+        """A claimed file becomes a journaled job in flight, or a rejection. `recovering`:
+        the file was in processing/ at start, where a crash may have left a job of ours."""
         assert self.journal is not None
         origin = SpoolFile(self.spool, path)
         try:
@@ -499,18 +523,15 @@ class Daemon:
         if admitted.result is Admission.STARTED:
             return
         known = admitted.record
-        if known is not None and known.name == path.name and not known.terminal:
+        ours = recovering and known is not None and known.name == path.name
+        if ours and known is not None and not known.terminal:
             self.resume(known, origin)  # our own claim, journaled before a crash
-        elif known is not None and known.name == path.name:
+        elif ours and known is not None and known.outcome is not None:
+            # Finished before a crash, not yet filed: file the outcome it has. Only at start:
+            # a file dropped again later is a new request, never answered with an old result.
             await self._settle(origin, Outcome.model_validate(known.outcome))
         else:
-            state = known.state.value if known else "unknown"
-            await self.reject(
-                origin,
-                f"job id {job.job_id!r} was already submitted (as "
-                f"{known.name if known else '?'}, now {state}); a job id "
-                "runs once: give the new job another id",
-            )
+            await self.reject(origin, already_submitted(job.job_id, known))
 
     async def reject(self, origin: Origin, reason: str) -> Outcome:
         """Journal and settle a job that will not run: bad input, a duplicate id."""
@@ -639,7 +660,8 @@ class Daemon:
             if found is not None:
                 self.resume(found, SpoolFile(self.spool, path))
             else:
-                await self._admit(path)  # claimed but not journaled, or finished but not filed
+                # claimed but not journaled, or finished but not filed
+                await self._admit(path, recovering=True)
         for record in by_name.values():
             log.warning("job_file_missing", job_id=record.job_id, file=record.name)
             path = self.spool.dirs["processing"] / record.name
