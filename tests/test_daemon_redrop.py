@@ -80,7 +80,7 @@ async def test_at_start_a_finished_but_unfiled_job_is_filed_with_its_outcome(
     finally:
         await journal.close()
     async with running(emulator, tmp_path) as run:
-        assert run.daemon.counts.filed == 1  # filed during recovery, before ready
+        await run.filed(1)  # admitted by intake, first thing
         result = run.result("done", "crashed.json")
     assert result["state"] == "succeeded"
     assert result["run_id"] == "run-before-the-crash"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from exporter.daemon.storage import Faults
 from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
 
 T = TypeVar("T")
@@ -104,23 +105,34 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+class Unwritable(RuntimeError):
+    """The daemon's writes are failing now (a full disk): what `check_writable` raises."""
+
+
 class Journal:
     """Async façade over one SQLite connection owned by a dedicated thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, faults: Faults | None = None) -> None:
         self.path = path
+        self.faults = faults
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, state_dir: Path) -> Journal:
-        journal = cls(state_dir / FILE_NAME)
+    async def open(cls, state_dir: Path, *, faults: Faults | None = None) -> Journal:
+        """Open (or create) the journal in `state_dir`. `faults`: the daemon's record of
+        failing writes, which `check_writable` reports."""
+        journal = cls(state_dir / FILE_NAME, faults=faults)
 
         def start() -> sqlite3.Connection:
             state_dir.mkdir(parents=True, exist_ok=True)
             return connect(journal.path)
 
-        journal._conn = await journal._run(start)
+        try:
+            journal._conn = await journal._run(start)
+        except BaseException:
+            journal._executor.shutdown(wait=False)
+            raise
         return journal
 
     async def close(self) -> None:
@@ -356,7 +368,11 @@ class Journal:
         await self._run(write)
 
     async def check_writable(self) -> None:
-        """Raise if the journal cannot be written (a full disk, a read-only mount)."""
+        """Raise if the journal cannot be written (a full disk, a read-only mount), or if the
+        daemon's own writes are failing now: an empty transaction succeeds on a full disk."""
+        failing = self.faults.describe() if self.faults is not None else None
+        if failing is not None:
+            raise Unwritable(failing)
 
         def probe() -> None:
             db = self._db()
