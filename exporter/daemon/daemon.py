@@ -33,9 +33,9 @@ import structlog
 
 from exporter.aepclient import HttpAep
 from exporter.clock import Clock, sleep_or_wake
-from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.journal import Corrupt, JobRecord, Journal
 from exporter.daemon.spool import Parsed, Rejected, Spool
-from exporter.daemon.storage import RETRY, Faults, persist
+from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
 from exporter.engine import Engine, Progress
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
@@ -47,7 +47,9 @@ log = structlog.get_logger("exporter.daemon")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_DATAERR = 65  # the journal is corrupt: a restart cannot help (sysexits' EX_DATAERR)
 EXIT_SOFTWARE = 70  # a supervised task died
+RETAIN_EVERY_S = 6 * 3600.0  # how often finished jobs past their retention are pruned
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
 RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
 
@@ -338,8 +340,12 @@ class Daemon:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
         config = self.settings.daemon
         # A full disk at start: wait for space (logged, retried) rather than exit and loop.
-        opened = await self._unless_stopping(self._opened())
-        if opened is None:  # stopped while waiting
+        try:
+            opened = await self._unless_stopping(self._opened())
+        except Corrupt as exc:
+            log.error("journal_corrupt", error=str(exc), recovery=exc.recovery)
+            opened, self._exit = None, EXIT_DATAERR
+        if opened is None:  # stopped while waiting, or nothing to start with
             await self.api.aclose()
             if self.journal is not None:
                 await self.journal.close()
@@ -355,6 +361,8 @@ class Daemon:
             supervised["intake"] = asyncio.create_task(self._intake(), name="intake")
             if config.watch:
                 supervised["watcher"] = asyncio.create_task(self._watch(), name="watcher")
+            if config.journal_retention_days:
+                supervised["retention"] = asyncio.create_task(self._retain(), name="retention")
             poller = self.engine.poller_task
             assert poller is not None
             supervised["poller"] = poller
@@ -408,6 +416,21 @@ class Daemon:
             rng=self._rng,
             **context,
         )
+
+    async def _retain(self) -> None:
+        """Prune the journal's finished jobs past their retention: now, then periodically."""
+        assert self.journal is not None
+        keep_s = self.settings.daemon.journal_retention_days * 86400
+        while True:
+            before = self.clock.time() - keep_s
+            try:
+                pruned = await self.journal.prune(before=before)
+            except STORAGE_ERRORS as exc:  # (a full disk: the next round tries again)
+                log.warning("journal_prune_failed", error=f"{type(exc).__name__}: {exc}")
+            else:
+                if pruned:
+                    log.info("journal_pruned", jobs=pruned, finished_before=before)
+            await self.clock.sleep(RETAIN_EVERY_S)
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
