@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from exporter.clock import FakeClock
 from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.daemon.spool import RESULT_SUFFIX
+from exporter.jobs import JobState
 from tests.conftest import Emulator
 from tests.test_admin import Admin, admin_daemon, ticking
 from tests.test_daemon_intake import good_job, running, settings_for
@@ -221,3 +222,50 @@ async def test_a_spool_scan_failing_with_emfile_is_retried_not_fatal(
     assert len(failed) == 3
     assert "Too many open files" in failed[0]["error"]
     assert any(e["event"] == "intake_recovered" for e in logs)
+
+
+async def test_a_stop_while_an_outcome_cannot_be_written_ends_in_time_and_loses_nothing(
+    emulator: Emulator, disk: Path
+) -> None:
+    """The unwritten outcome is abandoned after the grace period; the next start, with space
+    again, files it without exporting a second time."""
+    (dataset,) = await emulator.seed(rows=6)
+    settings = settings_for(emulator, disk)
+    daemon = Daemon(settings, clock=emulator.clock)
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.run())
+        async with asyncio.timeout(DEADLINE):
+            await daemon.ready.wait()
+        incoming = daemon.spool.dirs["incoming"]
+        (disk / "spool" / "staged.json").write_bytes(good_job(dataset, 1, id="stuck"))
+        (disk / "spool" / "staged.json").rename(incoming / "stuck.json")
+        journal = daemon.journal
+        assert journal is not None
+        async with asyncio.timeout(DEADLINE):
+            while (record := await journal.get("stuck")) is None or (
+                record.state is not JobState.RUNNING
+            ):
+                await emulator.clock.sleep(0.05)
+        with full(disk):  # (filled without yielding to the loop: the job is still running)
+            await until_logged(logs, "storage_write_failed", emulator.clock)
+            assert daemon.counts.filed == 0
+            daemon.stop()
+            async with asyncio.timeout(DEADLINE):
+                assert await task == EXIT_OK
+            assert (daemon.spool.dirs["processing"] / "stuck.json").exists()
+    failed = [e for e in logs if e["event"] == "storage_write_failed"]
+    assert {e["operation"] for e in failed} <= {"journal", "result"}
+    assert all(e["job_id"] == "stuck" for e in failed)
+    (unwritten,) = [e for e in logs if e["event"] == "outcomes_unwritten"]
+    assert unwritten["jobs"] == 1
+
+    again = Daemon(settings, clock=emulator.clock)
+    task = asyncio.create_task(again.run())
+    async with asyncio.timeout(DEADLINE), again.filed:
+        await again.filed.wait_for(lambda: again.counts.filed >= 1)
+    again.stop()
+    async with asyncio.timeout(DEADLINE):
+        assert await task == EXIT_OK
+    result = json.loads((again.spool.dirs["done"] / f"stuck.json{RESULT_SUFFIX}").read_text())
+    assert result["state"] == "succeeded"
+    assert len(list(emulator.state.all_runs())) == 1

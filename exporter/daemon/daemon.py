@@ -219,7 +219,6 @@ class Daemon:
         self.faults = Faults(self.metrics.registry)
         """Local writes failing now (a full disk): retried, and reported by /readyz."""
         self._rng = random.Random()
-        self._pending: list[Path] = []  # files in processing/ at start that need admitting
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.services: list[Service] = []
         self.health = Health()
@@ -465,9 +464,12 @@ class Daemon:
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
         await self.engine.stop()  # and the flow setups jobs were sharing
         if self._settling:  # outcomes being written when the stop came are written whole
-            _, late = await asyncio.wait(
-                set(self._settling), timeout=self.settings.daemon.shutdown_grace_s
-            )
+            written = asyncio.ensure_future(asyncio.wait(set(self._settling)))
+            grace = asyncio.ensure_future(self.clock.sleep(self.settings.daemon.shutdown_grace_s))
+            await asyncio.wait({written, grace}, return_when=asyncio.FIRST_COMPLETED)
+            written.cancel()
+            grace.cancel()
+            late = {f for f in self._settling if not f.done()}
             for unwritten in late:  # the disk is full: the next start resumes these jobs
                 unwritten.cancel()
             if late:
@@ -593,9 +595,6 @@ class Daemon:
             await sleep_or_wake(self.clock, config.rescan_s, self._wake)
 
     async def _intake_once(self) -> None:
-        while self._pending:  # left in processing/ by the previous run, first
-            await self._admit(self._pending[0], recovering=True)
-            self._pending.pop(0)
         room = self.room
         if room > 0:
             for path in await asyncio.to_thread(self.spool.waiting, room):
@@ -789,8 +788,8 @@ class Daemon:
             found = by_name.pop(path.name, None)
             if found is not None:
                 self.resume(found, SpoolFile(self.spool, path))
-            else:  # claimed but not journaled, or finished but not filed: intake admits it
-                self._pending.append(path)
+            else:  # claimed but not journaled, or finished but not filed
+                await self._admit(path, recovering=True)
         for record in by_name.values():
             log.warning("job_file_missing", job_id=record.job_id, file=record.name)
             path = self.spool.dirs["processing"] / record.name
