@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 from exporter.clock import FakeClock
 from exporter.daemon.daemon import EXIT_OK, Daemon
 from exporter.daemon.spool import RESULT_SUFFIX
+from exporter.daemon.storage import transient
 from exporter.jobs import JobState
 from tests.conftest import Emulator
 from tests.test_admin import Admin, admin_daemon, ticking
@@ -269,3 +271,26 @@ async def test_a_stop_while_an_outcome_cannot_be_written_ends_in_time_and_loses_
     result = json.loads((again.spool.dirs["done"] / f"stuck.json{RESULT_SUFFIX}").read_text())
     assert result["state"] == "succeeded"
     assert len(list(emulator.state.all_runs())) == 1
+
+
+async def test_a_state_folder_that_cannot_be_made_fails_the_start_at_once(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Waiting cures a full disk, not a path through a file: that start fails (exit 1)."""
+    (tmp_path / "state").write_text("a file where the state folder should be")
+    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+    with pytest.raises(OSError, match=r"exists|Not a directory"):
+        async with asyncio.timeout(DEADLINE):
+            await daemon.run()
+
+
+def test_only_what_waiting_can_cure_is_transient() -> None:
+    assert transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert transient(OSError(errno.EMFILE, "Too many open files"))
+    assert not transient(PermissionError(errno.EACCES, "Permission denied"))
+    full_db = sqlite3.OperationalError("database or disk is full")
+    full_db.sqlite_errorcode = 13
+    assert transient(full_db)
+    cannot_open = sqlite3.OperationalError("unable to open database file")
+    cannot_open.sqlite_errorcode = 14
+    assert not transient(cannot_open)

@@ -384,9 +384,14 @@ class Daemon:
 
     async def _opened(self) -> Journal:
         config = self.settings.daemon
-        await self._persist(lambda: asyncio.to_thread(self.spool.ensure), "intake")
+        # Only what waiting can cure: a folder that cannot be made is exit 1 with its traceback.
+        await self._persist(
+            lambda: asyncio.to_thread(self.spool.ensure), "intake", only_transient=True
+        )
         self.journal = await self._persist(
-            lambda: Journal.open(config.state_dir, faults=self.faults), "journal"
+            lambda: Journal.open(config.state_dir, faults=self.faults),
+            "journal",
+            only_transient=True,
         )
         return self.journal
 
@@ -404,7 +409,12 @@ class Daemon:
         return doing.result() if not doing.cancelled() else None
 
     async def _persist(
-        self, write: Callable[[], Awaitable[T]], operation: str, **context: object
+        self,
+        write: Callable[[], Awaitable[T]],
+        operation: str,
+        *,
+        only_transient: bool = False,
+        **context: object,
     ) -> T:
         """A local write (journal, result file, spool), retried with backoff while it fails."""
         return await persist(
@@ -413,6 +423,7 @@ class Daemon:
             clock=self.clock,
             faults=self.faults,
             rng=self._rng,
+            only_transient=only_transient,
             **context,
         )
 

@@ -9,6 +9,7 @@ tells the truth meanwhile (the journal's writability check consults it).
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import sqlite3
@@ -31,6 +32,19 @@ RETRY = Backoff(
     max_attempts=sys.maxsize, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=math.inf
 )
 OPERATIONS = ("intake", "journal", "result")
+# What waiting can cure: space, descriptors, memory, a busy database. (Not a missing folder
+# or a permission: at start those exit with their traceback; a job's writes retry anyway.)
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EIO}
+)
+TRANSIENT_SQLITE = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, _LOCKED, _IOERR, _FULL
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is a storage failure that may pass by itself or once space is freed."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in TRANSIENT_SQLITE
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
 class Faults:
@@ -69,14 +83,18 @@ async def persist(
     clock: Clock,
     faults: Faults,
     rng: random.Random,
+    only_transient: bool = False,
     **context: object,
 ) -> T:
-    """`write()`, again and again with backoff until it works. Cancellable between tries."""
+    """`write()`, again and again with backoff until it works. Cancellable between tries.
+    `only_transient`: other storage errors (see `transient`) are raised at once."""
     attempt = 0
     while True:
         try:
             result = await write()
         except STORAGE_ERRORS as exc:
+            if only_transient and not transient(exc):
+                raise
             attempt += 1
             faults.failed(operation, exc)
             delay = RETRY.next_delay(attempt, rng)
