@@ -82,3 +82,30 @@ async def test_a_job_that_crashes_fails_visibly_and_the_daemon_goes_on(
     assert len(done) == 1
     assert "internal error: ZeroDivisionError('a bug')" in failed[0].read_text()
     assert JobState.FAILED.value in failed[0].read_text()
+
+
+async def test_a_job_task_that_dies_stops_the_daemon_with_70(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a crash of the export (that fails the job) but of the daemon's own bookkeeping
+    after it: the job's task must not end dead and unnoticed."""
+    (dataset,) = await emulator.seed(rows=5)
+    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+
+    async def broken(*args: object) -> None:
+        raise KeyError("a bug in writing the outcome")
+
+    monkeypatch.setattr(daemon, "_complete", broken)
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.run())
+        await daemon.ready.wait()
+        incoming = tmp_path / "spool" / "incoming"
+        (incoming / ".j.tmp").write_bytes(good_job(dataset, 1, id="j1"))
+        (incoming / ".j.tmp").rename(incoming / "j1.json")
+        async with asyncio.timeout(60):
+            code = await task
+    assert code == EXIT_SOFTWARE
+    died = [e for e in logs if e["event"] == "task_died"]
+    assert [e["task"] for e in died] == ["job:j1"]
+    assert "a bug in writing the outcome" in died[0]["error"]
+    assert daemon.health.dead == ["job:j1"]

@@ -2,7 +2,8 @@
 
 SIGHUP makes `run` re-read destinations and schedules from its config file.
 Exit codes of `run`: 0 stopped cleanly (SIGTERM or SIGINT), 2 configuration error,
-70 a supervised task died, 128+N a second signal N forced an immediate exit.
+65 the journal is corrupt (the log says how to recover), 70 a supervised task died,
+128+N a second signal N forced an immediate exit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def add_parsers(subparsers: Any) -> None:
         description="Claim job files from the spool, export them, write results beside them. "
         "SIGTERM or SIGINT stops it gracefully (a second one at once); SIGHUP reloads "
         "destinations and schedules. Exit codes: 0 stopped, "
-        "2 configuration error, 70 internal failure, 128+N forced by a second signal N.",
+        "2 configuration error, 65 corrupt journal (the log says how to recover), "
+        "70 internal failure, 128+N forced by a second signal N.",
     )
     add_config_argument(run)
     run.set_defaults(func=cmd_run)

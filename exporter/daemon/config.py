@@ -45,6 +45,10 @@ class DaemonConfig(BaseModel):
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     """On SIGTERM, how long in-flight calls may take to finish before they are cancelled."""
     max_job_file_bytes: int = Field(default=1_048_576, ge=1024)
+    journal_retention_days: float = Field(default=30.0, ge=0)
+    """Finished jobs are deleted from the journal this long after they finished (at start and
+    every few hours), and the file shrinks; 0 keeps them forever. Unfinished jobs are always
+    kept. A job id forgotten this way may be exported again."""
 
 
 class LogConfig(BaseModel):

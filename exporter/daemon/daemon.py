@@ -21,29 +21,35 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import random
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import structlog
 
 from exporter.aepclient import HttpAep
 from exporter.clock import Clock, sleep_or_wake
-from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.journal import Corrupt, JobRecord, Journal
 from exporter.daemon.spool import Parsed, Rejected, Spool
+from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
 from exporter.engine import Engine, Progress
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings
 
+T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_DATAERR = 65  # the journal is corrupt: a restart cannot help (sysexits' EX_DATAERR)
 EXIT_SOFTWARE = 70  # a supervised task died
+RETAIN_EVERY_S = 6 * 3600.0  # how often finished jobs past their retention are pruned
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
 RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
 
@@ -168,6 +174,28 @@ class Health:
     ready: bool = False
 
 
+def already_submitted(job_id: str, known: JobRecord | None) -> str:
+    """Why a job whose id the journal knows is not run again: a job id is an idempotency
+    key, so the same content dropped again is refused, never answered with the old result."""
+    if known is None:  # (forgotten meanwhile: handed over to another daemon)
+        return f"job id {job_id!r} was already submitted; give the new job another id"
+    if known.terminal:
+        outcome = known.outcome or {}
+        run = outcome.get("run_id") or known.run_id
+        at = datetime.fromtimestamp(known.updated, UTC).isoformat(timespec="seconds")
+        return (
+            f"job id {job_id!r} was already submitted (from {known.source} {known.name}) and "
+            f"{known.state.value}"
+            + (f" as run {run}" if run else "")
+            + f" at {at}; a job id exports once: give the job another id (its id field) "
+            "to export again"
+        )
+    return (
+        f"job id {job_id!r} was already submitted (from {known.source} {known.name}, now "
+        f"{known.state.value}); a job id runs once: give the new job another id"
+    )
+
+
 class Daemon:
     def __init__(self, settings: Settings, *, clock: Clock, api: HttpAep | None = None) -> None:
         self.settings = settings
@@ -188,6 +216,9 @@ class Daemon:
         config = settings.daemon
         self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
         self.journal: Journal | None = None
+        self.faults = Faults(self.metrics.registry)
+        """Local writes failing now (a full disk): retried, and reported by /readyz."""
+        self._rng = random.Random()
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.services: list[Service] = []
         self.health = Health()
@@ -307,8 +338,17 @@ class Daemon:
     async def run(self) -> int:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
         config = self.settings.daemon
-        await asyncio.to_thread(self.spool.ensure)
-        self.journal = await Journal.open(config.state_dir)
+        # A full disk at start: wait for space (logged, retried) rather than exit and loop.
+        try:
+            opened = await self._unless_stopping(self._opened())
+        except Corrupt as exc:
+            log.error("journal_corrupt", error=str(exc), recovery=exc.recovery)
+            opened, self._exit = None, EXIT_DATAERR
+        if opened is None:  # stopped while waiting, or nothing to start with
+            await self.api.aclose()
+            if self.journal is not None:
+                await self.journal.close()
+            return self._exit
         self.engine.start()
         supervised: dict[str, asyncio.Task[None]] = {}
         started: list[Service] = []
@@ -320,6 +360,8 @@ class Daemon:
             supervised["intake"] = asyncio.create_task(self._intake(), name="intake")
             if config.watch:
                 supervised["watcher"] = asyncio.create_task(self._watch(), name="watcher")
+            if config.journal_retention_days:
+                supervised["retention"] = asyncio.create_task(self._retain(), name="retention")
             poller = self.engine.poller_task
             assert poller is not None
             supervised["poller"] = poller
@@ -339,6 +381,66 @@ class Daemon:
         finally:
             await self._shutdown(supervised, started)
         return self._exit
+
+    async def _opened(self) -> Journal:
+        config = self.settings.daemon
+        # Only what waiting can cure: a folder that cannot be made is exit 1 with its traceback.
+        await self._persist(
+            lambda: asyncio.to_thread(self.spool.ensure), "intake", only_transient=True
+        )
+        self.journal = await self._persist(
+            lambda: Journal.open(config.state_dir, faults=self.faults),
+            "journal",
+            only_transient=True,
+        )
+        return self.journal
+
+    async def _unless_stopping(self, work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None if a stop came first (then `work` is cancelled)."""
+        doing = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({doing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not doing.done():
+                doing.cancel()
+                await asyncio.gather(doing, return_exceptions=True)
+        return doing.result() if not doing.cancelled() else None
+
+    async def _persist(
+        self,
+        write: Callable[[], Awaitable[T]],
+        operation: str,
+        *,
+        only_transient: bool = False,
+        **context: object,
+    ) -> T:
+        """A local write (journal, result file, spool), retried with backoff while it fails."""
+        return await persist(
+            write,
+            operation=operation,
+            clock=self.clock,
+            faults=self.faults,
+            rng=self._rng,
+            only_transient=only_transient,
+            **context,
+        )
+
+    async def _retain(self) -> None:
+        """Prune the journal's finished jobs past their retention: now, then periodically."""
+        assert self.journal is not None
+        keep_s = self.settings.daemon.journal_retention_days * 86400
+        while True:
+            before = self.clock.time() - keep_s
+            try:
+                pruned = await self.journal.prune(before=before)
+            except STORAGE_ERRORS as exc:  # (a full disk: the next round tries again)
+                log.warning("journal_prune_failed", error=f"{type(exc).__name__}: {exc}")
+            else:
+                if pruned:
+                    log.info("journal_pruned", jobs=pruned, finished_before=before)
+            await self.clock.sleep(RETAIN_EVERY_S)
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -373,7 +475,17 @@ class Daemon:
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
         await self.engine.stop()  # and the flow setups jobs were sharing
         if self._settling:  # outcomes being written when the stop came are written whole
-            await asyncio.gather(*self._settling, return_exceptions=True)
+            written = asyncio.ensure_future(asyncio.wait(set(self._settling)))
+            grace = asyncio.ensure_future(self.clock.sleep(self.settings.daemon.shutdown_grace_s))
+            await asyncio.wait({written, grace}, return_when=asyncio.FIRST_COMPLETED)
+            written.cancel()
+            grace.cancel()
+            late = {f for f in self._settling if not f.done()}
+            for unwritten in late:  # the disk is full: the next start resumes these jobs
+                unwritten.cancel()
+            if late:
+                log.warning("outcomes_unwritten", jobs=len(late), faults=self.faults.describe())
+                await asyncio.gather(*late, return_exceptions=True)
         left = await self.api.transport.drain(self.settings.daemon.shutdown_grace_s)
         for service in reversed(started):
             try:
@@ -468,24 +580,50 @@ class Daemon:
 
     async def _intake(self) -> None:
         config = self.settings.daemon
+        failures = 0
         while True:
-            room = self.room
-            if room > 0:
-                for path in await asyncio.to_thread(self.spool.waiting, room):
-                    claimed = await asyncio.to_thread(self.spool.claim, path)
-                    if claimed is not None:
-                        self.counts.claimed += 1
-                        await self._admit(claimed)
+            try:
+                await self._intake_once()
+            except OSError as exc:  # EMFILE, ENOSPC, EIO: the machine's trouble, not a file's
+                if not await asyncio.to_thread(self.spool.dirs["incoming"].is_dir):
+                    raise  # the spool itself is gone: waiting will not bring it back
+                failures += 1
+                self.faults.failed("intake", exc)
+                delay = RETRY.next_delay(failures, self._rng) or RETRY.max_delay_s
+                log.warning(
+                    "intake_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    attempt=failures,
+                    retry_in_s=round(delay, 3),
+                )
+                await self.clock.sleep(delay)
+                continue
+            if failures:
+                log.info("intake_recovered", attempts=failures)
+                failures = 0
+            self.faults.worked("intake")
             self._wake.clear()
             await sleep_or_wake(self.clock, config.rescan_s, self._wake)
 
-    async def _admit(self, path: Path) -> None:
-        """A claimed file becomes a journaled job in flight, or a rejection."""
+    async def _intake_once(self) -> None:
+        room = self.room
+        if room > 0:
+            for path in await asyncio.to_thread(self.spool.waiting, room):
+                claimed = await asyncio.to_thread(self.spool.claim, path)
+                if claimed is not None:
+                    self.counts.claimed += 1
+                    await self._admit(claimed)
+
+    async def _admit(self, path: Path, *, recovering: bool = False) -> None:
+        """A claimed file becomes a journaled job in flight, or a rejection. `recovering`:
+        the file was in processing/ at start, where a crash may have left a job of ours."""
         assert self.journal is not None
         origin = SpoolFile(self.spool, path)
         try:
-            parsed: Parsed = await asyncio.to_thread(
-                self.spool.read, path, self.settings.destinations
+            parsed: Parsed = await self._persist(
+                lambda: asyncio.to_thread(self.spool.read, path, self.settings.destinations),
+                "intake",
+                file=path.name,
             )
         except Rejected as exc:
             await self.reject(origin, str(exc))
@@ -495,22 +633,22 @@ class Daemon:
             await self.reject(origin, f"internal error reading the job file: {exc!r}")
             return
         job = parsed.job
-        admitted = await self.submit(job, parsed.spec, origin)
+        # Claimed: its admission waits out a full disk rather than leave it in processing/.
+        admitted = await self._persist(
+            lambda: self.submit(job, parsed.spec, origin), "journal", job_id=job.job_id
+        )
         if admitted.result is Admission.STARTED:
             return
         known = admitted.record
-        if known is not None and known.name == path.name and not known.terminal:
+        ours = recovering and known is not None and known.name == path.name
+        if ours and known is not None and not known.terminal:
             self.resume(known, origin)  # our own claim, journaled before a crash
-        elif known is not None and known.name == path.name:
+        elif ours and known is not None and known.outcome is not None:
+            # Finished before a crash, not yet filed: file the outcome it has. Only at start:
+            # a file dropped again later is a new request, never answered with an old result.
             await self._settle(origin, Outcome.model_validate(known.outcome))
         else:
-            state = known.state.value if known else "unknown"
-            await self.reject(
-                origin,
-                f"job id {job.job_id!r} was already submitted (as "
-                f"{known.name if known else '?'}, now {state}); a job id "
-                "runs once: give the new job another id",
-            )
+            await self.reject(origin, already_submitted(job.job_id, known))
 
     async def reject(self, origin: Origin, reason: str) -> Outcome:
         """Journal and settle a job that will not run: bad input, a duplicate id."""
@@ -519,13 +657,19 @@ class Daemon:
         log.warning("job_rejected", source=origin.source, name=origin.name, reason=reason)
         self.counts.rejected += 1
         self.metrics.job_finished(origin.source, JobState.REJECTED)
-        await self.journal.add(
-            f"{outcome.job_id}:{uuid.uuid4().hex[:8]}",
-            source=origin.source,
+        journal = self.journal
+        key = f"{outcome.job_id}:{uuid.uuid4().hex[:8]}"
+        await self._persist(
+            lambda: journal.add(
+                key,
+                source=origin.source,
+                name=origin.name,
+                spec={},
+                state=JobState.REJECTED,
+                outcome=outcome,
+            ),
+            "journal",
             name=origin.name,
-            spec={},
-            state=JobState.REJECTED,
-            outcome=outcome,
         )
         await self._settle(origin, outcome)
         return outcome
@@ -537,6 +681,18 @@ class Daemon:
         self.jobs[job.job_id] = task
         self.metrics.job_moved(job.job_id, resume.state if resume else JobState.RECEIVED)
         task.add_done_callback(lambda _: self._done(job.job_id))
+        task.add_done_callback(self._watch_job)
+
+    def _watch_job(self, task: asyncio.Task[None]) -> None:
+        """A job's task may end cancelled (a stop) but never with an error: that is a bug
+        that lost a job, so the daemon says so and stops rather than run on half-alive."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("task_died", task=task.get_name(), error=repr(error), exc_info=error)
+        self.health.dead.append(task.get_name())
+        self._exit = EXIT_SOFTWARE
+        self.stop()
 
     def _done(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -552,13 +708,17 @@ class Daemon:
         async def on_state(progress: Progress) -> None:
             if progress.state in TERMINAL:
                 return
-            await journal.advance(
-                job.job_id,
-                progress.state,
-                flow_id=progress.flow_id,
-                run_id=progress.run_id,
-                intent_ms=progress.intent_ms,
-                detail=progress.detail,
+            await self._persist(
+                lambda: journal.advance(
+                    job.job_id,
+                    progress.state,
+                    flow_id=progress.flow_id,
+                    run_id=progress.run_id,
+                    intent_ms=progress.intent_ms,
+                    detail=progress.detail,
+                ),
+                "journal",
+                job_id=job.job_id,
             )
             self.metrics.job_moved(job.job_id, progress.state)
             await origin.checkpoint(job.job_id, progress)
@@ -589,8 +749,9 @@ class Daemon:
         await asyncio.shield(settling)
 
     async def _complete(self, origin: Origin, outcome: Outcome) -> None:
-        assert self.journal is not None
-        await self.journal.finish(outcome)
+        journal = self.journal
+        assert journal is not None
+        await self._persist(lambda: journal.finish(outcome), "journal", job_id=outcome.job_id)
         await self._settle(origin, outcome)
         self.counts.finished += 1
         self.metrics.job_finished(origin.source, outcome.state)
@@ -611,7 +772,7 @@ class Daemon:
         )
 
     async def _settle(self, origin: Origin, outcome: Outcome) -> None:
-        await origin.settle(outcome)
+        await self._persist(lambda: origin.settle(outcome), "result", job_id=outcome.job_id)
         self.counts.filed += 1
         for hook in self.on_finished:
             hook(outcome)
@@ -638,8 +799,8 @@ class Daemon:
             found = by_name.pop(path.name, None)
             if found is not None:
                 self.resume(found, SpoolFile(self.spool, path))
-            else:
-                await self._admit(path)  # claimed but not journaled, or finished but not filed
+            else:  # claimed but not journaled, or finished but not filed
+                await self._admit(path, recovering=True)
         for record in by_name.values():
             log.warning("job_file_missing", job_id=record.job_id, file=record.name)
             path = self.spool.dirs["processing"] / record.name

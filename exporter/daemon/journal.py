@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
+from exporter.daemon.storage import Faults
 from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
 
 T = TypeVar("T")
+log = structlog.get_logger("exporter.daemon")
 FILE_NAME = "journal.sqlite3"
 ORDER = [JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
 
@@ -97,30 +101,107 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     else:
         conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
+        try:
+            # Before the first table: a new journal gives pages back to the file system.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
     conn.row_factory = sqlite3.Row
     return conn
+
+
+class Corrupt(Exception):
+    """The journal file is not a usable SQLite database: restarting cannot mend it."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"the journal {path} is corrupt: {detail}")
+        self.path = path
+        self.detail = detail
+
+    @property
+    def recovery(self) -> str:
+        """What an operator does about it, and what that loses."""
+        p = self.path
+        return (
+            f"stop the daemon; move {p} aside (with {p.name}-wal and {p.name}-shm beside it, "
+            f"if present), e.g. `mv {p} {p}.corrupt`; `sqlite3 {p}.corrupt .recover` may "
+            "salvage its rows. Then start the daemon: it makes a new, empty journal. Lost: the "
+            "record of finished jobs (their result files stay in done/, failed/, rejected/), so "
+            "their job ids can be exported again; each schedule's last slot (missed slots are "
+            "judged by misfire_grace_s); and the progress of unfinished jobs: their files in "
+            "processing/ are admitted again as new jobs, and a run AEP already started for one "
+            "is not resumed but a new one triggered"
+        )
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise Corrupt(path, str(exc)) from None
+    if verdict != "ok":
+        raise Corrupt(path, str(verdict))
+
+
+def _vacuum_incrementally(conn: sqlite3.Connection) -> None:
+    """A journal made before auto_vacuum was set is rebuilt once so that pruning shrinks it;
+    on a full disk that waits for the next start."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the copy VACUUM logged
+    except sqlite3.OperationalError as exc:
+        log.warning("journal_vacuum_postponed", error=str(exc))
+
+
+class Unwritable(RuntimeError):
+    """The daemon's writes are failing now (a full disk): what `check_writable` raises."""
 
 
 class Journal:
     """Async façade over one SQLite connection owned by a dedicated thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, faults: Faults | None = None) -> None:
         self.path = path
+        self.faults = faults
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, state_dir: Path) -> Journal:
-        journal = cls(state_dir / FILE_NAME)
+    async def open(cls, state_dir: Path, *, faults: Faults | None = None) -> Journal:
+        """Open (or create) the journal in `state_dir`. `faults`: the daemon's record of
+        failing writes, which `check_writable` reports."""
+        journal = cls(state_dir / FILE_NAME, faults=faults)
 
         def start() -> sqlite3.Connection:
             state_dir.mkdir(parents=True, exist_ok=True)
-            return connect(journal.path)
+            try:
+                conn = connect(journal.path)
+            except sqlite3.OperationalError:
+                raise  # a full disk, a lock: worth waiting out
+            except sqlite3.DatabaseError as exc:  # not a database, malformed
+                raise Corrupt(journal.path, str(exc)) from None
+            try:
+                _check_integrity(conn, journal.path)
+                _vacuum_incrementally(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
 
-        journal._conn = await journal._run(start)
+        try:
+            journal._conn = await journal._run(start)
+        except BaseException:
+            journal._executor.shutdown(wait=False)
+            raise
         return journal
 
     async def close(self) -> None:
@@ -316,6 +397,32 @@ class Journal:
 
         return await self._run(delete)
 
+    async def prune(self, *, before: float) -> int:
+        """Delete finished jobs last updated before `before` (epoch seconds), and events older
+        than that of jobs no longer kept; give the space back to the file system. Unfinished
+        jobs are never deleted, however old. Returns how many jobs were deleted."""
+        marks = ",".join("?" * len(TERMINAL))
+
+        def delete() -> int:
+            db = self._db()
+            with db:
+                cur = db.execute(
+                    f"DELETE FROM jobs WHERE state IN ({marks}) AND updated < ?",  # noqa: S608
+                    [*(s.value for s in TERMINAL), before],
+                )
+                gone = db.execute(
+                    "DELETE FROM events WHERE at < ? AND job_id NOT IN (SELECT job_id FROM jobs)",
+                    (before,),
+                )
+            if cur.rowcount or gone.rowcount:
+                # (execute() would free one page: the pragma frees one per step; executescript
+                # steps it to the end.)
+                db.executescript("PRAGMA incremental_vacuum;")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return cur.rowcount
+
+        return await self._run(delete)
+
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             marks = ",".join("?" * len(TERMINAL))
@@ -356,7 +463,11 @@ class Journal:
         await self._run(write)
 
     async def check_writable(self) -> None:
-        """Raise if the journal cannot be written (a full disk, a read-only mount)."""
+        """Raise if the journal cannot be written (a full disk, a read-only mount), or if the
+        daemon's own writes are failing now: an empty transaction succeeds on a full disk."""
+        failing = self.faults.describe() if self.faults is not None else None
+        if failing is not None:
+            raise Unwritable(failing)
 
         def probe() -> None:
             db = self._db()

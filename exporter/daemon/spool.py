@@ -9,6 +9,7 @@ Every file that enters leaves with a result a person can act on, however broken 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -28,6 +29,8 @@ FOLDERS = ("incoming", "processing", "done", "failed", "rejected")
 SUFFIXES = (".json", ".yaml", ".yml", ".toml")
 RESULT_SUFFIX = ".result.json"
 OUTCOME_FOLDER = {JobState.SUCCEEDED: "done", JobState.REJECTED: "rejected"}
+# Failures of the machine, not of the file: reading again later works (the daemon retries).
+TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
 
 
 class Rejected(Exception):
@@ -228,6 +231,8 @@ class Spool:
             with os.fdopen(fd, "rb") as handle:
                 raw = handle.read(self.max_bytes + 1)
         except OSError as exc:
+            if exc.errno in TRANSIENT:
+                raise
             raise Rejected(f"cannot read the file: {exc.strerror}") from None
         if len(raw) > self.max_bytes:
             raise Rejected(f"larger than the limit of {self.max_bytes} bytes")

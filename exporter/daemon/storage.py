@@ -1,0 +1,116 @@
+"""Writes to the local disk that must not be lost: retried with backoff while they fail.
+
+A full disk (ENOSPC, SQLite's "database or disk is full"), too many open files (EMFILE), a
+flaky mount: the journal, a result file or a spool scan fails for a while and then works
+again once an operator acts. Nothing here gives up: a job whose outcome cannot be written
+waits, its task alive, until it can. `Faults` remembers what is failing now, so readiness
+tells the truth meanwhile (the journal's writability check consults it).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import random
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import prometheus_client
+import structlog
+
+from exporter.aepclient.backoff import Backoff
+from exporter.clock import Clock
+
+T = TypeVar("T")
+log = structlog.get_logger("exporter.daemon")
+
+# "database is locked" is an OperationalError too: also worth waiting out.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.OperationalError)
+RETRY = Backoff(
+    max_attempts=sys.maxsize, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=math.inf
+)
+OPERATIONS = ("intake", "journal", "result")
+# What waiting can cure: space, descriptors, memory, a busy database. (Not a missing folder
+# or a permission: at start those exit with their traceback; a job's writes retry anyway.)
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EIO}
+)
+TRANSIENT_SQLITE = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, _LOCKED, _IOERR, _FULL
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is a storage failure that may pass by itself or once space is freed."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in TRANSIENT_SQLITE
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+class Faults:
+    """What local writes are failing now, by operation, for readiness and logs."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
+        self._failing: dict[str, str] = {}
+        self._errors = prometheus_client.Counter(
+            "aep_exporter_storage_errors",
+            "Local disk operations that failed and will be retried, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        for operation in OPERATIONS:
+            self._errors.labels(operation)
+
+    def failed(self, operation: str, error: BaseException) -> None:
+        self._failing[operation] = f"{type(error).__name__}: {error}"
+        self._errors.labels(operation).inc()
+
+    def worked(self, operation: str) -> None:
+        self._failing.pop(operation, None)
+
+    def describe(self) -> str | None:
+        """None when every write works; else what fails, for a person."""
+        if not self._failing:
+            return None
+        failing = sorted(self._failing.items())
+        return "; ".join(f"{operation} failing ({why})" for operation, why in failing)
+
+
+async def persist(
+    write: Callable[[], Awaitable[T]],
+    *,
+    operation: str,
+    clock: Clock,
+    faults: Faults,
+    rng: random.Random,
+    only_transient: bool = False,
+    **context: object,
+) -> T:
+    """`write()`, again and again with backoff until it works. Cancellable between tries.
+    `only_transient`: other storage errors (see `transient`) are raised at once."""
+    attempt = 0
+    while True:
+        try:
+            result = await write()
+        except STORAGE_ERRORS as exc:
+            if only_transient and not transient(exc):
+                raise
+            attempt += 1
+            faults.failed(operation, exc)
+            delay = RETRY.next_delay(attempt, rng)
+            if delay is None:  # (RETRY sets no limit that ends this)
+                delay = RETRY.max_delay_s
+            log.warning(
+                "storage_write_failed",
+                operation=operation,
+                error=f"{type(exc).__name__}: {exc}",
+                attempt=attempt,
+                retry_in_s=round(delay, 3),
+                **context,
+            )
+            await clock.sleep(delay)
+            continue
+        if attempt:
+            log.info("storage_write_recovered", operation=operation, attempts=attempt, **context)
+        faults.worked(operation)
+        return result
