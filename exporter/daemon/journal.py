@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from exporter.clock import Clock, SystemClock
 from exporter.daemon.storage import Faults
 from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
 
@@ -169,17 +169,22 @@ class Unwritable(RuntimeError):
 class Journal:
     """Async façade over one SQLite connection owned by a dedicated thread."""
 
-    def __init__(self, path: Path, *, faults: Faults | None = None) -> None:
+    def __init__(
+        self, path: Path, *, faults: Faults | None = None, clock: Clock | None = None
+    ) -> None:
         self.path = path
         self.faults = faults
+        self.clock = clock or SystemClock()  # stamps rows: what retention compares with
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, state_dir: Path, *, faults: Faults | None = None) -> Journal:
+    async def open(
+        cls, state_dir: Path, *, faults: Faults | None = None, clock: Clock | None = None
+    ) -> Journal:
         """Open (or create) the journal in `state_dir`. `faults`: the daemon's record of
-        failing writes, which `check_writable` reports."""
-        journal = cls(state_dir / FILE_NAME, faults=faults)
+        failing writes, which `check_writable` reports; `clock`: the daemon's."""
+        journal = cls(state_dir / FILE_NAME, faults=faults, clock=clock)
 
         def start() -> sqlite3.Connection:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +234,7 @@ class Journal:
         outcome: Outcome | None = None,
     ) -> bool:
         """Record a new job; False (and nothing written) when the id is known already."""
-        now = time.time()
+        now = self.clock.time()
 
         def insert() -> bool:
             db = self._db()
@@ -276,7 +281,7 @@ class Journal:
     ) -> None:
         """Move a job forward. Going back to a state it passed (a resumed job re-announcing
         its flow) only fills in what is new; an illegal move raises."""
-        now = time.time()
+        now = self.clock.time()
 
         def write() -> None:
             db = self._db()
@@ -308,7 +313,7 @@ class Journal:
 
     async def finish(self, outcome: Outcome) -> None:
         """Record the terminal outcome; idempotent for the same outcome."""
-        now = time.time()
+        now = self.clock.time()
 
         def write() -> None:
             db = self._db()
@@ -378,7 +383,7 @@ class Journal:
         """Drop an unfinished job that is no longer this process's: another daemon took it
         over (Redis intake). Its events stay, with a `handed_over` one; the same id may be
         added again later. False if the job is unknown or finished."""
-        now = time.time()
+        now = self.clock.time()
         marks = ",".join("?" * len(TERMINAL))
 
         def delete() -> bool:
@@ -449,7 +454,7 @@ class Journal:
 
     async def mark_slot(self, schedule: str, slot: float) -> None:
         """Note `slot` as handled; a later slot already noted stays."""
-        now = time.time()
+        now = self.clock.time()
 
         def write() -> None:
             with self._db() as db:
