@@ -176,3 +176,32 @@ def test_a_corrupt_journal_exits_65_with_how_to_recover_and_systemd_does_not_res
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read_string(SERVICE.read_text())
     assert "65" in unit["Service"]["RestartPreventExitStatus"].split()
+
+
+async def test_a_retention_shorter_than_the_round_is_kept_to_within_a_quarter_of_itself(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A busy daemon kept an hour's jobs (0.04 days, 57.6 min) prunes every 14.4 min, not 6 h.
+    settings = settings_for(emulator, tmp_path, journal_retention_days=0.04)
+    settings = settings.model_copy(
+        update={"daemon": settings.daemon.model_copy(update={"rescan_s": 3600.0})}
+    )
+    daemon = Daemon(settings, clock=emulator.clock)
+    task = asyncio.create_task(daemon.run())
+    async with asyncio.timeout(20):
+        await daemon.ready.wait()
+    assert daemon.journal is not None
+    finished_at = emulator.clock.time()
+    await daemon.journal.add("done", source="http", name="done", spec=SPEC)
+    await daemon.journal.finish(Outcome(job_id="done", state=JobState.CANCELLED))
+    async with asyncio.timeout(20):
+        while await daemon.journal.page(limit=10):
+            await emulator.clock.sleep(60)
+    gone_after = emulator.clock.time() - finished_at
+    # Past its retention, at the next round: a quarter of the retention later at most (+ the
+    # test's own step of 60 s).
+    keep_s = 0.04 * DAY_S
+    assert keep_s <= gone_after <= keep_s * 1.25 + 60 + 1, gone_after
+    daemon.stop()
+    async with asyncio.timeout(20):
+        assert await task == EXIT_OK

@@ -389,7 +389,7 @@ class Daemon:
             lambda: asyncio.to_thread(self.spool.ensure), "intake", only_transient=True
         )
         self.journal = await self._persist(
-            lambda: Journal.open(config.state_dir, faults=self.faults),
+            lambda: Journal.open(config.state_dir, faults=self.faults, clock=self.clock),
             "journal",
             only_transient=True,
         )
@@ -440,7 +440,8 @@ class Daemon:
             else:
                 if pruned:
                     log.info("journal_pruned", jobs=pruned, finished_before=before)
-            await self.clock.sleep(RETAIN_EVERY_S)
+            # A short retention (hours) is kept to within a quarter of itself.
+            await self.clock.sleep(min(RETAIN_EVERY_S, keep_s / 4))
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())
