@@ -100,7 +100,10 @@ async def submit(client: aioredis.Redis, *fields: dict[str, Any]) -> list[str]:
 
 
 def redis_section(server: RedisServer, consumer: str, **changes: Any) -> dict[str, Any]:
-    return {"url": server.url, "consumer": consumer, "lease_s": 2, "block_s": 0.5, **changes}
+    """A [redis] section; `outage_s` is half the lease unless given (it must be shorter)."""
+    section = {"url": server.url, "consumer": consumer, "lease_s": 2, "block_s": 0.5, **changes}
+    section.setdefault("outage_s", section["lease_s"] / 2)
+    return section
 
 
 class WatchedLogs(LogCapture):
@@ -722,7 +725,7 @@ async def test_redis_refusing_commands_for_a_while_is_waited_out(
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         [dataset] = seed(state, 1)
         with watch_logs() as logs:
-            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=1) as (
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=3) as (
                 daemon,
                 task,
             ):
@@ -918,6 +921,7 @@ def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path:
     assert "from-a-file" not in repr(config)
     assert config.consumer  # the host name by default
     assert config.safe_url == "redis://127.0.0.1:6379/0"
+    assert config.outage_s < config.lease_s, "the defaults hold together"
     bad = {
         "password or password_file, not both": {
             "password": "x",
@@ -926,6 +930,8 @@ def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path:
         "must start with redis://": {"url": "http://localhost"},
         "must differ": {"results_stream": "aep-exporter:jobs"},
         "keep one": {"url": "redis://:pw@h:1/0", "password_file": str(tmp_path / "pw")},
+        r"outage_s \(60\) must be shorter than lease_s \(60\)": {"outage_s": 60},
+        r"outage_s \(120\) must be shorter than lease_s \(60\)": {"outage_s": 120},
     }
     for expected, values in bad.items():
         with pytest.raises(ValidationError, match=expected):
