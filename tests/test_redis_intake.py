@@ -39,6 +39,7 @@ from exporter.daemon.journal import Journal
 from exporter.daemon.redisintake import RedisIntake
 from exporter.daemon.redisstore import reply_code, retryable
 from exporter.emulator.app import serve
+from exporter.emulator.runs import settle as settle_runs
 from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
@@ -55,6 +56,7 @@ from tests.daemon_support import (
     write_config,
 )
 from tests.redis_support import (
+    PausableProxy,
     RedisServer,
     pending,
     redis_server_fixture,  # noqa: F401 - the `redis_server` fixture
@@ -152,9 +154,15 @@ async def daemon_in_process(
     folder: Path, emulator: str, server: RedisServer, consumer: str = "solo", **redis: Any
 ) -> AsyncIterator[tuple[Daemon, asyncio.Task[int]]]:
     """A daemon with the Redis intake in this process; stopped (SIGTERM-like) after.
-    `redis` overrides keys of its [redis] section."""
+    `redis` overrides keys of its [redis] section. AEP requests time out after 2 s (the
+    emulator answers in milliseconds): a takeover of a triggering job waits that long."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    config = write_config(folder, emulator, redis=redis_section(server, consumer, **redis))
+    config = write_config(
+        folder,
+        emulator,
+        aep={"request_timeout_s": 2},
+        redis=redis_section(server, consumer, **redis),
+    )
     settings = load_settings(config)
     assert settings.redis is not None
     daemon = Daemon(settings, clock=SystemClock())
@@ -213,7 +221,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
             config = write_config(
                 tmp_path / name,
                 url,
-                aep={"rate_limit_rps": 1000},
+                aep={"rate_limit_rps": 1000, "request_timeout_s": 5},
                 daemon={"max_in_flight": 100},
                 redis=redis_section(redis_server, name),
             )
@@ -494,6 +502,13 @@ async def test_a_dead_daemons_jobs_are_resumed_from_their_progress(
                 [busy] = await logs.until("redis_job_busy")
         resumed = {e["job_id"]: e["state"] for e in logs.named("job_resumed")}
         assert resumed == {"at-flow": "flow_ready", "triggering": "triggering"}
+        # Only the job left triggering waits out a trigger its holder may have on the wire.
+        [waited] = logs.named("redis_takeover_waiting")
+        assert (waited["job_id"], waited["taken_from"], waited["seconds"]) == (
+            "triggering",
+            "dead",
+            2,
+        )
         assert (busy["job_id"], busy["holder"]) == ("held", "alive")
         assert {f["job_id"]: f["state"] for _, f in results} == {
             "at-flow": "succeeded",
@@ -630,6 +645,81 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
                 assert [r.job_id for r in await daemon.journal.unfinished()] == []
         assert await client.xlen(RESULTS) == 0
         assert triggers_by_job(state) == {"long": 1}
+
+
+async def advance_emulator(url: str, seconds: float) -> None:
+    """Move the emulator's clock (AEP's) on: its waits pass without a real one."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/_emulator/clock", json={"advance": seconds}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+def part_files(folder: Path) -> dict[Path, set[str]]:
+    """The part files the emulator wrote under `folder`, as folder -> the Spark transaction
+    ids (`tid`) in their names: one export writes one set, with one tid."""
+    found: dict[Path, set[str]] = {}
+    for path in folder.rglob("part-*"):
+        found.setdefault(path.parent, set()).add(path.name.split("-tid-")[1].split("-")[0])
+    return found
+
+
+async def test_a_daemon_cut_off_from_redis_never_triggers_a_job_taken_over_meanwhile(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Daemon "a" waits for AEP's not-ready window with its job journaled `triggering`;
+    its Redis connection stalls (a paused proxy: no error, no answer). Its lease lapses, "b"
+    takes the job over and triggers it. "a" must not send its own trigger once the window
+    opens: each call is fenced by a lease renewal that "a" cannot get, and "a" hands the job
+    back when its lease lapses by its own clock. One run, one set of part files."""
+    client = redis_server.client
+    # AEP refuses the dataset's ad hoc run for 10 minutes of its clock, which stands still
+    # until the test moves it; runs take a moment, so a second trigger would start a second
+    # run rather than be told one is in progress.
+    knobs = Knobs(not_ready_window_s=600, run_duration_s=Span(min=0.05, max=0.05), seed=12)
+    progress = f"{JOBS}:progress:fenced"
+    redis = {"lease_s": 2, "outage_s": 1}
+    async with (
+        serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state),
+        PausableProxy(redis_server.port) as proxy,
+    ):
+        [dataset] = seed(state, 1)
+        await submit(client, {"job": job("fenced", dataset)})
+        with watch_logs() as logs:
+            async with daemon_in_process(
+                tmp_path / "a", url, redis_server, "a", url=proxy.url, **redis
+            ) as (a, _):
+                await until_field(client, progress, "state", "triggering", deadline_s=DEADLINE)
+                await logs.until("trigger_not_ready")  # "a" waits for the window
+                task = a.jobs["fenced"]
+                async with daemon_in_process(tmp_path / "b", url, redis_server, "b", **redis):
+                    proxy.pause()
+                    try:
+                        await until_field(client, progress, "owner", "b", deadline_s=DEADLINE)
+                        # "b" resumed the job, and its trigger was refused: not ready yet.
+                        [resumed] = await logs.until("job_resumed")
+                        refused = len(logs.named("trigger_not_ready"))
+                        await logs.until("trigger_not_ready", count=refused + 1)
+                        await advance_emulator(url, 600)
+                        [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                    finally:
+                        proxy.resume()
+                    assert await stopped(a, "fenced", task)
+                    assert a.journal is not None
+                    assert await a.journal.get("fenced") is None, "not shown as running on a"
+        await settle_runs(state, state.all_runs())  # every run's files, read or not
+
+    assert (resumed["job_id"], resumed["state"]) == ("fenced", "triggering")
+    assert (result["job_id"], result["state"], result["consumer"]) == ("fenced", "succeeded", "b")
+    assert runs_by_dataset(state) == {dataset: 1}, "one run: a never triggered after its lease"
+    assert triggers_by_job(state) == {"fenced": 1}
+    [(folder, tids)] = part_files(tmp_path / "emulator").items()
+    assert len(tids) == 1, tids
+    assert folder.name.startswith("exportTime=")
+    assert len(list(folder.glob("part-*"))) == int(result["files"]) > 0
+    handed = logs.named("redis_job_handed_back") + logs.named("redis_trigger_fenced")
+    assert handed, "a gave the job up itself, while cut off from Redis"
 
 
 # -- Redis going away ------------------------------------------------------------------------

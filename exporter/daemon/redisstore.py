@@ -97,6 +97,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.pcall('XCLAIM', KEYS[4], ARGV[7], ARGV[1], 0, ARGV[3], 'JUSTID')
 local reply = {'mine', holder or '', ARGV[3]}
 for _, value in ipairs(redis.call('HGETALL', KEYS[2])) do reply[#reply + 1] = value end
+-- A takeover: the consumer it was taken from (not stored).
+if owner and owner ~= ARGV[1] then
+  reply[#reply + 1] = 'taken_from'
+  reply[#reply + 1] = owner
+end
 return reply
 """
 
@@ -163,10 +168,11 @@ class RedisUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What `claim` found: `status` is 'mine' (with the job's `progress` so far), 'done'
-    (its outcome is published), 'busy' (`holder` runs it), 'running' (this consumer runs it
-    already) or 'exhausted' (delivered too often: `progress` holds the `deliveries` this
-    claim would have made). `message_id`: the message the job's holder works from."""
+    """What `claim` found: `status` is 'mine' (with the job's `progress` so far, and
+    `taken_from`, the consumer it had, on a takeover), 'done' (its outcome is published),
+    'busy' (`holder` runs it), 'running' (this consumer runs it already) or 'exhausted'
+    (delivered too often: `progress` holds the `deliveries` this claim would have made).
+    `message_id`: the message the job's holder works from."""
 
     status: str
     holder: str
@@ -376,11 +382,14 @@ class RedisStore:
         values: Mapping[str, str] | None = None,
         *,
         operation: str = "keep",
+        within_s: float | None = None,
     ) -> list[tuple[str, str]]:
         """Renew this consumer's claim on each (job id, message id): its lock, its progress,
         its message's idle time. With `state` (rank, name), record it in the progress unless
         a higher rank is there already, and `values` (flow_id, ...). Each answer is ('ok',
-        ''), ('lost', new holder) or ('done', ''). `operation` names the call in logs."""
+        ''), ('lost', new holder) or ('done', ''). `operation` names the call in logs. With
+        `within_s`, raises `TimeoutError` if Redis has not answered by then (retries
+        included)."""
         extra = [*state, *_flat(values or {})] if state is not None else ["", ""]
 
         async def send() -> Any:
@@ -400,7 +409,8 @@ class RedisStore:
                     await self._keep(keys, args, client=pipe)
                 return await pipe.execute()
 
-        replies: Any = await self._call(operation, send)
+        call = self._call(operation, send)
+        replies: Any = await (call if within_s is None else self._within(within_s, call))
         return [(text(r[0]), text(r[1])) for r in replies]
 
     async def settle(
@@ -462,6 +472,21 @@ class RedisStore:
         )
 
     # -- the retry policy ------------------------------------------------------------------
+
+    async def _within(self, seconds: float, call: Awaitable[T]) -> T:
+        """`call`, given up (cancelled: redis-py drops its connection) after `seconds`."""
+        task = asyncio.ensure_future(call)
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, timer, return_exceptions=True)
+        if task.cancelled():
+            raise TimeoutError(f"Redis did not answer within {seconds:g} s")
+        return task.result()
 
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         """`fn()`, retried with backoff while Redis is unreachable or refusing commands for a
