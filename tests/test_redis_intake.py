@@ -58,6 +58,7 @@ from tests.daemon_support import (
 from tests.redis_support import (
     PausableProxy,
     RedisServer,
+    entries,
     pending,
     redis_server_fixture,  # noqa: F401 - the `redis_server` fixture
     start_redis,
@@ -620,9 +621,12 @@ async def test_a_job_whose_lock_was_taken_is_never_triggered(
         assert await client.xlen(RESULTS) == 0
 
 
+@pytest.mark.parametrize("told_by", ["lock", "pending"])
 async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, told_by: str
 ) -> None:
+    """Another consumer holds the job: its lock says so or, with no lock and no progress
+    left, its message pending with that consumer does (not a loss of Redis's data)."""
     client = redis_server.client
     knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=3)
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
@@ -635,7 +639,14 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
                 progress = f"{JOBS}:progress:long"
                 await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
                 task = daemon.jobs["long"]
-                await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
+                if told_by == "lock":
+                    await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
+                else:
+                    [message_id] = [i for i, _ in await entries(client, JOBS)]
+                    async with client.pipeline(transaction=True) as pipe:
+                        pipe.delete(f"{JOBS}:lock:long", progress)
+                        pipe.xclaim(JOBS, GROUP, "intruder", 0, [message_id], justid=True)
+                        await pipe.execute()
                 [lost] = await logs.until("redis_job_lost")  # said once it is given up
                 assert "state" not in lost, "found by the heartbeat, not a checkpoint"
                 assert (lost["why"], lost["holder"]) == ("lost", "intruder")
@@ -720,6 +731,55 @@ async def test_a_daemon_cut_off_from_redis_never_triggers_a_job_taken_over_meanw
     assert len(list(folder.glob("part-*"))) == int(result["files"]) > 0
     handed = logs.named("redis_job_handed_back") + logs.named("redis_trigger_fenced")
     assert handed, "a gave the job up itself, while cut off from Redis"
+
+
+async def test_a_running_job_outlives_redis_losing_its_data(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """FLUSHALL while a job's run goes on (what a restart without persistence or a failover
+    that lost writes leaves): nothing says another daemon has the job, so it is not taken
+    for a takeover. Its lock and progress are made again, and so is the group; the job
+    finishes and its result is published. A job submitted afterwards runs too."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=8)
+    progress = f"{JOBS}:progress:kept"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        first, second = seed(state, 2)
+        await submit(client, {"job": job("kept", first)})
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=1.5) as (
+                daemon,
+                _,
+            ):
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+                await client.flushall()
+                [restored] = await logs.until("redis_job_restored")
+                assert await client.get(f"{JOBS}:lock:kept") == b"solo"
+                kept: Any = await client.hgetall(progress)
+                assert (kept[b"owner"], kept[b"state"]) == (b"solo", b"running")
+                assert kept[b"run_id"].decode() == restored_run(state)
+                await advance_emulator(url, 600)  # the run ends
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                await submit(client, {"job": job("after", second)})  # read: the group is back
+                after = f"{JOBS}:progress:after"
+                await until_field(client, after, "state", "running", deadline_s=DEADLINE)
+                await advance_emulator(url, 600)
+                results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
+                assert daemon.journal is not None
+                record = await daemon.journal.get("kept")
+    assert (restored["job_id"], restored["state"]) == ("kept", "running")
+    assert (result["job_id"], result["state"], result["consumer"]) == ("kept", "succeeded", "solo")
+    assert record is not None
+    assert record.state is JobState.SUCCEEDED
+    assert not logs.named("redis_job_lost")
+    assert [f["job_id"] for _, f in results] == ["kept", "after"]
+    assert triggers_by_job(state) == {"kept": 1, "after": 1}
+    assert await pending(client, JOBS, GROUP) == 0
+
+
+def restored_run(state: EmulatorState) -> str:
+    [run] = state.all_runs()
+    return run.id
 
 
 # -- Redis going away ------------------------------------------------------------------------

@@ -42,6 +42,11 @@ in `redisstore`):
   admin API, a schedule) goes to the dead-letter stream too, saying so: a job id runs once,
   and its producer gets an answer. (Only this daemon's journal knows those ids.)
 - A job lost to another daemon is stopped without an outcome and dropped from the journal.
+  Another daemon has it when its lock or progress names another consumer or, with both
+  gone, its message is pending with another consumer. When Redis knows nothing of it (its
+  data was lost: FLUSHALL, a restart without persistence, a failover that lost writes),
+  the job stays: its lock, its progress (from the journal) and the group are made again,
+  and its result is published when it settles.
 - New messages are read only while the daemon has room for more jobs.
 - Redis unreachable, or refusing commands for a while (out of memory, MISCONF, BUSY,
   LOADING, READONLY): every call is retried with backoff for up to `outage_s` (shorter
@@ -455,13 +460,13 @@ class RedisIntake:
             await self._clock.sleep(hold - self._clock.monotonic())
             self._holds.pop(origin.job_id, None)
         began = self._clock.monotonic()
+        rank = (ORDER.index(progress.state) + 1, progress.state.value)
         try:
             [(status, holder)] = await self.store.keep(
-                [(origin.job_id, origin.message_id)],
-                (ORDER.index(progress.state) + 1, progress.state.value),
-                values,
-                operation="checkpoint",
+                [(origin.job_id, origin.message_id)], rank, values, operation="checkpoint"
             )
+            if status == "gone":
+                status, holder = await self._restore(origin.job_id, origin.message_id)
         except (RedisUnavailable, RedisError) as exc:
             # Not the job's failure: it stops without an outcome (the journal says where it
             # was), the service stops the daemon, and the next start resumes the job.
@@ -543,8 +548,12 @@ class RedisIntake:
             began = self._clock.monotonic()
             answers = await self.store.keep(held, operation="heartbeat")
             for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
+                renewed_from = began
+                if status == "gone" and self._held.get(job_id) == message_id:
+                    renewed_from = self._clock.monotonic()
+                    status, holder = await self._restore(job_id, message_id)
                 if status == "ok":
-                    self._renewed(job_id, message_id, began)
+                    self._renewed(job_id, message_id, renewed_from)
                 if status == "ok" or self._held.get(job_id) != message_id:
                     continue
                 self._release(job_id)
@@ -600,6 +609,8 @@ class RedisIntake:
             [(status, holder)] = await self.store.keep(
                 [(job_id, message_id)], operation="fence", within_s=self._fence_s
             )
+            if status == "gone":
+                status, holder = await self._restore(job_id, message_id, within_s=self._fence_s)
         except (RedisUnavailable, RedisError, TimeoutError) as exc:
             status, holder = "unconfirmed", str(exc)
         if status == "ok" and self._held.get(job_id) == message_id:
@@ -613,6 +624,33 @@ class RedisIntake:
             "redis_trigger_fenced", job_id=job_id, message_id=message_id, why=status, detail=holder
         )
         raise asyncio.CancelledError(f"job {job_id} may not be triggered here: {status}")
+
+    async def _restore(
+        self, job_id: str, message_id: str, *, within_s: float | None = None
+    ) -> tuple[str, str]:
+        """Redis knows nothing of a job running here (its data was lost: flushed, restarted
+        without persistence, a failover that lost writes): nobody else has it, so it stays
+        here; its lock and progress (from the journal) and the group are made again."""
+        record = await self._journal.get(job_id)
+        state = record.state if record is not None and record.state in ORDER else ORDER[0]
+        values: dict[str, str] = {}
+        if record is not None:
+            values = {"flow_id": record.flow_id or "", "run_id": record.run_id or ""}
+            if record.intent_ms is not None:
+                values["intent_ms"] = str(record.intent_ms)
+        rank = (ORDER.index(state) + 1, state.value)
+        status, holder = await self.store.restore(
+            job_id, message_id, rank, values, within_s=within_s
+        )
+        log.warning(
+            "redis_job_restored" if status == "ok" else "redis_job_not_restored",
+            job_id=job_id,
+            message_id=message_id,
+            state=state.value,
+            why=status,
+            holder=holder,
+        )
+        return status, holder
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -628,9 +666,20 @@ class RedisIntake:
 
     async def _reconcile(self, record: JobRecord) -> None:
         """A journaled job whose message is not pending here: resume it if Redis says it is
-        still ours (its message moves back here); forget it if another daemon has it, or
-        finished it, or its message is gone (acknowledged, dead-lettered)."""
+        still ours (its message moves back here) or knows nothing of it (its data was lost);
+        forget it if another daemon has it, or finished it, or its message is gone
+        (acknowledged, dead-lettered)."""
         where = await self.store.whereabouts(record.job_id, record.name)
+        if where.finisher is None and where.holder is None and where.deliveries is None:
+            # Redis knows nothing of it (its data was lost): nobody else has it either.
+            began = self._clock.monotonic()
+            status, _ = await self._restore(record.job_id, record.name)
+            if status == "ok":
+                self._held[record.job_id] = record.name
+                self._lease_ends[record.job_id] = began + self.config.lease_s
+                self._messages.labels("resumed").inc()
+                self.daemon.resume(record, Message(self, record.name, record.job_id))
+                return
         if where.finisher is None and where.holder == self.config.consumer and where.deliveries:
             entries = await self.store.move_here(record.name)
             for message_id, fields in entries:
