@@ -777,6 +777,35 @@ async def test_a_running_job_outlives_redis_losing_its_data(
     assert await pending(client, JOBS, GROUP) == 0
 
 
+async def test_a_restart_after_redis_lost_its_data_resumes_the_job(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The daemon stops with a job's run going on; Redis loses its data before the next
+    start. The journal's job is not forgotten as "no longer pending": it is resumed, its
+    keys are made again, and its result is published."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=10)
+    progress = f"{JOBS}:progress:again"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        await submit(client, {"job": job("again", dataset)})
+        folder = tmp_path / "d"
+        with watch_logs() as logs:
+            async with daemon_in_process(folder, url, redis_server):
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+            await client.flushall()
+            async with daemon_in_process(folder, url, redis_server):
+                [restored] = await logs.until("redis_job_restored")
+                await advance_emulator(url, 600)  # the run ends
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+    assert (restored["job_id"], restored["state"]) == ("again", "running")
+    assert [(e["job_id"], e["state"]) for e in logs.named("job_resumed")] == [("again", "running")]
+    assert not logs.named("redis_job_handed_over")
+    assert (result["job_id"], result["state"]) == ("again", "succeeded")
+    assert result["run_id"] == restored_run(state)
+    assert triggers_by_job(state) == {"again": 1}
+
+
 def restored_run(state: EmulatorState) -> str:
     [run] = state.all_runs()
     return run.id
