@@ -10,6 +10,10 @@ dataset's newest run time (AEP's clock) is told to its job, which journals it. A
 answer was lost — or a job resumed after a crash — adopts the runs of its dataset created
 after that mark, so adoption never depends on this host's clock agreeing with AEP's. A dataset
 that AEP says is already running adopts that run.
+
+Fenced: a job may carry a fence, asked right before every call that would carry its dataset
+(the Redis intake renews the job's lease there). A job whose fence raises is left out of the
+call and gets the error; the other jobs of the batch go on.
 """
 
 from __future__ import annotations
