@@ -3,8 +3,9 @@
 Two daemons (child processes) share 500 jobs and one is killed half-way: every job finishes
 exactly once, with one trigger each. Messages that are not jobs, or keep coming back, land
 in the dead-letter stream; a finished job is not run again; a restarted daemon resumes its
-own jobs; a job another daemon took is abandoned, never triggered; a long Redis outage
-stops the daemon with 70.
+own jobs; a job another daemon took is abandoned, never triggered; a daemon cut off from
+Redis never triggers a job taken over meanwhile; a job outlives Redis losing its data; a
+long Redis outage stops the daemon with 70.
 """
 
 from __future__ import annotations
