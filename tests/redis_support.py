@@ -193,3 +193,72 @@ async def until_field(
 async def pending(client: aioredis.Redis, stream: str, group: str) -> int:
     summary: Any = await client.xpending(stream, group)
     return int(summary["pending"])
+
+
+class PausableProxy:
+    """A TCP proxy in front of a redis-server whose forwarding can be paused: what a stalled
+    path looks like to a client (a daemon stopped by SIGSTOP, a partition that drops packets
+    rather than refusing them): its connections stay open, and nothing it sends is answered
+    until `resume()`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> PausableProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.resume()
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def pause(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port
+            )
+            await asyncio.gather(
+                self._pump(reader, upstream_writer),
+                self._pump(upstream_reader, writer),
+                return_exceptions=True,
+            )
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
@@ -16,7 +17,7 @@ from exporter.destinations import DlzDestination
 from exporter.engine import Engine, EngineConfig
 from exporter.engine.lanes import LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
-from exporter.errors import RequestError, ServerError
+from exporter.errors import NotReadyError, RequestError, ServerError
 from exporter.jobs import Job, JobState
 
 CONFIG = EngineConfig(
@@ -271,6 +272,50 @@ async def test_jobs_sharing_a_run_park_the_flow_without_racing(
     assert aep.calls["flows.action"] == 1  # disabled once, after the last of them
     (flow,) = aep.entities["flows"].values()
     assert flow["state"] == "disabled"
+
+
+class Refused(Exception):
+    """What a test's fence raises: the job may not be sent."""
+
+
+async def test_every_trigger_call_is_fenced_for_each_job_it_carries(
+    aep: FakeAep, clock: FakeClock
+) -> None:
+    """Right before each ad hoc call, every job it would carry is asked. A job whose fence
+    refuses gets the fence's error and is left out; its dataset is left out of the call
+    unless another job still waits for it; the call is not sent for nobody."""
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k")
+    asked: Counter[str] = Counter()
+
+    def fence(name: str, *, allow: bool) -> Callable[[], Awaitable[None]]:
+        async def check() -> None:
+            asked[name] += 1
+            if not allow:
+                raise Refused(name)
+
+        return check
+
+    # The first call is "not ready": every job still in it is asked again before the next.
+    aep.fail_next("adhoc.run", NotReadyError("not ready", status=400, operation="adhoc.run"))
+    async with engine:
+        tasks = {
+            "alone": engine.run(job("d1", id="alone"), fence=fence("alone", allow=False)),
+            "kept": engine.run(job("d2", id="kept"), fence=fence("kept", allow=True)),
+            "dropped": engine.run(job("d2", id="dropped"), fence=fence("dropped", allow=False)),
+        }
+        running = {name: asyncio.create_task(run) for name, run in tasks.items()}
+        for _ in range(100):
+            await clock.advance(10)
+        ended = await asyncio.gather(*running.values(), return_exceptions=True)
+        results = dict(zip(running, ended, strict=True))
+    assert isinstance(results["alone"], Refused)
+    assert isinstance(results["dropped"], Refused)
+    kept = results["kept"]
+    assert not isinstance(kept, BaseException)
+    assert kept.state == JobState.SUCCEEDED
+    assert asked == {"alone": 1, "dropped": 1, "kept": 2}
+    assert aep.calls["adhoc.run"] == 2
+    assert [r.dataset_id for r in aep.runs.values()] == ["d2"], "d1 was never sent"
 
 
 def test_lane_names_carry_the_fingerprint_and_not_the_dataset() -> None:

@@ -3,8 +3,9 @@
 Two daemons (child processes) share 500 jobs and one is killed half-way: every job finishes
 exactly once, with one trigger each. Messages that are not jobs, or keep coming back, land
 in the dead-letter stream; a finished job is not run again; a restarted daemon resumes its
-own jobs; a job another daemon took is abandoned, never triggered; a long Redis outage
-stops the daemon with 70.
+own jobs; a job another daemon took is abandoned, never triggered; a daemon cut off from
+Redis never triggers a job taken over meanwhile; a job outlives Redis losing its data; a
+long Redis outage stops the daemon with 70.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from exporter.daemon.journal import Journal
 from exporter.daemon.redisintake import RedisIntake
 from exporter.daemon.redisstore import reply_code, retryable
 from exporter.emulator.app import serve
+from exporter.emulator.runs import settle as settle_runs
 from exporter.emulator.settings import Knobs, Span
 from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
@@ -55,7 +57,9 @@ from tests.daemon_support import (
     write_config,
 )
 from tests.redis_support import (
+    PausableProxy,
     RedisServer,
+    entries,
     pending,
     redis_server_fixture,  # noqa: F401 - the `redis_server` fixture
     start_redis,
@@ -100,7 +104,10 @@ async def submit(client: aioredis.Redis, *fields: dict[str, Any]) -> list[str]:
 
 
 def redis_section(server: RedisServer, consumer: str, **changes: Any) -> dict[str, Any]:
-    return {"url": server.url, "consumer": consumer, "lease_s": 2, "block_s": 0.5, **changes}
+    """A [redis] section; `outage_s` is half the lease unless given (it must be shorter)."""
+    section = {"url": server.url, "consumer": consumer, "lease_s": 2, "block_s": 0.5, **changes}
+    section.setdefault("outage_s", section["lease_s"] / 2)
+    return section
 
 
 class WatchedLogs(LogCapture):
@@ -149,9 +156,15 @@ async def daemon_in_process(
     folder: Path, emulator: str, server: RedisServer, consumer: str = "solo", **redis: Any
 ) -> AsyncIterator[tuple[Daemon, asyncio.Task[int]]]:
     """A daemon with the Redis intake in this process; stopped (SIGTERM-like) after.
-    `redis` overrides keys of its [redis] section."""
+    `redis` overrides keys of its [redis] section. AEP requests time out after 2 s (the
+    emulator answers in milliseconds): a takeover of a triggering job waits that long."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    config = write_config(folder, emulator, redis=redis_section(server, consumer, **redis))
+    config = write_config(
+        folder,
+        emulator,
+        aep={"request_timeout_s": 2},
+        redis=redis_section(server, consumer, **redis),
+    )
     settings = load_settings(config)
     assert settings.redis is not None
     daemon = Daemon(settings, clock=SystemClock())
@@ -210,7 +223,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
             config = write_config(
                 tmp_path / name,
                 url,
-                aep={"rate_limit_rps": 1000},
+                aep={"rate_limit_rps": 1000, "request_timeout_s": 5},
                 daemon={"max_in_flight": 100},
                 redis=redis_section(redis_server, name),
             )
@@ -494,6 +507,13 @@ async def test_a_dead_daemons_jobs_are_resumed_from_their_progress(
                 [busy] = await logs.until("redis_job_busy")
         resumed = {e["job_id"]: e["state"] for e in logs.named("job_resumed")}
         assert resumed == {"at-flow": "flow_ready", "triggering": "triggering"}
+        # Only the job left triggering waits out a trigger its holder may have on the wire.
+        [waited] = logs.named("redis_takeover_waiting")
+        assert (waited["job_id"], waited["taken_from"], waited["seconds"]) == (
+            "triggering",
+            "dead",
+            2,
+        )
         assert (busy["job_id"], busy["holder"]) == ("held", "alive")
         assert {f["job_id"]: f["state"] for _, f in results} == {
             "at-flow": "succeeded",
@@ -605,9 +625,12 @@ async def test_a_job_whose_lock_was_taken_is_never_triggered(
         assert await client.xlen(RESULTS) == 0
 
 
+@pytest.mark.parametrize("told_by", ["lock", "pending"])
 async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, told_by: str
 ) -> None:
+    """Another consumer holds the job: its lock says so or, with no lock and no progress
+    left, its message pending with that consumer does (not a loss of Redis's data)."""
     client = redis_server.client
     knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=3)
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
@@ -620,7 +643,14 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
                 progress = f"{JOBS}:progress:long"
                 await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
                 task = daemon.jobs["long"]
-                await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
+                if told_by == "lock":
+                    await client.set(f"{JOBS}:lock:long", "intruder", px=60_000)
+                else:
+                    [message_id] = [i for i, _ in await entries(client, JOBS)]
+                    async with client.pipeline(transaction=True) as pipe:
+                        pipe.delete(f"{JOBS}:lock:long", progress)
+                        pipe.xclaim(JOBS, GROUP, "intruder", 0, [message_id], justid=True)
+                        await pipe.execute()
                 [lost] = await logs.until("redis_job_lost")  # said once it is given up
                 assert "state" not in lost, "found by the heartbeat, not a checkpoint"
                 assert (lost["why"], lost["holder"]) == ("lost", "intruder")
@@ -630,6 +660,159 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
                 assert [r.job_id for r in await daemon.journal.unfinished()] == []
         assert await client.xlen(RESULTS) == 0
         assert triggers_by_job(state) == {"long": 1}
+
+
+async def advance_emulator(url: str, seconds: float) -> None:
+    """Move the emulator's clock (AEP's) on: its waits pass without a real one."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/_emulator/clock", json={"advance": seconds}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+def part_files(folder: Path) -> dict[Path, set[str]]:
+    """The part files the emulator wrote under `folder`, as folder -> the Spark transaction
+    ids (`tid`) in their names: one export writes one set, with one tid."""
+    found: dict[Path, set[str]] = {}
+    for path in folder.rglob("part-*"):
+        found.setdefault(path.parent, set()).add(path.name.split("-tid-")[1].split("-")[0])
+    return found
+
+
+async def test_a_daemon_cut_off_from_redis_never_triggers_a_job_taken_over_meanwhile(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Daemon "a" waits for AEP's not-ready window with its job journaled `triggering`;
+    its Redis connection stalls (a paused proxy: no error, no answer). Its lease lapses, "b"
+    takes the job over and triggers it. "a" must not send its own trigger once the window
+    opens: each call is fenced by a lease renewal that "a" cannot get, and "a" hands the job
+    back when its lease lapses by its own clock. One run, one set of part files."""
+    client = redis_server.client
+    # AEP refuses the dataset's ad hoc run for 10 minutes of its clock, which stands still
+    # until the test moves it; runs take a moment, so a second trigger would start a second
+    # run rather than be told one is in progress.
+    knobs = Knobs(not_ready_window_s=600, run_duration_s=Span(min=0.05, max=0.05), seed=12)
+    progress = f"{JOBS}:progress:fenced"
+    redis = {"lease_s": 2, "outage_s": 1}
+    async with (
+        serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state),
+        PausableProxy(redis_server.port) as proxy,
+    ):
+        [dataset] = seed(state, 1)
+        await submit(client, {"job": job("fenced", dataset)})
+        with watch_logs() as logs:
+            async with daemon_in_process(
+                tmp_path / "a", url, redis_server, "a", url=proxy.url, **redis
+            ) as (a, _):
+                await until_field(client, progress, "state", "triggering", deadline_s=DEADLINE)
+                await logs.until("trigger_not_ready")  # "a" waits for the window
+                task = a.jobs["fenced"]
+                async with daemon_in_process(tmp_path / "b", url, redis_server, "b", **redis):
+                    proxy.pause()
+                    try:
+                        await until_field(client, progress, "owner", "b", deadline_s=DEADLINE)
+                        # "b" resumed the job, and its trigger was refused: not ready yet.
+                        [resumed] = await logs.until("job_resumed")
+                        refused = len(logs.named("trigger_not_ready"))
+                        await logs.until("trigger_not_ready", count=refused + 1)
+                        await advance_emulator(url, 600)
+                        [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                    finally:
+                        proxy.resume()
+                    assert await stopped(a, "fenced", task)
+                    assert a.journal is not None
+                    assert await a.journal.get("fenced") is None, "not shown as running on a"
+        await settle_runs(state, state.all_runs())  # every run's files, read or not
+
+    assert (resumed["job_id"], resumed["state"]) == ("fenced", "triggering")
+    assert (result["job_id"], result["state"], result["consumer"]) == ("fenced", "succeeded", "b")
+    assert runs_by_dataset(state) == {dataset: 1}, "one run: a never triggered after its lease"
+    assert triggers_by_job(state) == {"fenced": 1}
+    [(folder, tids)] = part_files(tmp_path / "emulator").items()
+    assert len(tids) == 1, tids
+    assert folder.name.startswith("exportTime=")
+    assert len(list(folder.glob("part-*"))) == int(result["files"]) > 0
+    handed = logs.named("redis_job_handed_back") + logs.named("redis_trigger_fenced")
+    assert handed, "a gave the job up itself, while cut off from Redis"
+
+
+async def test_a_running_job_outlives_redis_losing_its_data(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """FLUSHALL while a job's run goes on (what a restart without persistence or a failover
+    that lost writes leaves): nothing says another daemon has the job, so it is not taken
+    for a takeover. Its lock and progress are made again, and so is the group; the job
+    finishes and its result is published. A job submitted afterwards runs too."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=8)
+    progress = f"{JOBS}:progress:kept"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        first, second = seed(state, 2)
+        await submit(client, {"job": job("kept", first)})
+        with watch_logs() as logs:
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=1.5) as (
+                daemon,
+                _,
+            ):
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+                await client.flushall()
+                [restored] = await logs.until("redis_job_restored")
+                assert await client.get(f"{JOBS}:lock:kept") == b"solo"
+                kept: Any = await client.hgetall(progress)
+                assert (kept[b"owner"], kept[b"state"]) == (b"solo", b"running")
+                assert kept[b"run_id"].decode() == restored_run(state)
+                await advance_emulator(url, 600)  # the run ends
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+                await submit(client, {"job": job("after", second)})  # read: the group is back
+                after = f"{JOBS}:progress:after"
+                await until_field(client, after, "state", "running", deadline_s=DEADLINE)
+                await advance_emulator(url, 600)
+                results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
+                assert daemon.journal is not None
+                record = await daemon.journal.get("kept")
+    assert (restored["job_id"], restored["state"]) == ("kept", "running")
+    assert (result["job_id"], result["state"], result["consumer"]) == ("kept", "succeeded", "solo")
+    assert record is not None
+    assert record.state is JobState.SUCCEEDED
+    assert not logs.named("redis_job_lost")
+    assert [f["job_id"] for _, f in results] == ["kept", "after"]
+    assert triggers_by_job(state) == {"kept": 1, "after": 1}
+    assert await pending(client, JOBS, GROUP) == 0
+
+
+async def test_a_restart_after_redis_lost_its_data_resumes_the_job(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The daemon stops with a job's run going on; Redis loses its data before the next
+    start. The journal's job is not forgotten as "no longer pending": it is resumed, its
+    keys are made again, and its result is published."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=10)
+    progress = f"{JOBS}:progress:again"
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        await submit(client, {"job": job("again", dataset)})
+        folder = tmp_path / "d"
+        with watch_logs() as logs:
+            async with daemon_in_process(folder, url, redis_server):
+                await until_field(client, progress, "state", "running", deadline_s=DEADLINE)
+            await client.flushall()
+            async with daemon_in_process(folder, url, redis_server):
+                [restored] = await logs.until("redis_job_restored")
+                await advance_emulator(url, 600)  # the run ends
+                [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
+    assert (restored["job_id"], restored["state"]) == ("again", "running")
+    assert [(e["job_id"], e["state"]) for e in logs.named("job_resumed")] == [("again", "running")]
+    assert not logs.named("redis_job_handed_over")
+    assert (result["job_id"], result["state"]) == ("again", "succeeded")
+    assert result["run_id"] == restored_run(state)
+    assert triggers_by_job(state) == {"again": 1}
+
+
+def restored_run(state: EmulatorState) -> str:
+    [run] = state.all_runs()
+    return run.id
 
 
 # -- Redis going away ------------------------------------------------------------------------
@@ -725,7 +908,7 @@ async def test_redis_refusing_commands_for_a_while_is_waited_out(
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         [dataset] = seed(state, 1)
         with watch_logs() as logs:
-            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=1) as (
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=3) as (
                 daemon,
                 task,
             ):
@@ -921,6 +1104,7 @@ def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path:
     assert "from-a-file" not in repr(config)
     assert config.consumer  # the host name by default
     assert config.safe_url == "redis://127.0.0.1:6379/0"
+    assert config.outage_s < config.lease_s, "the defaults hold together"
     bad = {
         "password or password_file, not both": {
             "password": "x",
@@ -929,6 +1113,8 @@ def test_redis_config_reads_its_password_from_a_file_and_checks_itself(tmp_path:
         "must start with redis://": {"url": "http://localhost"},
         "must differ": {"results_stream": "aep-exporter:jobs"},
         "keep one": {"url": "redis://:pw@h:1/0", "password_file": str(tmp_path / "pw")},
+        r"outage_s \(60\) must be shorter than lease_s \(60\)": {"outage_s": 60},
+        r"outage_s \(120\) must be shorter than lease_s \(60\)": {"outage_s": 120},
     }
     for expected, values in bad.items():
         with pytest.raises(ValidationError, match=expected):

@@ -91,9 +91,10 @@ class RedisConfig(BaseModel):
     """Messages read at once, never more than the daemon has room for."""
     block_s: float = Field(default=5.0, gt=0, le=60)
     """How long one read waits for new messages."""
-    outage_s: float = Field(default=120.0, gt=0)
+    outage_s: float = Field(default=30.0, gt=0)
     """How long Redis may be unreachable before the daemon gives up (exit 70; systemd
-    restarts it, and it picks up where it was)."""
+    restarts it, and it picks up where it was). Shorter than `lease_s`: a daemon must not go
+    on waiting for Redis after its jobs may have been taken over."""
     done_ttl_s: float = Field(default=7 * 86400.0, ge=60)
     """How long a finished job id is remembered: a redelivery or a duplicate within it is
     acknowledged without running again."""
@@ -130,6 +131,12 @@ class RedisConfig(BaseModel):
             unquote_plus(p.partition("=")[2]) for p in parts.query.split("&") if _is_password(p)
         ]:
             SECRETS.add(given)
+        if self.outage_s >= self.lease_s:
+            raise ValueError(
+                f"outage_s ({self.outage_s:g}) must be shorter than lease_s ({self.lease_s:g}): "
+                "a daemon still waiting for Redis after its lease could trigger a job that "
+                "another daemon has taken over"
+            )
         names = [self.stream, self.results_stream, self.dead_letter_stream]
         if len(set(names)) != len(names):
             raise ValueError("stream, results_stream and dead_letter_stream must differ")

@@ -146,6 +146,14 @@ class Service(Protocol):
 
 
 @runtime_checkable
+class Fencing(Protocol):
+    """An origin that must confirm, right before a job's trigger goes out, that the job is
+    still this daemon's (the Redis intake: its lease); see `Engine.run`'s `fence`."""
+
+    async def fence(self) -> None: ...
+
+
+@runtime_checkable
 class Reconfigurable(Protocol):
     """A service that takes part of a reload (the scheduler takes the new schedules)."""
 
@@ -725,7 +733,8 @@ class Daemon:
             await origin.checkpoint(job.job_id, progress)
 
         try:
-            outcome = await self.engine.run(job, on_state, resume=resume)
+            fence = origin.fence if isinstance(origin, Fencing) else None
+            outcome = await self.engine.run(job, on_state, resume=resume, fence=fence)
         except asyncio.CancelledError:
             reason = self._cancelled.get(job.job_id)
             if reason is None:

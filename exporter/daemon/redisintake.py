@@ -13,9 +13,16 @@ in `redisstore`):
   journaling each state and before the action the state enables. Every third of the lease
   it renews the locks of its jobs and resets the idle time of their messages. A job that
   another daemon holds now is abandoned, and never triggered by a daemon that lost it.
+- Every trigger is fenced: right before each ad hoc call that carries a job, its lease is
+  renewed, within a quarter of the lease; without that answer the call does not carry the
+  job, which is handed back (stopped without an outcome and forgotten; the next daemon to
+  claim its message, maybe this one, resumes it). A job whose lease has lapsed by this
+  daemon's own clock is handed back too, whether Redis answers or not.
 - A daemon that dies stops renewing: once its messages have been idle for a lease, the
   others take them over (XAUTOCLAIM) and resume the jobs from their progress: a job left
-  triggering adopts the run started since the intent instead of triggering again.
+  triggering adopts the run started since the intent instead of triggering again, once
+  the AEP request timeout has passed since the takeover (a trigger its former holder sent
+  under its lease has been answered or abandoned by then).
 - A message is acknowledged only once its job's outcome is journaled, by one step that
   publishes the result, marks the job done (for `done_ttl_s`), acknowledges and unlocks. A
   message whose job is done (a duplicate submission, or a settle retried after its reply
@@ -35,11 +42,17 @@ in `redisstore`):
   admin API, a schedule) goes to the dead-letter stream too, saying so: a job id runs once,
   and its producer gets an answer. (Only this daemon's journal knows those ids.)
 - A job lost to another daemon is stopped without an outcome and dropped from the journal.
+  Another daemon has it when its lock or progress names another consumer or, with both
+  gone, its message is pending with another consumer. When Redis knows nothing of it (its
+  data was lost: FLUSHALL, a restart without persistence, a failover that lost writes),
+  the job stays: its lock, its progress (from the journal) and the group are made again,
+  and its result is published when it settles.
 - New messages are read only while the daemon has room for more jobs.
 - Redis unreachable, or refusing commands for a while (out of memory, MISCONF, BUSY,
-  LOADING, READONLY): every call is retried with backoff for up to `outage_s`, then the
-  service stops and the daemon exits 70 (systemd restarts it); the next start resumes the
-  jobs from the journal and the pending messages. A job is never failed for it.
+  LOADING, READONLY): every call is retried with backoff for up to `outage_s` (shorter
+  than the lease), then the service stops and the daemon exits 70 (systemd restarts it);
+  the next start resumes the jobs from the journal and the pending messages. A job is
+  never failed for it.
 
 Needs Redis 6.2 or newer (XAUTOCLAIM); not Redis Cluster (a step spans a job's keys and the
 streams).
@@ -91,6 +104,9 @@ class Message:
 
     async def settle(self, outcome: Outcome) -> None:
         await self.intake.settle(self, outcome)
+
+    async def fence(self) -> None:
+        await self.intake.fence(self)
 
 
 @dataclass(frozen=True)
@@ -167,6 +183,13 @@ class RedisIntake:
         self.store = RedisStore(config, clock=daemon.clock, rng=rng or random.Random())
         self._clock = daemon.clock
         self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
+        # job id -> when its lease lapses by this daemon's clock (monotonic), counted from
+        # the start of the call that last renewed it: never later than Redis's own expiry.
+        self._lease_ends: dict[str, float] = {}
+        # job id -> when a job taken over while triggering may go on (monotonic): once any
+        # trigger its former holder may have had on the wire has been answered or abandoned.
+        self._holds: dict[str, float] = {}
+        self._fence_s = config.lease_s / 4
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
         self._messages = prometheus_client.Counter(
@@ -208,6 +231,7 @@ class RedisIntake:
         tasks = {
             asyncio.create_task(self._intake(), name="redis-intake"),
             asyncio.create_task(self._heartbeat(), name="redis-heartbeat"),
+            asyncio.create_task(self._watch_leases(), name="redis-leases"),
             asyncio.create_task(self._failed.wait(), name="redis-failed"),
         }
         try:
@@ -310,12 +334,13 @@ class RedisIntake:
             await self._refuse_duplicate(message_id, fields, deliveries, known)
             return
         running = job.job_id in self.daemon.jobs
+        began = self._clock.monotonic()
         claim = await self.store.claim(job.job_id, message_id, running=running)
         context = {"job_id": job.job_id, "message_id": message_id}
         if claim.status == "mine":
             if claim.holder:
                 log.info("redis_job_reclaimed", **context, deliveries=deliveries)
-            await self._run(job, parsed.spec, message_id, fields, claim)
+            await self._run(job, parsed.spec, message_id, fields, claim, began)
         elif claim.status == "exhausted":
             times = int(claim.progress.get("deliveries", "0"))
             reason = (
@@ -356,11 +381,26 @@ class RedisIntake:
         message_id: str,
         fields: Mapping[bytes, bytes],
         claim: Claim,
+        claimed_at: float,
     ) -> None:
         """Start the job from where the journal or Redis says it got, whichever is further."""
         origin = Message(self, message_id, job.job_id)
         at = progress_of(claim.progress)
         self._held[job.job_id] = message_id
+        self._lease_ends[job.job_id] = claimed_at + self.config.lease_s
+        taken_from = claim.progress.get("taken_from")
+        if taken_from and at is not None and at.state is JobState.TRIGGERING:
+            # Its former holder's trigger may still be on the wire (sent in time, under its
+            # lease): adoption looks for the run only once that call has ended either way.
+            hold = self.daemon.settings.aep.request_timeout_s
+            self._holds[job.job_id] = claimed_at + hold
+            log.info(
+                "redis_takeover_waiting",
+                job_id=job.job_id,
+                message_id=message_id,
+                taken_from=taken_from,
+                seconds=hold,
+            )
         record = await self._journal.get(job.job_id)
         if record is None and at is None:
             admitted = await self.daemon.submit(job, spec, origin)
@@ -369,7 +409,7 @@ class RedisIntake:
                 return
             record = admitted.record  # submitted meanwhile by another source
             if record is not None and record.source != SOURCE:
-                self._held.pop(job.job_id, None)
+                self._release(job.job_id)
                 await self._refuse_duplicate(message_id, fields, 1, record)
                 return
         elif record is None:
@@ -415,21 +455,28 @@ class RedisIntake:
             values["run_id"] = progress.run_id
         if progress.intent_ms is not None:
             values["intent_ms"] = str(progress.intent_ms)
+        hold = self._holds.get(origin.job_id)
+        if hold is not None:  # (the heartbeat keeps the claim meanwhile)
+            await self._clock.sleep(hold - self._clock.monotonic())
+            self._holds.pop(origin.job_id, None)
+        began = self._clock.monotonic()
+        rank = (ORDER.index(progress.state) + 1, progress.state.value)
         try:
             [(status, holder)] = await self.store.keep(
-                [(origin.job_id, origin.message_id)],
-                (ORDER.index(progress.state) + 1, progress.state.value),
-                values,
-                operation="checkpoint",
+                [(origin.job_id, origin.message_id)], rank, values, operation="checkpoint"
             )
+            if status == "gone":
+                status, holder = await self._restore(origin.job_id, origin.message_id)
         except (RedisUnavailable, RedisError) as exc:
             # Not the job's failure: it stops without an outcome (the journal says where it
             # was), the service stops the daemon, and the next start resumes the job.
-            self._held.pop(origin.job_id, None)
+            self._release(origin.job_id)
             self._fail(exc)
             raise asyncio.CancelledError("Redis is unavailable") from exc
-        if status != "ok":
-            self._held.pop(origin.job_id, None)
+        if status == "ok":
+            self._renewed(origin.job_id, origin.message_id, began)
+        else:
+            self._release(origin.job_id)
             log.warning(
                 "redis_job_lost",
                 job_id=origin.job_id,
@@ -454,7 +501,7 @@ class RedisIntake:
             self._fail(exc)
             return
         finally:
-            self._held.pop(origin.job_id, None)
+            self._release(origin.job_id)
         if status == "published":
             self._messages.labels("published").inc()
         log.info(
@@ -498,11 +545,18 @@ class RedisIntake:
             held = [(j, m) for j, m in self._held.items() if j in self.daemon.jobs]
             if not held:
                 continue
+            began = self._clock.monotonic()
             answers = await self.store.keep(held, operation="heartbeat")
             for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
+                renewed_from = began
+                if status == "gone" and self._held.get(job_id) == message_id:
+                    renewed_from = self._clock.monotonic()
+                    status, holder = await self._restore(job_id, message_id)
+                if status == "ok":
+                    self._renewed(job_id, message_id, renewed_from)
                 if status == "ok" or self._held.get(job_id) != message_id:
                     continue
-                self._held.pop(job_id, None)
+                self._release(job_id)
                 await self.daemon.abandon(job_id)  # returns once its task has stopped
                 await self._journal.forget(job_id, detail=lost_detail(status, holder))
                 log.warning(
@@ -512,6 +566,91 @@ class RedisIntake:
                     why=status,
                     holder=holder,
                 )
+
+    async def _watch_leases(self) -> None:
+        """Hand back each job whose lease has lapsed by this daemon's clock, whether Redis
+        answers or not: another daemon may have it now."""
+        while True:
+            await self._clock.sleep(self.config.lease_s / 10)
+            now = self._clock.monotonic()
+            for job_id, message_id in list(self._held.items()):
+                if job_id in self.daemon.jobs and self._lease_ends.get(job_id, now) < now:
+                    await self._hand_back(job_id, message_id, "its lease lapsed unrenewed")
+
+    def _renewed(self, job_id: str, message_id: str, began: float) -> None:
+        if self._held.get(job_id) == message_id:
+            self._lease_ends[job_id] = max(
+                self._lease_ends.get(job_id, began), began + self.config.lease_s
+            )
+
+    def _release(self, job_id: str) -> None:
+        self._held.pop(job_id, None)
+        self._lease_ends.pop(job_id, None)
+        self._holds.pop(job_id, None)
+
+    async def _hand_back(self, job_id: str, message_id: str, why: str) -> None:
+        """Stop a job without an outcome and forget it: its message stays pending, and the
+        next daemon to claim it (this one, maybe) resumes it from its progress in Redis."""
+        self._release(job_id)
+        await self.daemon.abandon(job_id)
+        await self._journal.forget(job_id, detail=f"handed back: {why}")
+        log.warning("redis_job_handed_back", job_id=job_id, message_id=message_id, why=why)
+
+    async def fence(self, origin: Message) -> None:
+        """Right before the job's trigger goes out (called by the engine for each call that
+        carries it): renew its lease within a quarter of it. If Redis does not confirm the
+        job is still this daemon's in that time, the trigger is not sent: the job stops here
+        without an outcome (`asyncio.CancelledError`), handed back. A trigger sent under a
+        lease renewed this recently is answered, or abandoned by the AEP client at its
+        request timeout, before a daemon that takes the job over looks for its run."""
+        job_id, message_id = origin.job_id, origin.message_id
+        began = self._clock.monotonic()
+        try:
+            [(status, holder)] = await self.store.keep(
+                [(job_id, message_id)], operation="fence", within_s=self._fence_s
+            )
+            if status == "gone":
+                status, holder = await self._restore(job_id, message_id, within_s=self._fence_s)
+        except (RedisUnavailable, RedisError, TimeoutError) as exc:
+            status, holder = "unconfirmed", str(exc)
+        if status == "ok" and self._held.get(job_id) == message_id:
+            self._renewed(job_id, message_id, began)
+            return
+        if self._held.get(job_id) == message_id:
+            self._release(job_id)
+            why = lost_detail(status, holder) if status in ("lost", "done") else holder
+            await self._journal.forget(job_id, detail=f"not triggered: {why}")
+        log.warning(
+            "redis_trigger_fenced", job_id=job_id, message_id=message_id, why=status, detail=holder
+        )
+        raise asyncio.CancelledError(f"job {job_id} may not be triggered here: {status}")
+
+    async def _restore(
+        self, job_id: str, message_id: str, *, within_s: float | None = None
+    ) -> tuple[str, str]:
+        """Redis knows nothing of a job running here (its data was lost: flushed, restarted
+        without persistence, a failover that lost writes): nobody else has it, so it stays
+        here; its lock and progress (from the journal) and the group are made again."""
+        record = await self._journal.get(job_id)
+        state = record.state if record is not None and record.state in ORDER else ORDER[0]
+        values: dict[str, str] = {}
+        if record is not None:
+            values = {"flow_id": record.flow_id or "", "run_id": record.run_id or ""}
+            if record.intent_ms is not None:
+                values["intent_ms"] = str(record.intent_ms)
+        rank = (ORDER.index(state) + 1, state.value)
+        status, holder = await self.store.restore(
+            job_id, message_id, rank, values, within_s=within_s
+        )
+        log.warning(
+            "redis_job_restored" if status == "ok" else "redis_job_not_restored",
+            job_id=job_id,
+            message_id=message_id,
+            state=state.value,
+            why=status,
+            holder=holder,
+        )
+        return status, holder
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -527,9 +666,20 @@ class RedisIntake:
 
     async def _reconcile(self, record: JobRecord) -> None:
         """A journaled job whose message is not pending here: resume it if Redis says it is
-        still ours (its message moves back here); forget it if another daemon has it, or
-        finished it, or its message is gone (acknowledged, dead-lettered)."""
+        still ours (its message moves back here) or knows nothing of it (its data was lost);
+        forget it if another daemon has it, or finished it, or its message is gone
+        (acknowledged, dead-lettered)."""
         where = await self.store.whereabouts(record.job_id, record.name)
+        if where.finisher is None and where.holder is None and where.deliveries is None:
+            # Redis knows nothing of it (its data was lost): nobody else has it either.
+            began = self._clock.monotonic()
+            status, _ = await self._restore(record.job_id, record.name)
+            if status == "ok":
+                self._held[record.job_id] = record.name
+                self._lease_ends[record.job_id] = began + self.config.lease_s
+                self._messages.labels("resumed").inc()
+                self.daemon.resume(record, Message(self, record.name, record.job_id))
+                return
         if where.finisher is None and where.holder == self.config.consumer and where.deliveries:
             entries = await self.store.move_here(record.name)
             for message_id, fields in entries:

@@ -8,7 +8,10 @@ Per job id, beside the stream (`<stream>:lock:<job id>`, `:progress:`, `:done:`)
     done      its outcome once published: outcome, message_id, consumer, result_id
 
 A job is a consumer's while the lock holds its name or, once the lease lapsed, while nobody
-else has claimed it since (progress still names it). A job that is done is nobody's.
+else has claimed it since (progress still names it). A job that is done is nobody's. A job
+of which Redis knows nothing (no lock, no progress, no done mark, and its message pending
+with no other consumer: Redis lost its data) stays with the consumer that runs it, which
+makes its keys again (`restore`); it is not taken for a takeover.
 
 Each decision is one Lua script: atomic like MULTI/EXEC, and unlike it able to look before
 it writes (is the job done? whose is the lock?), so two daemons never both win one. What
@@ -97,6 +100,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.pcall('XCLAIM', KEYS[4], ARGV[7], ARGV[1], 0, ARGV[3], 'JUSTID')
 local reply = {'mine', holder or '', ARGV[3]}
 for _, value in ipairs(redis.call('HGETALL', KEYS[2])) do reply[#reply + 1] = value end
+-- A takeover: the consumer it was taken from (not stored).
+if owner and owner ~= ARGV[1] then
+  reply[#reply + 1] = 'taken_from'
+  reply[#reply + 1] = owner
+end
 return reply
 """
 
@@ -108,7 +116,16 @@ local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return {'lost', holder} end
 if not holder then
   local owner = redis.call('HGET', KEYS[2], 'owner')
-  if owner ~= ARGV[1] then return {'lost', owner or ''} end
+  if not owner then
+    -- Nothing says who has the job: another consumer's pending message would; otherwise
+    -- Redis has lost what it knew (flushed, restarted empty, a failover that lost writes).
+    local entry = redis.pcall('XPENDING', KEYS[4], ARGV[4], ARGV[5], ARGV[5], 1)
+    if type(entry) == 'table' and entry[1] and entry[1][2] ~= ARGV[1] then
+      return {'lost', entry[1][2]}
+    end
+    return {'gone', ''}
+  end
+  if owner ~= ARGV[1] then return {'lost', owner} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[6] ~= '' then
@@ -118,6 +135,28 @@ if ARGV[6] ~= '' then
   end
   if #ARGV > 7 then redis.call('HSET', KEYS[2], unpack(ARGV, 8)) end
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.pcall('XCLAIM', KEYS[4], ARGV[4], ARGV[1], 0, ARGV[5], 'JUSTID')
+return {'ok', ''}
+"""
+
+RESTORE = """
+-- KEYS: lock, progress, done, stream
+-- ARGV: consumer, lease_ms, ttl_ms, group, message_id, rank, state, [field, value]...
+-- A job Redis knew nothing of (KEEP said 'gone'): its lock and progress made again, unless
+-- something has claimed it since.
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'done', ''} end
+local holder = redis.call('GET', KEYS[1]) or redis.call('HGET', KEYS[2], 'owner')
+if holder and holder ~= ARGV[1] then return {'lost', holder} end
+local entry = redis.pcall('XPENDING', KEYS[4], ARGV[4], ARGV[5], ARGV[5], 1)
+if type(entry) == 'table' and entry[1] and entry[1][2] ~= ARGV[1] then
+  return {'lost', entry[1][2]}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'message_id', ARGV[5], 'rank', ARGV[6],
+           'state', ARGV[7])
+redis.call('HSETNX', KEYS[2], 'deliveries', 1)
+if #ARGV > 7 then redis.call('HSET', KEYS[2], unpack(ARGV, 8)) end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.pcall('XCLAIM', KEYS[4], ARGV[4], ARGV[1], 0, ARGV[5], 'JUSTID')
 return {'ok', ''}
@@ -163,10 +202,11 @@ class RedisUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What `claim` found: `status` is 'mine' (with the job's `progress` so far), 'done'
-    (its outcome is published), 'busy' (`holder` runs it), 'running' (this consumer runs it
-    already) or 'exhausted' (delivered too often: `progress` holds the `deliveries` this
-    claim would have made). `message_id`: the message the job's holder works from."""
+    """What `claim` found: `status` is 'mine' (with the job's `progress` so far, and
+    `taken_from`, the consumer it had, on a takeover), 'done' (its outcome is published),
+    'busy' (`holder` runs it), 'running' (this consumer runs it already) or 'exhausted'
+    (delivered too often: `progress` holds the `deliveries` this claim would have made).
+    `message_id`: the message the job's holder works from."""
 
     status: str
     holder: str
@@ -237,6 +277,7 @@ class RedisStore:
         )
         self._claim = self.redis.register_script(CLAIM)
         self._keep = self.redis.register_script(KEEP)
+        self._restore = self.redis.register_script(RESTORE)
         self._settle = self.redis.register_script(SETTLE)
         self._dead_letter = self.redis.register_script(DEAD_LETTER)
 
@@ -376,11 +417,16 @@ class RedisStore:
         values: Mapping[str, str] | None = None,
         *,
         operation: str = "keep",
+        within_s: float | None = None,
     ) -> list[tuple[str, str]]:
         """Renew this consumer's claim on each (job id, message id): its lock, its progress,
         its message's idle time. With `state` (rank, name), record it in the progress unless
         a higher rank is there already, and `values` (flow_id, ...). Each answer is ('ok',
-        ''), ('lost', new holder) or ('done', ''). `operation` names the call in logs."""
+        ''), ('lost', new holder: the lock's, the progress's or, failing both, the consumer
+        its message is pending with), ('done', '') or ('gone', ''): Redis knows nothing of
+        the job (see `restore`). `operation` names the call in logs. With
+        `within_s`, raises `TimeoutError` if Redis has not answered by then (retries
+        included)."""
         extra = [*state, *_flat(values or {})] if state is not None else ["", ""]
 
         async def send() -> Any:
@@ -400,8 +446,42 @@ class RedisStore:
                     await self._keep(keys, args, client=pipe)
                 return await pipe.execute()
 
-        replies: Any = await self._call(operation, send)
+        call = self._call(operation, send)
+        replies: Any = await (call if within_s is None else self._within(within_s, call))
         return [(text(r[0]), text(r[1])) for r in replies]
+
+    async def restore(
+        self,
+        job_id: str,
+        message_id: str,
+        state: tuple[int, str],
+        values: Mapping[str, str],
+        *,
+        within_s: float | None = None,
+    ) -> tuple[str, str]:
+        """Make a job's lock and progress (`state`, `values`) again, and its group if gone,
+        after `keep` answered 'gone' (Redis lost what it knew of the job): ('ok', ''), or
+        ('lost', holder) or ('done', '') if it was claimed or finished meanwhile. With
+        `within_s`, as `keep`."""
+        call = self._restore_now(job_id, message_id, state, values)
+        return await (call if within_s is None else self._within(within_s, call))
+
+    async def _restore_now(
+        self, job_id: str, message_id: str, state: tuple[int, str], values: Mapping[str, str]
+    ) -> tuple[str, str]:
+        await self.ensure_group()
+        keys = [*self.keys(job_id), self.config.stream]
+        args = [
+            self.consumer,
+            self._lease_ms,
+            self._ttl_ms,
+            self.config.group,
+            message_id,
+            *state,
+            *_flat(values),
+        ]
+        reply: Any = await self._call("restore", partial(self._restore, keys, args))
+        return text(reply[0]), text(reply[1])
 
     async def settle(
         self, job_id: str, message_id: str, outcome_json: str, fields: Mapping[str, str]
@@ -462,6 +542,21 @@ class RedisStore:
         )
 
     # -- the retry policy ------------------------------------------------------------------
+
+    async def _within(self, seconds: float, call: Awaitable[T]) -> T:
+        """`call`, given up (cancelled: redis-py drops its connection) after `seconds`."""
+        task = asyncio.ensure_future(call)
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, timer, return_exceptions=True)
+        if task.cancelled():
+            raise TimeoutError(f"Redis did not answer within {seconds:g} s")
+        return task.result()
 
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         """`fn()`, retried with backoff while Redis is unreachable or refusing commands for a

@@ -24,7 +24,7 @@ from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
 from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
-from exporter.engine.trigger import Triggerer
+from exporter.engine.trigger import Fence, Triggerer
 from exporter.errors import AepError, ConfigError, NotAMember
 from exporter.jobs import Job, JobState, Outcome, RunError
 from exporter.metrics import Metrics
@@ -147,10 +147,13 @@ class Engine:
         *,
         resume: Progress | None = None,
         wait: bool = True,
+        fence: Fence | None = None,
     ) -> Outcome:
         """Take `job` to a terminal outcome. With `resume`, continue from a journaled state:
         `triggering` first adopts a run of the dataset created after the journaled mark,
-        `running` polls. With `wait=False`, return as soon as the run is known."""
+        `running` polls. With `wait=False`, return as soon as the run is known. `fence` is
+        asked right before each ad hoc call that would start the job's run; what it raises
+        (it must not send), `run` raises."""
         started = self.clock.monotonic()
         deadline = started + job.timeout
         bound = structlog.contextvars.bound_contextvars(
@@ -159,7 +162,7 @@ class Engine:
             run_id=resume.run_id if resume else None,
         )
         with bound:
-            return await self._run(job, on_state, resume, started, deadline, wait)
+            return await self._run(job, on_state, resume, started, deadline, wait, fence)
 
     async def _run(
         self,
@@ -169,6 +172,7 @@ class Engine:
         started: float,
         deadline: float,
         wait: bool,
+        fence: Fence | None,
     ) -> Outcome:
         if job.destination not in self._destinations:
             message = (
@@ -189,7 +193,7 @@ class Engine:
                     try:
                         with self.lanes.holding(flow):
                             run_id = await self._start(
-                                job, flow, joined_ms, on_state, resume, deadline
+                                job, flow, joined_ms, on_state, resume, deadline, fence
                             )
                         break
                     except NotAMember:
@@ -247,6 +251,7 @@ class Engine:
         on_state: OnState,
         resume: Progress | None,
         deadline: float,
+        fence: Fence | None = None,
     ) -> str:
         """The run that exports the job's dataset: adopted, triggered or scheduled."""
         await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
@@ -277,6 +282,7 @@ class Engine:
             joined_ms=joined_ms,
             deadline=deadline,
             before_send=before_send,
+            fence=fence,
         )
 
     async def _scheduled(self, job: Job, flow: LaneFlow, mark_ms: int, deadline: float) -> str:

@@ -10,6 +10,10 @@ dataset's newest run time (AEP's clock) is told to its job, which journals it. A
 answer was lost — or a job resumed after a crash — adopts the runs of its dataset created
 after that mark, so adoption never depends on this host's clock agreeing with AEP's. A dataset
 that AEP says is already running adopts that run.
+
+Fenced: a job may carry a fence, asked right before every call that would carry its dataset
+(the Redis intake renews the job's lease there). A job whose fence raises is left out of the
+call and gets the error; the other jobs of the batch go on.
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.trigger")
 BeforeSend = Callable[[int], Awaitable[None]]
+Fence = Callable[[], Awaitable[None]]
+"""Called right before each ad hoc call that carries the job's dataset: returns if the job
+may be sent now; raises if not (the job then gets that error, and is left out of the call)."""
+
+
+@dataclass(slots=True)
+class _Listener:
+    """One job waiting for a dataset's run."""
+
+    before_send: BeforeSend
+    fence: Fence | None
+    future: asyncio.Future[str]
 
 
 @dataclass(slots=True)
@@ -49,12 +65,41 @@ class _Ask:
     dataset_id: str
     ready_at: float  # epoch seconds
     deadline: float  # monotonic: the latest of its jobs'
-    listeners: list[BeforeSend]
+    listeners: list[_Listener]
     future: asyncio.Future[str]
     mark_ms: int | None = None
 
-    async def before_send(self, mark_ms: int) -> None:
-        await asyncio.gather(*(listen(mark_ms) for listen in self.listeners))
+    def listen(self, before_send: BeforeSend, fence: Fence | None) -> _Listener:
+        listener = _Listener(before_send, fence, asyncio.get_running_loop().create_future())
+        self.listeners.append(listener)
+        return listener
+
+    def drop(self, listener: _Listener, error: BaseException | None = None) -> None:
+        """`listener` waits no more: it gets `error` (or is cancelled); an ask nobody waits
+        for is given up."""
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+        if not listener.future.done():
+            if error is None:
+                listener.future.cancel()
+            else:
+                listener.future.set_exception(error)
+                listener.future.exception()  # retrieved: its job may have gone meanwhile
+        if not self.listeners and not self.future.done():
+            self.future.cancel()
+
+    def settled(self, future: asyncio.Future[str]) -> None:
+        """The ask's outcome, passed on to each job that waits for it."""
+        for listener in self.listeners:
+            if listener.future.done():
+                continue
+            if future.cancelled():
+                listener.future.cancel()
+            elif (error := future.exception()) is not None:
+                listener.future.set_exception(error)
+                listener.future.exception()
+            else:
+                listener.future.set_result(future.result())
 
 
 @dataclass(slots=True)
@@ -91,10 +136,13 @@ class Triggerer:
         joined_ms: int,
         deadline: float,
         before_send: BeforeSend,
+        fence: Fence | None = None,
     ) -> str:
         """The id of the run exporting `dataset_id` through `flow`. `before_send` hears the
-        dataset's mark (ms) before its call goes out. Raises `RunTimedOut` at `deadline`
-        (monotonic), `AdhocNotEnabled`, `NotAMember`, other `AepError`s."""
+        dataset's mark (ms) before its call goes out; `fence` is asked right before each
+        call that would carry the dataset for this job, and what it raises, this raises.
+        Raises `RunTimedOut` at `deadline` (monotonic), `AdhocNotEnabled`, `NotAMember`,
+        other `AepError`s."""
         queue = self._queues.get(flow.id)
         if queue is None:
             queue = self._queues[flow.id] = _Queue(flow)
@@ -102,34 +150,32 @@ class Triggerer:
         ask = queue.asks.get(dataset_id)
         if ask is not None and not ask.future.done():  # jobs for one dataset share its run
             ask.deadline = max(ask.deadline, deadline)
-            ask.listeners.append(before_send)
+            listener = ask.listen(before_send, fence)
             if ask.mark_ms is not None:  # its call is out: this job journals the same mark
                 await before_send(ask.mark_ms)
-            run_id = await asyncio.shield(ask.future)
-            log.info("run_triggered", flow_id=flow.id, dataset_id=dataset_id, run_id=run_id)
-            return run_id
-        ready_at = joined_ms / 1000 + self._config.not_ready_wait_s
-        # Never longer than the whole window: AEP's clock may be ahead of ours.
-        ready_at = min(ready_at, self._clock.time() + self._config.not_ready_wait_s)
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        queue.asks[dataset_id] = _Ask(dataset_id, ready_at, deadline, [before_send], fut)
-        queue.wake.set()
-        if queue.worker is None or queue.worker.done():
-            queue.worker = asyncio.create_task(self._work(queue), name=f"trigger-{flow.id}")
-        wait = ready_at - self._clock.time()
-        if wait > 0:
-            log.info("trigger_waiting_for_dataset", flow_id=flow.id, seconds=round(wait, 1))
+        else:
+            ready_at = joined_ms / 1000 + self._config.not_ready_wait_s
+            # Never longer than the whole window: AEP's clock may be ahead of ours.
+            ready_at = min(ready_at, self._clock.time() + self._config.not_ready_wait_s)
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            ask = queue.asks[dataset_id] = _Ask(dataset_id, ready_at, deadline, [], fut)
+            fut.add_done_callback(ask.settled)
+            listener = ask.listen(before_send, fence)
+            queue.wake.set()
+            if queue.worker is None or queue.worker.done():
+                queue.worker = asyncio.create_task(self._work(queue), name=f"trigger-{flow.id}")
+            wait = ready_at - self._clock.time()
+            if wait > 0:
+                log.info("trigger_waiting_for_dataset", flow_id=flow.id, seconds=round(wait, 1))
         try:
-            run_id = await asyncio.shield(fut)
+            run_id = await asyncio.shield(listener.future)
             # In the job's own context (the call went out in the worker's): one line a job.
             log.info("run_triggered", flow_id=flow.id, dataset_id=dataset_id, run_id=run_id)
             return run_id
         finally:
-            mine = queue.asks.get(dataset_id)
-            if mine is not None and mine.future is fut and (fut.done() or len(mine.listeners) < 2):
+            ask.drop(listener)
+            if queue.asks.get(dataset_id) is ask and ask.future.done():
                 del queue.asks[dataset_id]
-                if not fut.done():
-                    fut.cancel()
 
     async def adopt(self, flow_id: str, dataset_id: str, mark_ms: int) -> str | None:
         """The run of the dataset created after `mark_ms` (AEP's clock), if there is one."""
@@ -224,12 +270,14 @@ class Triggerer:
                 return
             for ask in unmarked:
                 ask.mark_ms = marks[ask.dataset_id]
+            told = [(a, listener) for a in unmarked for listener in a.listeners]
             results = await asyncio.gather(
-                *(a.before_send(a.mark_ms or 0) for a in unmarked), return_exceptions=True
+                *(listener.before_send(a.mark_ms or 0) for a, listener in told),
+                return_exceptions=True,
             )
-            for ask, result in zip(unmarked, results, strict=True):
-                if isinstance(result, BaseException):
-                    _fail(ask, result)
+            for (ask, listener), result in zip(told, results, strict=True):
+                if isinstance(result, BaseException):  # that job stops; the others go on
+                    ask.drop(listener, result)
         delay = self._config.not_ready_retry_s
         uncertain = retrying = False
         while True:
@@ -248,6 +296,9 @@ class Triggerer:
                 pending = [a for a in pending if not a.future.done()]
                 if not pending:
                     return
+            pending = await self._fence(pending)
+            if not pending:
+                continue
             if retrying and self._metrics is not None:
                 self._metrics.api_retry("adhoc.run")
             retrying = uncertain = False
@@ -261,7 +312,7 @@ class Triggerer:
                     busy = pending[0]
                 if busy is not None and exc.run_id:
                     log.info("run_adopted", flow_id=flow_id, run_id=exc.run_id)
-                    busy.future.set_result(exc.run_id)
+                    _resolve(busy, exc.run_id)
                 else:  # AEP did not say which: each dataset's own run, if it has one
                     uncertain = True
                 continue
@@ -305,7 +356,7 @@ class Triggerer:
                 for ask in pending:
                     run_id = runs.get(ask.dataset_id)
                     if run_id is not None:
-                        ask.future.set_result(run_id)
+                        _resolve(ask, run_id)
                 missing = [a for a in pending if not a.future.done()]
                 if missing:
                     uncertain = True
@@ -338,6 +389,24 @@ class Triggerer:
             if all(a.future.done() for a in asks):
                 return None
 
+    async def _fence(self, asks: list[_Ask]) -> list[_Ask]:
+        """Ask the fence of every job in the call, at once, right before it goes out; a job
+        whose fence refuses is dropped with its error, and an ask left with no job is not
+        sent. The asks to send."""
+        fenced: list[tuple[_Ask, _Listener]] = []
+        checks: list[Awaitable[None]] = []
+        for ask in asks:
+            for listener in ask.listeners:
+                if listener.fence is not None:
+                    fenced.append((ask, listener))
+                    checks.append(listener.fence())
+        results = await asyncio.gather(*checks, return_exceptions=True)
+        for (ask, listener), result in zip(fenced, results, strict=True):
+            if isinstance(result, BaseException):
+                log.info("trigger_fenced", dataset_id=ask.dataset_id, error=repr(result))
+                ask.drop(listener, result)
+        return [a for a in asks if not a.future.done() and a.listeners]
+
     async def _adopt_all(self, flow_id: str, asks: Sequence[_Ask]) -> None:
         since = min(a.mark_ms or 0 for a in asks)
         runs = await self._api.runs_of_flow(flow_id, since)
@@ -345,7 +414,7 @@ class Triggerer:
             fresh = _after(runs, ask.dataset_id, ask.mark_ms or 0)
             if fresh is not None:
                 log.info("run_adopted", flow_id=flow_id, dataset_id=ask.dataset_id, run_id=fresh.id)
-                ask.future.set_result(fresh.id)
+                _resolve(ask, fresh.id)
 
     async def _pause(self, queue: _Queue, batch: Sequence[_Ask], seconds: float) -> None:
         live = [a for a in batch if not a.future.done()]
@@ -360,6 +429,11 @@ def _after(runs: Sequence[RunInfo], dataset_id: str, mark_ms: int) -> RunInfo | 
     """The oldest run of the dataset created after the mark."""
     fresh = [r for r in runs if r.dataset_id == dataset_id and r.created_at_ms > mark_ms]
     return min(fresh, key=lambda r: r.created_at_ms) if fresh else None
+
+
+def _resolve(ask: _Ask, run_id: str) -> None:
+    if not ask.future.done():  # (its last job may have gone while the call was out)
+        ask.future.set_result(run_id)
 
 
 def _fail(ask: _Ask, error: BaseException) -> None:
