@@ -227,9 +227,8 @@ async def soak(args: argparse.Namespace, work: Path, checks: Checks) -> Report:
     knobs += ["--error-429-rate", "0.01", "--error-5xx-rate", "0.01"]
     knobs += ["--run-failure-rate", "0.02"]
     engine = dict(SPOOL_ENGINE)
-    daemon_cfg = {"max_in_flight": args.in_flight * 2, "rescan_s": 5}
-    if args.retention_s is not None:
-        daemon_cfg["journal_retention_s"] = args.retention_s
+    daemon_cfg: dict[str, float] = {"max_in_flight": args.in_flight * 2, "rescan_s": 5}
+    daemon_cfg["journal_retention_days"] = args.retention_days
     admin = {"port": 0, "token": TOKEN}
     aep = {"rate_limit_rps": args.aep_rps, "max_concurrency": 32}
     samples: list[Report] = []
@@ -351,10 +350,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lanes", type=int, default=15, help="export lanes (paths)")
     p.add_argument("--aep-rps", type=float, default=50.0, help="AEP's and the daemon's rate")
     p.add_argument(
-        "--retention-s",
+        "--retention-days",
         type=float,
-        default=None,
-        help="daemon.journal_retention_s (default: the daemon's own)",
+        default=0.005,
+        help="daemon.journal_retention_days: 0.005 (7.2 min), so an hour's soak prunes",
     )
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--drain-deadline-s", type=float, default=900.0)
