@@ -140,7 +140,7 @@ def consume(spool: Path, pool: Pool, tally: Tally) -> None:
             tally.finished[str(result["state"])] += 1
             pool.give_back(job_id)
             path.unlink(missing_ok=True)
-            (spool / folder / name.replace(".result.json", ".json")).unlink(missing_ok=True)
+            (spool / folder / name.removesuffix(".result.json")).unlink(missing_ok=True)
 
 
 def open_fds(pid: int) -> int:
