@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import sys
 from collections import Counter
@@ -101,9 +102,17 @@ class Running:
         self._changed.set()
 
 
-async def start_daemon(config: Path, log: Path, env: dict[str, str] | None = None) -> Running:
+async def start_daemon(
+    config: Path, log: Path, env: dict[str, str] | None = None, *, max_files: int | None = None
+) -> Running:
     """`env` adds to this process's environment; systemd's notify variables are not passed
-    on unless given there (pytest itself may run under systemd)."""
+    on unless given there (pytest itself may run under systemd). `max_files`: the child's
+    RLIMIT_NOFILE (`ulimit -n`)."""
+
+    def limit() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     inherited = {k: v for k, v in os.environ.items() if k not in NOTIFY_VARIABLES}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -115,6 +124,7 @@ async def start_daemon(config: Path, log: Path, env: dict[str, str] | None = Non
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**inherited, "PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=limit if max_files is not None else None,  # only setrlimit, before exec
     )
     running = Running(proc, log)
     running._reader = asyncio.create_task(running._read())

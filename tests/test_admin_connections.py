@@ -5,18 +5,14 @@ a free port; aiohttp's own timers, set small, instead of sleeps)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import resource
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.daemon.systemd import VARIABLES as NOTIFY_VARIABLES
 from tests.conftest import Emulator
-from tests.daemon_support import Running, kill, write_config
+from tests.daemon_support import kill, start_daemon, write_config
 from tests.test_admin import DEADLINE, TOKEN, admin_daemon
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -127,30 +123,6 @@ def open_files(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
 
-async def limited_daemon(config: Path, log: Path, *, files: int) -> Running:
-    """`aep-exporter run` in a child process allowed `files` open file descriptors."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
-
-    inherited = {k: v for k, v in os.environ.items() if k not in NOTIFY_VARIABLES}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "exporter",
-        "run",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**inherited, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=limit,  # only setrlimit, in the child before exec
-    )
-    running = Running(proc, log)
-    running._reader = asyncio.create_task(running._read())
-    return running
-
-
 @pytest.mark.slow
 async def test_300_idle_connections_leave_a_daemon_with_256_files_answering(
     emulator: Emulator, tmp_path: Path
@@ -162,7 +134,7 @@ async def test_300_idle_connections_leave_a_daemon_with_256_files_answering(
     config = write_config(
         tmp_path, emulator.url, admin={"token_file": str(token), "idle_timeout_s": 3600}
     )
-    running = await limited_daemon(config, tmp_path / "daemon.log", files=256)
+    running = await start_daemon(config, tmp_path / "daemon.log", max_files=256)
     connections: list[Connection] = []
     try:
         await running.until("daemon_ready", deadline_s=DEADLINE)
