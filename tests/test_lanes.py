@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import SecretStr
@@ -87,9 +87,10 @@ class Engines:
         destinations: Mapping[str, Destination] = LAKE,
         config: EngineConfig = ENGINE,
         seed: int = 6,
+        api_class: type[HttpAep] = HttpAep,
     ) -> Engine:
         cfg = config_for(self.emulator, rate_limit_rps=500, max_concurrency=32)
-        api = HttpAep.from_config(cfg, clock=self.emulator.clock, rng=random.Random(seed))
+        api = api_class.from_config(cfg, clock=self.emulator.clock, rng=random.Random(seed))
         engine = Engine(
             api,
             destinations,
@@ -209,6 +210,37 @@ async def test_a_writer_that_keeps_losing_the_race_waits_and_gets_its_turn(
     assert outcome.state == JobState.SUCCEEDED, outcome
     counted = await ops(emulator)
     assert counted["flows.patch"] == Counter({412: 7, 200: 1})
+    assert exported(emulator) == Counter({first: 1, late: 1})
+
+
+class TidiedUnderfoot(HttpAep):
+    """AEP as another daemon's tidy leaves it: the source connection a PATCH is about to name
+    is deleted just before the first one goes out."""
+
+    tidied: ClassVar[list[str]] = []
+
+    async def patch_flow(self, flow_id: str, etag: str, ops: Sequence[Mapping[str, Any]]) -> str:
+        if not self.tidied:
+            (source,) = ops[0]["value"]
+            self.tidied.append(source)
+            await self.delete("sourceConnections", source)
+        return await super().patch_flow(flow_id, etag, ops)
+
+
+async def test_a_source_connection_deleted_before_its_patch_is_made_again(
+    emulator: Emulator, engines: Engines
+) -> None:
+    TidiedUnderfoot.tidied = []
+    engine = await engines.make(api_class=TidiedUnderfoot)
+    first, late = await emulator.seed(rows=2, count=2)
+    assert (await engine.run(job(first))).state == JobState.SUCCEEDED
+    outcome = await engine.run(job(late))
+    assert outcome.state == JobState.SUCCEEDED, outcome
+    assert len(TidiedUnderfoot.tidied) == 1
+    counted = await ops(emulator)
+    assert counted["flows.patch"] == Counter({400: 1, 200: 1})
+    (flow,) = await listed(emulator, "flows")
+    assert flow["sourceConnectionIds"] != TidiedUnderfoot.tidied
     assert exported(emulator) == Counter({first: 1, late: 1})
 
 

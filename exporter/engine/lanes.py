@@ -148,6 +148,11 @@ def schedule_matches(
     return int(current.get("endTime", 0)) > horizon
 
 
+def _entity_missing(exc: AepError) -> bool:
+    """AEP's answer to a flow naming a connection that does not exist (400, code 1416)."""
+    return exc.status == 400 and "1416" in (exc.code or "")
+
+
 def set_digest(datasets: frozenset[str]) -> str:
     return hashlib.sha256("\n".join(sorted(datasets)).encode()).hexdigest()[:12]
 
@@ -303,6 +308,9 @@ class LaneManager:
             max_attempts=config.patch_attempts, base_delay_s=0.2, max_delay_s=5.0
         )
         self._rng = random.Random()
+        # Leftover source connections a change of ours found by name and uses: never orphans
+        # to the tidy (rare, so kept for the process's life).
+        self._claimed: set[str] = set()
         self._lanes: dict[str, Lane] = {}
         self._known: dict[str, dict[str, Any]] = {}  # flow name -> AEP item (lane flows only)
         self._listed = False
@@ -569,6 +577,16 @@ class LaneManager:
                     log.info("lane_change_conflict", flow_id=flow.id, attempt=attempt)
                     await self._after_conflict(attempt)
                     continue
+                except AepError as exc:
+                    # The source connection found by its name was deleted as an orphan (a
+                    # tidy, ours or another daemon's) between the lookup and the PATCH: make
+                    # the set again.
+                    if not _entity_missing(exc) or attempt == self._config.patch_attempts:
+                        raise
+                    log.info("lane_source_vanished", flow_id=flow.id, source_id=source)
+                    if source in made:
+                        made.remove(source)
+                    continue
                 made.remove(source)
                 flow.source_id = source
                 # Joined when AEP took the change: after the answer, never before it.
@@ -598,6 +616,7 @@ class LaneManager:
         name = f"{flow_name} source {set_digest(datasets)}"
         for item in await self._api.find_by_name("sourceConnections", name):
             if frozenset(_datasets(item)) == datasets:
+                self._claimed.add(str(item["id"]))  # the tidy keeps its hands off it
                 return str(item["id"])
         return await self._api.create(
             "sourceConnections",
@@ -980,6 +999,8 @@ class LaneManager:
                 continue
             if changing and str(item.get("name", "")).startswith(changing):
                 continue  # a change of ours is under way: it may be about to use it
+            if item["id"] in self._claimed:
+                continue  # a change that started since the listing is about to use it
             await self._delete_quietly("sourceConnections", str(item["id"]))
             deleted.append(str(item["id"]))
         log.info("lane_tidy", orphans_deleted=len(deleted))
