@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,18 +164,27 @@ async def entries(client: aioredis.Redis, stream: str) -> list[tuple[str, dict[s
 
 
 async def until_entries(
-    client: aioredis.Redis, stream: str, count: int, *, deadline_s: float
+    client: aioredis.Redis,
+    stream: str,
+    count: int,
+    *,
+    deadline_s: float,
+    also: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Wait (blocking reads on the stream, not a timer) until it holds `count` entries."""
+    """Wait (blocking reads on the stream, not a timer) until it holds `count` entries, and
+    `also` holds of their fields when given."""
     async with asyncio.timeout(deadline_s):
         last = "0"
         seen = 0
-        while seen < count:
+        while True:
+            if seen >= count:
+                found = await entries(client, stream)
+                if also is None or also([fields for _, fields in found]):
+                    return found
             reply: Any = await client.xread({stream: last}, count=1000, block=1000)
             for _, batch in reply:
                 seen += len(batch)
                 last = batch[-1][0]
-    return await entries(client, stream)
 
 
 async def until_field(

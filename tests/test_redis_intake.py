@@ -229,9 +229,16 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
             )
             daemons[name] = await start_daemon(config, tmp_path / f"{name}.log")
         try:
-            # Once a third of the results are in, a SIGKILL: the killed daemon has jobs in
-            # flight (lanes batch joins and triggers: requests no longer measure progress).
-            await until_entries(client, RESULTS, 160, deadline_s=DEADLINE * 2)
+            # Once a third of the results are in, some of them the first daemon's, a SIGKILL:
+            # it has jobs in flight (lanes batch joins and triggers: requests no longer
+            # measure progress). (On a loaded machine one daemon may start much later.)
+            await until_entries(
+                client,
+                RESULTS,
+                160,
+                deadline_s=DEADLINE * 2,
+                also=lambda found: any(f.get("consumer") == "a" for f in found),
+            )
             assert await kill(daemons["a"]) == -signal.SIGKILL
             results = await until_entries(client, RESULTS, 500, deadline_s=90)
             survivor = await scrape(daemons["b"])
@@ -903,12 +910,15 @@ async def test_redis_refusing_commands_for_a_while_is_waited_out(
     the job runs, then out of memory again as it ends: the checkpoints, the heartbeat and the
     settle wait it out. The job is not failed, the daemon does not stop."""
     client = redis_server.client
-    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=1.5, max=1.5), seed=6)
+    # The run ends when the test moves the emulator's clock, inside the last while, so the
+    # settle comes there however loaded the machine; each while stays well under the lease
+    # (10 s: a job whose lease lapses while Redis refuses is handed back, as it must be).
+    knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=600, max=600), seed=6)
     progress = f"{JOBS}:progress:patient"
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         [dataset] = seed(state, 1)
         with watch_logs() as logs:
-            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=3) as (
+            async with daemon_in_process(tmp_path / "d", url, redis_server, lease_s=10) as (
                 daemon,
                 task,
             ):
@@ -935,8 +945,9 @@ async def test_redis_refusing_commands_for_a_while_is_waited_out(
                         await busy
                 finally:
                     await blocker.aclose()
-                # The job's end, and so its settle, falls in this (or the busy) while.
+                # The job's end, and so its settle, falls in this while.
                 await client.config_set("maxmemory", 1)
+                await advance_emulator(url, 600)
                 await until_retried(logs, "settle")
                 await client.config_set("maxmemory", 0)
                 [(_, result)] = await until_entries(client, RESULTS, 1, deadline_s=DEADLINE)
