@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import socket
 import time
 from pathlib import Path
@@ -22,10 +23,15 @@ def probe_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["probe", *argv])
 
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
 async def probe(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     capsys.readouterr()  # (the daemon's own log lines)
     code = await asyncio.to_thread(cmd_probe, probe_args(*argv))
-    return code, capsys.readouterr().out.splitlines()[-1] + "\n"
+    # The probe's line: the in-process daemon may log (a timestamped line) while it runs.
+    lines = [line for line in capsys.readouterr().out.splitlines() if not LOG_LINE.match(line)]
+    return code, lines[-1] + "\n"
 
 
 async def test_healthy_and_ready_daemons_pass(
