@@ -74,9 +74,11 @@ SERIES = {  # name: (label, unit)
 
 @dataclass
 class Pool:
-    """Datasets not being exported now; a job takes one, its result gives it back."""
+    """Datasets not being exported now; a job takes one, its result gives it back. Each
+    dataset has its home lane (its path), as a pipeline exports a dataset to one place."""
 
     free: deque[str]
+    home: dict[str, int]  # dataset: its lane
     busy: dict[str, str] = field(default_factory=dict)  # job id: dataset
 
     def take(self) -> str | None:
@@ -102,9 +104,7 @@ class Tally:
         return sum(self.finished.values())
 
 
-async def feed(
-    incoming: Path, pool: Pool, tally: Tally, rate: float, until: float, lanes: int
-) -> None:
+async def feed(incoming: Path, pool: Pool, tally: Tally, rate: float, until: float) -> None:
     """Drop jobs at `rate` per second until the monotonic time `until`."""
     began = time.monotonic()
     while (now := time.monotonic()) < until:
@@ -117,7 +117,7 @@ async def feed(
             n = tally.dropped
             job_id = f"soak-{n:07d}"
             tmp = incoming / f"{job_id}.json.tmp"
-            tmp.write_text(job_body(job_id, dataset, f"soak/lane-{n % lanes:02d}"))
+            tmp.write_text(job_body(job_id, dataset, f"soak/lane-{pool.home[dataset]:02d}"))
             tmp.rename(incoming / f"{job_id}.json")
             pool.busy[job_id] = dataset
             tally.dropped += 1
@@ -239,7 +239,7 @@ async def soak(args: argparse.Namespace, work: Path, checks: Checks) -> Report:
     ):
         datasets = await Control(session, emu.url).seed(args.datasets, 1)
         random.Random(args.seed).shuffle(datasets)
-        pool = Pool(deque(datasets))
+        pool = Pool(deque(datasets), {d: i % args.lanes for i, d in enumerate(datasets)})
         config = write_config(work, emu.url, aep=aep, engine=engine, daemon=daemon_cfg, admin=admin)
         spool, state_dir = work / "spool", work / "state"
         async with running_daemon(config, work / "daemon.log") as daemon:
@@ -247,7 +247,7 @@ async def soak(args: argparse.Namespace, work: Path, checks: Checks) -> Report:
             url = admin_url(daemon)
             began = time.monotonic()
             feeding = asyncio.create_task(
-                feed(spool / "incoming", pool, tally, rate, began + args.duration, args.lanes)
+                feed(spool / "incoming", pool, tally, rate, began + args.duration)
             )
             last = await scrape(session, url)
             cpu0 = sum(cpu_of(daemon.pid))
