@@ -434,15 +434,7 @@ class RedisStore:
             # would otherwise keep its connection)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, message_id in held:
-                    keys = [*self.keys(job_id), self.config.stream]
-                    args = [
-                        self.consumer,
-                        self._lease_ms,
-                        self._ttl_ms,
-                        self.config.group,
-                        message_id,
-                        *extra,
-                    ]
+                    keys, args = self._lock_call(job_id, message_id, extra)
                     await self._keep(keys, args, client=pipe)
                 return await pipe.execute()
 
@@ -470,6 +462,14 @@ class RedisStore:
         self, job_id: str, message_id: str, state: tuple[int, str], values: Mapping[str, str]
     ) -> tuple[str, str]:
         await self.ensure_group()
+        keys, args = self._lock_call(job_id, message_id, [*state, *_flat(values)])
+        reply: Any = await self._call("restore", partial(self._restore, keys, args))
+        return text(reply[0]), text(reply[1])
+
+    def _lock_call(
+        self, job_id: str, message_id: str, extra: Sequence[Any]
+    ) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the lock scripts (keep, restore) for one job."""
         keys = [*self.keys(job_id), self.config.stream]
         args = [
             self.consumer,
@@ -477,11 +477,9 @@ class RedisStore:
             self._ttl_ms,
             self.config.group,
             message_id,
-            *state,
-            *_flat(values),
+            *extra,
         ]
-        reply: Any = await self._call("restore", partial(self._restore, keys, args))
-        return text(reply[0]), text(reply[1])
+        return keys, args
 
     async def settle(
         self, job_id: str, message_id: str, outcome_json: str, fields: Mapping[str, str]
