@@ -317,7 +317,7 @@ class EngineRun:
     seen: dict[str, tuple[float, RunInfo]]
     limiter: dict[str, Any]
     poller_requests: int
-    poller_batches: list[int]
+    poller_runs_read: int
     flows_created: int
     events: dict[str, int]
     samples: list[tuple[float, int]]
@@ -386,7 +386,7 @@ async def run_engine(
             seen=dict(poller.seen),
             limiter=asdict(api.transport.limiter.stats),
             poller_requests=poller.stats.requests,
-            poller_batches=list(poller.stats.batch_sizes),
+            poller_runs_read=poller.stats.runs_read,
             flows_created=engine.lanes.created,
             events=dict(EVENTS),
             samples=samples,
@@ -484,8 +484,8 @@ def engine_summary(run: EngineRun, ops: Mapping[str, OpCount], jobs: int) -> Rep
         "limiter": {k: round(v, 2) if isinstance(v, float) else v for k, v in run.limiter.items()},
         "poller": {
             "requests": run.poller_requests,
-            "mean_batch": round(statistics.mean(run.poller_batches), 1)
-            if run.poller_batches
+            "mean_batch": round(run.poller_runs_read / run.poller_requests, 1)
+            if run.poller_requests
             else 0,
         },
         "detection_delay_s": quantiles(detection_delays(run)),
@@ -856,8 +856,8 @@ async def scenario_polling(args: argparse.Namespace, checks: Checks) -> Report:
                 "outcomes": dict(Counter(str(o.state) for o in run.outcomes)),
                 "poller_requests_per_min": round(in_window / window * 60, 1) if window else None,
                 "poller_requests_total": run.poller_requests,
-                "mean_batch": round(statistics.mean(run.poller_batches), 1)
-                if run.poller_batches
+                "mean_batch": round(run.poller_runs_read / run.poller_requests, 1)
+                if run.poller_requests
                 else 0,
                 "detection_delay_s": quantiles(detection_delays(run)),
                 "wall_s": round(run.wall_s, 1),

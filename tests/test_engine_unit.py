@@ -16,7 +16,14 @@ from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
 from exporter.engine import Engine, EngineConfig
 from exporter.engine.lanes import LaneManager
-from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
+from exporter.engine.poller import (
+    BATCH_HISTORY,
+    COMPACT_MIN,
+    PollerStats,
+    RunPoller,
+    RunTimedOut,
+    StatusUnreadable,
+)
 from exporter.errors import NotReadyError, RequestError, ServerError
 from exporter.jobs import Job, JobState
 
@@ -89,12 +96,45 @@ async def test_one_request_per_hundred_runs_in_flight(
     waits = [asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs]
     await settle()
     assert aep.calls["runs.list"] == 3
-    assert poller.stats.batch_sizes == [100, 100, 50]
+    assert list(poller.stats.batch_sizes) == [100, 100, 50]
     await clock.advance(130)  # runs end at 100; the next polls see it
     await settle()
     done = await asyncio.gather(*waits)
     assert {r.status for r in done} == {"success"}
     assert aep.calls["adhoc.run"] == 0
+
+
+async def test_finished_runs_are_let_go_while_others_wait(
+    aep: FakeAep, clock: FakeClock, poller: RunPoller
+) -> None:
+    """A daemon that runs for weeks finishes runs all the time while others wait: what the
+    poller keeps must follow the runs in flight, not everything finished lately."""
+    runs = await flow_with_runs(aep, clock, 301)
+    aep.runs[runs[0]].complete_at = None  # one run never ends, so the poller is never idle
+    stays = asyncio.create_task(poller.wait(runs[0], deadline=1e9))
+    for batch in range(3):
+        waits = [
+            asyncio.create_task(poller.wait(r, deadline=1e9))
+            for r in runs[1 + 100 * batch : 101 + 100 * batch]
+        ]
+        await clock.advance(130)  # ended at 100 (the runs' own clock) and read since
+        await settle()
+        assert all(w.done() for w in waits)
+    # Each finished run held its entries until `status_unreadable_s` (900 s) after its
+    # last read; now they are swept once they outnumber the live ones.
+    assert poller.in_flight == 1
+    assert poller.held <= 2 * COMPACT_MIN
+    stays.cancel()
+    await settle()
+    assert poller.held == 0
+
+
+def test_poll_stats_keep_only_recent_batches() -> None:
+    stats = PollerStats()
+    for size in range(5000):
+        stats.batch_sizes.append(size)
+    assert len(stats.batch_sizes) == BATCH_HISTORY
+    assert stats.batch_sizes[-1] == 4999
 
 
 async def test_runs_started_apart_still_share_requests(

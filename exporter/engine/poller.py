@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
@@ -29,6 +30,8 @@ from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.poller")
 EARLY_SHARE = 0.5  # a run may be read up to this share of its interval early, to fill a batch
+BATCH_HISTORY = 1024  # how many recent batch sizes the stats keep
+COMPACT_MIN = 64  # finished waiters left in the heaps before they are swept out
 
 
 class RunTimedOut(Exception):
@@ -58,7 +61,10 @@ class _Waiter:
 class PollerStats:
     requests: int = 0
     failed_requests: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    runs_read: int = 0
+    """Run ids asked for, over every request: `runs_read / requests` is the mean batch."""
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=BATCH_HISTORY))
+    """The sizes of the most recent requests, oldest first."""
 
 
 class RunPoller:
@@ -86,12 +92,18 @@ class RunPoller:
         self._due: list[tuple[float, int, _Waiter]] = []
         self._expiry: list[tuple[float, int, _Waiter]] = []
         self._seq = itertools.count()
+        self._finished = 0  # waiters done since the heaps were last swept of them
         self._wake = asyncio.Event()
         self.stats = PollerStats()
 
     @property
     def in_flight(self) -> int:
         return sum(len(w) for w in self._waiters.values())
+
+    @property
+    def held(self) -> int:
+        """Heap entries the poller holds, finished ones not yet swept out included."""
+        return len(self._due) + len(self._expiry)
 
     async def wait(self, run_id: str, *, deadline: float) -> RunInfo:
         """The run once it has ended. Raises `RunTimedOut` at `deadline` (monotonic) and
@@ -112,11 +124,41 @@ class RunPoller:
         try:
             return await waiter.future
         finally:
+            waiter.future.cancel()  # a no-op once settled; marks it finished otherwise
             group = self._waiters.get(run_id, [])
             if waiter in group:
                 group.remove(waiter)
             if not group:
                 self._waiters.pop(run_id, None)
+            self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        """Sweep finished waiters out of the heaps once they make up half of them.
+
+        A finished waiter's entries are otherwise dropped only when they come up, and its
+        expiry entry may be `status_unreadable_s` away: at a steady finish rate the heaps
+        (and the run each waiter holds) would grow with everything finished in that window.
+        Sweeping at half keeps the cost at O(1) per finished waiter."""
+        if not self._waiters:  # nothing in flight: drop everything at once
+            self._due.clear()
+            self._expiry.clear()
+            self._finished = 0
+            return
+        self._finished += 1
+        size = len(self._due) + len(self._expiry)
+        if self._finished < max(COMPACT_MIN, size // 2):
+            return
+        self._finished = 0
+        self._expiry = [e for e in self._expiry if not e[2].future.done()]
+        heapq.heapify(self._expiry)
+        kept = []
+        for entry in self._due:
+            if entry[2].future.done():
+                entry[2].queued = False
+            else:
+                kept.append(entry)
+        self._due = kept
+        heapq.heapify(self._due)
 
     async def run(self) -> None:
         """The polling loop; runs until cancelled."""
@@ -221,6 +263,7 @@ class RunPoller:
         for start in range(0, len(ids), size):
             batch = ids[start : start + size]
             self.stats.requests += 1
+            self.stats.runs_read += len(batch)
             self.stats.batch_sizes.append(len(batch))
             if self._metrics is not None:
                 self._metrics.poll_batch(len(batch))
