@@ -20,6 +20,7 @@ WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out of the context).
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
+COPY aep_emulator ./aep_emulator
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # Every dependency has a binary wheel for CPython 3.11 on Linux (x86-64 and arm64), so no

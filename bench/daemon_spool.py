@@ -71,10 +71,12 @@ from harness import (
 )
 from pydantic import SecretStr
 
-from exporter.aepclient import AepConfig, HttpAep, RunInfo
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from exporter.aep.api import RunInfo
+from exporter.aep.client import HttpAep
+from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
 SCENARIOS = ("spool", "paced", "spool-unpaced", "inflight")
 STARTUP_DEADLINE = 60.0

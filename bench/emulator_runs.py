@@ -48,7 +48,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from harness import HOST, MODULE, BenchError, machine_busy_seconds, running_emulator
 
-from exporter.aep import (
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -57,7 +58,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
 TARGET_RPS = 2_000
 RUNS_PATH = f"{FLOW_SERVICE_PATH}/runs"

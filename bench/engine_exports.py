@@ -57,7 +57,11 @@ from harness import (
 )
 from pydantic import SecretStr
 
-from exporter.aep import (
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from exporter.aep.api import RunInfo
+from exporter.aep.client import HttpAep
+from exporter.aep.config import AepConfig
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_NAME,
@@ -67,10 +71,9 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.aepclient import AepConfig, HttpAep, RateLimiter, RunInfo
+from exporter.aep.ratelimit import RateLimiter
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.engine import Engine, EngineConfig, Progress
 from exporter.engine.poller import RunPoller
 from exporter.jobs import Job, JobState, Outcome

@@ -6,10 +6,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from aep_emulator import cli as emulator_cli
 from exporter import __version__, lanes_cli, oneshot
 from exporter.daemon import cli as daemon_cli
-from exporter.daemon import probe
-from exporter.emulator import cli as emulator_cli
+from exporter.ops import probe
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import watchfiles
 from rich.console import Console
 from rich.table import Table
 
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 
 TIME_SCALE = 0.005  # AEP's 600 s not-ready window takes 3 s
 DEADLINE_S = 180.0
@@ -112,7 +112,7 @@ async def _metrics(log: Path, config: Path) -> list[str]:
     the admin token the daemon made, found through the same configuration)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporter.daemon.admin_token import client_token
+    from exporter.ops.admin_token import client_token
     from exporter.settings import load_settings
 
     port = None

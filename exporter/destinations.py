@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from exporter.aep import STORAGE_SPECS, StorageSpec, StorageType
+from exporter.aep.facts import STORAGE_SPECS, StorageSpec, StorageType
 from exporter.redaction import Secret
 
 S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"

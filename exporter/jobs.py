@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from exporter.aep import ALLOWED_FORMATS, Compression, FileType
+from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
 from exporter.redaction import Scrubbed
 
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")

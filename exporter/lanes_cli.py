@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from exporter.aepclient import HttpAep
+from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
 from exporter.engine.lanes import LaneView
 from exporter.errors import ConfigError, ExporterError

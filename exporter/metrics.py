@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from exporter.jobs import TERMINAL, JobState
 
 if TYPE_CHECKING:
-    from exporter.aepclient.api import RunInfo
+    from exporter.aep.api import RunInfo
 
 PREFIX = "aep_exporter"
 IN_FLIGHT_STATES = tuple(s for s in JobState if s not in TERMINAL)

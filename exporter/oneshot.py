@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.status import Status
 
-from exporter.aepclient import HttpAep
+from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
 from exporter.engine import Engine, Progress
 from exporter.errors import ConfigError

@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from exporter.aepclient.config import AepConfig
+from exporter.aep.config import AepConfig
 from exporter.daemon.config import (
     AdminConfig,
     DaemonConfig,

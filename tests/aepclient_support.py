@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.aep import StorageType
-from exporter.aepclient.api import AepApi
-from exporter.aepclient.config import AepConfig
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from exporter.aep.api import AepApi
+from exporter.aep.config import AepConfig
+from exporter.aep.facts import StorageType
 from tests import workflow
 from tests.conftest import Emulator
 

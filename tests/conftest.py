@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from exporter.aep import FLOW_SERVICE_PATH
+from aep_emulator.app import serve
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from aep_emulator.state import EmulatorState
+from exporter.aep.facts import FLOW_SERVICE_PATH
 from exporter.clock import FakeClock
-from exporter.emulator.app import serve
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
-from exporter.emulator.state import EmulatorState
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 
 import watchfiles
 
-from exporter.daemon.systemd import VARIABLES as NOTIFY_VARIABLES
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
-from exporter.emulator.state import EmulatorState
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.state import EmulatorState
+from exporter.ops.systemd import VARIABLES as NOTIFY_VARIABLES
 
 
 def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:

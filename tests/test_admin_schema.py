@@ -34,11 +34,11 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from aep_emulator.app import serve
 from exporter.clock import SystemClock
-from exporter.daemon.admin import OPENAPI_FILE, AdminServer, document
 from exporter.daemon.assemble import build_daemon
-from exporter.daemon.daemon import EXIT_OK, Daemon
-from exporter.emulator.app import serve
+from exporter.daemon.core import EXIT_OK, Daemon
+from exporter.ops.admin import OPENAPI_FILE, AdminServer, document
 from exporter.settings import load_settings
 from tests.conftest import default_knobs
 from tests.daemon_support import write_config
@@ -46,7 +46,7 @@ from tests.daemon_support import write_config
 DEADLINE = 30.0
 TOKEN = "schema-test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-DOCUMENT = Path(__file__).parents[1] / "exporter" / "daemon" / OPENAPI_FILE
+DOCUMENT = Path(__file__).parents[1] / "exporter" / "ops" / OPENAPI_FILE
 CHECKS = [
     not_a_server_error,
     status_code_conformance,

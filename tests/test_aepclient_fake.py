@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from exporter.aep import STORAGE_SPECS, StorageType
-from exporter.aepclient.adhoc import TriggerOutcomeUnknown
-from exporter.aepclient.api import AepApi, FlowInfo
-from exporter.aepclient.fake import FakeAep
-from exporter.aepclient.flowservice import HttpAep
+from exporter.aep.adhoc import TriggerOutcomeUnknown
+from exporter.aep.api import AepApi, FlowInfo
+from exporter.aep.client import HttpAep
+from exporter.aep.facts import STORAGE_SPECS, StorageType
+from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.errors import (
     AdhocError,

@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from exporter.aep import STORAGE_SPECS, StorageType
-from exporter.aepclient.adhoc import TriggerOutcomeUnknown
-from exporter.aepclient.api import Collection, FlowInfo
-from exporter.aepclient.envelopes import TlsError
-from exporter.aepclient.flowservice import HttpAep
-from exporter.emulator.settings import DEFAULT_CLIENT_SECRET
+from aep_emulator.settings import DEFAULT_CLIENT_SECRET
+from exporter.aep.adhoc import TriggerOutcomeUnknown
+from exporter.aep.api import Collection, FlowInfo
+from exporter.aep.client import HttpAep
+from exporter.aep.envelopes import TlsError
+from exporter.aep.facts import STORAGE_SPECS, StorageType
 from exporter.errors import (
     AdhocError,
     AdhocNotEnabled,

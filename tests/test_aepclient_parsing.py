@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from exporter.aep import NOT_READY_MESSAGE
-from exporter.aepclient.adhoc import refusal, run_id_of
-from exporter.aepclient.envelopes import error_for, parse_retry_after
-from exporter.aepclient.listing import id_batches, name_filters, next_target
-from exporter.emulator.query import parse_list_query
+from aep_emulator.query import parse_list_query
+from exporter.aep.adhoc import refusal, run_id_of
+from exporter.aep.envelopes import error_for, parse_retry_after
+from exporter.aep.facts import NOT_READY_MESSAGE
+from exporter.aep.listing import id_batches, name_filters, next_target
 from exporter.errors import (
     AdhocError,
     AdhocNotEnabled,

@@ -9,12 +9,12 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from exporter.aepclient.auth import IssuedToken, TokenProvider
-from exporter.aepclient.backoff import Backoff
-from exporter.aepclient.config import DEFAULT_SCOPES, AepConfig
-from exporter.aepclient.ratelimit import RateLimiter
+from exporter.aep.auth import IssuedToken, TokenProvider
+from exporter.aep.config import DEFAULT_SCOPES, AepConfig
+from exporter.aep.ratelimit import RateLimiter
 from exporter.clock import FakeClock
 from exporter.errors import AuthError, ServerError, TransportError
+from exporter.retry import Backoff
 
 SECRET = "s3cr3t-value-never-shown"
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from aep_emulator.app import serve
+from aep_emulator.settings import DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, Knobs, Span
+from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, Journal
-from exporter.emulator.app import serve
-from exporter.emulator.settings import DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, Knobs, Span
-from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
 from tests.bad_jobs import BY_NAME, CASES, DESTINATIONS, MAX_JOB_FILE_BYTES, as_json, as_yaml
 from tests.daemon_support import write_config as emulator_config

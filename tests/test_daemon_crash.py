@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from aep_emulator.app import serve
+from aep_emulator.settings import Knobs, Span
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
-from exporter.emulator.app import serve
-from exporter.emulator.settings import Knobs, Span
 from tests.daemon_support import (
     daemon_process,
     drop_job,

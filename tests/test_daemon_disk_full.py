@@ -19,10 +19,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.clock import FakeClock
-from exporter.daemon.daemon import EXIT_OK, Daemon
-from exporter.daemon.spool import RESULT_SUFFIX
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.storage import transient
 from exporter.jobs import JobState
+from exporter.sources.spool import RESULT_SUFFIX
 from tests.conftest import Emulator
 from tests.test_admin import Admin, admin_daemon, ticking
 from tests.test_daemon_intake import good_job, running, settings_for

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from exporter.daemon.config import DaemonConfig, LogConfig
-from exporter.daemon.daemon import EXIT_OK, Daemon
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, summary
-from exporter.daemon.spool import RESULT_SUFFIX, Parsed, Spool
 from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.jobs import Outcome
 from exporter.settings import Settings
+from exporter.sources.spool import RESULT_SUFFIX, Parsed, Spool
 from tests.aepclient_support import config_for
 from tests.bad_jobs import (
     BY_NAME,

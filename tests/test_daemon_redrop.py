@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.daemon.daemon import Daemon
+from exporter.daemon.core import Daemon
 from exporter.daemon.journal import Journal
-from exporter.daemon.spool import RESULT_SUFFIX
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
+from exporter.sources.spool import RESULT_SUFFIX
 from tests.conftest import Emulator
 from tests.test_admin import admin_daemon, job
 from tests.test_daemon_intake import good_job, running, settings_for

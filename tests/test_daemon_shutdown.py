@@ -13,11 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from aep_emulator.app import serve
+from aep_emulator.settings import Knobs, Span
+from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
-from exporter.emulator.app import serve
-from exporter.emulator.settings import Knobs, Span
-from exporter.emulator.state import EmulatorState
 from tests.daemon_support import (
     drop_job,
     kill,

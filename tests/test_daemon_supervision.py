@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon
+from exporter.daemon.core import EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.jobs import JobState
 from tests.conftest import Emulator
 from tests.test_daemon_intake import good_job, settings_for

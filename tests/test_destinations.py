@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from exporter.aep import StorageType
+from exporter.aep.facts import StorageType
 from exporter.destinations import Destination
 from exporter.settings import describe_errors
 from tests.workflow import AUTH

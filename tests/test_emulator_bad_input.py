@@ -21,7 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.aep import (
+from aep_emulator.common import MAX_JSON_DEPTH
+from aep_emulator.settings import Knobs
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -31,8 +33,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.common import MAX_JSON_DEPTH
-from exporter.emulator.settings import Knobs
 from tests.conftest import Emulator, default_knobs
 from tests.workflow import base_connection, flow, source_connection, target_connection
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exporter.emulator.settings import DEFAULT_CLIENT_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID
 
 pytestmark = pytest.mark.slow
 STARTUP = 20.0

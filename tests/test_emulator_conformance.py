@@ -44,7 +44,11 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from exporter.aep import (
+from aep_emulator.app import create_app
+from aep_emulator.connections import MASK
+from aep_emulator.control import PREFIX as CONTROL_PREFIX
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -56,10 +60,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.app import create_app
-from exporter.emulator.connections import MASK
-from exporter.emulator.control import PREFIX as CONTROL_PREFIX
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from tests.conftest import Answer, Emulator, default_knobs
 from tests.openapi import (
     KNOWN_DEVIATIONS,
@@ -98,7 +98,7 @@ EMULATOR_CHOICES: tuple[Deviation, ...] = (
         accept=(MASK,),
         reason=(
             "the emulator never echoes a secret: auth params its connection specs mark "
-            "format=password read back as '****' (exporter/emulator/specs.py, "
+            "format=password read back as '****' (aep_emulator/specs.py, "
             "docs/aep-notes.md)"
         ),
     ),

@@ -16,14 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exporter.aep import ALLOWED_FORMATS, Compression, FileType
-from exporter.emulator.datalake import Batch, DataLake, Dataset
-from exporter.emulator.exporting import (
+from aep_emulator.datalake import Batch, DataLake, Dataset
+from aep_emulator.exporting import (
     ExportResult,
     export_batches,
     render_folder,
     validate_template,
 )
+from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
 
 NOW_MS = 1_750_000_000_000  # 2025-06-15T15:06:40Z
 DATASET_ID_RE = re.compile(r"^[0-9a-f]{24}$")

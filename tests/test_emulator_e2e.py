@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exporter.aep import (
+from aep_emulator.settings import Knobs
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -25,7 +26,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.settings import Knobs
 from tests.conftest import Answer, Emulator, default_knobs
 
 RUN_SECONDS = 5  # default_knobs: every run takes 5 emulated seconds

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from exporter.aep import DATALAKE_SOURCE_SPEC_ID, STORAGE_SPECS, StorageType
+from aep_emulator.flows import six_months_after
+from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, STORAGE_SPECS, StorageType
 from exporter.clock import FakeClock
-from exporter.emulator.flows import six_months_after
 from tests.conftest import Answer, Emulator
 from tests.workflow import (
     AUTH,

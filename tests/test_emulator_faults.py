@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from exporter.aep import FLOW_SERVICE_PATH, StorageType
-from exporter.emulator import middleware
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from aep_emulator import middleware
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from exporter.aep.facts import FLOW_SERVICE_PATH, StorageType
 from tests.conftest import Answer, Emulator, default_knobs
 from tests.workflow import base_connection, flow, source_connection, target_connection
 

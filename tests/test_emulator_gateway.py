@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from exporter.aep import (
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     IMS_TOKEN_PATH,
@@ -19,7 +20,6 @@ from exporter.aep import (
     NOT_READY_PHRASE,
     StorageType,
 )
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
 from tests.conftest import Answer, Emulator, default_knobs
 from tests.workflow import base_connection, flow, source_connection, target_connection
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from exporter.aep import (
+from aep_emulator.settings import Knobs
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -17,7 +18,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.settings import Knobs
 from tests.conftest import Answer, Emulator, default_knobs
 from tests.workflow import base_connection, source_connection, target_connection
 

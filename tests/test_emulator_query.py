@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from exporter.emulator.query import QueryError, parse_list_query
+from aep_emulator.query import QueryError, parse_list_query
 
 Pairs = list[tuple[str, str]]
 

@@ -9,7 +9,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from exporter.aep import (
+from aep_emulator.settings import Knobs
+from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
@@ -19,7 +20,6 @@ from exporter.aep import (
     STORAGE_SPECS,
     StorageType,
 )
-from exporter.emulator.settings import Knobs
 from tests.conftest import Answer, Emulator, default_knobs
 
 WINDOW = 60.0  # default_knobs: emulated seconds a new flow answers "not ready"

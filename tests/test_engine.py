@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from exporter.aepclient import HttpAep
+from exporter.aep.client import HttpAep
 from exporter.destinations import DlzDestination
 from exporter.engine import Engine, EngineConfig, Progress
 from exporter.jobs import Job, JobState

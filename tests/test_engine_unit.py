@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
-from exporter.aepclient import FakeAep, RunInfo
+from exporter.aep.api import RunInfo
+from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
 from exporter.engine import Engine, EngineConfig

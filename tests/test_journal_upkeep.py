@@ -11,7 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from exporter.daemon.daemon import EXIT_DATAERR, EXIT_OK, RETAIN_EVERY_S, Daemon
+from exporter.daemon.core import EXIT_DATAERR, EXIT_OK, RETAIN_EVERY_S, Daemon
 from exporter.daemon.journal import FILE_NAME, SCHEMA, Journal
 from exporter.jobs import JobState, Outcome
 from tests.conftest import Emulator

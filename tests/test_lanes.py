@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import SecretStr
 
-from exporter.aepclient import HttpAep
+from exporter.aep.client import HttpAep
 from exporter.destinations import Destination, DlzDestination, SftpDestination
 from exporter.engine import Engine, EngineConfig, Progress
 from exporter.jobs import Job, JobState

@@ -21,15 +21,15 @@ import redis.asyncio as aioredis
 import structlog
 from pydantic import SecretStr
 
-from exporter.aep import StorageType
-from exporter.aepclient import http as http_module
-from exporter.aepclient.envelopes import error_for
+from aep_emulator.app import serve
+from aep_emulator.settings import Knobs, Span
+from exporter.aep import transport as http_module
+from exporter.aep.envelopes import error_for
+from exporter.aep.facts import StorageType
 from exporter.clock import SystemClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import DaemonConfig, LogConfig, RedisConfig
 from exporter.destinations import AzureBlobDestination, SftpDestination
-from exporter.emulator.app import serve
-from exporter.emulator.settings import Knobs, Span
 from exporter.engine import EngineConfig
 from exporter.errors import RequestError
 from exporter.jobs import JobState, Outcome, RunError

@@ -21,20 +21,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-import exporter.emulator.query
-import exporter.emulator.runs
-from exporter.aepclient import FakeAep, RunInfo
+import aep_emulator.query
+import aep_emulator.runs
+from aep_emulator.query import ListQuery
+from aep_emulator.settings import Knobs
+from exporter.aep.api import RunInfo
+from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
-from exporter.daemon.admin import AdminServer
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, RedisConfig
-from exporter.daemon.daemon import EXIT_OK, Daemon
-from exporter.emulator.query import ListQuery
-from exporter.emulator.settings import Knobs
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.engine import EngineConfig
 from exporter.engine.poller import RunPoller
 from exporter.jobs import JobState
 from exporter.metrics import IN_FLIGHT_STATES, Metrics, detection_delay_s, run_duration_s
+from exporter.ops.admin import AdminServer
 from tests.conftest import Emulator, default_knobs
 from tests.test_daemon_intake import DEADLINE, Running, good_job, settings_for
 from tests.test_engine_unit import flow_with_runs
@@ -135,7 +136,7 @@ def spy_on_run_queries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many run ids each `GET /runs?property=id==...` that reached the emulator's handler
     asked about (requests refused by a fault never get there)."""
     asked: list[int] = []
-    parse_query = exporter.emulator.query.parse_list_query
+    parse_query = aep_emulator.query.parse_list_query
 
     def spying(*args: Any, **kwargs: Any) -> ListQuery:
         query = parse_query(*args, **kwargs)
@@ -144,7 +145,7 @@ def spy_on_run_queries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             asked.append(len(ids))
         return query
 
-    monkeypatch.setattr(exporter.emulator.runs, "parse_list_query", spying)
+    monkeypatch.setattr(aep_emulator.runs, "parse_list_query", spying)
     return asked
 
 

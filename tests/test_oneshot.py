@@ -14,12 +14,12 @@ import pytest
 from pydantic import SecretStr
 from rich.console import Console
 
-from exporter.aepclient.config import AepConfig
+from aep_emulator.app import serve
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs, Span
+from aep_emulator.state import EmulatorState
+from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
-from exporter.emulator.app import serve
-from exporter.emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs, Span
-from exporter.emulator.state import EmulatorState
 from exporter.engine import EngineConfig
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from exporter.aepclient.config import AepConfig
+from exporter.aep.config import AepConfig
 from exporter.cli import build_parser
 from exporter.daemon.config import (
     AdminConfig,
@@ -33,10 +33,10 @@ from exporter.daemon.config import (
     RedisConfig,
     ScheduleConfig,
 )
-from exporter.daemon.daemon import EXIT_CONFIG
-from exporter.daemon.probe import cmd_probe
-from exporter.daemon.systemd import STATUS_EVERY_S
+from exporter.daemon.core import EXIT_CONFIG
 from exporter.engine.config import EngineConfig
+from exporter.ops.probe import cmd_probe
+from exporter.ops.systemd import STATUS_EVERY_S
 from exporter.settings import SECRET_NAME, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,8 +247,8 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies(
 ) -> None:
     patterns = dockerignore()
     sources = copied_sources(stages)
-    assert sources == ["pyproject.toml", "README.md", "exporter"]
-    for source in [*sources, "exporter/cli.py", "exporter/py.typed", "exporter/daemon/spool.py"]:
+    assert sources == ["pyproject.toml", "README.md", "exporter", "aep_emulator"]
+    for source in [*sources, "exporter/cli.py", "exporter/py.typed", "exporter/sources/spool.py"]:
         assert not ignored(source, patterns), source
     for junk in (
         ".venv/bin/python",
@@ -318,12 +318,16 @@ def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_scrip
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         meta = archive.read(metadata).decode()
     modules = {n for n in names if n.endswith(".py")}
-    expected = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.py")}
+    expected = {
+        p.relative_to(context).as_posix()
+        for package in ("exporter", "aep_emulator")
+        for p in (context / package).rglob("*.py")
+    }
     assert modules == expected, "every module of the package, and nothing else"
     for module in (
         "exporter/cli.py",
         "exporter/daemon/cli.py",
-        "exporter/emulator/cli.py",
+        "aep_emulator/cli.py",
         "exporter/settings.py",
         "exporter/oneshot.py",
     ):

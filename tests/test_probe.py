@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from aep_emulator.settings import DEFAULT_CLIENT_SECRET
 from exporter.cli import build_parser
-from exporter.daemon.probe import base_url, cmd_probe
-from exporter.emulator.settings import DEFAULT_CLIENT_SECRET
+from exporter.ops.probe import base_url, cmd_probe
 from tests.conftest import Emulator
 from tests.daemon_support import write_config
 from tests.test_admin import admin_daemon

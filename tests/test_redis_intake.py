@@ -33,18 +33,18 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from structlog.testing import LogCapture
 from structlog.typing import EventDict
 
+from aep_emulator.app import serve
+from aep_emulator.runs import settle as settle_runs
+from aep_emulator.settings import Knobs, Span
+from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import RedisConfig
-from exporter.daemon.daemon import EXIT_OK, EXIT_SOFTWARE, Daemon
+from exporter.daemon.core import EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import Journal
-from exporter.daemon.redisintake import RedisIntake
-from exporter.daemon.redisstore import reply_code, retryable
-from exporter.emulator.app import serve
-from exporter.emulator.runs import settle as settle_runs
-from exporter.emulator.settings import Knobs, Span
-from exporter.emulator.state import EmulatorState
 from exporter.jobs import JobState, Outcome
 from exporter.settings import describe_errors, load_settings
+from exporter.sources.redis.intake import RedisIntake
+from exporter.sources.redis.store import reply_code, retryable
 from tests.daemon_support import (
     Running,
     drop_job,

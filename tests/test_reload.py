@@ -18,17 +18,17 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from aep_emulator.app import serve
+from aep_emulator.settings import DEFAULT_CLIENT_SECRET, Knobs, Span
+from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
-from exporter.daemon.daemon import EXIT_OK, Daemon
-from exporter.daemon.schedules import Schedules
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.destinations import DlzDestination
-from exporter.emulator.app import serve
-from exporter.emulator.settings import DEFAULT_CLIENT_SECRET, Knobs, Span
-from exporter.emulator.state import EmulatorState
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings
+from exporter.sources.schedules import Schedules
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator
 from tests.daemon_support import (

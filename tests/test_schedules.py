@@ -25,16 +25,16 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from aep_emulator.settings import Knobs
 from exporter.clock import FakeClock
 from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
-from exporter.daemon.daemon import EXIT_OK, Daemon
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, JobRecord, Journal, schedule_slots, summary
-from exporter.daemon.schedules import Schedules, iso, slot_job_id, upcoming, utc
 from exporter.destinations import DlzDestination
-from exporter.emulator.settings import Knobs
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings, load_settings
+from exporter.sources.schedules import Schedules, iso, slot_job_id, upcoming, utc
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs
 from tests.daemon_support import triggers_by_job

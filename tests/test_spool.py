@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from exporter.daemon.spool import RESULT_SUFFIX, Rejected, Spool, parse_job
 from exporter.jobs import Job, JobState, Outcome
+from exporter.sources.spool import RESULT_SUFFIX, Rejected, Spool, parse_job
 from tests.bad_jobs import (
     BY_NAME,
     CASES,
@@ -142,7 +142,7 @@ def test_an_unreadable_file_is_rejected(spool: Spool) -> None:
 CHILD = """
 import os, sys
 from pathlib import Path
-from exporter.daemon.spool import Rejected, Spool
+from exporter.sources.spool import Rejected, Spool
 spool = Spool(Path(sys.argv[1]), max_bytes=4096)
 os.setgroups([])
 os.setgid(65534)

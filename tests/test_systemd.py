@@ -27,19 +27,19 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from aep_emulator.app import serve
+from aep_emulator.settings import Knobs, Span
 from exporter.clock import SystemClock
 from exporter.daemon.config import AdminConfig
-from exporter.daemon.daemon import EXIT_OK, Daemon
-from exporter.daemon.systemd import (
+from exporter.daemon.core import EXIT_OK, Daemon
+from exporter.errors import ConfigError
+from exporter.ops.systemd import (
     Notifier,
     NotifyEnvironment,
     SystemdNotify,
     from_environment,
     monotonic_usec,
 )
-from exporter.emulator.app import serve
-from exporter.emulator.settings import Knobs, Span
-from exporter.errors import ConfigError
 from exporter.settings import Settings
 from tests.conftest import Emulator
 from tests.daemon_support import Running, kill, results, start_daemon, write_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.aep import DATALAKE_SOURCE_SPEC_ID, STORAGE_SPECS, StorageType
+from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, STORAGE_SPECS, StorageType
 from exporter.clock import FakeClock
 
 START = int(FakeClock().time())  # where the emulator fixture's clock starts

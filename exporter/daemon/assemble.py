@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 from exporter.clock import Clock
-from exporter.daemon import systemd
-from exporter.daemon.admin import AdminServer
-from exporter.daemon.daemon import Daemon
-from exporter.daemon.redisintake import RedisIntake
-from exporter.daemon.schedules import Schedules
+from exporter.daemon.core import Daemon
+from exporter.ops import systemd
+from exporter.ops.admin import AdminServer
 from exporter.settings import Settings
+from exporter.sources.redis.intake import RedisIntake
+from exporter.sources.schedules import Schedules
 
 
 def build_daemon(settings: Settings, *, clock: Clock) -> Daemon:

@@ -25,14 +25,14 @@ from rich.table import Table
 
 from exporter.clock import SystemClock
 from exporter.daemon.assemble import build_daemon
-from exporter.daemon.daemon import EXIT_CONFIG
+from exporter.daemon.core import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
-from exporter.daemon.schedules import iso, status_table, upcoming
-from exporter.daemon.spool import Rejected, Spool
 from exporter.errors import ConfigError
 from exporter.logs import configure_logging
 from exporter.oneshot import add_config_argument, settings_or_report
 from exporter.settings import Settings, load_settings
+from exporter.sources.schedules import iso, status_table, upcoming
+from exporter.sources.spool import Rejected, Spool
 
 log = structlog.get_logger("exporter.daemon")
 

@@ -60,7 +60,7 @@ class LogConfig(BaseModel):
 
 
 class RedisConfig(BaseModel):
-    """Redis Streams intake (`exporter/daemon/redisintake.py`): jobs from a consumer group,
+    """Redis Streams intake (`exporter/sources/redis/intake.py`): jobs from a consumer group,
     outcomes to a results stream, messages that are not jobs to a dead-letter stream."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -20,8 +20,8 @@ from typing import TypeVar
 import prometheus_client
 import structlog
 
-from exporter.aepclient.backoff import Backoff
 from exporter.clock import Clock
+from exporter.retry import Backoff
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from exporter.aepclient.api import AepApi, RunInfo
+from exporter.aep.api import AepApi, RunInfo
 from exporter.clock import Clock
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig

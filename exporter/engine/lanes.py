@@ -37,9 +37,8 @@ from typing import Any
 
 import structlog
 
-from exporter.aep import DATALAKE_SOURCE_SPEC_ID, SPEC_VERSION
-from exporter.aepclient.api import AepApi, Collection, FlowInfo
-from exporter.aepclient.backoff import Backoff
+from exporter.aep.api import AepApi, Collection, FlowInfo
+from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, SPEC_VERSION
 from exporter.clock import Clock, sleep_or_wake
 from exporter.destinations import Destination
 from exporter.engine.config import EngineConfig
@@ -51,6 +50,7 @@ from exporter.errors import (
     PreconditionFailed,
 )
 from exporter.jobs import Job
+from exporter.retry import Backoff
 
 log = structlog.get_logger("exporter.lanes")
 LANE_PREFIX = "aep-exporter lane "

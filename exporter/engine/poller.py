@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exporter.aepclient.api import AepApi, RunInfo
+from exporter.aep.api import AepApi, RunInfo
 from exporter.clock import Clock, sleep_or_wake
 from exporter.engine.config import EngineConfig
 from exporter.errors import AepError

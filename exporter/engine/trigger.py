@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exporter.aepclient.api import AepApi, FlowInfo, RunInfo
+from exporter.aep.api import AepApi, FlowInfo, RunInfo
 from exporter.clock import Clock, sleep_or_wake
 from exporter.engine.config import EngineConfig
 from exporter.engine.poller import RunTimedOut, StatusUnreadable

@@ -1,0 +1,1 @@
+"""Operating the daemon: the admin server, systemd, the probe."""

@@ -1,0 +1,1 @@
+"""The Redis Streams source: intake and its store."""
