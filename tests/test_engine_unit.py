@@ -110,22 +110,24 @@ async def test_finished_runs_are_let_go_while_others_wait(
 ) -> None:
     """A daemon that runs for weeks finishes runs all the time while others wait: what the
     poller keeps must follow the runs in flight, not everything finished lately."""
-    runs = await flow_with_runs(aep, clock, 301)
-    aep.runs[runs[0]].complete_at = None  # one run never ends, so the poller is never idle
-    stays = asyncio.create_task(poller.wait(runs[0], deadline=1e9))
+    runs = await flow_with_runs(aep, clock, 400)
+    for run in runs[:100]:  # these never end, so the poller always has runs in flight
+        aep.runs[run].complete_at = None
+    stay = [asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs[:100]]
     for batch in range(3):
+        start = 100 + 100 * batch
         waits = [
-            asyncio.create_task(poller.wait(r, deadline=1e9))
-            for r in runs[1 + 100 * batch : 101 + 100 * batch]
+            asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs[start : start + 100]
         ]
         await clock.advance(130)  # ended at 100 (the runs' own clock) and read since
         await settle()
         assert all(w.done() for w in waits)
     # Each finished run held its entries until `status_unreadable_s` (900 s) after its
-    # last read; now they are swept once they outnumber the live ones.
-    assert poller.in_flight == 1
-    assert poller.held <= 2 * COMPACT_MIN
-    stays.cancel()
+    # last read; now they are swept once they outnumber the live ones (two entries each).
+    assert poller.in_flight == 100
+    assert poller.held <= 2 * 100 + 2 * max(COMPACT_MIN, 100)
+    for w in stay:
+        w.cancel()
     await settle()
     assert poller.held == 0
 

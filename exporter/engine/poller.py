@@ -93,6 +93,7 @@ class RunPoller:
         self._expiry: list[tuple[float, int, _Waiter]] = []
         self._seq = itertools.count()
         self._finished = 0  # waiters done since the heaps were last swept of them
+        self._live = 0  # waiters whose `wait()` has not returned
         self._wake = asyncio.Event()
         self.stats = PollerStats()
 
@@ -118,6 +119,7 @@ class RunPoller:
             last_read=now,
         )
         self._waiters.setdefault(run_id, []).append(waiter)
+        self._live += 1
         heapq.heappush(self._due, (now, next(self._seq), waiter))
         heapq.heappush(self._expiry, (self._expires(waiter), next(self._seq), waiter))
         self._wake.set()
@@ -125,6 +127,7 @@ class RunPoller:
             return await waiter.future
         finally:
             waiter.future.cancel()  # a no-op once settled; marks it finished otherwise
+            self._live -= 1
             group = self._waiters.get(run_id, [])
             if waiter in group:
                 group.remove(waiter)
@@ -133,20 +136,20 @@ class RunPoller:
             self._forget_finished()
 
     def _forget_finished(self) -> None:
-        """Sweep finished waiters out of the heaps once they make up half of them.
+        """Sweep finished waiters out of the heaps once they outnumber the live ones.
 
         A finished waiter's entries are otherwise dropped only when they come up, and its
         expiry entry may be `status_unreadable_s` away: at a steady finish rate the heaps
         (and the run each waiter holds) would grow with everything finished in that window.
-        Sweeping at half keeps the cost at O(1) per finished waiter."""
-        if not self._waiters:  # nothing in flight: drop everything at once
+        A sweep costs the heaps' size, at most about twice the waiters finished since the
+        last one: O(1) per finished waiter."""
+        if not self._live:  # nothing in flight: drop everything at once
             self._due.clear()
             self._expiry.clear()
             self._finished = 0
             return
         self._finished += 1
-        size = len(self._due) + len(self._expiry)
-        if self._finished < max(COMPACT_MIN, size // 2):
+        if self._finished < max(COMPACT_MIN, self._live):
             return
         self._finished = 0
         self._expiry = [e for e in self._expiry if not e[2].future.done()]
