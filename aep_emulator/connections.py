@@ -54,7 +54,8 @@ def list_response(
     if ids is not None and index is not None:
         entities = [index[i] for i in ids if i in index]
     # Next links are relative to the service root, as Adobe's examples show them
-    # (`/flows?continuationToken=...`, aep-api.md sections 7.2 and 9.1).
+    # (`/flows?continuationToken=...`):
+    # https://developer.adobe.com/experience-platform-apis/references/destinations/
     base_path = request.path.removeprefix(FLOW_SERVICE_PATH)
     return json_ok(query.apply(entities, base_path=base_path))
 

@@ -1,7 +1,7 @@
 """What an export run writes at the destination: the folder name and the part files.
 
-Folder names follow the flow's folder template (aep-api.md §7.1; by default
-`%DATASET_ID%/%EXPORT_TIME%`, §10). Files are Spark-style part files in the asked format and
+Folder names follow the flow's folder template (docs/aep-notes.md#export-folders-and-files; by
+default `%DATASET_ID%/%EXPORT_TIME%`). Files are Spark-style part files in the asked format and
 compression, written under a temporary name and renamed when complete, so a reader never sees
 half a file.
 """
@@ -138,7 +138,8 @@ def export_batches(
     """
     if max_rows_per_file <= 0:
         raise ValueError("max_rows_per_file must be positive")
-    # Target connections keep the case the client sent (aep-api.md §6).
+    # Target connections keep the case the client sent:
+    # docs/aep-notes.md#target-connection-parameters
     file_type, compression = FileType(file_type.upper()), Compression(compression.upper())
     ext = _EXTENSIONS[(file_type, compression)]
     # One Spark job: a shared transaction id and job uuid; each file is a task of its own.

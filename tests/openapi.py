@@ -138,7 +138,8 @@ KNOWN_DEVIATIONS: tuple[Deviation, ...] = (
         accept=("success", "failed", "processing", "waiting"),
         reason=(
             "the run status enum is capitalised (Success, Failed, ...) but the spec's run "
-            "examples and the monitoring docs use lower case (aep-api.md section 14.5)"
+            "examples and the monitoring docs use lower case "
+            "(https://experienceleague.adobe.com/en/docs/experience-platform/dataflows/api/monitor)"
         ),
     ),
     Deviation(
@@ -156,7 +157,8 @@ KNOWN_DEVIATIONS: tuple[Deviation, ...] = (
         accept=(0,),
         reason=(
             "interval enum is 1|3|6|9|12, but a one-time full export is documented as "
-            "DAILY_FULL_EXPORT + day + interval 0 (aep-api.md section 7.1)"
+            "DAILY_FULL_EXPORT + day + interval 0 "
+            "(https://experienceleague.adobe.com/en/docs/experience-platform/destinations/api/export-datasets)"
         ),
     ),
     *(
@@ -250,7 +252,8 @@ KNOWN_DEVIATIONS: tuple[Deviation, ...] = (
         accept=("enable", "disable"),
         reason=(
             "op is listed as ENABLE|DISABLE|...; the destination dataflow docs and aepp send "
-            "lower-case enable|disable (aep-api.md section 14.6)"
+            "lower-case enable|disable "
+            "(https://experienceleague.adobe.com/en/docs/experience-platform/destinations/api/update-destination-dataflows)"
         ),
     ),
     Deviation(
@@ -308,7 +311,7 @@ KNOWN_DEVIATIONS: tuple[Deviation, ...] = (
         accept=("application/vnd.adobe.adhoc.dataset.activation+json; version=1",),
         reason=(
             "only the audience v2 Accept value is listed; the dataset export variant is "
-            "selected with this Accept value (aep-api.md section 8.1)"
+            "selected with this Accept value (docs/aep-notes.md#ad-hoc-dataset-exports)"
         ),
     ),
     Deviation(

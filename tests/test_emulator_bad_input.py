@@ -1,6 +1,6 @@
 """Bad input never hurts the emulator: a table of hostile requests, each answered with a 4xx in
-the envelope AEP documents for it (aep-api.md §11.1), never a 500 or a traceback, and the
-emulator serving normally afterwards.
+the envelope AEP documents for it (docs/aep-notes.md#error-envelopes), never a 500 or a
+traceback, and the emulator serving normally afterwards.
 
 Envelopes: Flow Service's problem document (`type` ending in `FLOW-<code>-<status>`), the
 platform's RFC 7807 answer for unreadable requests (content type, size), the ad hoc service's

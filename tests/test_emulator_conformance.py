@@ -14,16 +14,15 @@ best, as tests/openapi.py's author assessed them:
   checked against destinations.yaml's ``Flow_Runs``), for the repeated ``property`` filter and
   the ``/sourceConnectionIds`` patch (which destinations.yaml cannot express), and everywhere
   else as a second opinion where its looser schemas are usable.  It gives DELETE 204 while
-  ``destinations.yaml`` and aep-api.md section 7.6 say 202, so deletes follow
-  ``destinations.yaml``.
+  ``destinations.yaml`` says 202, so deletes follow ``destinations.yaml``.
 - ``ad-hoc-activation.yaml`` for POST /adhocrun: it only describes audience bodies, so the
   dataset variant relies on the documented deviations; its 400 ``{message}`` is usable.
 
 Where a ``oneOf`` overlaps, the message is also pinned to its component with ``validate_schema``.
 Operations no spec file describes (the IMS token, the Data Landing Zone, the exportable-dataset
-listing's 200 body) are checked against the shapes in docs/aep-notes.md by hand.  Error bodies
+listing's 200 body) are checked by hand against the Adobe pages each scenario cites.  Error bodies
 have no usable schemas besides ad hoc's 400: their status must be one the file lists, and
-Flow Service envelopes are checked against aep-api.md section 11.1.
+Flow Service envelopes are checked against docs/aep-notes.md#error-envelopes.
 
 Adobe's own spec quirks are :data:`tests.openapi.KNOWN_DEVIATIONS`; where the emulator itself
 deliberately differs (docs/aep-notes.md), :data:`EMULATOR_CHOICES` names the rule and the reason.
@@ -205,7 +204,7 @@ def only(answer: Answer) -> dict[str, Any]:
 
 
 def flow_error(answer: Answer, code: int) -> None:
-    """Flow Service's error envelope (aep-api.md section 11.1; no usable schema in the files)."""
+    """Flow Service's error envelope (docs/aep-notes.md#error-envelopes; no schema in the files)."""
     assert answer.body["type"].endswith(f"/FLOW-{code}-{answer.status}"), answer.body
     assert answer.body["status"] == answer.status
     assert isinstance(answer.body["report"]["detailed-message"], str)
@@ -223,7 +222,9 @@ def created_id(answer: Answer) -> str:
 
 
 async def scenario_ims_token(aep: Conformance) -> None:
-    """No spec file covers IMS: aep-api.md section 1.1 is the reference."""
+    """No spec file covers IMS; Adobe's IMS guide is the reference:
+    https://developer.adobe.com/developer-console/docs/guides/authentication/ServerToServerAuthentication/ims
+    """
     form = {
         "grant_type": "client_credentials",
         "client_id": DEFAULT_CLIENT_ID,
@@ -288,7 +289,9 @@ async def scenario_specs(aep: Conformance) -> None:
 
 async def scenario_exportable_datasets(aep: Conformance) -> None:
     """destinations.yaml has the query rules but no 200 schema; flow-service.yaml's 200 schema
-    (an array of explore entries) does not describe this listing: aep-api.md section 3."""
+    (an array of explore entries) does not describe this listing; the dataset export guide does:
+    https://experienceleague.adobe.com/en/docs/experience-platform/destinations/api/export-datasets
+    """
     dataset_ids = await aep.emulator.seed(rows=5, count=3)
     path = f"/connectionSpecs/{DATALAKE_SOURCE_SPEC_ID}/configs"
     query = {"outputType": "activationDatasets", "outputField": "datasets", "limit": "2"}
@@ -572,7 +575,7 @@ async def adhoc(aep: Conformance, flow_id: str, *dataset_ids: str, status: int) 
 
 
 async def trigger(aep: Conformance, flow_id: str, dataset_id: str) -> str:
-    """A ready flow's ad hoc run; the answer's shape is aep-api.md section 8.2."""
+    """A ready flow's ad hoc run; the answer's shape: docs/aep-notes.md#ad-hoc-dataset-exports."""
     answer = await adhoc(aep, flow_id, dataset_id, status=200)
     (destination,) = answer.body["destinations"]
     (started,) = destination["datasets"]
@@ -584,8 +587,9 @@ async def trigger(aep: Conformance, flow_id: str, dataset_id: str) -> str:
 
 
 async def get_run(aep: Conformance, run_id: str) -> dict[str, Any]:
-    """flow-service.yaml alone has GET /runs/{id}; its body is the envelope of GET /runs, so
-    destinations.yaml's Flow_Runs describes it as well (aep-api.md section 9.1)."""
+    """flow-service.yaml alone has GET /runs/{id}; its body is the envelope of GET /runs
+    (https://developer.adobe.com/experience-platform-apis/references/flow-service/), so
+    destinations.yaml's Flow_Runs describes it as well."""
     answer = await aep.fs("GET", f"/runs/{run_id}", status=200, request=[FS], response=[FS])
     validate_schema(DEST, "Flow_Runs", answer.body, deviations=DEVIATIONS)
     return only(answer)
@@ -656,8 +660,9 @@ async def scenario_runs(aep: Conformance) -> None:
         "/runs",
         query={"property": [f"flowId=={made.flow_id}", "metrics.statusSummary.status==failed"]},
         status=200,
-        # A repeated `property` (filters ANDed, aep-api.md section 7.2): flow-service.yaml
-        # declares it an array, destinations.yaml a single string.
+        # A repeated `property` (filters ANDed, as the sorting and filtering guide says:
+        # https://experienceleague.adobe.com/en/docs/experience-platform/dataflows/api/sort-and-filter):
+        # flow-service.yaml declares it an array, destinations.yaml a single string.
         request=[FS],
         response=BOTH,
     )
@@ -809,7 +814,7 @@ async def scenario_guardrails(aep: Conformance) -> None:
 
 
 async def scenario_landing_zone(aep: Conformance) -> None:
-    """No spec file covers the landing zone: aep-api.md section 10 (Azure-hosted shapes)."""
+    """No spec file covers the landing zone: docs/aep-notes.md#data-landing-zone (Azure-hosted)."""
     query = {"type": "dlz_destination"}
     info = await aep.call("GET", LANDING_ZONE_PATH, query=query, status=200)
     assert info.body == {"containerName": "dlz-destination", "containerTTL": "7"}
