@@ -44,12 +44,11 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,28 +57,33 @@ import aiohttp
 import structlog
 import watchfiles
 from harness import (
-    TICKS,
+    RESULT_FOLDERS,
     BenchError,
     Checks,
+    Control,
+    Daemon,
     Report,
+    aep_config,
     cpu_of,
+    fmt,
+    job_body,
     loadavg,
     machine,
     memory_of,
+    quantiles,
+    running_daemon,
     running_emulator,
     stop_process,
+    threads_of,
+    write_config,
 )
-from pydantic import SecretStr
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.aep.api import RunInfo
 from exporter.aep.client import HttpAep
-from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
 
 SCENARIOS = ("spool", "paced", "spool-unpaced", "inflight")
-STARTUP_DEADLINE = 60.0
 STOP_DEADLINE = 60.0
 # Aims of issue 9 (export lanes).
 REQUESTS_AIM = {"spool": 0.5, "repeat": 1.5, "paced": 2.0}
@@ -130,148 +134,10 @@ UNPACED_AEP: dict[str, Any] = {"rate_limit_rps": 1000.0, "max_concurrency": 32}
 # -- /proc ---------------------------------------------------------------------------------
 
 
-def threads_of(pid: int) -> dict[str, float]:
-    """CPU seconds of the main thread (the event loop) and of all other threads, and the
-    main thread's voluntary context switches: how often the event loop slept and woke."""
-    main = other = 0.0
-    wakeups = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread may end while we look
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            used = (int(fields[11]) + int(fields[12])) / TICKS
-            if task.name == str(pid):
-                main = used
-                for line in (task / "status").read_text().splitlines():
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        wakeups = int(line.split()[1])
-            else:
-                other += used
-    return {"main_cpu_s": main, "other_cpu_s": other, "main_wakeups": float(wakeups)}
-
-
 # -- child processes -----------------------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    proc: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu(self) -> float:
-        user, system = cpu_of(self.pid)
-        return user + system
-
-    def events(self) -> Counter[str]:
-        """Log lines by `level:event`."""
-        counts: Counter[str] = Counter()
-        with self.log.open("rb") as lines:
-            for line in lines:
-                if line.startswith(b"{"):
-                    with contextlib.suppress(ValueError):
-                        e = json.loads(line)
-                        counts[f"{e.get('level', '?')}:{e.get('event', '?')}"] += 1
-        return counts
-
-    def tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    async def ready(self) -> None:
-        """Wait for the `daemon_ready` log line."""
-        try:
-            async with asyncio.timeout(STARTUP_DEADLINE):
-                while b'"daemon_ready"' not in self.log.read_bytes():
-                    if self.proc.returncode is not None:
-                        raise BenchError(f"the daemon exited at start:\n{self.tail()}")
-                    await asyncio.sleep(0.1)
-        except TimeoutError:
-            raise BenchError(f"the daemon was not ready in time:\n{self.tail()}") from None
-
-    def alive(self) -> None:
-        if self.proc.returncode is not None:
-            raise BenchError(f"the daemon exited ({self.proc.returncode}):\n{self.tail()}")
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(config: Path, log: Path) -> AsyncIterator[Daemon]:
-    """`python -m exporter run --config <config>`, JSON logs to `log`; killed if still running
-    when the block ends (a clean stop is the scenario's to make and check)."""
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "exporter",
-            "run",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield Daemon(proc, log)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-def write_config(folder: Path, url: str, **sections: Mapping[str, Any]) -> Path:
-    """A daemon configuration for the emulator at `url`, one DLZ destination named `lake`."""
-    (folder / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
-    base: dict[str, dict[str, Any]] = {
-        "aep": {
-            "platform_url": url,
-            "ims_url": url,
-            "client_id": DEFAULT_CLIENT_ID,
-            "client_secret_file": "client_secret",
-            "org_id": DEFAULT_ORG_ID,
-        },
-        "engine": {},
-        "daemon": {"state_dir": "state", "spool_dir": "spool", "shutdown_grace_s": 5},
-        "log": {"format": "json", "level": "info"},
-    }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    lines += ["[destinations.lake]", 'type = "dlz"']
-    path = folder / "exporter.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # -- the emulator's control API ------------------------------------------------------------
-
-
-class Control:
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session, self.url = session, url
-
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.session.request(method, self.url + path, json=body) as resp:
-            answer = await resp.json(content_type=None)
-            if resp.status >= 300:
-                raise BenchError(f"{method} {path} -> {resp.status}: {answer}")
-            return answer
-
-    async def seed(self, count: int, rows: int) -> list[str]:
-        body = {"count": count, "rows": rows, "name": "bench", "seed": 7}
-        answer = await self._call("POST", "/_emulator/datasets", body)
-        return [str(d["id"]) for d in answer["datasets"]]
-
-    async def stats(self) -> dict[str, dict[str, int]]:
-        """Requests served so far, by operation and status."""
-        answer = await self._call("GET", "/_emulator/stats")
-        return {op: dict(by) for op, by in answer["ops"].items()}
 
 
 def stats_delta(
@@ -310,10 +176,6 @@ def count_of(ops: Mapping[str, Mapping[str, int]], op: str | None = None) -> int
 # -- the spool ------------------------------------------------------------------------------
 
 
-def job_body(job_id: str, dataset_id: str, path: str) -> str:
-    return json.dumps({"id": job_id, "dataset_id": dataset_id, "destination": "lake", "path": path})
-
-
 def make_jobs(prefix: str, datasets: Sequence[str], lanes: int) -> list[tuple[str, str]]:
     """(file name, content) of one job per dataset, the datasets spread over `lanes` paths
     (one lane each: same destination, format, compression and mode)."""
@@ -349,9 +211,6 @@ async def drop_paced(
         dropped[name.removesuffix(".json")] = time.time()
         (incoming / f"{name}.tmp").rename(incoming / name)
     return dropped
-
-
-RESULT_FOLDERS = ("done", "failed", "rejected")
 
 
 def result_files(spool: Path, prefix: str = "") -> list[Path]:
@@ -393,31 +252,6 @@ async def until_results(
         raise BenchError(f"only {got} of {want} results after {deadline:g} s") from None
     finally:
         exited.cancel()
-
-
-async def read_runs(url: str, run_ids: Sequence[str]) -> dict[str, RunInfo]:
-    """The runs as AEP (the emulator) has them, read after the measurement."""
-    config = AepConfig(
-        platform_url=url,
-        ims_url=url,
-        client_id=DEFAULT_CLIENT_ID,
-        client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
-        org_id=DEFAULT_ORG_ID,
-        rate_limit_rps=1000,
-    )
-    async with HttpAep.from_config(config, clock=SystemClock()) as api:
-        return await api.get_runs(list(run_ids))
-
-
-def quantiles(values: Sequence[float]) -> Report:
-    if not values:
-        return {"median": None, "p95": None, "max": None}
-    ordered = sorted(values)
-    return {
-        "median": round(statistics.median(ordered), 2),
-        "p95": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 2),
-        "max": round(ordered[-1], 2),
-    }
 
 
 @dataclass
@@ -469,6 +303,13 @@ def measured(
         "main_thread_wakeups_per_job": per_job["main_wakeups"],
         "emulator_cpu_s": round(end.emulator_cpu - start.emulator_cpu, 1),
     }
+
+
+async def read_runs(url: str, run_ids: Sequence[str]) -> dict[str, RunInfo]:
+    """The runs as AEP (the emulator) has them, read after the measurement."""
+    config = aep_config(url, rate_limit_rps=1000)
+    async with HttpAep.from_config(config, clock=SystemClock()) as api:
+        return await api.get_runs(list(run_ids))
 
 
 async def timing(
@@ -806,16 +647,6 @@ async def bench(args: argparse.Namespace) -> tuple[Report, Checks]:
                 shutil.rmtree(work, ignore_errors=True)
     report["checks"] = checks.results
     return report, checks
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def rows_table(rows: Sequence[tuple[str, Any]]) -> list[str]:

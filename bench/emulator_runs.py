@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import sys
@@ -46,7 +44,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from harness import HOST, MODULE, BenchError, machine_busy_seconds, running_emulator
+from harness import (
+    HOST,
+    MODULE,
+    BenchError,
+    children_cpu_seconds,
+    cpu_model,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    running_emulator,
+)
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.aep.facts import (
@@ -361,16 +368,6 @@ def _percentile_ms(sorted_ns: Sequence[int], q: float) -> float:
     return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1e6
 
 
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 class _Tally:
     def __init__(self) -> None:
         self.latencies_ns: list[int] = []
@@ -498,7 +495,7 @@ async def python_load(
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     requests = [f"GET {p} HTTP/1.1\r\nHost: {split.netloc}\r\n{head}\r\n".encode() for p in paths]
     tally = _Tally()
-    cpu0, started = _own_cpu(), time.perf_counter()
+    cpu0, started = own_cpu_seconds(), time.perf_counter()
     deadline = time.monotonic() + seconds
     await asyncio.gather(
         *(
@@ -520,7 +517,7 @@ async def python_load(
         body_bytes=tally.body_bytes,
         min_bytes=tally.min_bytes if latencies else 0,
         max_bytes=tally.max_bytes,
-        cpu_s=_own_cpu() - cpu0,
+        cpu_s=own_cpu_seconds() - cpu0,
         latencies_ns=latencies,
     )
 
@@ -538,7 +535,7 @@ async def wrk_load(
     `workdir`; its CPU time is read from this process's reaped children."""
     if urlsplit(url).hostname != HOST:
         raise BenchError(f"refusing to load {url}: only {HOST} is a target")
-    cpu0 = _children_cpu()
+    cpu0 = children_cpu_seconds()
     proc = await asyncio.create_subprocess_exec(
         wrk,
         "-t1",
@@ -580,7 +577,7 @@ async def wrk_load(
         body_bytes=r["body_bytes"],
         min_bytes=r["min_bytes"],
         max_bytes=r["max_bytes"],
-        cpu_s=_children_cpu() - cpu0,
+        cpu_s=children_cpu_seconds() - cpu0,
     )
 
 
@@ -626,14 +623,6 @@ class Report:
     cores: int | None
     cpu_model: str
     target_rps: int
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def choose_load_generator(wanted: str) -> str | None:

@@ -34,12 +34,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import resource
-import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +47,16 @@ import structlog
 from harness import (
     BenchError,
     Checks,
-    Emulator,
     Report,
+    aep_config,
+    children_cpu_seconds,
+    emulator_with_datasets,
+    fmt,
     machine,
     machine_busy_seconds,
-    running_emulator,
+    own_cpu_seconds,
+    quantiles,
 )
-from pydantic import SecretStr
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.aep.api import RunInfo
@@ -137,43 +138,6 @@ POLL_KNOBS = [
 ]
 
 DEADLINE_S = {"many": 600.0, "one": 300.0, "sample": 300.0, "baseline": 900.0, "polling": 600.0}
-
-
-class Control:
-    """The emulator's control API (`/_emulator`): datasets and the journal."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session, self.url = session, url
-
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.session.request(method, self.url + path, json=body) as resp:
-            answer = await resp.json(content_type=None)
-            if resp.status >= 300:
-                raise BenchError(f"{method} {path} -> {resp.status}: {answer}")
-            return answer
-
-    async def seed(self, count: int, rows: int, name: str) -> list[str]:
-        body = {"count": count, "rows": rows, "name": name, "seed": 7}
-        answer = await self._call("POST", "/_emulator/datasets", body)
-        return [str(d["id"]) for d in answer["datasets"]]
-
-    async def last_seq(self) -> int:
-        answer = await self._call("GET", "/_emulator/journal?since=999999999999")
-        return int(answer["last_seq"])
-
-    async def journal(self, since: int = 0, op: str | None = None) -> list[dict[str, Any]]:
-        query = f"?since={since}" + (f"&op={op}" if op else "")
-        answer = await self._call("GET", "/_emulator/journal" + query)
-        return list(answer["entries"])
-
-
-@contextlib.asynccontextmanager
-async def emulator_with_datasets(
-    knobs: Sequence[str], seed: int, count: int, rows: int, name: str
-) -> AsyncIterator[tuple[Emulator, Control, list[str]]]:
-    async with running_emulator(knobs, seed=seed) as emulator, aiohttp.ClientSession() as session:
-        control = Control(session, emulator.url)
-        yield emulator, control, await control.seed(count, rows, name)
 
 
 @dataclass
@@ -274,12 +238,8 @@ class ClientSetup:
     hold_on_retry_after: bool = True
 
     def config(self, url: str) -> AepConfig:
-        return AepConfig(
-            platform_url=url,
-            ims_url=url,
-            client_id=DEFAULT_CLIENT_ID,
-            client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
-            org_id=DEFAULT_ORG_ID,
+        return aep_config(
+            url,
             rate_limit_rps=self.rate_rps,
             rate_limit_min_rps=self.min_rps,
             max_concurrency=self.concurrency,
@@ -409,20 +369,6 @@ def make_jobs(prefix: str, datasets: Sequence[str], *, shared: bool = False) -> 
     ]
 
 
-def quantiles(values: Sequence[float]) -> Report:
-    """Median, 95th percentile and maximum, rounded for the table."""
-    if not values:
-        return {"n": 0, "median": None, "p95": None, "max": None}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {
-        "n": len(ordered),
-        "median": round(statistics.median(ordered), 3),
-        "p95": round(p95, 3),
-        "max": round(ordered[-1], 3),
-    }
-
-
 def detection_delays(run: EngineRun) -> list[float]:
     """How long after each run's `completedAtUTC` the engine saw it end."""
     return [
@@ -457,7 +403,7 @@ def phases(run: EngineRun) -> Report:
         spans["after"].append(max(0.0, t.done - seen[0]))
         if last is None or t.done > last[0]:
             last = (t.done, o.job_id)
-    report: Report = {name: quantiles(values) for name, values in spans.items()}
+    report: Report = {name: quantiles(values, digits=3) for name, values in spans.items()}
     if last is not None:
         t = run.times[last[1]]
         o = next(o for o in run.outcomes if o.job_id == last[1])
@@ -491,7 +437,7 @@ def engine_summary(run: EngineRun, ops: Mapping[str, OpCount], jobs: int) -> Rep
             if run.poller_requests
             else 0,
         },
-        "detection_delay_s": quantiles(detection_delays(run)),
+        "detection_delay_s": quantiles(detection_delays(run), digits=3),
         "longest_run_s": round(max(run_durations(run), default=0.0), 1),
         "phases_s": phases(run),
         "events": dict(sorted(run.events.items())),
@@ -783,7 +729,7 @@ async def run_baseline(args: argparse.Namespace) -> Report:
         "failed_runs": results.get("failed", 0),
         "aborted": sum(aborted.values()),
         "aborted_by": dict(aborted),
-        "per_export_s": quantiles(per_export),
+        "per_export_s": quantiles(per_export, digits=3),
         "slept_s": round(helper.slept_s, 1),
         "mean_request_ms": round(helper.in_requests_s / max(1, helper.requests) * 1000, 1),
         "retry_after_s": round(helper.retry_after_s, 1),
@@ -862,7 +808,7 @@ async def scenario_polling(args: argparse.Namespace, checks: Checks) -> Report:
                 "mean_batch": round(run.poller_runs_read / run.poller_requests, 1)
                 if run.poller_requests
                 else 0,
-                "detection_delay_s": quantiles(detection_delays(run)),
+                "detection_delay_s": quantiles(detection_delays(run), digits=3),
                 "wall_s": round(run.wall_s, 1),
                 "defaults": config.poll_max_s == EngineConfig().poll_max_s,
             }
@@ -1009,25 +955,11 @@ async def bench(args: argparse.Namespace) -> tuple[Report, Checks]:
 def cpu_seconds() -> tuple[float, float, float]:
     """CPU seconds used so far by this process, by its reaped children (the emulators) and by
     the whole machine (from /proc/stat; -1 where there is none)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = machine_busy_seconds()
-    return (
-        own.ru_utime + own.ru_stime,
-        kids.ru_utime + kids.ru_stime,
-        -1.0 if busy is None else busy,
-    )
+    return own_cpu_seconds(), children_cpu_seconds(), -1.0 if busy is None else busy
 
 
 # -- the human report ----------------------------------------------------------------------------
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-    return str(value)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

@@ -1,5 +1,6 @@
-"""What the benchmarks share: the emulator as a child process, stopping processes, and what
-/proc says about CPU, memory and the machine.
+"""What the benchmarks share: the emulator and the daemon as child processes (and the
+emulator's control API, the daemon's configuration and spool), stopping processes, what
+/proc says about CPU, memory and the machine, and the figures' rounding.
 
 The benchmarks run as scripts (`python bench/<name>.py`), so this module is imported as
 `harness` from the script's own folder.
@@ -9,22 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
+import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
+from pydantic import SecretStr
+
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from exporter.aep.config import AepConfig
+
 HOST = "127.0.0.1"
 STARTUP_DEADLINE = 30.0
 STOP_DEADLINE = 10.0
+DAEMON_STARTUP_DEADLINE = 60.0
+RESULT_FOLDERS = ("done", "failed", "rejected")  # of the daemon's spool
 TICKS = os.sysconf("SC_CLK_TCK")
 MODULE = ("-m", "exporter")  # how the emulator is launched: `python -m exporter emulator …`
 
@@ -81,19 +93,53 @@ def loadavg() -> str:
     return "n/a"
 
 
-def machine() -> Report:
-    model = "unknown CPU"
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's children that have ended and been
+    waited for (an emulator, a load generator)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine() -> Report:
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "system": platform.platform(terse=True),
     }
+
+
+def threads_of(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread (the event loop) and of all other threads, and the
+    main thread's voluntary context switches: how often the event loop slept and woke."""
+    main = other = 0.0
+    wakeups = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread may end while we look
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) / TICKS
+            if task.name == str(pid):
+                main = used
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        wakeups = int(line.split()[1])
+            else:
+                other += used
+    return {"main_cpu_s": main, "other_cpu_s": other, "main_wakeups": float(wakeups)}
 
 
 # -- child processes -----------------------------------------------------------------------
@@ -191,6 +237,200 @@ async def running_emulator(
                 await drain
         if own:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- the emulator's control API and the exporter's settings for it -------------------------
+
+
+class Control:
+    """The emulator's control API (`/_emulator`): datasets, its journal, requests served."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url = session, url
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(method, self.url + path, json=body) as resp:
+            answer = await resp.json(content_type=None)
+            if resp.status >= 300:
+                raise BenchError(f"{method} {path} -> {resp.status}: {answer}")
+            return answer
+
+    async def seed(self, count: int, rows: int, name: str = "bench") -> list[str]:
+        """`count` datasets of `rows` rows each; their ids."""
+        body = {"count": count, "rows": rows, "name": name, "seed": 7}
+        answer = await self._call("POST", "/_emulator/datasets", body)
+        return [str(d["id"]) for d in answer["datasets"]]
+
+    async def last_seq(self) -> int:
+        answer = await self._call("GET", "/_emulator/journal?since=999999999999")
+        return int(answer["last_seq"])
+
+    async def journal(self, since: int = 0, op: str | None = None) -> list[dict[str, Any]]:
+        query = f"?since={since}" + (f"&op={op}" if op else "")
+        answer = await self._call("GET", "/_emulator/journal" + query)
+        return list(answer["entries"])
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Requests served so far, by operation and status."""
+        answer = await self._call("GET", "/_emulator/stats")
+        return {op: dict(by) for op, by in answer["ops"].items()}
+
+
+@contextlib.asynccontextmanager
+async def emulator_with_datasets(
+    knobs: Sequence[str], seed: int, count: int, rows: int, name: str
+) -> AsyncIterator[tuple[Emulator, Control, list[str]]]:
+    """`running_emulator` seeded with `count` datasets: it, its control API, their ids."""
+    async with running_emulator(knobs, seed=seed) as emulator, aiohttp.ClientSession() as session:
+        control = Control(session, emulator.url)
+        yield emulator, control, await control.seed(count, rows, name)
+
+
+def aep_config(url: str, **settings: Any) -> AepConfig:
+    """The exporter's AEP settings for the emulator at `url` (its default credentials)."""
+    return AepConfig(
+        platform_url=url,
+        ims_url=url,
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+        org_id=DEFAULT_ORG_ID,
+        **settings,
+    )
+
+
+# -- the daemon as a child process ---------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        user, system = cpu_of(self.pid)
+        return user + system
+
+    def events(self) -> Counter[str]:
+        """Log lines by `level:event`."""
+        counts: Counter[str] = Counter()
+        with self.log.open("rb") as lines:
+            for line in lines:
+                if line.startswith(b"{"):
+                    with contextlib.suppress(ValueError):
+                        e = json.loads(line)
+                        counts[f"{e.get('level', '?')}:{e.get('event', '?')}"] += 1
+        return counts
+
+    def tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    async def ready(self) -> None:
+        """Wait for the `daemon_ready` log line."""
+        try:
+            async with asyncio.timeout(DAEMON_STARTUP_DEADLINE):
+                while b'"daemon_ready"' not in self.log.read_bytes():
+                    if self.proc.returncode is not None:
+                        raise BenchError(f"the daemon exited at start:\n{self.tail()}")
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise BenchError(f"the daemon was not ready in time:\n{self.tail()}") from None
+
+    def alive(self) -> None:
+        if self.proc.returncode is not None:
+            raise BenchError(f"the daemon exited ({self.proc.returncode}):\n{self.tail()}")
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(config: Path, log: Path) -> AsyncIterator[Daemon]:
+    """`python -m exporter run --config <config>`, JSON logs to `log`; killed if still running
+    when the block ends (a clean stop is the scenario's to make and check)."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "exporter",
+            "run",
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        yield Daemon(proc, log)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def write_config(folder: Path, url: str, **sections: Mapping[str, Any]) -> Path:
+    """A daemon configuration for the emulator at `url`, one DLZ destination named `lake`."""
+    (folder / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
+    base: dict[str, dict[str, Any]] = {
+        "aep": {
+            "platform_url": url,
+            "ims_url": url,
+            "client_id": DEFAULT_CLIENT_ID,
+            "client_secret_file": "client_secret",
+            "org_id": DEFAULT_ORG_ID,
+        },
+        "engine": {},
+        "daemon": {"state_dir": "state", "spool_dir": "spool", "shutdown_grace_s": 5},
+        "log": {"format": "json", "level": "info"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    lines += ["[destinations.lake]", 'type = "dlz"']
+    path = folder / "exporter.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def job_body(job_id: str, dataset_id: str, path: str) -> str:
+    """A spool job file's content: `dataset_id` to the `lake` destination at `path`."""
+    return json.dumps({"id": job_id, "dataset_id": dataset_id, "destination": "lake", "path": path})
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+def quantiles(values: Sequence[float], digits: int = 2) -> Report:
+    """How many, the median, the 95th percentile and the maximum, rounded to `digits`."""
+    if not values:
+        return {"n": 0, "median": None, "p95": None, "max": None}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {
+        "n": len(ordered),
+        "median": round(statistics.median(ordered), digits),
+        "p95": round(p95, digits),
+        "max": round(ordered[-1], digits),
+    }
+
+
+def fmt(value: Any) -> str:
+    """A figure for the tables: `-` for none, thousands separated, 1 or 2 decimals."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
 # -- checks --------------------------------------------------------------------------------

@@ -37,25 +37,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from daemon_spool import (
-    RESULT_FOLDERS,
-    SPOOL_ENGINE,
-    Control,
-    Daemon,
-    job_body,
-    running_daemon,
-    write_config,
-)
+from daemon_spool import SPOOL_ENGINE
 from harness import (
+    RESULT_FOLDERS,
     BenchError,
     Checks,
+    Control,
+    Daemon,
     Report,
     cpu_of,
+    job_body,
     loadavg,
     machine,
     memory_of,
+    running_daemon,
     running_emulator,
     stop_process,
+    write_config,
 )
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 PREFIX = "aep_exporter"
 IN_FLIGHT_STATES = tuple(s for s in JobState if s not in TERMINAL)
 TRANSPORT_ERROR = "error"  # the status label of a request that got no HTTP answer
+# What became of a Redis stream message (docs/metrics.md).
+REDIS_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
 
 # Seconds on the wire: AEP answers in tens of milliseconds to tens of seconds (60 s timeout).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -154,6 +156,7 @@ class Metrics:
         for state in IN_FLIGHT_STATES:  # shown as 0, not absent, while no job is there
             self.jobs_in_flight_by_state.labels(state.value)
         self._job_states: dict[str, JobState] = {}
+        self._redis_messages: Counter | None = None  # only with the Redis intake
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -226,3 +229,26 @@ class Metrics:
             self.run_duration.labels(run.status).observe(duration)
         if delay is not None:
             self.run_detection_delay.observe(delay)
+
+    # -- sources ---------------------------------------------------------------------------
+
+    def redis_intake(self) -> None:
+        """Expose the Redis intake's message counter (each outcome at 0): only a daemon with
+        [redis] configured has it. Once per registry; a second call changes nothing."""
+        if self._redis_messages is None:
+            self._redis_messages = Counter(
+                f"{PREFIX}_redis_messages",
+                "Redis stream messages handled, by what became of them.",
+                ["outcome"],
+                registry=self.registry,
+            )
+            for outcome in REDIS_OUTCOMES:
+                self._redis_messages.labels(outcome)
+
+    def redis_messages(self, outcome: str, count: int = 1) -> None:
+        """`count` Redis stream messages met `outcome` (one of `REDIS_OUTCOMES`)."""
+        if outcome not in REDIS_OUTCOMES:
+            raise ValueError(f"not a Redis message outcome: {outcome}")
+        self.redis_intake()
+        assert self._redis_messages is not None
+        self._redis_messages.labels(outcome).inc(count)

@@ -34,7 +34,13 @@ from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.engine import EngineConfig
 from exporter.engine.poller import RunPoller
 from exporter.jobs import JobState
-from exporter.metrics import IN_FLIGHT_STATES, Metrics, detection_delay_s, run_duration_s
+from exporter.metrics import (
+    IN_FLIGHT_STATES,
+    REDIS_OUTCOMES,
+    Metrics,
+    detection_delay_s,
+    run_duration_s,
+)
 from exporter.ops.admin import AdminServer
 from tests.conftest import Emulator, default_knobs
 from tests.test_daemon_intake import DEADLINE, Running, good_job, settings_for
@@ -361,6 +367,24 @@ def test_a_request_sent_again_by_the_http_library_counts_as_unanswered() -> None
     }
     assert by_label(got, "aep_exporter_api_throttled_total", "operation") == {("flows.create",): 1}
     assert value(got, "aep_exporter_api_request_duration_seconds_count", operation="runs.list") == 2
+
+
+def test_redis_messages_are_exposed_only_with_the_intake_and_count_by_outcome() -> None:
+    metrics = Metrics()
+    name = "aep_exporter_redis_messages_total"
+    assert not [k for k in parse(generate_latest(metrics.registry).decode()) if k[0] == name]
+    metrics.redis_intake()
+    metrics.redis_intake()  # a second intake (or call) registers nothing twice
+    got = parse(generate_latest(metrics.registry).decode())
+    # Every outcome is shown at 0 from the start, so a rate over it has no gaps.
+    assert {dict(k[1])["outcome"] for k in got if k[0] == name} == set(REDIS_OUTCOMES)
+    metrics.redis_messages("taken_over", 3)
+    metrics.redis_messages("published")
+    metrics.redis_messages("published")
+    got = parse(generate_latest(metrics.registry).decode())
+    assert by_label(got, name, "outcome") == {("taken_over",): 3, ("published",): 2}
+    with pytest.raises(ValueError, match="not a Redis message outcome"):
+        metrics.redis_messages("lost")  # labels stay a bounded set
 
 
 async def test_the_poller_records_each_finished_run_once_when_it_sees_it() -> None:

@@ -332,6 +332,9 @@ def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_scrip
         "exporter/oneshot.py",
     ):
         assert module in names
+    lua = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.lua")}
+    assert lua, "the Redis store's scripts are in the context"
+    assert lua <= names, "the Redis store's Lua scripts ship as package data"
     assert "exporter/py.typed" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     assert re.search(

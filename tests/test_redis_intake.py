@@ -43,8 +43,8 @@ from exporter.daemon.core import EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import Journal
 from exporter.jobs import JobState, Outcome
 from exporter.settings import describe_errors, load_settings
+from exporter.sources.redis.errors import reply_code, retryable
 from exporter.sources.redis.intake import RedisIntake
-from exporter.sources.redis.store import reply_code, retryable
 from tests.daemon_support import (
     Running,
     drop_job,

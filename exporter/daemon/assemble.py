@@ -9,7 +9,6 @@ from exporter.daemon.core import Daemon
 from exporter.ops import systemd
 from exporter.ops.admin import AdminServer
 from exporter.settings import Settings
-from exporter.sources.redis.intake import RedisIntake
 from exporter.sources.schedules import Schedules
 
 
@@ -19,6 +18,9 @@ def build_daemon(settings: Settings, *, clock: Clock) -> Daemon:
     if settings.admin.enabled:
         daemon.add_service(AdminServer(daemon, settings.admin))
     if settings.redis is not None:
+        # Imported here: the redis client is an extra, needed only with [redis] set.
+        from exporter.sources.redis.intake import RedisIntake
+
         daemon.add_service(RedisIntake(daemon, settings.redis))
     # Started by systemd with Type=notify: tell it about readiness, progress and liveness.
     notify = systemd.from_environment(daemon, os.environ, pid=os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import socket
 from datetime import UTC, datetime
@@ -59,6 +60,9 @@ class LogConfig(BaseModel):
     """auto: JSON lines unless standard error is a terminal."""
 
 
+REDIS_EXTRA = "pip install 'aep-exporter[redis]'"
+
+
 class RedisConfig(BaseModel):
     """Redis Streams intake (`exporter/sources/redis/intake.py`): jobs from a consumer group,
     outcomes to a results stream, messages that are not jobs to a dead-letter stream."""
@@ -105,6 +109,14 @@ class RedisConfig(BaseModel):
     @classmethod
     def _password_file(cls, data: Any) -> Any:
         return secret_from_file(data, "password")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_installed(cls, data: Any) -> Any:
+        # The client comes with the `redis` extra, imported only when this section is set.
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(f"the Redis intake needs the redis client: {REDIS_EXTRA}")
+        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> RedisConfig:

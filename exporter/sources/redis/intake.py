@@ -66,7 +66,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import prometheus_client
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
@@ -83,7 +82,6 @@ SOURCE = "redis"
 ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
 MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
 PAGE = 100
-MESSAGE_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
 
 
 @dataclass(frozen=True)
@@ -192,14 +190,7 @@ class RedisIntake:
         self._fence_s = config.lease_s / 4
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
-        self._messages = prometheus_client.Counter(
-            "aep_exporter_redis_messages",
-            "Redis stream messages handled, by what became of them.",
-            ["outcome"],
-            registry=daemon.metrics.registry,
-        )
-        for outcome in MESSAGE_OUTCOMES:
-            self._messages.labels(outcome)
+        daemon.metrics.redis_intake()
 
     @property
     def _journal(self) -> Journal:
@@ -287,7 +278,7 @@ class RedisIntake:
             log.warning("redis_message_gone", message_id=message_id)
         if entries:
             log.info("redis_messages_taken_over", count=len(entries))
-            self._messages.labels("taken_over").inc(len(entries))
+            self.daemon.metrics.redis_messages("taken_over", len(entries))
             await self._handle_all(entries)
 
     async def _handle_all(self, entries: list[Entry]) -> None:
@@ -358,7 +349,7 @@ class RedisIntake:
             pass  # running here, from this very message
         else:  # done, or another message for a job that runs somewhere
             log.info("redis_message_duplicate", **context, why=claim.status)
-            self._messages.labels("duplicate").inc()
+            self.daemon.metrics.redis_messages("duplicate")
             await self.store.drop(message_id)
 
     async def _refuse_duplicate(
@@ -405,7 +396,7 @@ class RedisIntake:
         if record is None and at is None:
             admitted = await self.daemon.submit(job, spec, origin)
             if admitted.result is Admission.STARTED:
-                self._messages.labels("started").inc()
+                self.daemon.metrics.redis_messages("started")
                 return
             record = admitted.record  # submitted meanwhile by another source
             if record is not None and record.source != SOURCE:
@@ -427,7 +418,7 @@ class RedisIntake:
             return
         if at is not None:
             record = await self._catch_up(record, at)
-        self._messages.labels("resumed").inc()
+        self.daemon.metrics.redis_messages("resumed")
         self.daemon.resume(record, origin)
 
     async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
@@ -503,7 +494,7 @@ class RedisIntake:
         finally:
             self._release(origin.job_id)
         if status == "published":
-            self._messages.labels("published").inc()
+            self.daemon.metrics.redis_messages("published")
         log.info(
             "redis_result_published" if status == "published" else "redis_job_already_done",
             job_id=origin.job_id,
@@ -527,7 +518,7 @@ class RedisIntake:
         except (RedisUnavailable, RedisError) as exc:  # pending: handled at the next start
             self._fail(exc)
             return
-        self._messages.labels("dead_lettered").inc()
+        self.daemon.metrics.redis_messages("dead_lettered")
         log.warning(
             "redis_message_dead_lettered",
             message_id=origin.message_id,
@@ -677,7 +668,7 @@ class RedisIntake:
             if status == "ok":
                 self._held[record.job_id] = record.name
                 self._lease_ends[record.job_id] = began + self.config.lease_s
-                self._messages.labels("resumed").inc()
+                self.daemon.metrics.redis_messages("resumed")
                 self.daemon.resume(record, Message(self, record.name, record.job_id))
                 return
         if where.finisher is None and where.holder == self.config.consumer and where.deliveries:

@@ -13,10 +13,10 @@ of which Redis knows nothing (no lock, no progress, no done mark, and its messag
 with no other consumer: Redis lost its data) stays with the consumer that runs it, which
 makes its keys again (`restore`); it is not taken for a takeover.
 
-Each decision is one Lua script: atomic like MULTI/EXEC, and unlike it able to look before
-it writes (is the job done? whose is the lock?), so two daemons never both win one. What
-touches the group goes through `pcall`: a stream deleted under a script costs a message,
-not the script's other effects.
+Each decision is one Lua script (the `.lua` files beside this module): atomic like
+MULTI/EXEC, and unlike it able to look before it writes (is the job done? whose is the
+lock?), so two daemons never both win one. What touches the group goes through `pcall`: a
+stream deleted under a script costs a message, not the script's other effects.
 
 A message leaves the job stream (XDEL) in the step that acknowledges it: the stream holds
 only jobs not yet finished, and the done marks keep a finished job from running again.
@@ -34,166 +34,23 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    MasterDownError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 
 from exporter.clock import Clock
 from exporter.daemon.config import RedisConfig
 from exporter.retry import Backoff
+from exporter.sources.redis.errors import retryable
 
 log = structlog.get_logger("exporter.redis")
 T = TypeVar("T")
 Entry = tuple[str, Mapping[bytes, bytes]]
-# Unreachable (LOADING arrives as BusyLoadingError, a ConnectionError), or refusing for a
-# while: OOM (maxmemory), READONLY (a replica), MASTERDOWN (a replica without its master).
-RETRYABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    MasterDownError,
-    OSError,
-)
-# Passing states that redis-py reports as a plain ResponseError, by the reply's first word:
-# writes stopped after a failed save, busy with a script, too few replicas for a write.
-RETRYABLE_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})
-
-CLAIM = """
--- KEYS: lock, progress, done, stream
--- ARGV: consumer, lease_ms, message_id, ttl_ms, running (1|0), max_deliveries, group
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'done', '', redis.call('HGET', KEYS[3], 'message_id') or ''}
-end
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
-  return {'busy', holder, redis.call('HGET', KEYS[2], 'message_id') or ''}
-end
-if ARGV[5] == '1' then
-  return {'running', ARGV[1], redis.call('HGET', KEYS[2], 'message_id') or ''}
-end
--- A delivery: the job's first claim, or a takeover from another consumer. A consumer that
--- claims its own job again (restarted: a deploy, a crash, a Redis outage) delivers nothing.
-local owner = redis.call('HGET', KEYS[2], 'owner')
-local deliveries = tonumber(redis.call('HGET', KEYS[2], 'deliveries') or '0')
-if owner ~= ARGV[1] or deliveries == 0 then deliveries = deliveries + 1 end
-if deliveries > tonumber(ARGV[6]) then
-  return {'exhausted', owner or '', '', 'deliveries', tostring(deliveries)}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'message_id', ARGV[3], 'deliveries', deliveries)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
--- The message's idle time starts with the lease, so neither outlives the other.
-redis.pcall('XCLAIM', KEYS[4], ARGV[7], ARGV[1], 0, ARGV[3], 'JUSTID')
-local reply = {'mine', holder or '', ARGV[3]}
-for _, value in ipairs(redis.call('HGETALL', KEYS[2])) do reply[#reply + 1] = value end
--- A takeover: the consumer it was taken from (not stored).
-if owner and owner ~= ARGV[1] then
-  reply[#reply + 1] = 'taken_from'
-  reply[#reply + 1] = owner
-end
-return reply
-"""
-
-KEEP = """
--- KEYS: lock, progress, done, stream
--- ARGV: consumer, lease_ms, ttl_ms, group, message_id, rank, state, [field, value]...
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'done', ''} end
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return {'lost', holder} end
-if not holder then
-  local owner = redis.call('HGET', KEYS[2], 'owner')
-  if not owner then
-    -- Nothing says who has the job: another consumer's pending message would; otherwise
-    -- Redis has lost what it knew (flushed, restarted empty, a failover that lost writes).
-    local entry = redis.pcall('XPENDING', KEYS[4], ARGV[4], ARGV[5], ARGV[5], 1)
-    if type(entry) == 'table' and entry[1] and entry[1][2] ~= ARGV[1] then
-      return {'lost', entry[1][2]}
-    end
-    return {'gone', ''}
-  end
-  if owner ~= ARGV[1] then return {'lost', owner} end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[6] ~= '' then
-  -- A resumed job passes through earlier states again: the state never goes back.
-  if tonumber(ARGV[6]) >= tonumber(redis.call('HGET', KEYS[2], 'rank') or '0') then
-    redis.call('HSET', KEYS[2], 'rank', ARGV[6], 'state', ARGV[7])
-  end
-  if #ARGV > 7 then redis.call('HSET', KEYS[2], unpack(ARGV, 8)) end
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.pcall('XCLAIM', KEYS[4], ARGV[4], ARGV[1], 0, ARGV[5], 'JUSTID')
-return {'ok', ''}
-"""
-
-RESTORE = """
--- KEYS: lock, progress, done, stream
--- ARGV: consumer, lease_ms, ttl_ms, group, message_id, rank, state, [field, value]...
--- A job Redis knew nothing of (KEEP said 'gone'): its lock and progress made again, unless
--- something has claimed it since.
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'done', ''} end
-local holder = redis.call('GET', KEYS[1]) or redis.call('HGET', KEYS[2], 'owner')
-if holder and holder ~= ARGV[1] then return {'lost', holder} end
-local entry = redis.pcall('XPENDING', KEYS[4], ARGV[4], ARGV[5], ARGV[5], 1)
-if type(entry) == 'table' and entry[1] and entry[1][2] ~= ARGV[1] then
-  return {'lost', entry[1][2]}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'message_id', ARGV[5], 'rank', ARGV[6],
-           'state', ARGV[7])
-redis.call('HSETNX', KEYS[2], 'deliveries', 1)
-if #ARGV > 7 then redis.call('HSET', KEYS[2], unpack(ARGV, 8)) end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.pcall('XCLAIM', KEYS[4], ARGV[4], ARGV[1], 0, ARGV[5], 'JUSTID')
-return {'ok', ''}
-"""
-
-SETTLE = """
--- KEYS: lock, progress, done, stream, results
--- ARGV: consumer, group, message_id, ttl_ms, maxlen, outcome, finished_at, [field, value]...
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.pcall('XACK', KEYS[4], ARGV[2], ARGV[3])
-  redis.pcall('XDEL', KEYS[4], ARGV[3])
-  if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-  return {'duplicate', redis.call('HGET', KEYS[3], 'result_id') or ''}
-end
-local id = redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 8))
-redis.call('HSET', KEYS[3], 'outcome', ARGV[6], 'message_id', ARGV[3], 'consumer', ARGV[1],
-           'result_id', id, 'finished_at', ARGV[7])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.pcall('XACK', KEYS[4], ARGV[2], ARGV[3])
-redis.pcall('XDEL', KEYS[4], ARGV[3])
-redis.call('DEL', KEYS[1], KEYS[2])
-return {'published', id}
-"""
-
-DEAD_LETTER = """
--- KEYS: stream, dead_letter, lock, progress
--- ARGV: group, message_id, consumer, maxlen, [field, value]...
-if redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[2]) ~= 1 then return false end
-redis.pcall('XDEL', KEYS[1], ARGV[2])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
-if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
--- A new message for the job (the producer's retry) counts its deliveries afresh.
-if redis.call('HGET', KEYS[4], 'message_id') == ARGV[2] then
-  redis.call('HDEL', KEYS[4], 'deliveries')
-end
-return id
-"""
 
 
 class RedisUnavailable(Exception):
@@ -223,21 +80,10 @@ class Whereabouts:
     deliveries: int | None  # of its message, if still pending
 
 
-def retryable(exc: BaseException) -> bool:
-    """Whether waiting may help: Redis unreachable, or refusing commands for a while."""
-    if isinstance(exc, (AuthenticationError, AuthorizationError)):
-        return False  # a wrong password does not get better by waiting
-    if isinstance(exc, RETRYABLE):
-        return True
-    return isinstance(exc, ResponseError) and reply_code(exc) in RETRYABLE_CODES
-
-
-def reply_code(exc: ResponseError) -> str:
-    """The first word of Redis's error reply, also where redis-py wrapped it for a command
-    of a pipeline ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
-    message = str(exc)
-    _, wrapped, inner = message.partition(" of pipeline caused error: ")
-    return (inner.lstrip("('\"") if wrapped else message).split(" ", 1)[0]
+def lua(name: str) -> str:
+    """The Lua script `<name>.lua` shipped beside this module (package data)."""
+    folder = resources.files(__name__.rpartition(".")[0])
+    return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 def text(value: Any) -> str:
@@ -275,11 +121,11 @@ class RedisStore:
             health_check_interval=30,
             **extra,
         )
-        self._claim = self.redis.register_script(CLAIM)
-        self._keep = self.redis.register_script(KEEP)
-        self._restore = self.redis.register_script(RESTORE)
-        self._settle = self.redis.register_script(SETTLE)
-        self._dead_letter = self.redis.register_script(DEAD_LETTER)
+        self._claim = self.redis.register_script(lua("claim"))
+        self._keep = self.redis.register_script(lua("keep"))
+        self._restore = self.redis.register_script(lua("restore"))
+        self._settle = self.redis.register_script(lua("settle"))
+        self._dead_letter = self.redis.register_script(lua("dead_letter"))
 
     def keys(self, job_id: str) -> list[str]:
         prefix = self.config.stream
