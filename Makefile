@@ -1,4 +1,5 @@
 # Two commands matter to a newcomer: `make demo` and `make test`. Each builds .venv first.
+# .venv has the [dev] extra: test and lint tools, and the [emulator] and [redis] extras.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
