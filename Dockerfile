@@ -7,7 +7,9 @@
 #     -v /etc/aep-exporter:/etc/aep-exporter:ro \
 #     -v /etc/aep-exporter/client_secret:/run/secrets/aep_client_secret:ro aep-exporter
 #
-# README.md ("As a container") has the rest, including the emulator from this same image.
+# README.md ("As a container") has the rest. The image is the runtime only: the emulator
+# (aep_emulator/, and its extra's pyarrow and jsonschema) stays out; run it from a pip install
+# with the extra, `pip install 'aep-exporter[emulator]'` (README, "As a container").
 # tests/test_packaging.py checks this file's essentials and builds the wheel it installs.
 
 # --- builder: the wheel, and a virtual environment with it and its dependencies -----------
@@ -20,15 +22,17 @@ WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out of the context).
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-COPY aep_emulator ./aep_emulator
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
-# Every dependency has a binary wheel for CPython 3.11 on Linux (x86-64 and arm64), so no
-# compiler is needed here either. The environment gets no pip of its own: the running image
-# installs nothing. pip byte-compiles everything, so nothing writes .pyc files at run time.
+# The runtime's dependencies and the [redis] extra (the Redis Streams intake is a job source
+# of the daemon, and its client is small); not [emulator]. Every dependency has a binary wheel
+# for CPython 3.11 on Linux (x86-64 and arm64), so no compiler is needed here either. The
+# environment gets no pip of its own: the running image installs nothing. pip byte-compiles
+# everything, so nothing writes .pyc files at run time.
 RUN python -m venv --without-pip /opt/aep-exporter \
+    && wheel="$(echo /dist/aep_exporter-*.whl)" \
     && python -m pip --python /opt/aep-exporter/bin/python install --no-cache-dir \
-        /dist/aep_exporter-*.whl
+        "${wheel}[redis]"
 
 # --- runtime: the interpreter, the environment, a non-root user ----------------------------
 FROM python:3.11-slim-bookworm
@@ -71,7 +75,7 @@ USER 10001:10001
 # default, read from the same configuration), which fails when the event loop has been
 # blocked beyond admin.loop_stall_s or a supervised task died: a daemon alive but wedged is
 # unhealthy. The daemon is this container's PID 1 (exec-form ENTRYPOINT), so if it exits the
-# container stops. Not meaningful for the emulator: run that one with --no-healthcheck.
+# container stops.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["aep-exporter", "probe"]
 

@@ -1,10 +1,11 @@
 # Two commands matter to a newcomer: `make demo` and `make test`. Each builds .venv first.
+# .venv has the [dev] extra: test and lint tools, and the [emulator] and [redis] extras.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test lint check bench-emulator bench-engine bench-daemon bench-soak clean
+.PHONY: demo test lint check check-runtime bench-emulator bench-engine bench-daemon bench-soak clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -26,6 +27,23 @@ lint: $(READY)
 	$(BIN)/mypy
 
 check: lint test
+
+# The runtime alone, as `pip install aep-exporter` gives it, in a scratch venv: the commands
+# that need no extra load, and the emulator answers with the extra to install.
+check-runtime:
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
+	set -e; venv="$$(mktemp -d)"; trap 'rm -rf "$$venv"' EXIT; \
+	$(PYTHON) -m venv "$$venv"; \
+	"$$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check .; \
+	for module in pyarrow jsonschema redis; do \
+		if "$$venv/bin/python" -c "import $$module" 2>/dev/null; then \
+			echo "$$module is installed without its extra"; exit 1; fi; \
+	done; \
+	"$$venv/bin/aep-exporter" --help >/dev/null; \
+	for command in export probe lanes; do "$$venv/bin/aep-exporter" $$command --help >/dev/null; done; \
+	status=0; message="$$(timeout 60 "$$venv/bin/aep-exporter" emulator 2>&1)" || status=$$?; \
+	echo "$$message"; test "$$status" -eq 2; \
+	case "$$message" in *"pip install 'aep-exporter[emulator]'") ;; *) exit 1;; esac
 
 bench-emulator: $(READY)
 	$(BIN)/python bench/emulator_runs.py

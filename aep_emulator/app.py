@@ -10,12 +10,12 @@ from aiohttp import web
 
 from aep_emulator import connections as conn
 from aep_emulator import control, flows, landingzone, runs
+from aep_emulator.clock import Clock, SystemClock
+from aep_emulator.facts import ADHOC_PATH, FLOW_SERVICE_PATH, IMS_TOKEN_PATH, LANDING_ZONE_PATH
 from aep_emulator.gateway import STATE_KEY, ims_token
 from aep_emulator.middleware import MIDDLEWARES
 from aep_emulator.settings import Knobs
 from aep_emulator.state import EmulatorState
-from exporter.aep.facts import ADHOC_PATH, FLOW_SERVICE_PATH, IMS_TOKEN_PATH, LANDING_ZONE_PATH
-from exporter.clock import Clock, SystemClock
 
 
 def create_app(knobs: Knobs, data_dir: Path, *, clock: Clock | None = None) -> web.Application:

@@ -10,11 +10,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import KNOB_GROUPS, Flag, Knobs, Span
 
 DEFAULT_DATA_DIR = Path(".aep-emulator")
 SEEDED_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -36,157 +38,7 @@ def add_parser(subparsers: Any) -> None:
     net.add_argument(
         "--port", type=int, default=8765, help="port; 0 picks a free one (default %(default)s)"
     )
-    who = parser.add_argument_group("identity")
-    who.add_argument(
-        "--client-id",
-        default=Knobs().client_id,
-        help="the accepted client id, also the API key (default %(default)s)",
-    )
-    who.add_argument(
-        "--client-secret-file",
-        type=Path,
-        help="file holding the accepted client secret (default: the documented 'emulator-secret')",
-    )
-    who.add_argument(
-        "--org-id",
-        default=Knobs().org_id,
-        help="the IMS org of the tokens it issues (default %(default)s)",
-    )
-    who.add_argument(
-        "--sandbox",
-        action="append",
-        dest="sandboxes",
-        help="a sandbox name to serve; repeat for more (default: prod and dev)",
-    )
-    who.add_argument(
-        "--token-lifetime",
-        type=float,
-        default=Knobs().token_lifetime_s,
-        metavar="S",
-        help="access token lifetime in seconds (default %(default)s)",
-    )
-    t = parser.add_argument_group("emulated time")
-    t.add_argument(
-        "--time-scale",
-        type=float,
-        default=1.0,
-        metavar="X",
-        help="real seconds per emulated second (0.01: ten minutes take six seconds)",
-    )
-    t.add_argument(
-        "--not-ready-window",
-        type=float,
-        default=600,
-        metavar="S",
-        help="emulated seconds after a dataset joins a flow (its creation, or a PATCH of "
-        "sourceConnectionIds) during which ad hoc runs answer 'not ready' (default %(default)s)",
-    )
-    t.add_argument(
-        "--run-duration",
-        type=span,
-        default=Span(min=20, max=60),
-        metavar="A-B",
-        help="emulated run duration, uniform in [A, B] (default 20-60)",
-    )
-    t.add_argument(
-        "--run-failure-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of runs that end failed, shaped like AEP's failed runs",
-    )
-    t.add_argument(
-        "--run-partial-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of successful runs that report warnings in errors[]",
-    )
-    t.add_argument(
-        "--adhoc-disabled-flow-spec",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="flow spec id whose ad hoc runs 'can not be executed'",
-    )
-    g = parser.add_argument_group("guardrails")
-    g.add_argument(
-        "--max-destination-flows",
-        type=int,
-        default=Knobs().max_destination_flows,
-        metavar="N",
-        help="destination dataflows a sandbox may hold before creating one more is refused "
-        "(Adobe's guardrail; default %(default)s)",
-    )
-    g.add_argument(
-        "--adhoc-max-datasets-per-call",
-        type=int,
-        default=Knobs().adhoc_max_datasets_per_call,
-        metavar="N",
-        help="datasets one ad hoc call may name, over all its flows (default %(default)s)",
-    )
-    f = parser.add_argument_group("faults on platform calls")
-    f.add_argument(
-        "--latency-ms",
-        type=span,
-        default=Span(min=0, max=0),
-        metavar="A-B",
-        help="added latency per call in ms, uniform in [A, B] (default 0)",
-    )
-    f.add_argument(
-        "--rate-limit",
-        type=float,
-        metavar="RPS",
-        help="requests per second per org before 429 (default: unlimited)",
-    )
-    f.add_argument(
-        "--rate-limit-burst",
-        type=float,
-        metavar="N",
-        help="calls allowed at once before the limit applies (default: RPS)",
-    )
-    f.add_argument(
-        "--retry-after",
-        choices=["always", "never", "random"],
-        default="always",
-        help="whether 429 answers carry Retry-After (default %(default)s)",
-    )
-    f.add_argument(
-        "--error-429-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of calls answered 429 regardless of the rate limit",
-    )
-    f.add_argument(
-        "--error-5xx-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of calls answered 500, 502, 503 or 504, without effect",
-    )
-    f.add_argument(
-        "--drop-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of connections closed with no answer (half before, half after "
-        "the request took effect)",
-    )
-    f.add_argument(
-        "--slow-rate",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of calls delayed by a further --slow-ms",
-    )
-    f.add_argument("--slow-ms", type=float, default=5000.0, help="(default %(default)s)")
-    f.add_argument(
-        "--allow-json-uncompressed",
-        action="store_true",
-        help="accept JSON without GZIP, as Adobe's examples (not its rules) do",
-    )
-    f.add_argument("--seed", type=int, help="random seed for faults and durations")
+    add_knob_options(parser)
     s = parser.add_argument_group("datasets")
     s.add_argument(
         "--seed-datasets",
@@ -233,38 +85,85 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Repeat(argparse.Action):
+    """`append`, except that the first use replaces the default instead of adding to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), values])
+
+
+def knob_flag(field: FieldInfo) -> Flag:
+    (flag,) = [m for m in field.metadata if isinstance(m, Flag)]
+    return flag
+
+
+def option_name(name: str, flag: Flag) -> str:
+    return flag.name or "--" + name.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, Span):
+        low, high = f"{value.min:g}", f"{value.max:g}"
+        return low if low == high else f"{low}-{high}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _argument(field: FieldInfo, flag: Flag) -> dict[str, Any]:
+    """argparse's keywords for a knob, from its type and default in the model."""
+    default = field.get_default(call_default_factory=True)
+    kind = field.annotation
+    help_text = (field.description or "").replace("%", "%%")
+    if default is not None and default is not False and not flag.from_file:
+        help_text += f" (default {shown(default)})"
+    found: dict[str, Any] = {"help": help_text}
+    if flag.from_file:
+        return found | {"type": Path, "default": None, "metavar": flag.metavar}
+    if kind is bool:
+        action = argparse.BooleanOptionalAction if default else "store_true"
+        return found | {"action": action, "default": default}
+    if get_origin(kind) is Literal:
+        return found | {"choices": get_args(kind), "default": default}
+    if get_origin(kind) is list:
+        return found | {"action": _Repeat, "default": default, "metavar": flag.metavar}
+    if kind is Span:
+        return found | {"type": span, "default": default, "metavar": flag.metavar}
+    if get_origin(kind) in (Union, UnionType):
+        (kind,) = [a for a in get_args(kind) if a is not type(None)]
+    if kind not in (str, int, float):
+        raise TypeError(f"no command-line form for a knob of type {kind!r}")
+    return found | {"type": kind, "default": default, "metavar": flag.metavar}
+
+
+def add_knob_options(parser: argparse.ArgumentParser) -> None:
+    """An option for every knob, named, typed, defaulted and explained by `Knobs` itself."""
+    groups = {name: parser.add_argument_group(name) for name in KNOB_GROUPS}
+    for name, field in Knobs.model_fields.items():
+        flag = knob_flag(field)
+        groups[flag.group].add_argument(
+            option_name(name, flag), dest=name, **_argument(field, flag)
+        )
+
+
 def knobs_from(args: argparse.Namespace) -> Knobs:
-    secret = (
-        args.client_secret_file.read_text().strip()
-        if args.client_secret_file
-        else Knobs().client_secret
-    )
-    return Knobs(
-        client_id=args.client_id,
-        client_secret=secret,
-        org_id=args.org_id,
-        sandboxes=args.sandboxes or ["prod", "dev"],
-        token_lifetime_s=args.token_lifetime,
-        time_scale=args.time_scale,
-        not_ready_window_s=args.not_ready_window,
-        run_duration_s=args.run_duration,
-        run_failure_rate=args.run_failure_rate,
-        run_partial_rate=args.run_partial_rate,
-        adhoc_disabled_flow_specs=args.adhoc_disabled_flow_spec,
-        latency_ms=args.latency_ms,
-        rate_limit_rps=args.rate_limit,
-        rate_limit_burst=args.rate_limit_burst,
-        retry_after=args.retry_after,
-        error_429_rate=args.error_429_rate,
-        error_5xx_rate=args.error_5xx_rate,
-        drop_rate=args.drop_rate,
-        slow_rate=args.slow_rate,
-        slow_ms=args.slow_ms,
-        allow_json_uncompressed=args.allow_json_uncompressed,
-        max_destination_flows=args.max_destination_flows,
-        adhoc_max_datasets_per_call=args.adhoc_max_datasets_per_call,
-        seed=args.seed,
-    )
+    values: dict[str, Any] = {}
+    for name, field in Knobs.model_fields.items():
+        value = getattr(args, name)
+        if knob_flag(field).from_file:
+            if value is None:
+                continue
+            value = value.read_text().strip()
+        values[name] = value
+    return Knobs(**values)
 
 
 def seed_lake(

@@ -19,6 +19,13 @@ from aep_emulator.common import (
     state_of,
 )
 from aep_emulator.errors import FlowError, not_found
+from aep_emulator.facts import (
+    DATALAKE_SOURCE_SPEC_ID,
+    FLOW_SERVICE_PATH,
+    SPEC_BY_CONNECTION_ID,
+    StorageSpec,
+    StorageType,
+)
 from aep_emulator.gateway import caller
 from aep_emulator.query import parse_list_query
 from aep_emulator.specs import (
@@ -29,13 +36,6 @@ from aep_emulator.specs import (
     target_schema,
 )
 from aep_emulator.state import Sandbox
-from exporter.aep.facts import (
-    DATALAKE_SOURCE_SPEC_ID,
-    FLOW_SERVICE_PATH,
-    SPEC_BY_CONNECTION_ID,
-    StorageSpec,
-    StorageType,
-)
 
 MASK = "****"
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aep_emulator.datalake import Batch
-from exporter.aep.facts import Compression, FileType
+from aep_emulator.facts import Compression, FileType
 
 DEFAULT_FOLDER_TEMPLATE = "%DATASET_ID%/%EXPORT_TIME%"
 

@@ -20,10 +20,10 @@ from aep_emulator.common import (
 from aep_emulator.connections import Collection, invalid
 from aep_emulator.errors import FlowError
 from aep_emulator.exporting import validate_template
+from aep_emulator.facts import DATALAKE_SOURCE_SPEC_ID, SPEC_BY_FLOW_SPEC_ID
 from aep_emulator.gateway import caller
 from aep_emulator.runs import catch_up, forget_flow, join_datasets, schedule_flow
 from aep_emulator.state import Sandbox
-from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, SPEC_BY_FLOW_SPEC_ID
 
 TEMPLATE_KEYS = ("foldernameTemplate", "folderNameTemplate")
 SCHEDULE_KEYS = {"exportMode", "timeUnit", "interval", "startTime", "endTime", *TEMPLATE_KEYS}

@@ -23,10 +23,7 @@ from aiohttp import web
 from aep_emulator.common import dumps, new_id, read_json, state_of
 from aep_emulator.errors import AdhocError, FlowError, not_found
 from aep_emulator.exporting import export_batches, render_folder
-from aep_emulator.gateway import caller
-from aep_emulator.query import parse_list_query
-from aep_emulator.state import EmulatorState, Run, Sandbox
-from exporter.aep.facts import (
+from aep_emulator.facts import (
     ADHOC_DATASET_ACCEPT,
     ALREADY_RUNNING_PHRASE,
     FLOW_SERVICE_PATH,
@@ -37,6 +34,9 @@ from exporter.aep.facts import (
     FileType,
     StorageType,
 )
+from aep_emulator.gateway import caller
+from aep_emulator.query import parse_list_query
+from aep_emulator.state import EmulatorState, Run, Sandbox
 
 log = structlog.get_logger("aep_emulator")
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]

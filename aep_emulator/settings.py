@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import random
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,48 +45,142 @@ class Span(BaseModel):
 RetryAfterMode = Literal["always", "never", "random"]
 
 
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a knob appears on `aep-exporter emulator`'s command line (aep_emulator/cli.py builds
+    the options from these): its option group, its name when not `--field-name`, its metavar,
+    and `from_file` for a secret given as the path of a file holding it."""
+
+    group: str
+    name: str = ""
+    metavar: str | None = None
+    from_file: bool = False
+
+
+KNOB_GROUPS = ("identity", "emulated time", "guardrails", "faults on platform calls", "limits")
+IDENTITY, TIME, GUARDRAILS, FAULTS, LIMITS = KNOB_GROUPS
+
+
 class Knobs(BaseModel):
     """Everything that makes the emulator behave like a busy production service."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # Identity
-    client_id: str = DEFAULT_CLIENT_ID
-    client_secret: str = Field(default=DEFAULT_CLIENT_SECRET, repr=False)
-    org_id: str = DEFAULT_ORG_ID
-    token_lifetime_s: float = Field(default=86_399, gt=0)
-    sandboxes: list[str] = ["prod", "dev"]
+    client_id: Annotated[str, Flag(IDENTITY)] = Field(
+        default=DEFAULT_CLIENT_ID, description="the accepted client id, also the API key"
+    )
+    client_secret: Annotated[str, Flag(IDENTITY, "--client-secret-file", "FILE", True)] = Field(
+        default=DEFAULT_CLIENT_SECRET,
+        repr=False,
+        description="file holding the accepted client secret (default: the documented "
+        f"{DEFAULT_CLIENT_SECRET!r})",
+    )
+    org_id: Annotated[str, Flag(IDENTITY)] = Field(
+        default=DEFAULT_ORG_ID, description="the IMS org of the tokens it issues"
+    )
+    token_lifetime_s: Annotated[float, Flag(IDENTITY, "--token-lifetime", "S")] = Field(
+        default=86_399, gt=0, description="access token lifetime in seconds"
+    )
+    sandboxes: Annotated[list[str], Flag(IDENTITY, "--sandbox", "NAME")] = Field(
+        default=["prod", "dev"], description="a sandbox name to serve; repeat for more"
+    )
 
     # Time
-    time_scale: float = Field(default=1.0, gt=0)
-    not_ready_window_s: float = Field(default=600, ge=0)  # emulated, from a dataset's join
-    run_duration_s: Span = Span(min=20, max=60)  # emulated
-    run_failure_rate: float = Field(default=0.0, ge=0, le=1)
-    run_partial_rate: float = Field(default=0.0, ge=0, le=1)
-    allow_json_uncompressed: bool = False
-    adhoc_disabled_flow_specs: list[str] = []
+    time_scale: Annotated[float, Flag(TIME, metavar="X")] = Field(
+        default=1.0,
+        gt=0,
+        description="real seconds per emulated second (0.01: ten minutes take six seconds)",
+    )
+    not_ready_window_s: Annotated[float, Flag(TIME, "--not-ready-window", "S")] = Field(
+        default=600,
+        ge=0,
+        description="emulated seconds after a dataset joins a flow (its creation, or a PATCH "
+        "of sourceConnectionIds) during which ad hoc runs answer 'not ready'",
+    )
+    run_duration_s: Annotated[Span, Flag(TIME, "--run-duration", "A-B")] = Field(
+        default=Span(min=20, max=60), description="emulated run duration, uniform in [A, B]"
+    )
+    run_failure_rate: Annotated[float, Flag(TIME, metavar="P")] = Field(
+        default=0.0, ge=0, le=1, description="share of runs that end failed, shaped like AEP's"
+    )
+    run_partial_rate: Annotated[float, Flag(TIME, metavar="P")] = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of successful runs that report warnings in errors[]",
+    )
+    allow_json_uncompressed: Annotated[bool, Flag(FAULTS)] = Field(
+        default=False,
+        description="accept JSON without GZIP, as Adobe's examples (not its rules) do",
+    )
+    adhoc_disabled_flow_specs: Annotated[
+        list[str], Flag(TIME, "--adhoc-disabled-flow-spec", "ID")
+    ] = Field(default=[], description="flow spec id whose ad hoc runs 'can not be executed'")
 
     # Faults on platform calls (everything under /data/)
-    latency_ms: Span = Span(min=0, max=0)
-    rate_limit_rps: float | None = Field(default=None, gt=0)
-    rate_limit_burst: float | None = Field(default=None, gt=0)
-    retry_after: RetryAfterMode = "always"
-    error_429_rate: float = Field(default=0.0, ge=0, le=1)
-    error_5xx_rate: float = Field(default=0.0, ge=0, le=1)
-    drop_rate: float = Field(default=0.0, ge=0, le=1)
-    slow_rate: float = Field(default=0.0, ge=0, le=1)
-    slow_ms: float = Field(default=5_000, ge=0)
+    latency_ms: Annotated[Span, Flag(FAULTS, metavar="A-B")] = Field(
+        default=Span(min=0, max=0), description="added latency per call in ms, uniform in [A, B]"
+    )
+    rate_limit_rps: Annotated[float | None, Flag(FAULTS, "--rate-limit", "RPS")] = Field(
+        default=None, gt=0, description="requests per second per org before 429 (unset: unlimited)"
+    )
+    rate_limit_burst: Annotated[float | None, Flag(FAULTS, metavar="N")] = Field(
+        default=None,
+        gt=0,
+        description="calls allowed at once before the limit applies (unset: RPS)",
+    )
+    retry_after: Annotated[RetryAfterMode, Flag(FAULTS)] = Field(
+        default="always", description="whether 429 answers carry Retry-After"
+    )
+    error_429_rate: Annotated[float, Flag(FAULTS, metavar="P")] = Field(
+        default=0.0, ge=0, le=1, description="share of calls answered 429 regardless of the limit"
+    )
+    error_5xx_rate: Annotated[float, Flag(FAULTS, metavar="P")] = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of calls answered 500, 502, 503 or 504, without effect",
+    )
+    drop_rate: Annotated[float, Flag(FAULTS, metavar="P")] = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of connections closed with no answer (half before, half after the "
+        "request took effect)",
+    )
+    slow_rate: Annotated[float, Flag(FAULTS, metavar="P")] = Field(
+        default=0.0, ge=0, le=1, description="share of calls delayed by a further --slow-ms"
+    )
+    slow_ms: Annotated[float, Flag(FAULTS, metavar="MS")] = Field(
+        default=5_000, ge=0, description="the delay of a slow call, in ms"
+    )
 
     # Limits
     # Adobe's destinations guardrails: at most 100 destination dataflows per sandbox.
-    max_destination_flows: int = Field(default=100, ge=0)
+    max_destination_flows: Annotated[int, Flag(GUARDRAILS, metavar="N")] = Field(
+        default=100,
+        ge=0,
+        description="destination dataflows a sandbox may hold before creating one more is "
+        "refused (Adobe's guardrail)",
+    )
     # Datasets over all destinations of one ad hoc call (Adobe documents 80 audiences per ad
     # hoc job and nothing for datasets: the same cap, by analogy).
-    adhoc_max_datasets_per_call: int = Field(default=80, ge=1)
-    max_body_bytes: int = Field(default=1_048_576, gt=0)
-    max_rows_per_file: int = Field(default=1_000_000, gt=0)
-    journal_size: int = Field(default=1_000_000, gt=0)
-    seed: int | None = None
+    adhoc_max_datasets_per_call: Annotated[int, Flag(GUARDRAILS, metavar="N")] = Field(
+        default=80, ge=1, description="datasets one ad hoc call may name, over all its flows"
+    )
+    max_body_bytes: Annotated[int, Flag(LIMITS, metavar="BYTES")] = Field(
+        default=1_048_576, gt=0, description="largest request body accepted"
+    )
+    max_rows_per_file: Annotated[int, Flag(LIMITS, metavar="N")] = Field(
+        default=1_000_000, gt=0, description="rows per exported file before a run starts another"
+    )
+    journal_size: Annotated[int, Flag(LIMITS, metavar="N")] = Field(
+        default=1_000_000, gt=0, description="served requests the control API's journal keeps"
+    )
+    seed: Annotated[int | None, Flag(FAULTS)] = Field(
+        default=None, description="random seed for faults and durations (unset: random)"
+    )
 
     def scaled(self, emulated_seconds: float) -> float:
         """Real seconds that an emulated wait takes."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from exporter.aep.facts import (
+from aep_emulator.facts import (
     DATALAKE_SOURCE_SPEC_ID,
     DATALAKE_SOURCE_SPEC_NAME,
     DESTINATION_PROVIDER_ID,

@@ -17,10 +17,10 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import ConfigDict
 
+from aep_emulator.clock import Clock
 from aep_emulator.datalake import Batch, DataLake
 from aep_emulator.exporting import ExportResult
 from aep_emulator.settings import Knobs
-from exporter.clock import Clock
 
 RunStatus = Literal["processing", "success", "failed"]
 

@@ -23,7 +23,8 @@ from aep_emulator.exporting import (
     render_folder,
     validate_template,
 )
-from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
+from aep_emulator.facts import Compression, FileType
+from exporter.aep.facts import ALLOWED_FORMATS
 
 NOW_MS = 1_750_000_000_000  # 2025-06-15T15:06:40Z
 DATASET_ID_RE = re.compile(r"^[0-9a-f]{24}$")

@@ -247,10 +247,11 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies(
 ) -> None:
     patterns = dockerignore()
     sources = copied_sources(stages)
-    assert sources == ["pyproject.toml", "README.md", "exporter", "aep_emulator"]
+    assert sources == ["pyproject.toml", "README.md", "exporter"], "the runtime only"
     for source in [*sources, "exporter/cli.py", "exporter/py.typed", "exporter/sources/spool.py"]:
         assert not ignored(source, patterns), source
     for junk in (
+        "aep_emulator/app.py",
         ".venv/bin/python",
         ".git/HEAD",
         ".demo/x",
@@ -282,16 +283,37 @@ def context_files(stages: list[list[Instruction]]) -> Iterator[Path]:
                 yield file
 
 
-@pytest.mark.slow
-def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_script(
-    stages: list[list[Instruction]], tmp_path: Path
+def test_the_image_installs_the_runtime_and_the_redis_extra_not_the_emulator(
+    stages: list[list[Instruction]],
 ) -> None:
-    context = tmp_path / "src"
-    for file in context_files(stages):
-        target = context / file.relative_to(ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(file, target)
-    dist = tmp_path / "dist"
+    runs = [i.args for i in stages[0] if i.keyword == "RUN"]
+    (install,) = [
+        part for run in runs for part in run.split("&&") if " pip " in part and "install" in part
+    ]
+    # The wheel is named through a variable, `"${wheel}[redis]"`: the brackets are no glob.
+    assert any('wheel="$(echo /dist/aep_exporter-*.whl)"' in run for run in runs)
+    extras = re.findall(r"\$\{wheel\}\[([a-z,]+)\]", install)
+    assert extras == ["redis"], install
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "redis" in declared["optional-dependencies"]
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_runtime_dependencies_leave_the_emulator_and_redis_to_their_extras() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = requirement_names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert requirement_names(extras["emulator"]) == {"pyarrow", "jsonschema"}
+    assert requirement_names(extras["redis"]) == {"redis"}
+    assert not runtime & {"pyarrow", "jsonschema", "redis"}, runtime
+    (self_reference,) = [r for r in extras["dev"] if r.startswith("aep-exporter[")]
+    assert {"test", "emulator", "redis"} <= set(self_reference[13:-1].split(","))
+
+
+def build_wheel(context: Path, dist: Path) -> Path:
     subprocess.run(  # noqa: S603 - fixed arguments
         [
             sys.executable,
@@ -311,6 +333,23 @@ def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_scrip
         timeout=50,
     )
     (wheel,) = dist.glob("aep_exporter-*-py3-none-any.whl")
+    return wheel
+
+
+def copy_files(files: Iterator[Path], context: Path) -> None:
+    for file in files:
+        target = context / file.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+
+
+@pytest.mark.slow
+def test_the_wheel_builds_from_the_docker_context_with_the_runtime_and_the_script(
+    stages: list[list[Instruction]], tmp_path: Path
+) -> None:
+    context = tmp_path / "src"
+    copy_files(context_files(stages), context)
+    wheel = build_wheel(context, tmp_path / "dist")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
@@ -318,23 +357,14 @@ def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_scrip
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         meta = archive.read(metadata).decode()
     modules = {n for n in names if n.endswith(".py")}
-    expected = {
-        p.relative_to(context).as_posix()
-        for package in ("exporter", "aep_emulator")
-        for p in (context / package).rglob("*.py")
-    }
-    assert modules == expected, "every module of the package, and nothing else"
-    for module in (
-        "exporter/cli.py",
-        "exporter/daemon/cli.py",
-        "aep_emulator/cli.py",
-        "exporter/settings.py",
-        "exporter/oneshot.py",
-    ):
+    expected = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.py")}
+    assert modules == expected, "every module of the runtime, and nothing else"
+    for module in ("exporter/cli.py", "exporter/daemon/cli.py", "exporter/settings.py"):
         assert module in names
     lua = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.lua")}
     assert lua, "the Redis store's scripts are in the context"
     assert lua <= names, "the Redis store's Lua scripts ship as package data"
+    assert not any(n.startswith("aep_emulator/") for n in names), "the image has no emulator"
     assert "exporter/py.typed" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     assert re.search(
@@ -342,6 +372,33 @@ def test_the_wheel_builds_from_the_docker_context_with_the_package_and_the_scrip
     ), scripts
     assert "Name: aep-exporter" in meta
     assert "Requires-Python: >=3.11" in meta
+    requires = re.findall(r"^Requires-Dist: (.+)$", meta, re.MULTILINE)
+    unconditional = requirement_names([r for r in requires if "extra ==" not in r])
+    assert "aiohttp" in unconditional
+    assert not unconditional & {"pyarrow", "jsonschema", "redis"}, unconditional
+    for name, extra in (("pyarrow", "emulator"), ("jsonschema", "emulator"), ("redis", "redis")):
+        assert any(r.startswith(name) and re.search(rf"extra == .{extra}.", r) for r in requires), (
+            name,
+            requires,
+        )
+
+
+@pytest.mark.slow
+def test_the_wheel_from_the_repository_carries_the_emulator_for_its_extra(
+    tmp_path: Path,
+) -> None:
+    """`pip install 'aep-exporter[emulator]'` must find the emulator's code in the wheel."""
+    context = tmp_path / "src"
+    sources = [ROOT / "pyproject.toml", ROOT / "README.md"]
+    for package in ("exporter", "aep_emulator"):
+        sources += [p for p in (ROOT / package).rglob("*") if "__pycache__" not in p.parts]
+    copy_files((p for p in sources if p.is_file()), context)
+    wheel = build_wheel(context, tmp_path / "dist")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    emulator = {p.relative_to(context).as_posix() for p in (context / "aep_emulator").rglob("*.py")}
+    assert emulator <= names
+    assert "aep_emulator/cli.py" in emulator
 
 
 # -- the systemd unit -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Facts about Adobe Experience Platform shared by the client and the emulator.
+"""Facts about Adobe Experience Platform that the client relies on. The emulator keeps its
+own copy (aep_emulator/facts.py), so that a misreading here is not mirrored there.
 
 Ids, header values and fixed messages come from Adobe's documentation and OpenAPI files
 (see docs/aep-notes.md for the sources and the contradictions we resolved).
