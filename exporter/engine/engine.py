@@ -2,7 +2,7 @@
 
     received ─► flow_ready ─► triggering ─► running ─► succeeded | failed | timed_out
 
-`flow_ready`: the dataset is a member of its lane's flow (lanes.py). `triggering`: the mark
+`flow_ready`: the dataset is a member of its lane's flow (lanes/). `triggering`: the mark
 that tells the job's run from older ones is journaled before the ad hoc call goes out (or, for
 a scheduled job, before waiting for the schedule's run). `running`: the run id is journaled
 before polling. Each step tells `on_state` before the action it enables.
