@@ -53,7 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from exporter.clock import Clock
 from exporter.daemon.config import RedisConfig
-from exporter.retry import Backoff
+from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.redis")
 T = TypeVar("T")
@@ -560,42 +560,45 @@ class RedisStore:
         """`fn()`, retried with backoff while Redis is unreachable or refusing commands for a
         while (`retryable`), up to `outage_s`."""
         started = self._clock.monotonic()
-        attempt = 0
-        while True:
-            try:
-                result = await fn()
-            except Exception as exc:
-                if not retryable(exc):
-                    raise
-                attempt += 1
-                elapsed = self._clock.monotonic() - started
-                delay = self._backoff.next_delay(attempt, self._rng)
-                if delay is None or elapsed >= self.config.outage_s:
-                    log.error(
-                        "redis_unreachable",
-                        operation=operation,
-                        url=self.config.safe_url,
-                        seconds=round(elapsed, 1),
-                        error=str(exc),
-                    )
-                    raise RedisUnavailable(
-                        f"Redis at {self.config.safe_url} unavailable for {elapsed:.0f} s "
-                        f"({operation}): {exc}"
-                    ) from exc
-                delay = min(delay, self.config.outage_s - elapsed)
-                if attempt & (attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th...: not a flood
-                    log.warning(
-                        "redis_retrying",
-                        operation=operation,
-                        attempt=attempt,
-                        retry_in=round(delay, 2),
-                        error=str(exc),
-                    )
-                await self._clock.sleep(delay)
-                continue
-            # redis-py sends with asyncio.wait_for, which on Python 3.11 swallows a
-            # cancellation that comes as the send completes: a stop would go unheard.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
-            return result
+
+        def retrying(r: Retrying) -> None:
+            if r.attempt & (r.attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th...: not a flood
+                log.warning(
+                    "redis_retrying",
+                    operation=operation,
+                    attempt=r.attempt,
+                    retry_in=round(r.delay, 2),
+                    error=str(r.error),
+                )
+
+        try:
+            result = await retry(
+                fn,
+                policy=self._backoff,
+                clock=self._clock,
+                rng=self._rng,
+                retryable=retryable,
+                on_retry=retrying,
+                deadline=started + self.config.outage_s,
+            )
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            elapsed = self._clock.monotonic() - started
+            log.error(
+                "redis_unreachable",
+                operation=operation,
+                url=self.config.safe_url,
+                seconds=round(elapsed, 1),
+                error=str(exc),
+            )
+            raise RedisUnavailable(
+                f"Redis at {self.config.safe_url} unavailable for {elapsed:.0f} s "
+                f"({operation}): {exc}"
+            ) from exc
+        # redis-py sends with asyncio.wait_for, which on Python 3.11 swallows a
+        # cancellation that comes as the send completes: a stop would go unheard.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        return result
