@@ -25,7 +25,7 @@ from exporter.engine.poller import (
     RunTimedOut,
     StatusUnreadable,
 )
-from exporter.errors import NotReadyError, RequestError, ServerError
+from exporter.errors import NotReadyError, PreconditionFailed, RequestError, ServerError
 from exporter.jobs import Job, JobState
 
 CONFIG = EngineConfig(
@@ -74,7 +74,14 @@ async def poller(aep: FakeAep, clock: FakeClock) -> AsyncIterator[RunPoller]:
 
 def lanes(aep: FakeAep, clock: FakeClock) -> LaneManager:
     return LaneManager(
-        aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k"
+        aep,
+        DESTS,
+        CONFIG,
+        org_id="o",
+        sandbox="prod",
+        clock=clock,
+        identity_key=b"k",
+        rng=random.Random(1),
     )
 
 
@@ -388,3 +395,35 @@ async def test_the_unreadable_limit_holds_where_float_rounding_would_disagree(
     await clock.advance(limit)
     with pytest.raises(StatusUnreadable):
         await asyncio.wait_for(wait, 5)
+
+
+async def test_lane_conflicts_wait_on_the_callers_rng_and_stop_at_patch_attempts() -> None:
+    """Every PATCH meets a 412: the change is tried `patch_attempts` times, then fails; the
+    waits between tries are drawn from the rng the caller passed (same seed, same waits)."""
+
+    async def conflicted(seed: int) -> float:
+        clock = FakeClock(auto_advance=True)
+        aep = FakeAep(clock, ready_after_s=600, run_duration_s=100)
+        manager = LaneManager(
+            aep,
+            DESTS,
+            CONFIG,
+            org_id="o",
+            sandbox="prod",
+            clock=clock,
+            identity_key=b"k",
+            rng=random.Random(seed),
+        )
+        await manager.member(job("d1"))
+        aep.fail_next("flows.patch", lambda: PreconditionFailed("stale", status=412), times=100)
+        began = clock.monotonic()
+        with pytest.raises(PreconditionFailed):
+            await manager.member(job("d2"))
+        assert aep.calls["flows.patch"] == CONFIG.patch_attempts
+        await manager.aclose()
+        return clock.monotonic() - began
+
+    first, again, other = await conflicted(7), await conflicted(7), await conflicted(8)
+    assert first > 0
+    assert first == again
+    assert first != other

@@ -82,6 +82,7 @@ class Engine:
             sandbox=sandbox,
             clock=clock,
             identity_key=identity_key,
+            rng=rng,
         )
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)

@@ -46,6 +46,7 @@ class LaneBase:
         sandbox: str,
         clock: Clock,
         identity_key: bytes,
+        rng: random.Random,
     ) -> None:
         self._api = api
         self._destinations = dict(destinations)
@@ -59,7 +60,7 @@ class LaneBase:
         self._conflict = Backoff(
             max_attempts=config.patch_attempts, base_delay_s=0.2, max_delay_s=5.0
         )
-        self._rng = random.Random()
+        self._rng = rng
         # Leftover source connections a change of ours found by name and uses: never orphans
         # to the tidy (rare, so kept for the process's life).
         self._claimed: set[str] = set()

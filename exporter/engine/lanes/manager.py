@@ -107,7 +107,8 @@ class LaneManager(LaneMembership):
 
     async def set_schedule(self, flow: LaneFlow, schedule: dict[str, Any]) -> None:
         """Replace the whole `scheduleParams` under `If-Match`, re-reading on a stale etag."""
-        for attempt in range(1, self._config.patch_attempts + 1):
+
+        async def attempt() -> None:
             item = await self._api.get("flows", flow.id)
             if item is None:
                 raise NotFoundError(f"flow {flow.id} disappeared", status=404)
@@ -118,21 +119,18 @@ class LaneManager(LaneMembership):
                 if k in ("foldernameTemplate", "folderNameTemplate")
             }
             full = keep | schedule
-            try:
-                flow.etag = await self._api.patch_flow(
-                    flow.id,
-                    info.etag,
-                    [{"op": "replace", "path": "/scheduleParams", "value": full}],
-                )
-            except PreconditionFailed:
-                if attempt == self._config.patch_attempts:
-                    raise
-                await self._after_conflict(attempt)
-                continue
+            flow.etag = await self._api.patch_flow(
+                flow.id,
+                info.etag,
+                [{"op": "replace", "path": "/scheduleParams", "value": full}],
+            )
             flow.schedule = full
             flow.state = info.state
             log.info("lane_schedule_set", flow_id=flow.id, schedule=full)
-            return
+
+        await self._on_conflict(
+            flow, attempt, retryable=lambda exc: isinstance(exc, PreconditionFailed)
+        )
 
     async def renew(self) -> int:
         """Move forward the schedule of every lane flow close to its end (or, one-off, to its

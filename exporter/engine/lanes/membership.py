@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,8 +29,10 @@ from exporter.errors import (
     NotFoundError,
     PreconditionFailed,
 )
+from exporter.retry import Retrying, retry
 
 log = structlog.get_logger("exporter.lanes")
+T = TypeVar("T")
 
 
 class LaneMembership(LaneCleanup):
@@ -103,80 +106,109 @@ class LaneMembership(LaneCleanup):
         """Read-modify-write of the flow's dataset set under `If-Match`; returns the joins
         that did not fit (another daemon filled the flow meanwhile)."""
         made: list[str] = []
-        try:
-            for attempt in range(1, self._config.patch_attempts + 1):
-                if attempt == 1 and flow.etag and flow.source_id:
-                    # What this process last saw: if anyone changed the flow since, its etag
-                    # changed too, and the PATCH's If-Match says so (then AEP is read).
-                    etag, old_source = flow.etag, flow.source_id
-                    current = frozenset(flow.members)
-                else:
-                    item = await self._api.get("flows", flow.id)
-                    if item is None:
-                        raise NotFoundError(f"lane flow {flow.id} is gone", status=404)
-                    info = FlowInfo.parse(item)
-                    etag, old_source = info.etag, info.source_connection_ids[0]
-                    source_item = await self._api.get("sourceConnections", old_source)
-                    current = frozenset(_datasets(source_item))
-                    _sync(flow, info, old_source)
-                room = self._config.max_datasets_per_flow - len(current - drops)
-                fit = sorted(adds - current)[: max(0, room)]
-                rest = sorted(adds - current)[max(0, room) :]
-                wanted = (current | set(fit)) - drops
-                now_ms = int(self._clock.time() * 1000)
-                if wanted == current:
-                    _keep(flow, current, now_ms)
-                    return rest
-                if not wanted:
-                    await self._empty(lane, flow, now_ms)
-                    return rest
-                source = await self._source(flow.name, wanted)
-                if source not in made:
-                    made.append(source)
-                try:
-                    flow.etag = await self._api.patch_flow(
-                        flow.id,
-                        etag,
-                        [{"op": "replace", "path": "/sourceConnectionIds", "value": [source]}],
-                    )
-                except PreconditionFailed:
-                    if attempt == self._config.patch_attempts:
-                        raise
-                    log.info("lane_change_conflict", flow_id=flow.id, attempt=attempt)
-                    await self._after_conflict(attempt)
-                    continue
-                except AepError as exc:
-                    # The source connection found by its name was deleted as an orphan (a
-                    # tidy, ours or another daemon's) between the lookup and the PATCH: make
-                    # the set again.
-                    if not _entity_missing(exc) or attempt == self._config.patch_attempts:
-                        raise
+        first = True
+
+        async def attempt() -> list[str]:
+            nonlocal first
+            if first and flow.etag and flow.source_id:
+                # What this process last saw: if anyone changed the flow since, its etag
+                # changed too, and the PATCH's If-Match says so (then AEP is read).
+                etag, old_source = flow.etag, flow.source_id
+                current = frozenset(flow.members)
+            else:
+                item = await self._api.get("flows", flow.id)
+                if item is None:
+                    raise NotFoundError(f"lane flow {flow.id} is gone", status=404)
+                info = FlowInfo.parse(item)
+                etag, old_source = info.etag, info.source_connection_ids[0]
+                source_item = await self._api.get("sourceConnections", old_source)
+                current = frozenset(_datasets(source_item))
+                _sync(flow, info, old_source)
+            first = False
+            room = self._config.max_datasets_per_flow - len(current - drops)
+            fit = sorted(adds - current)[: max(0, room)]
+            rest = sorted(adds - current)[max(0, room) :]
+            wanted = (current | set(fit)) - drops
+            now_ms = int(self._clock.time() * 1000)
+            if wanted == current:
+                _keep(flow, current, now_ms)
+                return rest
+            if not wanted:
+                await self._empty(lane, flow, now_ms)
+                return rest
+            source = await self._source(flow.name, wanted)
+            if source not in made:
+                made.append(source)
+            try:
+                flow.etag = await self._api.patch_flow(
+                    flow.id,
+                    etag,
+                    [{"op": "replace", "path": "/sourceConnectionIds", "value": [source]}],
+                )
+            except AepError as exc:
+                # The source connection found by its name was deleted as an orphan (a tidy,
+                # ours or another daemon's) between the lookup and the PATCH: make the set
+                # again (the retry does).
+                if _entity_missing(exc):
                     log.info("lane_source_vanished", flow_id=flow.id, source_id=source)
                     if source in made:
                         made.remove(source)
-                    continue
-                made.remove(source)
-                flow.source_id = source
-                # Joined when AEP took the change: after the answer, never before it.
-                _keep(flow, wanted, int(self._clock.time() * 1000))
-                log.info(
-                    "lane_members_changed",
-                    flow_id=flow.id,
-                    joined=len(wanted - current),
-                    left=len(current - wanted),
-                    datasets=len(wanted),
-                )
-                if old_source != source:
-                    await self._delete_quietly("sourceConnections", old_source)
-                return rest
-            raise AssertionError("unreachable")
+                raise
+            made.remove(source)
+            flow.source_id = source
+            # Joined when AEP took the change: after the answer, never before it.
+            _keep(flow, wanted, int(self._clock.time() * 1000))
+            log.info(
+                "lane_members_changed",
+                flow_id=flow.id,
+                joined=len(wanted - current),
+                left=len(current - wanted),
+                datasets=len(wanted),
+            )
+            if old_source != source:
+                await self._delete_quietly("sourceConnections", old_source)
+            return rest
+
+        try:
+            return await self._on_conflict(
+                flow,
+                attempt,
+                retryable=lambda exc: (
+                    isinstance(exc, PreconditionFailed)
+                    or (isinstance(exc, AepError) and _entity_missing(exc))
+                ),
+            )
         finally:
             for source in made:
                 await self._delete_quietly("sourceConnections", source)
 
-    async def _after_conflict(self, attempt: int) -> None:
-        delay = self._conflict.next_delay(attempt, self._rng)
-        await self._clock.sleep(self._conflict.ceiling(attempt) if delay is None else delay)
+    async def _on_conflict(
+        self,
+        flow: LaneFlow,
+        call: Callable[[], Awaitable[T]],
+        *,
+        retryable: Callable[[Exception], bool],
+    ) -> T:
+        """`call()`, a read-modify-write of `flow` under `If-Match`, again while it fails as
+        `retryable` says (a 412: another hand changed the flow), up to `patch_attempts`."""
+
+        def conflict(r: Retrying) -> None:
+            if isinstance(r.error, PreconditionFailed):
+                log.info(
+                    "lane_change_conflict",
+                    flow_id=flow.id,
+                    attempt=r.attempt,
+                    retry_in_s=round(r.delay, 3),
+                )
+
+        return await retry(
+            call,
+            policy=self._conflict,
+            clock=self._clock,
+            rng=self._rng,
+            retryable=retryable,
+            on_retry=conflict,
+        )
 
     async def _source(self, flow_name: str, datasets: frozenset[str]) -> str:
         """The source connection holding exactly `datasets`, named after the set, so one a
