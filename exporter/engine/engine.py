@@ -69,11 +69,13 @@ class Engine:
     ) -> None:
         """`identity_key` keys the hash that tells destinations apart by their credentials
         (the AEP client secret: the same for every daemon of the org, unknown to AEP's
-        readers)."""
+        readers). `rng` draws every jitter of the engine's pieces (lanes, trigger, poller):
+        the caller's, so a seeded one makes them repeatable; one is made only if none is
+        given."""
         self.api = api
         self.config = config
         self.clock = clock
-        rng = rng or random.Random()
+        self.rng = rng = rng or random.Random()
         self.lanes = LaneManager(
             api,
             destinations,

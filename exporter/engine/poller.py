@@ -75,14 +75,14 @@ class RunPoller:
         api: AepApi,
         config: EngineConfig,
         clock: Clock,
-        rng: random.Random | None = None,
+        rng: random.Random,
         *,
         metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng
         self._metrics = metrics
         self._waiters: dict[str, list[_Waiter]] = {}
         # Two heaps, one entry per waiter in each, keyed no later than the moment it stands
