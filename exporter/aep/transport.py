@@ -40,7 +40,7 @@ from exporter.aep.envelopes import (
     transport_error,
 )
 from exporter.aep.ratelimit import RateLimiter
-from exporter.clock import Clock, SystemClock
+from exporter.clock import Clock, SystemClock, wait_within
 from exporter.errors import AepError, ClientClosed, PreconditionFailed, ServerError
 from exporter.metrics import Metrics
 from exporter.retry import Backoff, Retrying, retry
@@ -293,11 +293,7 @@ class Transport:
         """Wait up to `within_s` for requests already on the wire; returns how many are left."""
         pending = set(self._exchanges)
         if pending and within_s > 0:
-            waiter = asyncio.ensure_future(asyncio.wait(pending))
-            sleeper = asyncio.ensure_future(self.clock.sleep(within_s))
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            sleeper.cancel()
+            await wait_within(self.clock, within_s, asyncio.wait(pending))
         return sum(1 for t in self._exchanges if not t.done())
 
     async def _send(

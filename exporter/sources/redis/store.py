@@ -51,7 +51,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from exporter.clock import Clock
+from exporter.clock import Clock, wait_within
 from exporter.daemon.config import RedisConfig
 from exporter.retry import Backoff, Retrying, retry
 
@@ -544,15 +544,7 @@ class RedisStore:
     async def _within(self, seconds: float, call: Awaitable[T]) -> T:
         """`call`, given up (cancelled: redis-py drops its connection) after `seconds`."""
         task = asyncio.ensure_future(call)
-        timer = asyncio.ensure_future(self._clock.sleep(seconds))
-        try:
-            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, timer, return_exceptions=True)
-        if task.cancelled():
+        if not await wait_within(self._clock, seconds, task):
             raise TimeoutError(f"Redis did not answer within {seconds:g} s")
         return task.result()
 
