@@ -53,6 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from exporter.clock import Clock, wait_within
 from exporter.daemon.config import RedisConfig
+from exporter.errors import ExporterError
 from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.redis")
@@ -196,7 +197,7 @@ return id
 """
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(ExporterError):
     """Redis was unreachable, or refused our commands, for longer than `outage_s`."""
 
 
