@@ -111,7 +111,7 @@ def schedule_matches(
     return int(current.get("endTime", 0)) > horizon
 
 
-def _entity_missing(exc: AepError) -> bool:
+def entity_missing(exc: AepError) -> bool:
     """AEP's answer to a flow naming a connection that does not exist (400, code 1416)."""
     return exc.status == 400 and "1416" in (exc.code or "")
 
@@ -180,7 +180,7 @@ class LaneFlow:
 
 
 @dataclass(slots=True)
-class _Change:
+class PendingChange:
     """Datasets waiting for a lane's next membership change."""
 
     joins: dict[str, asyncio.Future[LaneFlow]] = field(default_factory=dict)
@@ -191,7 +191,7 @@ class _Change:
 class Lane:
     key: LaneKey
     flows: dict[int, LaneFlow] = field(default_factory=dict)  # by shard
-    pending: _Change = field(default_factory=_Change)
+    pending: PendingChange = field(default_factory=PendingChange)
     worker: asyncio.Task[None] | None = None
     loaded: bool = False
     loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load at a time
@@ -244,7 +244,7 @@ class LaneView:
         }
 
 
-def _datasets(source: Mapping[str, Any] | None) -> list[str]:
+def datasets_of(source: Mapping[str, Any] | None) -> list[str]:
     params = (source or {}).get("params") or {}
     return [
         str(d["dataSetId"])
@@ -253,7 +253,7 @@ def _datasets(source: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
-def _described(item: Mapping[str, Any]) -> dict[str, str] | None:
+def described_lane(item: Mapping[str, Any]) -> dict[str, str] | None:
     """The lane a flow's description names, or None when it is not one of ours."""
     try:
         data = json.loads(str(item.get("description") or ""))
@@ -272,11 +272,11 @@ def _described(item: Mapping[str, Any]) -> dict[str, str] | None:
     }
 
 
-def _sync(flow: LaneFlow, info: FlowInfo, source_id: str) -> None:
+def sync_flow(flow: LaneFlow, info: FlowInfo, source_id: str) -> None:
     flow.etag, flow.state, flow.source_id = info.etag, info.state, source_id
     flow.schedule = dict(info.schedule)
 
 
-def _keep(flow: LaneFlow, datasets: frozenset[str], now_ms: int) -> None:
+def keep_members(flow: LaneFlow, datasets: frozenset[str], now_ms: int) -> None:
     """The flow now exports `datasets`: members that stay keep their join time."""
     flow.members = {d: flow.members.get(d, now_ms) for d in datasets}

@@ -19,8 +19,8 @@ from exporter.engine.lanes.identity import (
     LaneFlow,
     LaneKey,
     LaneView,
-    _datasets,
-    _described,
+    datasets_of,
+    described_lane,
 )
 from exporter.errors import (
     AepError,
@@ -158,7 +158,7 @@ class LaneBase:
             item, info = fresh, FlowInfo.parse(fresh)
             source_id = info.source_connection_ids[0] if info.source_connection_ids else ""
             source = await self._api.get("sourceConnections", source_id) if source_id else None
-        datasets = _datasets(source)
+        datasets = datasets_of(source)
         # When each member joined is not in AEP; the source connection's creation is the
         # latest it can have been (a wait too long once after a restart, never too short).
         joined = max(info.created_at_ms, int((source or {}).get("createdAt") or 0))
@@ -168,7 +168,7 @@ class LaneBase:
     def _known_lane(self, name: str, item: Mapping[str, Any]) -> tuple[LaneKey, int] | None:
         """The lane and shard a listed flow is, when it is one of ours (its description names
         a lane whose flow name is its name) and its destination is configured here."""
-        described = _described(item)
+        described = described_lane(item)
         if described is None:
             return None
         key = LaneKey(org_id=self._org_id, sandbox=self._sandbox, **described)
@@ -193,7 +193,7 @@ class LaneBase:
         in_use = {f.id: f.in_use for lane in self._lanes.values() for f in lane.flows.values()}
         out = []
         for name, item in sorted(self._known.items()):
-            described = _described(item) or {}
+            described = described_lane(item) or {}
             info = FlowInfo.parse(item)
             source = (
                 await self._api.get("sourceConnections", info.source_connection_ids[0])
@@ -215,7 +215,7 @@ class LaneBase:
                     format=str(described.get("file_type", "")),
                     compression=str(described.get("compression", "")),
                     mode=str(described.get("mode", "")),
-                    datasets=len(_datasets(source)),
+                    datasets=len(datasets_of(source)),
                     state=info.state,
                     schedule=info.schedule,
                     end_time=info.schedule.get("endTime"),

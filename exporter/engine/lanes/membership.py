@@ -16,13 +16,13 @@ from exporter.engine.lanes.identity import (
     Lane,
     LaneFlow,
     LaneKey,
-    _Change,
-    _datasets,
-    _entity_missing,
-    _keep,
-    _sync,
+    PendingChange,
+    datasets_of,
     desired_schedule,
+    entity_missing,
+    keep_members,
     set_digest,
+    sync_flow,
 )
 from exporter.errors import (
     AepError,
@@ -51,7 +51,7 @@ class LaneMembership(LaneCleanup):
         while lane.pending.joins or lane.pending.leaves:
             if self._config.join_window_s:
                 await self._clock.sleep(self._config.join_window_s)
-            batch, lane.pending = lane.pending, _Change()
+            batch, lane.pending = lane.pending, PendingChange()
             try:
                 await self._apply(lane, batch)
             except BaseException as exc:
@@ -68,7 +68,7 @@ class LaneMembership(LaneCleanup):
                     raise
                 log.warning("lane_change_failed", lane=lane.key.fingerprint, error=str(exc))
 
-    async def _apply(self, lane: Lane, batch: _Change) -> None:
+    async def _apply(self, lane: Lane, batch: PendingChange) -> None:
         joins = [d for d in batch.joins if lane.member(d) is None]
         leaves = set(batch.leaves)
         for shard in sorted(lane.flows):
@@ -122,8 +122,8 @@ class LaneMembership(LaneCleanup):
                 info = FlowInfo.parse(item)
                 etag, old_source = info.etag, info.source_connection_ids[0]
                 source_item = await self._api.get("sourceConnections", old_source)
-                current = frozenset(_datasets(source_item))
-                _sync(flow, info, old_source)
+                current = frozenset(datasets_of(source_item))
+                sync_flow(flow, info, old_source)
             first = False
             room = self._config.max_datasets_per_flow - len(current - drops)
             fit = sorted(adds - current)[: max(0, room)]
@@ -131,7 +131,7 @@ class LaneMembership(LaneCleanup):
             wanted = (current | set(fit)) - drops
             now_ms = int(self._clock.time() * 1000)
             if wanted == current:
-                _keep(flow, current, now_ms)
+                keep_members(flow, current, now_ms)
                 return rest
             if not wanted:
                 await self._empty(lane, flow, now_ms)
@@ -149,7 +149,7 @@ class LaneMembership(LaneCleanup):
                 # The source connection found by its name was deleted as an orphan (a tidy,
                 # ours or another daemon's) between the lookup and the PATCH: make the set
                 # again (the retry does).
-                if _entity_missing(exc):
+                if entity_missing(exc):
                     log.info("lane_source_vanished", flow_id=flow.id, source_id=source)
                     if source in made:
                         made.remove(source)
@@ -157,7 +157,7 @@ class LaneMembership(LaneCleanup):
             made.remove(source)
             flow.source_id = source
             # Joined when AEP took the change: after the answer, never before it.
-            _keep(flow, wanted, int(self._clock.time() * 1000))
+            keep_members(flow, wanted, int(self._clock.time() * 1000))
             log.info(
                 "lane_members_changed",
                 flow_id=flow.id,
@@ -175,7 +175,7 @@ class LaneMembership(LaneCleanup):
                 attempt,
                 retryable=lambda exc: (
                     isinstance(exc, PreconditionFailed)
-                    or (isinstance(exc, AepError) and _entity_missing(exc))
+                    or (isinstance(exc, AepError) and entity_missing(exc))
                 ),
             )
         finally:
@@ -215,7 +215,7 @@ class LaneMembership(LaneCleanup):
         crash left behind is found and used."""
         name = f"{flow_name} source {set_digest(datasets)}"
         for item in await self._api.find_by_name("sourceConnections", name):
-            if frozenset(_datasets(item)) == datasets:
+            if frozenset(datasets_of(item)) == datasets:
                 self._claimed.add(str(item["id"]))  # the tidy keeps its hands off it
                 return str(item["id"])
         return await self._api.create(
