@@ -211,7 +211,7 @@ class TimedPoller(RunPoller):
     """The engine's poller, noting when it saw each run end and what the run looked like."""
 
     def __init__(self, engine: Engine) -> None:
-        super().__init__(engine.api, engine.config, engine.clock)
+        super().__init__(engine.api, engine.config, engine.clock, engine.rng)
         self.seen: dict[str, tuple[float, RunInfo]] = {}
 
     async def wait(self, run_id: str, *, deadline: float) -> RunInfo:

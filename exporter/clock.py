@@ -12,7 +12,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Protocol
 
 AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
@@ -38,16 +38,28 @@ class Clock(Protocol):
         holds still until it ends, a real one ignores it."""
 
 
+async def wait_within(clock: Clock, seconds: float, work: Awaitable[object]) -> bool:
+    """Wait for `work`, at most `seconds` of `clock`'s time; whether it ended in time.
+
+    If time runs out first, `work` is cancelled and waited for (to keep futures it waits on
+    alive, pass `asyncio.wait(...)` of them). A task passed in keeps its result or error for
+    the caller. A cancelled caller cancels both.
+    """
+    task = asyncio.ensure_future(work)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, timer, return_exceptions=True)
+    return not task.cancelled()
+
+
 async def sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> None:
     """Sleep `seconds` of `clock`'s time, or less if `wake` is set meanwhile."""
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
-    waker = asyncio.ensure_future(wake.wait())
-    try:
-        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        sleeper.cancel()
-        waker.cancel()
-        await asyncio.gather(sleeper, waker, return_exceptions=True)
+    await wait_within(clock, seconds, wake.wait())
 
 
 class SystemClock:

@@ -1,19 +1,39 @@
 """Every error aep-exporter raises, in one tree. Each says whether trying again may help.
 
+Most are defined here; a few live next to the one piece that raises them (its module in
+brackets). tests/test_errors.py checks this tree against the classes, both ways.
+
 ExporterError
-├── ConfigError                 settings or a job that cannot be used as given
-└── AepError                    something AEP (or the way to it) answered or failed to
-    ├── TransportError          no answer: connection refused/reset/dropped, timeout  [retry]
-    ├── AuthError               IMS refused the credentials, or the gateway the token
-    ├── ThrottledError          429                                                    [retry]
-    ├── ServerError             5xx                                                    [retry]
-    ├── NotFoundError           404
-    ├── PreconditionFailed      412: the entity changed since its etag was read        [retry]
-    ├── RequestError            any other 4xx: the request itself is wrong
-    └── AdhocError              the ad hoc run service said no
-        ├── NotReadyError       the flow is too young for dataset export               [retry]
-        ├── AdhocNotEnabled     dataset export is not enabled for the flow's destination
-        └── RunInProgress       a run of this flow and dataset is going on: adopt it
+├── ConfigError                   settings or a job that cannot be used as given
+│   ├── LaneBudgetExhausted       no room for another flow, and no idle lane to retire in time
+│   └── Rejected                  [sources.spool] a job file or body that is not a usable job
+├── ApiRequestError               a request to the daemon's own HTTP API is wrong (400)
+│   ├── BadQuery                  [sources.http] the jobs API's query
+│   └── BadPrune                  [ops.admin_lanes] a lanes prune request
+├── ClientClosed                  the AEP client was used after it was closed
+├── IllegalTransition             [jobs] a job state change the diagram does not allow
+├── RunTimedOut                   [engine.poller] the job's deadline passed before its run ended
+├── StatusUnreadable              [engine.poller] AEP would not tell a run's status for too long
+├── RedisUnavailable              [sources.redis.store] Redis down for longer than outage_s
+├── Corrupt                       [daemon.journal] the journal is not a usable database
+├── Unwritable                    [daemon.journal] the daemon's writes are failing now
+└── AepError                      something AEP (or the way to it) answered or failed to
+    ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]
+    │   ├── ConnectError          [aep.envelopes] no connection: never sent             [retry]
+    │   │   └── TlsError          [aep.envelopes] the certificate could not be verified
+    │   └── TriggerOutcomeUnknown [aep.adhoc] a trigger sent, its answer lost: look first
+    ├── AuthError                 IMS refused the credentials, or the gateway the token
+    ├── ThrottledError            429                                                   [retry]
+    ├── ServerError               5xx                                                   [retry]
+    ├── NotFoundError             404
+    ├── PreconditionFailed        412: the entity changed since its etag was read       [retry]
+    ├── RequestError              any other 4xx: the request itself is wrong
+    └── AdhocError                the ad hoc run service said no
+        ├── NotReadyError         the flow is too young for dataset export              [retry]
+        ├── AdhocNotEnabled       dataset export is not enabled for the flow's destination
+        ├── RunInProgress         a run of this flow and dataset is going on: adopt it
+        ├── FlowDisabled          the flow is disabled
+        └── NotAMember            a dataset of the call is not part of the flow
 """
 
 from __future__ import annotations
@@ -29,6 +49,10 @@ class ExporterError(Exception):
 
 class ConfigError(ExporterError):
     """Configuration, a destination or a job is invalid; the message says where and why."""
+
+
+class ApiRequestError(ExporterError):
+    """A request to the daemon's own HTTP API is wrong; the message says how (answered 400)."""
 
 
 class ClientClosed(ExporterError):

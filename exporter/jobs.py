@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
+from exporter.errors import ExporterError
 from exporter.redaction import Scrubbed
 
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
@@ -63,7 +64,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(ExporterError):
     pass
 
 

@@ -268,6 +268,18 @@ async def test_a_token_expired_at_the_gateway_means_one_reauthentication(
     assert 401 in await statuses(emulator, "flows.list")
 
 
+async def test_a_reauthentication_does_not_use_up_an_attempt_of_the_backoff(
+    emulator: Emulator,
+) -> None:
+    """With two attempts allowed, a 401 (a new token, at once) and then a 503 still leave
+    the second attempt: the re-authentication belongs to the attempt that met it."""
+    await fault(emulator, action="status", status=401, op="flows.list")
+    await fault(emulator, action="status", status=503, op="flows.list")
+    async with client(emulator, max_attempts=2) as api:
+        assert await api.find_by_name("flows", "x") == []
+    assert await statuses(emulator, "flows.list") == [401, 503, 200]
+
+
 # -- the ad hoc service ---------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from exporter.clock import AUTO_ADVANCE_PAUSE, BUSY_HOLD_S, FakeClock
+from exporter.clock import AUTO_ADVANCE_PAUSE, BUSY_HOLD_S, FakeClock, sleep_or_wake, wait_within
 
 
 async def test_sleepers_wake_in_deadline_order_only_when_time_passes() -> None:
@@ -78,3 +78,67 @@ async def test_work_hung_on_purpose_holds_the_clock_only_briefly() -> None:
         await clock.sleep(30)
         assert time.monotonic() - began >= BUSY_HOLD_S
     assert clock.monotonic() == 30
+
+
+async def test_wait_within_ends_with_the_work_and_keeps_its_result() -> None:
+    clock = FakeClock()
+
+    async def work() -> str:
+        await clock.sleep(2)
+        return "done"
+
+    task = asyncio.ensure_future(work())
+    waiting = asyncio.create_task(wait_within(clock, 5, task))
+    await clock.advance(2)
+    assert await waiting is True
+    assert task.result() == "done"
+    assert clock.monotonic() == 2
+    assert clock.sleepers == 0  # the timer went with it
+
+
+async def test_wait_within_cancels_the_work_when_time_runs_out() -> None:
+    clock = FakeClock()
+    stopped = asyncio.Event()
+
+    async def work() -> None:
+        try:
+            await clock.sleep(100)
+        finally:
+            stopped.set()
+
+    task = asyncio.ensure_future(work())
+    waiting = asyncio.create_task(wait_within(clock, 5, task))
+    await clock.advance(4.9)
+    assert not waiting.done()
+    await clock.advance(0.1)
+    assert await waiting is False
+    assert task.cancelled()
+    assert stopped.is_set()  # cancelled and waited for, not left behind
+
+
+async def test_wait_within_leaves_the_futures_of_asyncio_wait_alone() -> None:
+    clock = FakeClock()
+    pending = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(wait_within(clock, 3, asyncio.wait({pending})))
+    await clock.advance(3)
+    assert await waiting is False
+    assert not pending.done()  # only the wait for it was given up
+    pending.cancel()
+
+
+async def test_sleep_or_wake_wakes_early_and_a_cancelled_caller_leaves_no_sleeper() -> None:
+    clock = FakeClock()
+    wake = asyncio.Event()
+    sleeping = asyncio.create_task(sleep_or_wake(clock, 60, wake))
+    await clock.advance(10)
+    wake.set()
+    await sleeping
+    assert clock.monotonic() == 10
+    assert clock.sleepers == 0
+    wake.clear()
+    sleeping = asyncio.create_task(sleep_or_wake(clock, 60, wake))
+    await clock.advance(1)
+    sleeping.cancel()
+    await asyncio.gather(sleeping, return_exceptions=True)
+    assert sleeping.cancelled()
+    assert clock.sleepers == 0

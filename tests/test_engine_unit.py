@@ -25,7 +25,14 @@ from exporter.engine.poller import (
     RunTimedOut,
     StatusUnreadable,
 )
-from exporter.errors import NotReadyError, RequestError, ServerError
+from exporter.engine.trigger import Triggerer
+from exporter.errors import (
+    NotReadyError,
+    PreconditionFailed,
+    RequestError,
+    ServerError,
+    ThrottledError,
+)
 from exporter.jobs import Job, JobState
 
 CONFIG = EngineConfig(
@@ -74,7 +81,14 @@ async def poller(aep: FakeAep, clock: FakeClock) -> AsyncIterator[RunPoller]:
 
 def lanes(aep: FakeAep, clock: FakeClock) -> LaneManager:
     return LaneManager(
-        aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k"
+        aep,
+        DESTS,
+        CONFIG,
+        org_id="o",
+        sandbox="prod",
+        clock=clock,
+        identity_key=b"k",
+        rng=random.Random(1),
     )
 
 
@@ -388,3 +402,97 @@ async def test_the_unreadable_limit_holds_where_float_rounding_would_disagree(
     await clock.advance(limit)
     with pytest.raises(StatusUnreadable):
         await asyncio.wait_for(wait, 5)
+
+
+async def test_lane_conflicts_wait_on_the_callers_rng_and_stop_at_patch_attempts() -> None:
+    """Every PATCH meets a 412: the change is tried `patch_attempts` times, then fails; the
+    waits between tries are drawn from the rng the caller passed (same seed, same waits)."""
+
+    async def conflicted(seed: int) -> float:
+        clock = FakeClock(auto_advance=True)
+        aep = FakeAep(clock, ready_after_s=600, run_duration_s=100)
+        manager = LaneManager(
+            aep,
+            DESTS,
+            CONFIG,
+            org_id="o",
+            sandbox="prod",
+            clock=clock,
+            identity_key=b"k",
+            rng=random.Random(seed),
+        )
+        await manager.member(job("d1"))
+        aep.fail_next("flows.patch", lambda: PreconditionFailed("stale", status=412), times=100)
+        began = clock.monotonic()
+        with pytest.raises(PreconditionFailed):
+            await manager.member(job("d2"))
+        assert aep.calls["flows.patch"] == CONFIG.patch_attempts
+        await manager.aclose()
+        return clock.monotonic() - began
+
+    first, again, other = await conflicted(7), await conflicted(7), await conflicted(8)
+    assert first > 0
+    assert first == again
+    assert first != other
+
+
+async def marks_unreadable_for(
+    error: Callable[[], Exception], *, status_unreadable_s: float
+) -> tuple[BaseException | str, list[float]]:
+    """A trigger whose reads of the flow's runs fail with `error()` every time: what the job
+    gets, and when (virtual seconds from the start) each read was made."""
+    clock = FakeClock(auto_advance=True)
+    aep = FakeAep(clock, ready_after_s=0, run_duration_s=100)
+    config = CONFIG.model_copy(
+        update={
+            "not_ready_wait_s": 0,
+            "not_ready_retry_s": 4,
+            "not_ready_retry_max_s": 8,
+            "status_unreadable_s": status_unreadable_s,
+        }
+    )
+    flow, joined_ms = await lanes(aep, clock).member(job())
+    reads: list[float] = []
+    began = clock.monotonic()
+
+    def failing() -> Exception:
+        reads.append(clock.monotonic() - began)
+        return error()
+
+    aep.fail_next("runs.list", failing, times=10_000)
+    triggerer = Triggerer(aep, config, clock, random.Random(1))
+
+    async def told(mark_ms: int) -> None:
+        return None
+
+    try:
+        got: BaseException | str = await triggerer.trigger(
+            flow.info(), "d1", joined_ms=joined_ms, deadline=1e9, before_send=told
+        )
+    except Exception as exc:
+        got = exc
+    await triggerer.aclose()
+    return got, reads
+
+
+async def test_trigger_gives_up_reading_marks_at_status_unreadable_s_not_after() -> None:
+    got, reads = await marks_unreadable_for(
+        lambda: ServerError("down", status=503), status_unreadable_s=30
+    )
+    assert isinstance(got, StatusUnreadable)
+    # Waits of 2-4, 4-8, then 4-8 s (half to all of a doubling ceiling); the last read
+    # is at the 30 s deadline exactly: the wait before it was cut to end there.
+    assert reads[0] == 0
+    gaps = [b - a for a, b in itertools.pairwise(reads)]
+    assert 2 <= gaps[0] <= 4
+    assert all(4 <= g <= 8 for g in gaps[1:-1])
+    assert reads[-1] == pytest.approx(30)
+
+
+async def test_trigger_honours_retry_after_when_reading_marks() -> None:
+    got, reads = await marks_unreadable_for(
+        lambda: ThrottledError("slow down", status=429, retry_after=25),
+        status_unreadable_s=60,
+    )
+    assert isinstance(got, StatusUnreadable)
+    assert reads == pytest.approx([0, 25, 50, 60])

@@ -30,7 +30,7 @@ from exporter.aep.envelopes import (
 from exporter.aep.facts import IMS_TOKEN_PATH
 from exporter.clock import Clock
 from exporter.errors import AepError, AuthError, ServerError
-from exporter.retry import Backoff
+from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.aep")
 MAX_LIFETIME_S = 86_400.0  # IMS tokens last 24 h; a larger expires_in is not believed
@@ -147,38 +147,34 @@ class TokenProvider:
             log.info("aep_token_invalidated")
 
     async def _refresh(self) -> str:
-        began = self._clock.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
+        asked = 0.0
+
+        async def fetch() -> IssuedToken:
+            nonlocal asked
             asked = self._clock.monotonic()
-            try:
-                issued = await self._fetch()
-            except AepError as exc:
-                delay = (
-                    self._policy.next_delay(
-                        attempt,
-                        self._rng,
-                        retry_after=exc.retry_after,
-                        elapsed=self._clock.monotonic() - began,
-                    )
-                    if exc.retryable
-                    else None
-                )
-                if delay is None:
-                    raise
-                log.info(
-                    "aep_token_retry",
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                    error=type(exc).__name__,
-                    status=exc.status,
-                )
-                await self._clock.sleep(delay)
-                continue
-            lifetime = issued.expires_in_s
-            self._token = issued.access_token
-            self._renew_at = asked + lifetime - min(self._margin, lifetime / 2)
-            self.refreshes += 1
-            log.info("aep_token_refreshed", expires_in_s=lifetime, refreshes=self.refreshes)
-            return issued.access_token
+            return await self._fetch()
+
+        def retrying(r: Retrying) -> None:
+            status = r.error.status if isinstance(r.error, AepError) else None
+            log.info(
+                "aep_token_retry",
+                attempt=r.attempt,
+                delay_s=round(r.delay, 3),
+                error=type(r.error).__name__,
+                status=status,
+            )
+
+        issued = await retry(
+            fetch,
+            policy=self._policy,
+            clock=self._clock,
+            rng=self._rng,
+            retryable=lambda exc: isinstance(exc, AepError) and exc.retryable,
+            on_retry=retrying,
+        )
+        lifetime = issued.expires_in_s
+        self._token = issued.access_token
+        self._renew_at = asked + lifetime - min(self._margin, lifetime / 2)
+        self.refreshes += 1
+        log.info("aep_token_refreshed", expires_in_s=lifetime, refreshes=self.refreshes)
+        return issued.access_token

@@ -43,6 +43,7 @@ from exporter.errors import (
     TransportError,
 )
 from exporter.metrics import Metrics
+from exporter.retry import Retrying, retry
 
 log = structlog.get_logger("exporter.aep")
 FS = FLOW_SERVICE_PATH
@@ -126,9 +127,25 @@ class HttpAep:
         if not isinstance(name, str) or not name:
             raise ValueError("create needs the entity's name, to find it after a lost answer")
         t, operation = self.transport, f"{collection}.create"
-        began, attempt = t.clock.monotonic(), 0
-        while True:
-            attempt += 1
+        failed: list[AepError] = []  # the POSTs' own failures (not the lookups')
+
+        async def adopted(error: AepError) -> str | None:
+            if not _was_sent(error):
+                return None
+            found = await self.find_by_name(collection, name)
+            if not found:
+                return None
+            log.info(
+                "aep_create_adopted",
+                collection=collection,
+                id=str(found[-1]["id"]),
+                error=type(error).__name__,
+            )
+            return str(found[-1]["id"])
+
+        async def post() -> str:
+            if failed and (entity_id := await adopted(failed[-1])) is not None:
+                return entity_id
             try:
                 answer = await t.request(
                     "POST",
@@ -138,42 +155,41 @@ class HttpAep:
                     idempotent=False,
                 )
             except (TransportError, ServerError, ThrottledError) as exc:
-                if not exc.retryable:
-                    raise
-                error = exc
-            else:
-                new_id = answer.body.get("id") if isinstance(answer.body, Mapping) else None
-                if not isinstance(new_id, str) or not new_id:
-                    raise ServerError("the create answer has no id", operation=operation)
-                return new_id
-            elapsed = t.clock.monotonic() - began
-            delay = t.policy.next_delay(
-                attempt, t.rng, retry_after=error.retry_after, elapsed=elapsed
-            )
-            if delay is not None:
-                await t.clock.sleep(delay)
-            if _was_sent(error):
-                found = await self.find_by_name(collection, name)
-                if found:
-                    adopted = str(found[-1]["id"])
-                    log.info(
-                        "aep_create_adopted",
-                        collection=collection,
-                        id=adopted,
-                        error=type(error).__name__,
-                    )
-                    return adopted
-            if delay is None:
-                raise error
+                failed.append(exc)
+                raise
+            new_id = answer.body.get("id") if isinstance(answer.body, Mapping) else None
+            if not isinstance(new_id, str) or not new_id:
+                raise ServerError("the create answer has no id", operation=operation)
+            return new_id
+
+        def retrying(r: Retrying) -> None:
+            error = failed[-1]
             log.info(
                 "aep_create_retry",
                 collection=collection,
-                attempt=attempt,
+                attempt=r.attempt,
                 error=type(error).__name__,
                 status=error.status,
             )
             if t.metrics is not None:
                 t.metrics.api_retry(operation)
+
+        try:
+            return await retry(
+                post,
+                policy=t.policy,
+                clock=t.clock,
+                rng=t.rng,
+                retryable=lambda exc: bool(failed) and exc is failed[-1] and failed[-1].retryable,
+                on_retry=retrying,
+            )
+        except AepError as exc:
+            # Given up: the last POST may still have made it.
+            if failed and exc is failed[-1] and exc.retryable:
+                entity_id = await adopted(exc)
+                if entity_id is not None:
+                    return entity_id
+            raise
 
     async def get(self, collection: Collection, entity_id: str) -> dict[str, Any] | None:
         """One entity (unwrapped from AEP's `items`), or None if it does not exist."""

@@ -40,10 +40,10 @@ from exporter.aep.envelopes import (
     transport_error,
 )
 from exporter.aep.ratelimit import RateLimiter
-from exporter.clock import Clock, SystemClock
+from exporter.clock import Clock, SystemClock, wait_within
 from exporter.errors import AepError, ClientClosed, PreconditionFailed, ServerError
 from exporter.metrics import Metrics
-from exporter.retry import Backoff
+from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.aep")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -204,51 +204,65 @@ class Transport:
             target += ("&" if "?" in target else "?") + encode_query(query)
         url = self.url(target)
         data = None if json_body is None else json.dumps(json_body).encode()
-        began = self.clock.monotonic()
-        attempt, reauthenticated = 0, False
-        while True:
-            attempt += 1
+        reauthenticated = False
+
+        async def send() -> Response:
+            nonlocal reauthenticated
             token = await self.tokens.token()
-            sent = self._headers(token, headers, data is not None)
             try:
-                return await self._send(method, url, sent, data, operation)
-            except AepError as exc:
-                error = exc
-            if error.status == 401 and not reauthenticated:
-                reauthenticated = True
-                self.tokens.invalidate(token)
-                log.info("aep_request_reauth", operation=operation, method=method)
-                if self.metrics is not None:
-                    self.metrics.api_retry(operation)
-                continue
-            delay = (
-                self.policy.next_delay(
-                    attempt,
-                    self.rng,
-                    retry_after=error.retry_after,
-                    elapsed=self.clock.monotonic() - began,
+                return await self._send(
+                    method, url, self._headers(token, headers, data is not None), data, operation
                 )
-                # A 412 is retryable only by the caller, after re-reading the etag: the same
-                # If-Match sent again is refused again.
-                if idempotent and error.retryable and not isinstance(error, PreconditionFailed)
-                else None
+            except AepError as exc:
+                if exc.status != 401 or reauthenticated:
+                    raise
+            # The gateway refused a token IMS still calls valid (revoked, rotated): once, a
+            # new one, at once; not an attempt of the backoff.
+            reauthenticated = True
+            self.tokens.invalidate(token)
+            log.info("aep_request_reauth", operation=operation, method=method)
+            if self.metrics is not None:
+                self.metrics.api_retry(operation)
+            token = await self.tokens.token()
+            return await self._send(
+                method, url, self._headers(token, headers, data is not None), data, operation
             )
-            if delay is None:
-                raise error
+
+        def retryable(exc: Exception) -> bool:
+            # A 412 is retryable only by the caller, after re-reading the etag: the same
+            # If-Match sent again is refused again.
+            return (
+                idempotent
+                and isinstance(exc, AepError)
+                and exc.retryable
+                and not isinstance(exc, PreconditionFailed)
+            )
+
+        def retrying(r: Retrying) -> None:
+            error = r.error
+            assert isinstance(error, AepError)  # (only those are retryable)
             log.info(
                 "aep_request_retry",
                 operation=operation,
                 method=method,
                 path=url.path,
-                attempt=attempt,
-                delay_s=round(delay, 3),
+                attempt=r.attempt,
+                delay_s=round(r.delay, 3),
                 error=type(error).__name__,
                 status=error.status,
                 retry_after=error.retry_after,
             )
             if self.metrics is not None:
                 self.metrics.api_retry(operation)
-            await self.clock.sleep(delay)
+
+        return await retry(
+            send,
+            policy=self.policy,
+            clock=self.clock,
+            rng=self.rng,
+            retryable=retryable,
+            on_retry=retrying,
+        )
 
     async def _exchange(
         self, method: str, url: URL, headers: dict[str, str], data: bytes | None, operation: str
@@ -279,11 +293,7 @@ class Transport:
         """Wait up to `within_s` for requests already on the wire; returns how many are left."""
         pending = set(self._exchanges)
         if pending and within_s > 0:
-            waiter = asyncio.ensure_future(asyncio.wait(pending))
-            sleeper = asyncio.ensure_future(self.clock.sleep(within_s))
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            sleeper.cancel()
+            await wait_within(self.clock, within_s, asyncio.wait(pending))
         return sum(1 for t in self._exchanges if not t.done())
 
     async def _send(

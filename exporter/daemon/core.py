@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import structlog
 
 from exporter.aep.client import HttpAep
-from exporter.clock import Clock, sleep_or_wake
+from exporter.clock import Clock, sleep_or_wake, wait_within
 from exporter.daemon.journal import Corrupt, JobRecord, Journal
 from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
 from exporter.engine import Engine, Progress
@@ -484,11 +484,8 @@ class Daemon:
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
         await self.engine.stop()  # and the flow setups jobs were sharing
         if self._settling:  # outcomes being written when the stop came are written whole
-            written = asyncio.ensure_future(asyncio.wait(set(self._settling)))
-            grace = asyncio.ensure_future(self.clock.sleep(self.settings.daemon.shutdown_grace_s))
-            await asyncio.wait({written, grace}, return_when=asyncio.FIRST_COMPLETED)
-            written.cancel()
-            grace.cancel()
+            grace_s = self.settings.daemon.shutdown_grace_s
+            await wait_within(self.clock, grace_s, asyncio.wait(set(self._settling)))
             late = {f for f in self._settling if not f.done()}
             for unwritten in late:  # the disk is full: the next start resumes these jobs
                 unwritten.cancel()

@@ -21,6 +21,7 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.daemon.storage import Faults
+from exporter.errors import ExporterError
 from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
 
 T = TypeVar("T")
@@ -114,7 +115,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class Corrupt(Exception):
+class Corrupt(ExporterError):
     """The journal file is not a usable SQLite database: restarting cannot mend it."""
 
     def __init__(self, path: Path, detail: str) -> None:
@@ -162,7 +163,7 @@ def _vacuum_incrementally(conn: sqlite3.Connection) -> None:
         log.warning("journal_vacuum_postponed", error=str(exc))
 
 
-class Unwritable(RuntimeError):
+class Unwritable(ExporterError):
     """The daemon's writes are failing now (a full disk): what `check_writable` raises."""
 
 

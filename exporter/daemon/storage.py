@@ -21,7 +21,7 @@ import prometheus_client
 import structlog
 
 from exporter.clock import Clock
-from exporter.retry import Backoff
+from exporter.retry import Backoff, Retrying, retry
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
@@ -88,29 +88,28 @@ async def persist(
 ) -> T:
     """`write()`, again and again with backoff until it works. Cancellable between tries.
     `only_transient`: other storage errors (see `transient`) are raised at once."""
-    attempt = 0
-    while True:
-        try:
-            result = await write()
-        except STORAGE_ERRORS as exc:
-            if only_transient and not transient(exc):
-                raise
-            attempt += 1
-            faults.failed(operation, exc)
-            delay = RETRY.next_delay(attempt, rng)
-            if delay is None:  # (RETRY sets no limit that ends this)
-                delay = RETRY.max_delay_s
-            log.warning(
-                "storage_write_failed",
-                operation=operation,
-                error=f"{type(exc).__name__}: {exc}",
-                attempt=attempt,
-                retry_in_s=round(delay, 3),
-                **context,
-            )
-            await clock.sleep(delay)
-            continue
-        if attempt:
-            log.info("storage_write_recovered", operation=operation, attempts=attempt, **context)
-        faults.worked(operation)
-        return result
+    failures = 0
+
+    def retryable(exc: Exception) -> bool:
+        return isinstance(exc, STORAGE_ERRORS) and (transient(exc) or not only_transient)
+
+    def failed(r: Retrying) -> None:
+        nonlocal failures
+        failures = r.attempt
+        faults.failed(operation, r.error)
+        log.warning(
+            "storage_write_failed",
+            operation=operation,
+            error=f"{type(r.error).__name__}: {r.error}",
+            attempt=r.attempt,
+            retry_in_s=round(r.delay, 3),
+            **context,
+        )
+
+    result = await retry(
+        write, policy=RETRY, clock=clock, rng=rng, retryable=retryable, on_retry=failed
+    )
+    if failures:
+        log.info("storage_write_recovered", operation=operation, attempts=failures, **context)
+    faults.worked(operation)
+    return result

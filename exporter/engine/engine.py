@@ -2,7 +2,7 @@
 
     received ─► flow_ready ─► triggering ─► running ─► succeeded | failed | timed_out
 
-`flow_ready`: the dataset is a member of its lane's flow (lanes.py). `triggering`: the mark
+`flow_ready`: the dataset is a member of its lane's flow (lanes/). `triggering`: the mark
 that tells the job's run from older ones is journaled before the ad hoc call goes out (or, for
 a scheduled job, before waiting for the schedule's run). `running`: the run id is journaled
 before polling. Each step tells `on_state` before the action it enables.
@@ -69,11 +69,13 @@ class Engine:
     ) -> None:
         """`identity_key` keys the hash that tells destinations apart by their credentials
         (the AEP client secret: the same for every daemon of the org, unknown to AEP's
-        readers)."""
+        readers). `rng` draws every jitter of the engine's pieces (lanes, trigger, poller):
+        the caller's, so a seeded one makes them repeatable; one is made only if none is
+        given."""
         self.api = api
         self.config = config
         self.clock = clock
-        rng = rng or random.Random()
+        self.rng = rng = rng or random.Random()
         self.lanes = LaneManager(
             api,
             destinations,
@@ -82,6 +84,7 @@ class Engine:
             sandbox=sandbox,
             clock=clock,
             identity_key=identity_key,
+            rng=rng,
         )
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)

@@ -25,7 +25,7 @@ import structlog
 from exporter.aep.api import AepApi, RunInfo
 from exporter.clock import Clock, sleep_or_wake
 from exporter.engine.config import EngineConfig
-from exporter.errors import AepError
+from exporter.errors import AepError, ExporterError
 from exporter.metrics import Metrics
 
 log = structlog.get_logger("exporter.poller")
@@ -34,11 +34,11 @@ BATCH_HISTORY = 1024  # how many recent batch sizes the stats keep
 COMPACT_MIN = 64  # finished waiters left in the heaps before they are swept out
 
 
-class RunTimedOut(Exception):
+class RunTimedOut(ExporterError):
     """The job's deadline passed before its run ended."""
 
 
-class StatusUnreadable(Exception):
+class StatusUnreadable(ExporterError):
     """The run's status could not be read for longer than allowed."""
 
 
@@ -75,14 +75,14 @@ class RunPoller:
         api: AepApi,
         config: EngineConfig,
         clock: Clock,
-        rng: random.Random | None = None,
+        rng: random.Random,
         *,
         metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng
         self._metrics = metrics
         self._waiters: dict[str, list[_Waiter]] = {}
         # Two heaps, one entry per waiter in each, keyed no later than the moment it stands

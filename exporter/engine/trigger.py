@@ -19,7 +19,9 @@ call and gets the error; the other jobs of the batch go on.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +43,7 @@ from exporter.errors import (
     TransportError,
 )
 from exporter.metrics import Metrics
+from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.trigger")
 BeforeSend = Callable[[int], Awaitable[None]]
@@ -116,14 +119,24 @@ class Triggerer:
         api: AepApi,
         config: EngineConfig,
         clock: Clock,
-        rng: random.Random | None = None,
+        rng: random.Random,
         *,
         metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng
+        # Waits after "not ready" and failed reads: doubling, kept between half and all of the
+        # ceiling (AEP's readiness is minutes away, not a storm to spread out); bounded by the
+        # asks' own deadlines, not by the policy.
+        self._pace = Backoff(
+            max_attempts=sys.maxsize,
+            base_delay_s=config.not_ready_retry_s,
+            max_delay_s=config.not_ready_retry_max_s,
+            max_elapsed_s=math.inf,
+            jitter=0.5,
+        )
         self._metrics = metrics
         self._queues: dict[str, _Queue] = {}
         self.sent = 0  # ad hoc calls sent
@@ -278,7 +291,7 @@ class Triggerer:
             for (ask, listener), result in zip(told, results, strict=True):
                 if isinstance(result, BaseException):  # that job stops; the others go on
                     ask.drop(listener, result)
-        delay = self._config.not_ready_retry_s
+        step = 1  # how many times the pace has doubled, plus one
         uncertain = retrying = False
         while True:
             self._expire(queue)
@@ -290,8 +303,8 @@ class Triggerer:
                     await self._adopt_all(flow_id, pending)
                 except (TransportError, ServerError, ThrottledError) as exc:
                     log.warning("trigger_adoption_unreadable", flow_id=flow_id, error=str(exc))
-                    await self._pause(queue, batch, self._rng.uniform(delay / 2, delay))
-                    delay = min(delay * 2, self._config.not_ready_retry_max_s)
+                    await self._pause(queue, batch, self._paced(step))
+                    step += 1
                     continue
                 pending = [a for a in pending if not a.future.done()]
                 if not pending:
@@ -317,17 +330,17 @@ class Triggerer:
                     uncertain = True
                 continue
             except NotReadyError:
-                pause = self._rng.uniform(delay / 2, delay)
+                pause = self._paced(step)
                 log.info("trigger_not_ready", flow_id=flow_id, retry_in=round(pause, 1))
-                delay = min(delay * 2, self._config.not_ready_retry_max_s)
+                step += 1
             except ThrottledError as exc:
-                pause = max(exc.retry_after or 0.0, self._rng.uniform(delay / 4, delay / 2))
+                pause = max(exc.retry_after or 0.0, self._paced(step) / 2)
                 log.info("trigger_throttled", flow_id=flow_id, retry_in=round(pause, 1))
                 retrying = True
             except (TransportError, ServerError) as exc:
                 # The answer was lost or the server failed mid-way: runs may exist.
                 uncertain = retrying = True
-                pause = self._rng.uniform(delay / 4, delay / 2)
+                pause = self._paced(step) / 2
                 log.warning("trigger_uncertain", flow_id=flow_id, error=str(exc))
             except FlowDisabled:
                 log.info("trigger_flow_disabled", flow_id=flow_id)
@@ -369,25 +382,38 @@ class Triggerer:
         """The marks, read again after failures until the asks' deadlines or
         `status_unreadable_s`: no call goes out without them (a lost answer could not be
         told from an old run)."""
-        given_up = self._clock.monotonic() + self._config.status_unreadable_s
-        delay = self._config.not_ready_retry_s
-        while True:
-            try:
-                return await self.marks(queue.flow.id, [a.dataset_id for a in asks])
-            except (TransportError, ServerError, ThrottledError) as exc:
-                if self._clock.monotonic() >= given_up:
-                    error = StatusUnreadable(
-                        f"the runs of flow {queue.flow.id} could not be read before the "
-                        f"trigger for {self._config.status_unreadable_s:g} s: {exc}"
-                    )
-                    for ask in asks:
-                        _fail(ask, error)
-                    return None
-                log.warning("trigger_marks_unreadable", flow_id=queue.flow.id, error=str(exc))
-            await self._pause(queue, asks, self._rng.uniform(delay / 2, delay))
-            delay = min(delay * 2, self._config.not_ready_retry_max_s)
+        unreadable = (TransportError, ServerError, ThrottledError)
+
+        async def read() -> dict[str, int] | None:
             if all(a.future.done() for a in asks):
                 return None
+            return await self.marks(queue.flow.id, [a.dataset_id for a in asks])
+
+        def retrying(r: Retrying) -> None:
+            log.warning("trigger_marks_unreadable", flow_id=queue.flow.id, error=str(r.error))
+
+        async def pause(seconds: float) -> None:
+            await self._pause(queue, asks, seconds)
+
+        try:
+            return await retry(
+                read,
+                policy=self._pace,
+                clock=self._clock,
+                rng=self._rng,
+                retryable=lambda exc: isinstance(exc, unreadable),
+                on_retry=retrying,
+                deadline=self._clock.monotonic() + self._config.status_unreadable_s,
+                sleep=pause,
+            )
+        except unreadable as exc:
+            error = StatusUnreadable(
+                f"the runs of flow {queue.flow.id} could not be read before the "
+                f"trigger for {self._config.status_unreadable_s:g} s: {exc}"
+            )
+            for ask in asks:
+                _fail(ask, error)
+            return None
 
     async def _fence(self, asks: list[_Ask]) -> list[_Ask]:
         """Ask the fence of every job in the call, at once, right before it goes out; a job
@@ -415,6 +441,9 @@ class Triggerer:
             if fresh is not None:
                 log.info("run_adopted", flow_id=flow_id, dataset_id=ask.dataset_id, run_id=fresh.id)
                 _resolve(ask, fresh.id)
+
+    def _paced(self, step: int) -> float:
+        return self._pace.next_delay(step, self._rng) or self._pace.max_delay_s
 
     async def _pause(self, queue: _Queue, batch: Sequence[_Ask], seconds: float) -> None:
         live = [a for a in batch if not a.future.done()]

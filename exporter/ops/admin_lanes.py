@@ -20,7 +20,7 @@ from aiohttp import web
 
 from exporter.daemon.core import Daemon
 from exporter.engine.lanes import LaneView
-from exporter.errors import ExporterError
+from exporter.errors import ApiRequestError, ExporterError
 from exporter.sources.http import RETRY_FULL_S, RETRY_UNAVAILABLE_S, error_response
 
 log = structlog.get_logger("exporter.admin")
@@ -30,7 +30,7 @@ PRUNE_DEADLINE_S = 60.0  # the answer to a prune; the prune itself goes on past 
 BOOLEANS = {"true": True, "false": False}
 
 
-class BadPrune(ValueError):
+class BadPrune(ApiRequestError):
     pass
 
 

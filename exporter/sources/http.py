@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from exporter.aep.api import FlowInfo
 from exporter.daemon.core import Admission, Daemon, Quiet
 from exporter.daemon.journal import JobRecord, Journal
-from exporter.errors import AepError, ConfigError
+from exporter.errors import AepError, ApiRequestError, ConfigError
 from exporter.jobs import Job, JobState
 from exporter.sources.spool import Rejected, parse_job
 
@@ -72,7 +72,7 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     )
 
 
-class BadQuery(ValueError):
+class BadQuery(ApiRequestError):
     pass
 
 

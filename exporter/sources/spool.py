@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from exporter.errors import ConfigError
 from exporter.jobs import Job, JobState, Outcome
 
 FOLDERS = ("incoming", "processing", "done", "failed", "rejected")
@@ -33,7 +34,7 @@ OUTCOME_FOLDER = {JobState.SUCCEEDED: "done", JobState.REJECTED: "rejected"}
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
 
 
-class Rejected(Exception):
+class Rejected(ConfigError):
     """A job file that cannot become a job; the message says why, for a person."""
 
 

@@ -43,9 +43,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 
-from exporter.clock import Clock
+from exporter.clock import Clock, wait_within
 from exporter.daemon.config import RedisConfig
-from exporter.retry import Backoff
+from exporter.errors import ExporterError
+from exporter.retry import Backoff, Retrying, retry
 from exporter.sources.redis.errors import retryable
 
 log = structlog.get_logger("exporter.redis")
@@ -53,7 +54,7 @@ T = TypeVar("T")
 Entry = tuple[str, Mapping[bytes, bytes]]
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(ExporterError):
     """Redis was unreachable, or refused our commands, for longer than `outage_s`."""
 
 
@@ -390,15 +391,7 @@ class RedisStore:
     async def _within(self, seconds: float, call: Awaitable[T]) -> T:
         """`call`, given up (cancelled: redis-py drops its connection) after `seconds`."""
         task = asyncio.ensure_future(call)
-        timer = asyncio.ensure_future(self._clock.sleep(seconds))
-        try:
-            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, timer, return_exceptions=True)
-        if task.cancelled():
+        if not await wait_within(self._clock, seconds, task):
             raise TimeoutError(f"Redis did not answer within {seconds:g} s")
         return task.result()
 
@@ -406,42 +399,45 @@ class RedisStore:
         """`fn()`, retried with backoff while Redis is unreachable or refusing commands for a
         while (`retryable`), up to `outage_s`."""
         started = self._clock.monotonic()
-        attempt = 0
-        while True:
-            try:
-                result = await fn()
-            except Exception as exc:
-                if not retryable(exc):
-                    raise
-                attempt += 1
-                elapsed = self._clock.monotonic() - started
-                delay = self._backoff.next_delay(attempt, self._rng)
-                if delay is None or elapsed >= self.config.outage_s:
-                    log.error(
-                        "redis_unreachable",
-                        operation=operation,
-                        url=self.config.safe_url,
-                        seconds=round(elapsed, 1),
-                        error=str(exc),
-                    )
-                    raise RedisUnavailable(
-                        f"Redis at {self.config.safe_url} unavailable for {elapsed:.0f} s "
-                        f"({operation}): {exc}"
-                    ) from exc
-                delay = min(delay, self.config.outage_s - elapsed)
-                if attempt & (attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th...: not a flood
-                    log.warning(
-                        "redis_retrying",
-                        operation=operation,
-                        attempt=attempt,
-                        retry_in=round(delay, 2),
-                        error=str(exc),
-                    )
-                await self._clock.sleep(delay)
-                continue
-            # redis-py sends with asyncio.wait_for, which on Python 3.11 swallows a
-            # cancellation that comes as the send completes: a stop would go unheard.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
-            return result
+
+        def retrying(r: Retrying) -> None:
+            if r.attempt & (r.attempt - 1) == 0:  # the 1st, 2nd, 4th, 8th...: not a flood
+                log.warning(
+                    "redis_retrying",
+                    operation=operation,
+                    attempt=r.attempt,
+                    retry_in=round(r.delay, 2),
+                    error=str(r.error),
+                )
+
+        try:
+            result = await retry(
+                fn,
+                policy=self._backoff,
+                clock=self._clock,
+                rng=self._rng,
+                retryable=retryable,
+                on_retry=retrying,
+                deadline=started + self.config.outage_s,
+            )
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            elapsed = self._clock.monotonic() - started
+            log.error(
+                "redis_unreachable",
+                operation=operation,
+                url=self.config.safe_url,
+                seconds=round(elapsed, 1),
+                error=str(exc),
+            )
+            raise RedisUnavailable(
+                f"Redis at {self.config.safe_url} unavailable for {elapsed:.0f} s "
+                f"({operation}): {exc}"
+            ) from exc
+        # redis-py sends with asyncio.wait_for, which on Python 3.11 swallows a
+        # cancellation that comes as the send completes: a stop would go unheard.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        return result
