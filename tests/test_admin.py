@@ -34,12 +34,11 @@ from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon, Se
 from exporter.daemon.journal import JobRecord
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
-from exporter.jobs import TERMINAL
+from exporter.jobs import TERMINAL, Rejected, parse_job
 from exporter.ops.admin import AdminServer
 from exporter.ops.admin_token import ensure_token, read_token
 from exporter.redaction import SECRETS
 from exporter.settings import load_settings
-from exporter.sources.spool import Rejected, parse_job
 from tests.bad_jobs import DESTINATIONS
 from tests.conftest import Answer, Emulator
 from tests.daemon_support import daemon_process, kill, write_config

@@ -20,9 +20,9 @@ from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
-from exporter.jobs import Outcome
+from exporter.jobs import Outcome, Parsed
 from exporter.settings import Settings
-from exporter.sources.spool import RESULT_SUFFIX, Parsed, Spool
+from exporter.sources.spool import RESULT_SUFFIX, Spool
 from tests.aepclient_support import config_for
 from tests.bad_jobs import (
     BY_NAME,

@@ -28,11 +28,12 @@ from exporter.daemon.assemble import build_daemon
 from exporter.daemon.core import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
 from exporter.errors import ConfigError
+from exporter.jobs import Rejected
 from exporter.logs import configure_logging
 from exporter.oneshot import add_config_argument, settings_or_report
 from exporter.settings import Settings, load_settings
 from exporter.sources.schedules import iso, status_table, upcoming
-from exporter.sources.spool import Rejected, Spool
+from exporter.sources.spool import Spool
 
 log = structlog.get_logger("exporter.daemon")
 

@@ -37,10 +37,10 @@ from exporter.daemon.journal import Corrupt, JobRecord, Journal
 from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
 from exporter.engine import Engine, Progress
 from exporter.errors import ConfigError
-from exporter.jobs import TERMINAL, Job, JobState, Outcome
+from exporter.jobs import TERMINAL, Job, JobState, Outcome, Parsed, Rejected
 from exporter.metrics import Metrics
 from exporter.settings import Settings
-from exporter.sources.spool import Parsed, Rejected, Spool
+from exporter.sources.spool import Spool
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")

@@ -28,8 +28,7 @@ from exporter.aep.api import FlowInfo
 from exporter.daemon.core import Admission, Daemon, Quiet
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.errors import AepError, ConfigError
-from exporter.jobs import Job, JobState
-from exporter.sources.spool import Rejected, parse_job
+from exporter.jobs import Job, JobState, Rejected, parse_job
 
 log = structlog.get_logger("exporter.admin")
 

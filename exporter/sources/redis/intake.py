@@ -74,9 +74,8 @@ from exporter.daemon.config import RedisConfig
 from exporter.daemon.core import Admission, Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
-from exporter.jobs import Job, JobState, Outcome
+from exporter.jobs import Job, JobState, Outcome, Parsed, Rejected, parse_job
 from exporter.sources.redis.store import Claim, Entry, RedisStore, RedisUnavailable, text
-from exporter.sources.spool import Parsed, Rejected, parse_job
 
 log = structlog.get_logger("exporter.redis")
 SOURCE = "redis"
