@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
+from exporter.destinations import unknown_destination
 from exporter.redaction import Scrubbed
 
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
@@ -45,6 +46,9 @@ class JobState(enum.StrEnum):
 TERMINAL = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.REJECTED}
 )
+
+ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
+"""The unfinished states, in the order a job goes through them."""
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset(
@@ -327,9 +331,6 @@ def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Pars
     except ValidationError as exc:
         raise Rejected(_describe(exc)) from None
     if job.destination not in destinations:
-        raise Rejected(
-            f"destination: unknown destination {job.destination!r}; configured: "
-            f"{', '.join(sorted(destinations)) or 'none'}"
-        )
+        raise Rejected(f"destination: {unknown_destination(job.destination, destinations)}")
     # What the journal keeps: JSON-safe whatever the parser made (YAML !!binary is bytes).
     return Parsed(job, job.model_dump(mode="json", exclude_unset=True))

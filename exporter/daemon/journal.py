@@ -21,12 +21,11 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.daemon.storage import Faults
-from exporter.jobs import TERMINAL, JobState, Outcome, check_transition
+from exporter.jobs import ORDER, TERMINAL, JobState, Outcome, check_transition
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
 FILE_NAME = "journal.sqlite3"
-ORDER = [JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -40,7 +40,7 @@ import structlog
 from exporter.aep.api import AepApi, Collection, FlowInfo
 from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, SPEC_VERSION
 from exporter.clock import Clock, sleep_or_wake
-from exporter.destinations import Destination
+from exporter.destinations import Destination, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.errors import (
     AepError,
@@ -330,10 +330,7 @@ class LaneManager:
     def destination(self, name: str) -> Destination:
         dest = self._destinations.get(name)
         if dest is None:
-            raise ConfigError(
-                f"unknown destination {name!r}; configured: "
-                f"{', '.join(sorted(self._destinations)) or 'none'}"
-            )
+            raise ConfigError(unknown_destination(name, self._destinations))
         return dest
 
     def key(self, job: Job) -> LaneKey:

@@ -74,12 +74,11 @@ from exporter.daemon.config import RedisConfig
 from exporter.daemon.core import Admission, Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
-from exporter.jobs import Job, JobState, Outcome, Parsed, Rejected, parse_job
+from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
 from exporter.sources.redis.store import Claim, Entry, RedisStore, RedisUnavailable, text
 
 log = structlog.get_logger("exporter.redis")
 SOURCE = "redis"
-ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
 MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
 PAGE = 100
 MESSAGE_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
