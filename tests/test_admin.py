@@ -28,9 +28,10 @@ from structlog.testing import capture_logs
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, Span
 from exporter.clock import FakeClock
+from exporter.daemon.admission import Service
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, is_loopback
-from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon, Service
+from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError

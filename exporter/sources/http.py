@@ -25,7 +25,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from exporter.aep.api import FlowInfo
-from exporter.daemon.core import Admission, Daemon, Quiet
+from exporter.daemon.admission import Admission, Quiet
+from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.errors import AepError, ConfigError
 from exporter.jobs import Job, JobState, Rejected, parse_job

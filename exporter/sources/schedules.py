@@ -35,8 +35,9 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
 from rich.table import Table
 
+from exporter.daemon.admission import Admission, Quiet
 from exporter.daemon.config import ScheduleConfig
-from exporter.daemon.core import Admission, Daemon, Quiet
+from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.jobs import Job
 from exporter.metrics import PREFIX

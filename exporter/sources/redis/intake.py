@@ -70,8 +70,9 @@ import prometheus_client
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from exporter.daemon.admission import Admission
 from exporter.daemon.config import RedisConfig
-from exporter.daemon.core import Admission, Daemon
+from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
 from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
