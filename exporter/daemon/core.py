@@ -37,14 +37,13 @@ from exporter.daemon.admission import (
     Fencing,
     Origin,
     Quiet,
-    Reconfigurable,
     Service,
     already_submitted,
 )
 from exporter.daemon.journal import Corrupt, JobRecord, Journal
+from exporter.daemon.reload import Reloader
 from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
 from exporter.engine import Engine, Progress
-from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome, Parsed, Rejected
 from exporter.metrics import Metrics
 from exporter.settings import Settings
@@ -59,7 +58,6 @@ EXIT_DATAERR = 65  # the journal is corrupt: a restart cannot help (sysexits' EX
 EXIT_SOFTWARE = 70  # a supervised task died
 RETAIN_EVERY_S = 6 * 3600.0  # how often finished jobs past their retention are pruned
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
-RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
 
 
 @dataclass
@@ -141,8 +139,7 @@ class Daemon:
         self._cancelled: dict[str, str] = {}
         self._settling: set[asyncio.Future[None]] = set()
         self._exit = EXIT_OK
-        self._reload_lock = asyncio.Lock()
-        self._reload_queued = False
+        self._reloader = Reloader(self)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -170,71 +167,7 @@ class Daemon:
 
         Returns whether the new configuration was taken; None when the daemon is stopping, or
         when a reload is already waiting to start: that one reads the newest file."""
-        if self._reload_queued:
-            log.info("reload_coalesced")
-            return None
-        self._reload_queued = True
-        try:
-            await self._reload_lock.acquire()
-        finally:
-            self._reload_queued = False
-        try:
-            if not self.ready.is_set():  # a SIGHUP during start: reload once running
-                ready = asyncio.ensure_future(self.ready.wait())
-                stopping = asyncio.ensure_future(self._stopping.wait())
-                try:
-                    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    ready.cancel()
-                    stopping.cancel()
-            if self.stopping:
-                return None
-            return await self._reload(load)
-        finally:
-            self._reload_lock.release()
-
-    async def _reload(self, load: Callable[[], Settings]) -> bool:
-        for hook in self.on_reloading:
-            hook()
-        log.info("reload_started")
-        ok = False
-        try:
-            new = await asyncio.to_thread(load)
-        except ConfigError as exc:
-            log.error("reload_refused", reason=str(exc))
-        except Exception as exc:
-            log.exception("reload_refused", reason=f"internal error: {exc!r}")
-        else:
-            self._apply(new)
-            ok = True
-        finally:
-            for report in self.on_reloaded:
-                report(ok)
-        return ok
-
-    def _apply(self, new: Settings) -> None:
-        old = self.settings
-        restart = sorted(
-            name
-            for name in Settings.model_fields
-            if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
-        )
-        self.settings = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
-        self.engine.use_destinations(self.settings.destinations)
-        for service in self.services:
-            if isinstance(service, Reconfigurable):
-                service.reconfigure(self.settings)
-        before, after = old.destinations, new.destinations
-        log.info(
-            "reload_done",
-            destinations_added=sorted(after.keys() - before.keys()),
-            destinations_removed=sorted(before.keys() - after.keys()),
-            destinations_changed=sorted(
-                n for n in before.keys() & after.keys() if before[n] != after[n]
-            ),
-        )
-        if restart:
-            log.warning("reload_needs_restart", sections=restart)
+        return await self._reloader.reload(load)
 
     async def run(self) -> int:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
