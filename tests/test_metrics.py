@@ -26,6 +26,7 @@ import aep_emulator.runs
 from aep_emulator.query import ListQuery
 from aep_emulator.settings import Knobs
 from exporter.aep.api import RunInfo
+from exporter.aep.client import HttpAep
 from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.daemon.assemble import build_daemon
@@ -165,7 +166,9 @@ async def test_the_exposition_agrees_with_the_emulators_journal(
         await run.filed(JOBS)
         await quiet(run.daemon)
         got = parse(await run.scrape())
-        limiter = run.daemon.api.transport.limiter.stats
+        api = run.daemon.api
+        assert isinstance(api, HttpAep)
+        limiter = api.transport.limiter.stats
         limit = run.daemon.settings.daemon.max_in_flight
         served = (await emulator.control("GET", "/stats"))["ops"]
 

@@ -36,6 +36,7 @@ from tests.daemon_support import (
     daemon_process,
     drop_job,
     results,
+    spool_daemon,
     until_results,
     write_config,
 )
@@ -238,8 +239,8 @@ def yearly(name: str, cron: str, destination: str = "lake") -> ScheduleConfig:
 
 @asynccontextmanager
 async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings, clock=emulator.clock)
-    daemon.add_service(Schedules(daemon))
+    daemon = spool_daemon(settings, clock=emulator.clock)
+    daemon.add_service(Schedules(daemon.admissions))
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({ready, task}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)

@@ -37,7 +37,7 @@ from exporter.settings import Settings, load_settings
 from exporter.sources.schedules import Schedules, iso, slot_job_id, upcoming, utc
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs
-from tests.daemon_support import triggers_by_job
+from tests.daemon_support import spool_daemon, triggers_by_job
 from tests.test_packaging import example_copy
 
 DEADLINE = 30.0  # real seconds: a bound on a wait for an event, never a sleep
@@ -131,8 +131,8 @@ class Running:
 
 @asynccontextmanager
 async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Running]:
-    daemon = Daemon(settings, clock=emulator.clock)
-    service = Schedules(daemon)
+    daemon = spool_daemon(settings, clock=emulator.clock)
+    service = Schedules(daemon.admissions)
     daemon.add_service(service)
     metronome = asyncio.create_task(tick(emulator.clock), name="metronome")
     task = asyncio.create_task(daemon.run(), name="daemon")

@@ -1,21 +1,30 @@
-"""What a job source sees of the daemon: the origins of jobs, services, admission results.
+"""What a job source sees of the daemon: the admission interface, origins and services.
 
-Every source (the spool, Redis, the jobs API, schedules) submits jobs to the daemon and hears
-about each one through the job's `Origin`; the parts beyond the spool are `Service`s.
+Every source (the spool, Redis, the jobs API, schedules) is a `Service` handed an
+`Admissions`: it submits jobs, resumes its own unfinished ones, rejects what will not run,
+and hears about each job through the job's `Origin`. The daemon core knows no source by
+name; a source knows nothing of the daemon but this.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Iterable
+import random
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from exporter.daemon.journal import JobRecord
+from exporter.clock import Clock
+from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.storage import Faults
 from exporter.engine import Progress
-from exporter.jobs import Outcome
+from exporter.jobs import Job, Outcome
+from exporter.metrics import Metrics
 from exporter.settings import Settings
+
+T = TypeVar("T")
 
 
 class Origin(Protocol):
@@ -131,3 +140,104 @@ def already_submitted(job_id: str, known: JobRecord | None) -> str:
         f"job id {job_id!r} was already submitted (from {known.source} {known.name}, now "
         f"{known.state.value}); a job id runs once: give the new job another id"
     )
+
+
+class Admissions(Protocol):
+    """The daemon as its job sources see it: admission, and the few views they need."""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings now in force (a reload replaces destinations and schedules)."""
+        ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def rng(self) -> random.Random:
+        """The daemon's one source of jitter (seeded in tests)."""
+        ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def faults(self) -> Faults:
+        """Local writes failing now (a full disk), as /readyz reports them."""
+        ...
+
+    @property
+    def journal(self) -> Journal:
+        """Open from recovery on: services read it, and Redis hands jobs over in it."""
+        ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once every unfinished job has been resumed."""
+        ...
+
+    @property
+    def filed(self) -> asyncio.Condition:
+        """Notified after each job's outcome is settled with its source."""
+        ...
+
+    @property
+    def running(self) -> Collection[str]:
+        """The ids of the jobs in flight."""
+        ...
+
+    @property
+    def room(self) -> int:
+        """How many more jobs may start now."""
+        ...
+
+    async def wait_room(self) -> None:
+        """Until at least one more job may start."""
+        ...
+
+    def on_room(self, wake: asyncio.Event) -> None:
+        """Set `wake` whenever a job leaves (room for another)."""
+        ...
+
+    async def wait_ended(self, job_ids: Iterable[str]) -> None:
+        """Until none of `job_ids` is in flight."""
+        ...
+
+    async def submit(self, job: Job, spec: dict[str, Any], origin: Origin) -> Admitted:
+        """Journal a new job and start it; a known job id is not started again."""
+        ...
+
+    def resume(self, record: JobRecord, origin: Origin) -> None:
+        """Start an unfinished journaled job again from where it was."""
+        ...
+
+    async def reject(self, origin: Origin, reason: str) -> Outcome:
+        """Journal and settle a job that will not run: bad input, a duplicate id."""
+        ...
+
+    async def settle(self, origin: Origin, outcome: Outcome) -> None:
+        """Tell `origin` an outcome already journaled (one a crash left unfiled)."""
+        ...
+
+    async def cancel(self, job_id: str, reason: str) -> bool:
+        """Stop a job in flight: it ends `cancelled`. False if not in flight."""
+        ...
+
+    async def abandon(self, job_id: str) -> None:
+        """Stop working on a job without an outcome: another process took it over."""
+        ...
+
+    async def persist(
+        self,
+        write: Callable[[], Awaitable[T]],
+        operation: str,
+        *,
+        only_transient: bool = False,
+        **context: object,
+    ) -> T:
+        """A local write, retried with backoff while it fails (a full disk); with
+        `only_transient`, only while the failure is one that waiting cures."""
+        ...

@@ -35,9 +35,8 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
 from rich.table import Table
 
-from exporter.daemon.admission import Admission, Quiet
+from exporter.daemon.admission import Admission, Admissions, Quiet
 from exporter.daemon.config import ScheduleConfig
-from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.jobs import Job
 from exporter.metrics import PREFIX
@@ -136,11 +135,11 @@ class Schedules:
     name = "scheduler"
     sources = (SOURCE,)
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.clock = daemon.clock
-        self.configs = {s.name: s for s in daemon.settings.schedules if s.enabled}
-        self.scheduler = ClockedScheduler(daemon.clock)
+    def __init__(self, admissions: Admissions) -> None:
+        self.admissions = admissions
+        self.clock = admissions.clock
+        self.configs = {s.name: s for s in admissions.settings.schedules if s.enabled}
+        self.scheduler = ClockedScheduler(admissions.clock)
         self.last: dict[str, datetime] = {}
         """Each schedule's latest slot handled (fired or skipped), as journaled."""
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(OUTCOMES, 0))
@@ -153,19 +152,18 @@ class Schedules:
             "Schedule slots handled, by schedule and outcome (fired, duplicate, overlapping, "
             "missed, coalesced).",
             ["schedule", "outcome"],
-            registry=daemon.metrics.registry,
+            registry=admissions.metrics.registry,
         )
 
     # -- Service ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        assert self.daemon.journal is not None
-        slots = await self.daemon.journal.schedule_slots()
+        slots = await self.admissions.journal.schedule_slots()
         self.last = {name: utc(slot) for name, slot in slots.items()}
 
     async def recover(self, records: list[JobRecord]) -> None:
         for record in records:  # fires that were in flight: the next slots wait for them
-            self.daemon.resume(record, Quiet(SOURCE, record.name))
+            self.admissions.resume(record, Quiet(SOURCE, record.name))
             self._jobs[record.name].add(record.job_id)
 
     async def run(self) -> None:
@@ -281,10 +279,12 @@ class Schedules:
                 self._count(name, "overlapping")
                 await self._handled(name, slot)
                 return None
-            if self.daemon.stopping:
+            if self.admissions.stopping:
                 return None
             spec = {**config.job.model_dump(mode="json", exclude_unset=True), "id": job_id}
-            admitted = await self.daemon.submit(Job.model_validate(spec), spec, Quiet(SOURCE, name))
+            admitted = await self.admissions.submit(
+                Job.model_validate(spec), spec, Quiet(SOURCE, name)
+            )
             if admitted.result is Admission.STARTED:
                 self._jobs[name].add(job_id)
                 log.info(
@@ -313,13 +313,11 @@ class Schedules:
     def _running(self, name: str) -> set[str]:
         """This schedule's jobs in flight (forgetting those that ended)."""
         jobs = self._jobs[name]
-        jobs.intersection_update(self.daemon.jobs)
+        jobs.intersection_update(self.admissions.running)
         return set(jobs)
 
     async def _settled(self, name: str) -> None:
-        tasks = [self.daemon.jobs[j] for j in self._running(name) if j in self.daemon.jobs]
-        if tasks:
-            await asyncio.wait(tasks)
+        await self.admissions.wait_ended(self._running(name))
 
     def _missed(
         self, config: ScheduleConfig, slot: datetime, now: float, *, reason: str, count: int = 1
@@ -342,7 +340,6 @@ class Schedules:
     async def _handled(self, name: str, slot: datetime) -> None:
         if name not in self.last or slot > self.last[name]:
             self.last[name] = slot
-            assert self.daemon.journal is not None
-            await self.daemon.journal.mark_slot(name, slot.timestamp())
+            await self.admissions.journal.mark_slot(name, slot.timestamp())
         async with self.decided:
             self.decided.notify_all()

@@ -61,7 +61,6 @@ streams).
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +69,8 @@ import prometheus_client
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from exporter.daemon.admission import Admission
+from exporter.daemon.admission import Admission, Admissions
 from exporter.daemon.config import RedisConfig
-from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
 from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
@@ -174,13 +172,11 @@ class RedisIntake:
     name = "redis"
     sources = (SOURCE,)
 
-    def __init__(
-        self, daemon: Daemon, config: RedisConfig, *, rng: random.Random | None = None
-    ) -> None:
-        self.daemon = daemon
+    def __init__(self, admissions: Admissions, config: RedisConfig) -> None:
+        self.admissions = admissions
         self.config = config
-        self.store = RedisStore(config, clock=daemon.clock, rng=rng or random.Random())
-        self._clock = daemon.clock
+        self.store = RedisStore(config, clock=admissions.clock, rng=admissions.rng)
+        self._clock = admissions.clock
         self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
         # job id -> when its lease lapses by this daemon's clock (monotonic), counted from
         # the start of the call that last renewed it: never later than Redis's own expiry.
@@ -195,15 +191,14 @@ class RedisIntake:
             "aep_exporter_redis_messages",
             "Redis stream messages handled, by what became of them.",
             ["outcome"],
-            registry=daemon.metrics.registry,
+            registry=admissions.metrics.registry,
         )
         for outcome in MESSAGE_OUTCOMES:
             self._messages.labels(outcome)
 
     @property
     def _journal(self) -> Journal:
-        assert self.daemon.journal is not None
-        return self.daemon.journal
+        return self.admissions.journal
 
     # -- service life cycle ----------------------------------------------------------------
 
@@ -223,7 +218,7 @@ class RedisIntake:
         unfinished jobs, resume those still ours by Redis and forget the rest."""
         mine = await self._reread_own()
         for record in records:
-            if record.name not in mine and record.job_id not in self.daemon.jobs:
+            if record.name not in mine and record.job_id not in self.admissions.running:
                 await self._reconcile(record)
 
     async def run(self) -> None:
@@ -260,12 +255,12 @@ class RedisIntake:
         sweep_s = self.config.lease_s / 4
         next_sweep = self._clock.monotonic()
         while True:
-            await self.daemon.wait_room()
+            await self.admissions.wait_room()
             try:
                 if self._clock.monotonic() >= next_sweep:
                     await self._take_over()
                     next_sweep = self._clock.monotonic() + sweep_s
-                room = min(self.daemon.room, self.config.read_count)
+                room = min(self.admissions.room, self.config.read_count)
                 if room > 0:
                     wait = min(self.config.block_s, next_sweep - self._clock.monotonic())
                     for message_id, fields in await self.store.read_new(room, int(wait * 1000)):
@@ -278,7 +273,7 @@ class RedisIntake:
 
     async def _take_over(self) -> None:
         """Messages idle for longer than the lease: their consumer died (or lost its way)."""
-        room = min(self.daemon.room, self.config.read_count)
+        room = min(self.admissions.room, self.config.read_count)
         if room <= 0:
             return
         entries, gone = await self.store.take_over(room)
@@ -308,10 +303,10 @@ class RedisIntake:
                 f"no 'job' field (fields: {names}); a message carries its job document "
                 "as JSON in the field 'job'"
             )
-        limit = self.daemon.settings.daemon.max_job_file_bytes
+        limit = self.admissions.settings.daemon.max_job_file_bytes
         if len(raw) > limit:
             raise Rejected(f"the job is {len(raw)} bytes; the limit is {limit} bytes")
-        return parse_job("message.json", raw, self.daemon.settings.destinations)
+        return parse_job("message.json", raw, self.admissions.settings.destinations)
 
     async def _handle(
         self, message_id: str, fields: Mapping[bytes, bytes], deliveries: int
@@ -321,18 +316,18 @@ class RedisIntake:
         try:
             parsed = self._parse(fields)
         except Rejected as exc:
-            await self.daemon.reject(poison, str(exc))
+            await self.admissions.reject(poison, str(exc))
             return
         except Exception as exc:  # one poisonous message must not stop the intake
             log.exception("redis_message_unreadable", message_id=message_id)
-            await self.daemon.reject(poison, f"internal error reading the message: {exc!r}")
+            await self.admissions.reject(poison, f"internal error reading the message: {exc!r}")
             return
         job = parsed.job
         known = await self._journal.get(job.job_id)
         if known is not None and known.source != SOURCE:
             await self._refuse_duplicate(message_id, fields, deliveries, known)
             return
-        running = job.job_id in self.daemon.jobs
+        running = job.job_id in self.admissions.running
         began = self._clock.monotonic()
         claim = await self.store.claim(job.job_id, message_id, running=running)
         context = {"job_id": job.job_id, "message_id": message_id}
@@ -347,7 +342,7 @@ class RedisIntake:
                 f"{self.config.max_deliveries}): the daemons that took it kept stopping"
             )
             origin = DeadLetter(self, message_id, fields, times, job.job_id)
-            await self.daemon.reject(origin, reason)
+            await self.admissions.reject(origin, reason)
             await self._journal.forget(job.job_id, detail="dead-lettered")
         elif claim.status == "busy" and claim.message_id == message_id:
             # Its holder's heartbeat takes the message back; if the holder died, the
@@ -371,7 +366,7 @@ class RedisIntake:
             "once: give the new job another id"
         )
         origin = DeadLetter(self, message_id, fields, deliveries, known.job_id)
-        await self.daemon.reject(origin, reason)
+        await self.admissions.reject(origin, reason)
 
     async def _run(
         self,
@@ -391,7 +386,7 @@ class RedisIntake:
         if taken_from and at is not None and at.state is JobState.TRIGGERING:
             # Its former holder's trigger may still be on the wire (sent in time, under its
             # lease): adoption looks for the run only once that call has ended either way.
-            hold = self.daemon.settings.aep.request_timeout_s
+            hold = self.admissions.settings.aep.request_timeout_s
             self._holds[job.job_id] = claimed_at + hold
             log.info(
                 "redis_takeover_waiting",
@@ -402,7 +397,7 @@ class RedisIntake:
             )
         record = await self._journal.get(job.job_id)
         if record is None and at is None:
-            admitted = await self.daemon.submit(job, spec, origin)
+            admitted = await self.admissions.submit(job, spec, origin)
             if admitted.result is Admission.STARTED:
                 self._messages.labels("started").inc()
                 return
@@ -427,7 +422,7 @@ class RedisIntake:
         if at is not None:
             record = await self._catch_up(record, at)
         self._messages.labels("resumed").inc()
-        self.daemon.resume(record, origin)
+        self.admissions.resume(record, origin)
 
     async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
         """Journal the states another consumer reached, so that the job resumes there."""
@@ -484,7 +479,7 @@ class RedisIntake:
                 why=status,
                 holder=holder,
             )
-            # Like `daemon.abandon`, from inside the job's own task: no outcome. Nothing
+            # Like `admissions.abandon`, from inside the job's own task: no outcome. Nothing
             # writes to the journal after this (a cancelled job's task only re-raises), so
             # the job is dropped from it now, not left looking like it runs here.
             await self._journal.forget(origin.job_id, detail=lost_detail(status, holder))
@@ -541,7 +536,7 @@ class RedisIntake:
     async def _heartbeat(self) -> None:
         while True:
             await self._clock.sleep(self.config.lease_s / 3)
-            held = [(j, m) for j, m in self._held.items() if j in self.daemon.jobs]
+            held = [(j, m) for j, m in self._held.items() if j in self.admissions.running]
             if not held:
                 continue
             began = self._clock.monotonic()
@@ -556,7 +551,7 @@ class RedisIntake:
                 if status == "ok" or self._held.get(job_id) != message_id:
                     continue
                 self._release(job_id)
-                await self.daemon.abandon(job_id)  # returns once its task has stopped
+                await self.admissions.abandon(job_id)  # returns once its task has stopped
                 await self._journal.forget(job_id, detail=lost_detail(status, holder))
                 log.warning(
                     "redis_job_lost",
@@ -573,7 +568,7 @@ class RedisIntake:
             await self._clock.sleep(self.config.lease_s / 10)
             now = self._clock.monotonic()
             for job_id, message_id in list(self._held.items()):
-                if job_id in self.daemon.jobs and self._lease_ends.get(job_id, now) < now:
+                if job_id in self.admissions.running and self._lease_ends.get(job_id, now) < now:
                     await self._hand_back(job_id, message_id, "its lease lapsed unrenewed")
 
     def _renewed(self, job_id: str, message_id: str, began: float) -> None:
@@ -591,7 +586,7 @@ class RedisIntake:
         """Stop a job without an outcome and forget it: its message stays pending, and the
         next daemon to claim it (this one, maybe) resumes it from its progress in Redis."""
         self._release(job_id)
-        await self.daemon.abandon(job_id)
+        await self.admissions.abandon(job_id)
         await self._journal.forget(job_id, detail=f"handed back: {why}")
         log.warning("redis_job_handed_back", job_id=job_id, message_id=message_id, why=why)
 
@@ -677,7 +672,7 @@ class RedisIntake:
                 self._held[record.job_id] = record.name
                 self._lease_ends[record.job_id] = began + self.config.lease_s
                 self._messages.labels("resumed").inc()
-                self.daemon.resume(record, Message(self, record.name, record.job_id))
+                self.admissions.resume(record, Message(self, record.name, record.job_id))
                 return
         if where.finisher is None and where.holder == self.config.consumer and where.deliveries:
             entries = await self.store.move_here(record.name)
