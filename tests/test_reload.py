@@ -28,7 +28,7 @@ from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings
-from exporter.sources.schedules import Schedules
+from exporter.sources.schedules import Schedules, trigger_of
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator
 from tests.daemon_support import (
@@ -254,7 +254,7 @@ async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Daemo
 
 
 def triggered(config: ScheduleConfig) -> str:
-    return str(config.trigger())
+    return str(trigger_of(config))
 
 
 def scheduled(daemon: Daemon) -> dict[str, str]:

@@ -34,7 +34,7 @@ from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings, load_settings
-from exporter.sources.schedules import Schedules, iso, slot_job_id, upcoming, utc
+from exporter.sources.schedules import Schedules, iso, slot_job_id, trigger_of, upcoming, utc
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs
 from tests.daemon_support import spool_daemon, triggers_by_job
@@ -492,7 +492,7 @@ format = "json"
     )
     # In Berlin, 9:00 on a Friday is 8:00 UTC (winter time); the next is Monday's.
     friday = datetime(2026, 1, 2, 7, 30, tzinfo=UTC)
-    nxt = hourly.trigger().get_next_fire_time(None, friday)
+    nxt = trigger_of(hourly).get_next_fire_time(None, friday)
     assert nxt == datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
 
 

@@ -27,16 +27,19 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import prometheus_client
 import structlog
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from rich.table import Table
 
 from exporter.daemon.admission import Admission, Admissions, Quiet
-from exporter.daemon.config import ScheduleConfig
+from exporter.daemon.config import EPOCH, ScheduleConfig
 from exporter.daemon.journal import JobRecord
 from exporter.jobs import Job
 from exporter.metrics import PREFIX
@@ -48,6 +51,35 @@ log = structlog.get_logger("exporter.sources.schedules")
 SOURCE = "schedule"
 OUTCOMES = ("fired", "duplicate", "overlapping", "missed", "coalesced")
 MAX_COUNTED = 1000  # missed slots counted one by one after a long stop; more are "1000"
+
+
+class WallClockCron(CronTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
+    """A cron trigger that fires a wall-clock time once when clocks go back.
+
+    APScheduler fires 02:30 twice on the night the clocks fall back (once in summer time, once
+    in winter time), and each would be its own slot and job. Like cron, an expression with a
+    fixed hour fires the first of the two only; one whose hour is a wildcard (every 15 minutes,
+    say) goes on by real time."""
+
+    once_per_wall_time = False
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        nxt: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+        while nxt is not None and self.once_per_wall_time and nxt.fold == 1:
+            nxt = super().get_next_fire_time(nxt, nxt)
+        return nxt
+
+
+def trigger_of(config: ScheduleConfig) -> BaseTrigger:
+    """The APScheduler trigger of a schedule: its cron expression in its time zone, or its
+    interval counted from the Unix epoch."""
+    if config.cron is not None:
+        trigger = WallClockCron.from_crontab(config.cron, timezone=ZoneInfo(config.timezone))
+        trigger.once_per_wall_time = "*" not in config.cron.split()[1]
+        return trigger
+    return IntervalTrigger(seconds=config.interval_s, start_date=EPOCH, timezone=UTC)
 
 
 def utc(seconds: float) -> datetime:
@@ -83,7 +115,7 @@ def first_slot(
 
     After `last` handled slot, the next one; if that is beyond grace already, it is missed,
     and the schedule starts at its first slot within grace. Without `last`, at the next slot."""
-    trigger = config.trigger()
+    trigger = trigger_of(config)
     if last is None:
         nxt: datetime | None = trigger.get_next_fire_time(None, utc(now))
         return nxt, None
@@ -99,7 +131,7 @@ def upcoming(
     config: ScheduleConfig, last: datetime | None, now: float, count: int
 ) -> list[datetime]:
     """The next `count` slots the daemon would fire (the first may be due already)."""
-    trigger = config.trigger()
+    trigger = trigger_of(config)
     slot, _ = first_slot(config, last, now)
     slots: list[datetime] = []
     while slot is not None and len(slots) < count:
@@ -202,12 +234,12 @@ class Schedules:
         now = self.clock.time()
         first, missed = first_slot(config, self.last.get(config.name), now)
         if missed is not None:
-            count = slots_between(config.trigger(), missed, first)
+            count = slots_between(trigger_of(config), missed, first)
             self._missed(config, missed, now, reason="the daemon was not running", count=count)
         if first is not None:
             self.scheduler.add_job(
                 self._due,
-                trigger=config.trigger(),
+                trigger=trigger_of(config),
                 args=(config.name,),
                 id=config.name,
                 name=config.name,
