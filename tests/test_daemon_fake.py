@@ -11,14 +11,17 @@ import json
 import random
 from pathlib import Path
 
+from exporter.aep.client import HttpAep
 from exporter.aep.config import AepConfig
 from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
-from exporter.daemon.config import DaemonConfig, LogConfig
+from exporter.daemon.assemble import build_daemon
+from exporter.daemon.config import AdminConfig, DaemonConfig, LogConfig, RedisConfig
 from exporter.daemon.core import EXIT_OK
 from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.settings import Settings
+from exporter.sources.redis.intake import RedisIntake
 from exporter.sources.spool import RESULT_SUFFIX
 from tests.daemon_support import spool_daemon, spool_of
 
@@ -84,3 +87,24 @@ def test_job_sources_and_the_admin_server_do_not_reach_into_the_daemon() -> None
     )
     assert len(paths) > 8
     assert reaching == []
+
+
+def test_one_random_generator_is_handed_to_everything_that_jitters(tmp_path: Path) -> None:
+    """`build_daemon` passes its generator down (AEP client, engine, Redis store, storage
+    retries): seeding it makes every jittered delay of a daemon reproducible."""
+    settings = fake_settings(tmp_path)
+    settings = settings.model_copy(
+        update={
+            "admin": AdminConfig(enabled=False),
+            "redis": RedisConfig(url="redis://127.0.0.1:1/0", consumer="c"),
+        }
+    )
+    rng = random.Random(11)
+    daemon = build_daemon(settings, clock=FakeClock(), rng=rng)
+    assert isinstance(daemon.api, HttpAep)
+    (redis,) = (s for s in daemon.services if isinstance(s, RedisIntake))
+    assert daemon.rng is rng
+    assert daemon.admissions.rng is rng
+    assert daemon.api.transport.rng is rng
+    assert daemon.engine.poller._rng is rng
+    assert redis.store._rng is rng

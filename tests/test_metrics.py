@@ -428,3 +428,19 @@ async def test_docs_metrics_lists_every_metric_the_daemon_exposes_with_its_type(
     assert len(exposed) > 15  # the core's metrics, the scheduler's and the Redis intake's
     assert dict(rows) == exposed
     assert len(rows) == len(exposed), "a metric listed twice"
+
+
+def test_schedule_slots_are_counted_in_the_daemons_metrics() -> None:
+    """The scheduler records through `Metrics`, like every other component, so its series
+    is in the one registry /metrics exposes, under its documented name."""
+    metrics = Metrics()
+    metrics.schedule_slot("nightly", "missed", 3)
+    metrics.schedule_slot("nightly", "fired")
+    value = metrics.registry.get_sample_value
+    assert (
+        value("aep_exporter_schedule_slots_total", {"schedule": "nightly", "outcome": "missed"})
+        == 3
+    )
+    assert (
+        value("aep_exporter_schedule_slots_total", {"schedule": "nightly", "outcome": "fired"}) == 1
+    )

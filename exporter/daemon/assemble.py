@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 from exporter.clock import Clock
 from exporter.daemon.core import Daemon
@@ -14,8 +15,10 @@ from exporter.sources.schedules import Schedules
 from exporter.sources.spool import SpoolIntake
 
 
-def build_daemon(settings: Settings, *, clock: Clock) -> Daemon:
-    daemon = Daemon(settings, clock=clock)
+def build_daemon(settings: Settings, *, clock: Clock, rng: random.Random | None = None) -> Daemon:
+    """`rng`: the one source of jitter for the whole daemon (AEP client, engine, Redis,
+    storage retries); a fresh one unless given (seeded in tests)."""
+    daemon = Daemon(settings, clock=clock, rng=rng or random.Random())
     admissions = daemon.admissions
     daemon.add_service(SpoolIntake(admissions))
     daemon.add_service(Schedules(admissions))  # also without schedules: a reload may add some

@@ -70,11 +70,11 @@ class Daemon:
         self.clock = clock
         self.metrics = Metrics()
         self.metrics.jobs_in_flight_limit.set(settings.daemon.max_in_flight)
-        self.api: AepApi = api or HttpAep.from_config(
-            settings.aep, clock=clock, metrics=self.metrics
-        )
         self.rng = rng or random.Random()
         """The daemon's one source of jitter, handed to what needs it (seeded in tests)."""
+        self.api: AepApi = api or HttpAep.from_config(
+            settings.aep, clock=clock, rng=self.rng, metrics=self.metrics
+        )
         self.engine = Engine(
             self.api,
             settings.destinations,
@@ -84,6 +84,7 @@ class Daemon:
             clock=clock,
             identity_key=settings.aep.client_secret.get_secret_value().encode(),
             metrics=self.metrics,
+            rng=self.rng,
         )
         self.journal: Journal | None = None
         self.faults = Faults(self.metrics.registry)

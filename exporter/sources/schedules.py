@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-import prometheus_client
 import structlog
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import STATE_STOPPED
@@ -42,7 +41,6 @@ from exporter.daemon.admission import Admission, Admissions, Quiet
 from exporter.daemon.config import EPOCH, ScheduleConfig
 from exporter.daemon.journal import JobRecord
 from exporter.jobs import Job
-from exporter.metrics import PREFIX
 from exporter.settings import Settings
 from exporter.sources.scheduler import ClockedScheduler
 
@@ -179,13 +177,6 @@ class Schedules:
         """Notified after each slot is handled (`counts`)."""
         self._jobs: dict[str, set[str]] = defaultdict(set)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._slots = prometheus_client.Counter(
-            f"{PREFIX}_schedule_slots",
-            "Schedule slots handled, by schedule and outcome (fired, duplicate, overlapping, "
-            "missed, coalesced).",
-            ["schedule", "outcome"],
-            registry=admissions.metrics.registry,
-        )
 
     # -- Service ---------------------------------------------------------------------------
 
@@ -367,7 +358,7 @@ class Schedules:
 
     def _count(self, name: str, outcome: str, n: int = 1) -> None:
         self.counts[name][outcome] += n
-        self._slots.labels(name, outcome).inc(n)
+        self.admissions.metrics.schedule_slot(name, outcome, n)
 
     async def _handled(self, name: str, slot: datetime) -> None:
         if name not in self.last or slot > self.last[name]:
