@@ -6,7 +6,7 @@
 
 A message's field `job` holds a job document, as in a job file (JSON). The journal names a
 Redis job by its message id. How daemons share the work (the keys and the atomic steps are
-in `redisstore`):
+in `store`; the claims this daemon holds, kept alive, in `leases`; origins in `messages`):
 
 - A daemon takes a job under a lock in Redis (a lease of `lease_s`, held in its consumer
   name) and writes the job's progress there (state, flow, run, trigger intent) after
@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
@@ -74,96 +73,20 @@ from exporter.daemon.config import RedisConfig
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
 from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
+from exporter.sources.redis.leases import Leases
+from exporter.sources.redis.messages import (
+    SOURCE,
+    DeadLetter,
+    Message,
+    progress_of,
+    result_fields,
+)
 from exporter.sources.redis.store import Claim, Entry, RedisStore, RedisUnavailable, text
 
 log = structlog.get_logger("exporter.redis")
-SOURCE = "redis"
 MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
 PAGE = 100
 MESSAGE_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
-
-
-@dataclass(frozen=True)
-class Message:
-    """The origin of a job read from the stream."""
-
-    intake: RedisIntake
-    message_id: str
-    job_id: str
-    source: str = SOURCE
-
-    @property
-    def name(self) -> str:
-        return self.message_id
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        await self.intake.checkpoint(self, progress)
-
-    async def settle(self, outcome: Outcome) -> None:
-        await self.intake.settle(self, outcome)
-
-    async def fence(self) -> None:
-        await self.intake.fence(self)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message that will not run: settling it moves it to the dead-letter stream."""
-
-    intake: RedisIntake
-    message_id: str
-    fields: Mapping[bytes, bytes]
-    deliveries: int
-    job_id: str = ""
-    source: str = SOURCE
-
-    @property
-    def name(self) -> str:
-        return self.message_id
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        return None
-
-    async def settle(self, outcome: Outcome) -> None:
-        await self.intake.dead_letter(self, outcome.message)
-
-
-def progress_of(values: Mapping[str, str]) -> Progress | None:
-    """Where a job was left (by another consumer, or this one before a restart), if known."""
-    try:
-        state = JobState(values["state"])
-        intent = int(values["intent_ms"]) if values.get("intent_ms") else None
-    except (KeyError, ValueError):
-        return None
-    if state not in ORDER:
-        return None
-    flow, run = values.get("flow_id") or None, values.get("run_id") or None
-    return Progress(state, flow_id=flow, run_id=run, intent_ms=intent)
-
-
-def lost_detail(status: str, holder: str) -> str:
-    """Why a job left this daemon, for the journal (a `keep` answer other than 'ok')."""
-    if status == "done":
-        return "finished by another daemon"
-    return f"taken over by {holder or 'another daemon'}"
-
-
-def result_fields(outcome: Outcome, message_id: str, consumer: str) -> dict[str, str]:
-    """A results-stream entry: the outcome's main fields, and all of it as JSON."""
-    return {
-        "job_id": outcome.job_id,
-        "state": outcome.state.value,
-        "message": outcome.message,
-        "flow_id": outcome.flow_id or "",
-        "run_id": outcome.run_id or "",
-        "files": str(outcome.files),
-        "records": str(outcome.records),
-        "bytes": str(outcome.bytes),
-        "partial": "true" if outcome.partial else "false",
-        "message_id": message_id,
-        "consumer": consumer,
-        "outcome": outcome.model_dump_json(),
-    }
 
 
 class RedisIntake:
@@ -177,14 +100,7 @@ class RedisIntake:
         self.config = config
         self.store = RedisStore(config, clock=admissions.clock, rng=admissions.rng)
         self._clock = admissions.clock
-        self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
-        # job id -> when its lease lapses by this daemon's clock (monotonic), counted from
-        # the start of the call that last renewed it: never later than Redis's own expiry.
-        self._lease_ends: dict[str, float] = {}
-        # job id -> when a job taken over while triggering may go on (monotonic): once any
-        # trigger its former holder may have had on the wire has been answered or abandoned.
-        self._holds: dict[str, float] = {}
-        self._fence_s = config.lease_s / 4
+        self.leases = Leases(admissions, config, self.store, fail=self._fail)
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
         self._messages = prometheus_client.Counter(
@@ -224,8 +140,8 @@ class RedisIntake:
     async def run(self) -> None:
         tasks = {
             asyncio.create_task(self._intake(), name="redis-intake"),
-            asyncio.create_task(self._heartbeat(), name="redis-heartbeat"),
-            asyncio.create_task(self._watch_leases(), name="redis-leases"),
+            asyncio.create_task(self.leases.heartbeat(), name="redis-heartbeat"),
+            asyncio.create_task(self.leases.watch(), name="redis-leases"),
             asyncio.create_task(self._failed.wait(), name="redis-failed"),
         }
         try:
@@ -380,14 +296,13 @@ class RedisIntake:
         """Start the job from where the journal or Redis says it got, whichever is further."""
         origin = Message(self, message_id, job.job_id)
         at = progress_of(claim.progress)
-        self._held[job.job_id] = message_id
-        self._lease_ends[job.job_id] = claimed_at + self.config.lease_s
+        self.leases.hold(job.job_id, message_id, claimed_at)
         taken_from = claim.progress.get("taken_from")
         if taken_from and at is not None and at.state is JobState.TRIGGERING:
             # Its former holder's trigger may still be on the wire (sent in time, under its
             # lease): adoption looks for the run only once that call has ended either way.
             hold = self.admissions.settings.aep.request_timeout_s
-            self._holds[job.job_id] = claimed_at + hold
+            self.leases.wait_before_adopting(job.job_id, claimed_at + hold)
             log.info(
                 "redis_takeover_waiting",
                 job_id=job.job_id,
@@ -403,7 +318,7 @@ class RedisIntake:
                 return
             record = admitted.record  # submitted meanwhile by another source
             if record is not None and record.source != SOURCE:
-                self._release(job.job_id)
+                self.leases.release(job.job_id)
                 await self._refuse_duplicate(message_id, fields, 1, record)
                 return
         elif record is None:
@@ -439,52 +354,6 @@ class RedisIntake:
 
     # -- what jobs tell Redis --------------------------------------------------------------
 
-    async def checkpoint(self, origin: Message, progress: Progress) -> None:
-        """Record the job's new state if the job is still ours; otherwise stop it right
-        here, before the action the state enables (such as the trigger)."""
-        values: dict[str, str] = {}
-        if progress.flow_id:
-            values["flow_id"] = progress.flow_id
-        if progress.run_id:
-            values["run_id"] = progress.run_id
-        if progress.intent_ms is not None:
-            values["intent_ms"] = str(progress.intent_ms)
-        hold = self._holds.get(origin.job_id)
-        if hold is not None:  # (the heartbeat keeps the claim meanwhile)
-            await self._clock.sleep(hold - self._clock.monotonic())
-            self._holds.pop(origin.job_id, None)
-        began = self._clock.monotonic()
-        rank = (ORDER.index(progress.state) + 1, progress.state.value)
-        try:
-            [(status, holder)] = await self.store.keep(
-                [(origin.job_id, origin.message_id)], rank, values, operation="checkpoint"
-            )
-            if status == "gone":
-                status, holder = await self._restore(origin.job_id, origin.message_id)
-        except (RedisUnavailable, RedisError) as exc:
-            # Not the job's failure: it stops without an outcome (the journal says where it
-            # was), the service stops the daemon, and the next start resumes the job.
-            self._release(origin.job_id)
-            self._fail(exc)
-            raise asyncio.CancelledError("Redis is unavailable") from exc
-        if status == "ok":
-            self._renewed(origin.job_id, origin.message_id, began)
-        else:
-            self._release(origin.job_id)
-            log.warning(
-                "redis_job_lost",
-                job_id=origin.job_id,
-                message_id=origin.message_id,
-                state=progress.state.value,
-                why=status,
-                holder=holder,
-            )
-            # Like `admissions.abandon`, from inside the job's own task: no outcome. Nothing
-            # writes to the journal after this (a cancelled job's task only re-raises), so
-            # the job is dropped from it now, not left looking like it runs here.
-            await self._journal.forget(origin.job_id, detail=lost_detail(status, holder))
-            raise asyncio.CancelledError(f"job {origin.job_id} is not this daemon's any more")
-
     async def settle(self, origin: Message, outcome: Outcome) -> None:
         fields = result_fields(outcome, origin.message_id, self.config.consumer)
         try:  # (the heartbeat keeps the claim while this is retried)
@@ -495,7 +364,7 @@ class RedisIntake:
             self._fail(exc)
             return
         finally:
-            self._release(origin.job_id)
+            self.leases.release(origin.job_id)
         if status == "published":
             self._messages.labels("published").inc()
         log.info(
@@ -531,121 +400,6 @@ class RedisIntake:
             entry_id=entry,
         )
 
-    # -- keeping claims alive --------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await self._clock.sleep(self.config.lease_s / 3)
-            held = [(j, m) for j, m in self._held.items() if j in self.admissions.running]
-            if not held:
-                continue
-            began = self._clock.monotonic()
-            answers = await self.store.keep(held, operation="heartbeat")
-            for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
-                renewed_from = began
-                if status == "gone" and self._held.get(job_id) == message_id:
-                    renewed_from = self._clock.monotonic()
-                    status, holder = await self._restore(job_id, message_id)
-                if status == "ok":
-                    self._renewed(job_id, message_id, renewed_from)
-                if status == "ok" or self._held.get(job_id) != message_id:
-                    continue
-                self._release(job_id)
-                await self.admissions.abandon(job_id)  # returns once its task has stopped
-                await self._journal.forget(job_id, detail=lost_detail(status, holder))
-                log.warning(
-                    "redis_job_lost",
-                    job_id=job_id,
-                    message_id=message_id,
-                    why=status,
-                    holder=holder,
-                )
-
-    async def _watch_leases(self) -> None:
-        """Hand back each job whose lease has lapsed by this daemon's clock, whether Redis
-        answers or not: another daemon may have it now."""
-        while True:
-            await self._clock.sleep(self.config.lease_s / 10)
-            now = self._clock.monotonic()
-            for job_id, message_id in list(self._held.items()):
-                if job_id in self.admissions.running and self._lease_ends.get(job_id, now) < now:
-                    await self._hand_back(job_id, message_id, "its lease lapsed unrenewed")
-
-    def _renewed(self, job_id: str, message_id: str, began: float) -> None:
-        if self._held.get(job_id) == message_id:
-            self._lease_ends[job_id] = max(
-                self._lease_ends.get(job_id, began), began + self.config.lease_s
-            )
-
-    def _release(self, job_id: str) -> None:
-        self._held.pop(job_id, None)
-        self._lease_ends.pop(job_id, None)
-        self._holds.pop(job_id, None)
-
-    async def _hand_back(self, job_id: str, message_id: str, why: str) -> None:
-        """Stop a job without an outcome and forget it: its message stays pending, and the
-        next daemon to claim it (this one, maybe) resumes it from its progress in Redis."""
-        self._release(job_id)
-        await self.admissions.abandon(job_id)
-        await self._journal.forget(job_id, detail=f"handed back: {why}")
-        log.warning("redis_job_handed_back", job_id=job_id, message_id=message_id, why=why)
-
-    async def fence(self, origin: Message) -> None:
-        """Right before the job's trigger goes out (called by the engine for each call that
-        carries it): renew its lease within a quarter of it. If Redis does not confirm the
-        job is still this daemon's in that time, the trigger is not sent: the job stops here
-        without an outcome (`asyncio.CancelledError`), handed back. A trigger sent under a
-        lease renewed this recently is answered, or abandoned by the AEP client at its
-        request timeout, before a daemon that takes the job over looks for its run."""
-        job_id, message_id = origin.job_id, origin.message_id
-        began = self._clock.monotonic()
-        try:
-            [(status, holder)] = await self.store.keep(
-                [(job_id, message_id)], operation="fence", within_s=self._fence_s
-            )
-            if status == "gone":
-                status, holder = await self._restore(job_id, message_id, within_s=self._fence_s)
-        except (RedisUnavailable, RedisError, TimeoutError) as exc:
-            status, holder = "unconfirmed", str(exc)
-        if status == "ok" and self._held.get(job_id) == message_id:
-            self._renewed(job_id, message_id, began)
-            return
-        if self._held.get(job_id) == message_id:
-            self._release(job_id)
-            why = lost_detail(status, holder) if status in ("lost", "done") else holder
-            await self._journal.forget(job_id, detail=f"not triggered: {why}")
-        log.warning(
-            "redis_trigger_fenced", job_id=job_id, message_id=message_id, why=status, detail=holder
-        )
-        raise asyncio.CancelledError(f"job {job_id} may not be triggered here: {status}")
-
-    async def _restore(
-        self, job_id: str, message_id: str, *, within_s: float | None = None
-    ) -> tuple[str, str]:
-        """Redis knows nothing of a job running here (its data was lost: flushed, restarted
-        without persistence, a failover that lost writes): nobody else has it, so it stays
-        here; its lock and progress (from the journal) and the group are made again."""
-        record = await self._journal.get(job_id)
-        state = record.state if record is not None and record.state in ORDER else ORDER[0]
-        values: dict[str, str] = {}
-        if record is not None:
-            values = {"flow_id": record.flow_id or "", "run_id": record.run_id or ""}
-            if record.intent_ms is not None:
-                values["intent_ms"] = str(record.intent_ms)
-        rank = (ORDER.index(state) + 1, state.value)
-        status, holder = await self.store.restore(
-            job_id, message_id, rank, values, within_s=within_s
-        )
-        log.warning(
-            "redis_job_restored" if status == "ok" else "redis_job_not_restored",
-            job_id=job_id,
-            message_id=message_id,
-            state=state.value,
-            why=status,
-            holder=holder,
-        )
-        return status, holder
-
     # -- recovery --------------------------------------------------------------------------
 
     async def _reread_own(self) -> set[str]:
@@ -667,10 +421,9 @@ class RedisIntake:
         if where.finisher is None and where.holder is None and where.deliveries is None:
             # Redis knows nothing of it (its data was lost): nobody else has it either.
             began = self._clock.monotonic()
-            status, _ = await self._restore(record.job_id, record.name)
+            status, _ = await self.leases.restore(record.job_id, record.name)
             if status == "ok":
-                self._held[record.job_id] = record.name
-                self._lease_ends[record.job_id] = began + self.config.lease_s
+                self.leases.hold(record.job_id, record.name, began)
                 self._messages.labels("resumed").inc()
                 self.admissions.resume(record, Message(self, record.name, record.job_id))
                 return
