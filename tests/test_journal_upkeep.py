@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from exporter.daemon.core import EXIT_DATAERR, EXIT_OK, RETAIN_EVERY_S
-from exporter.daemon.journal import FILE_NAME, SCHEMA, Journal
+from exporter.daemon.journal import FILE_NAME, Journal
+from exporter.daemon.journal_file import SCHEMA
 from exporter.jobs import JobState, Outcome
 from tests.conftest import Emulator
 from tests.daemon_support import spool_daemon

@@ -32,7 +32,8 @@ from exporter.aep.api import AepApi
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock
 from exporter.daemon.admission import Quiet, Service
-from exporter.daemon.journal import Corrupt, JobRecord, Journal
+from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.journal_file import Corrupt
 from exporter.daemon.reload import Reloader
 from exporter.daemon.runner import Counts, JobRunner
 from exporter.daemon.storage import STORAGE_ERRORS, Faults
