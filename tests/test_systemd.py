@@ -263,7 +263,7 @@ async def daemon_with(
     emulator: Emulator, tmp_path: Path, environ: MutableMapping[str, str]
 ) -> AsyncIterator[tuple[Daemon, SystemdNotify]]:
     daemon = spool_daemon(settings_for(emulator, tmp_path), clock=SystemClock())
-    service = from_environment(daemon, environ, pid=os.getpid())
+    service = from_environment(daemon.admissions, environ, pid=os.getpid())
     assert service is not None
     daemon.add_service(service)
     task = asyncio.create_task(daemon.run())

@@ -109,6 +109,30 @@ class Reconfigurable(Protocol):
         ...
 
 
+@runtime_checkable
+class Announcing(Protocol):
+    """A service that tells the outside world how the daemon's life goes (systemd)."""
+
+    def announce_stopping(self) -> None:
+        """Once, when the daemon starts to stop."""
+        ...
+
+    def announce_reloading(self) -> None:
+        """When a reload (SIGHUP) begins."""
+        ...
+
+    def announce_reloaded(self, ok: bool) -> None:
+        """When a reload ends, with whether the new configuration was taken."""
+        ...
+
+
+@dataclass
+class Counts:
+    finished: int = 0
+    rejected: int = 0
+    filed: int = 0  # jobs whose outcome was settled with their source
+
+
 class Admission(enum.Enum):
     STARTED = "started"
     DUPLICATE = "duplicate"  # the job id is known already: see `Admitted.record`
@@ -187,6 +211,11 @@ class Admissions(Protocol):
     @property
     def running(self) -> Collection[str]:
         """The ids of the jobs in flight."""
+        ...
+
+    @property
+    def counts(self) -> Counts:
+        """Jobs finished, rejected and filed since the start."""
         ...
 
     @property

@@ -34,7 +34,7 @@ def build_daemon(settings: Settings, *, clock: Clock, rng: random.Random | None 
     if settings.redis is not None:
         daemon.add_service(RedisIntake(admissions, settings.redis))
     # Started by systemd with Type=notify: tell it about readiness, progress and liveness.
-    notify = systemd.from_environment(daemon, os.environ, pid=os.getpid())
+    notify = systemd.from_environment(admissions, os.environ, pid=os.getpid())
     if notify is not None:
         daemon.add_service(notify)
     return daemon

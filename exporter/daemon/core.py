@@ -31,11 +31,11 @@ import structlog
 from exporter.aep.api import AepApi
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock
-from exporter.daemon.admission import Quiet, Service
+from exporter.daemon.admission import Announcing, Counts, Quiet, Service
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.journal_file import Corrupt
 from exporter.daemon.reload import Reloader
-from exporter.daemon.runner import Counts, JobRunner
+from exporter.daemon.runner import JobRunner
 from exporter.daemon.storage import STORAGE_ERRORS, Faults
 from exporter.engine import Engine
 from exporter.metrics import Metrics
@@ -159,6 +159,10 @@ class Daemon:
 
     def add_service(self, service: Service) -> None:
         self.services.append(service)
+        if isinstance(service, Announcing):
+            self.on_stopping.append(service.announce_stopping)
+            self.on_reloading.append(service.announce_reloading)
+            self.on_reloaded.append(service.announce_reloaded)
 
     def _died(self, task: str) -> None:
         """A job's task ended with an error: a bug that lost a job; stop, never half-alive."""

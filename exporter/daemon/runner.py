@@ -11,13 +11,12 @@ import asyncio
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
 
 from exporter.clock import Clock
-from exporter.daemon.admission import Admission, Admitted, Fencing, Origin
+from exporter.daemon.admission import Admission, Admitted, Counts, Fencing, Origin
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.storage import Faults, persist
 from exporter.engine import Engine, Progress
@@ -29,13 +28,6 @@ T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
 
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
-
-
-@dataclass
-class Counts:
-    finished: int = 0
-    rejected: int = 0
-    filed: int = 0  # jobs whose outcome was settled with their source
 
 
 class JobRunner:
