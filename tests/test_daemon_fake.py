@@ -17,7 +17,7 @@ from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, DaemonConfig, LogConfig, RedisConfig
-from exporter.daemon.core import EXIT_OK
+from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.settings import Settings
@@ -108,3 +108,20 @@ def test_one_random_generator_is_handed_to_everything_that_jitters(tmp_path: Pat
     assert daemon.api.transport.rng is rng
     assert daemon.engine.poller._rng is rng
     assert redis.store._rng is rng
+
+
+async def test_the_core_knows_no_source_the_spool_is_a_service(tmp_path: Path) -> None:
+    """Without services the daemon runs and stops without making a spool folder; the spool's
+    service owns the journal source `spool` (its recovery: tests/test_daemon_crash.py)."""
+    clock = FakeClock(auto_advance=True)
+    bare = Daemon(fake_settings(tmp_path), clock=clock, api=FakeAep(clock))
+    task = asyncio.create_task(bare.run())
+    async with asyncio.timeout(DEADLINE):
+        await bare.ready.wait()
+    bare.stop()
+    async with asyncio.timeout(DEADLINE):
+        assert await task == EXIT_OK
+    assert (tmp_path / "state").is_dir()
+    assert not (tmp_path / "spool").exists()
+    with_spool = spool_daemon(fake_settings(tmp_path), clock=clock, api=FakeAep(clock))
+    assert [list(s.sources) for s in with_spool.services] == [["spool"]]
