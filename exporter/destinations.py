@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -283,3 +284,9 @@ Destination = Annotated[
     | SftpDestination,
     Field(discriminator="type"),
 ]
+
+
+def unknown_destination(name: str, configured: Iterable[str]) -> str:
+    """Why a job naming `name` cannot run: the one wording every check (a job document, a
+    schedule, the engine) gives, with the names that are configured."""
+    return f"unknown destination {name!r}; configured: {', '.join(sorted(configured)) or 'none'}"

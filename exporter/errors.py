@@ -6,7 +6,7 @@ brackets). tests/test_errors.py checks this tree against the classes, both ways.
 ExporterError
 ├── ConfigError                   settings or a job that cannot be used as given
 │   ├── LaneBudgetExhausted       no room for another flow, and no idle lane to retire in time
-│   └── Rejected                  [sources.spool] a job file or body that is not a usable job
+│   └── Rejected                  [jobs] a job file or body that is not a usable job
 ├── ApiRequestError               a request to the daemon's own HTTP API is wrong (400)
 │   ├── BadQuery                  [sources.http] the jobs API's query
 │   └── BadPrune                  [ops.admin_lanes] a lanes prune request
@@ -15,7 +15,7 @@ ExporterError
 ├── RunTimedOut                   [engine.poller] the job's deadline passed before its run ended
 ├── StatusUnreadable              [engine.poller] AEP would not tell a run's status for too long
 ├── RedisUnavailable              [sources.redis.store] Redis down for longer than outage_s
-├── Corrupt                       [daemon.journal] the journal is not a usable database
+├── Corrupt                       [daemon.journal_file] the journal is not a usable database
 ├── Unwritable                    [daemon.journal] the daemon's writes are failing now
 └── AepError                      something AEP (or the way to it) answered or failed to
     ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]

@@ -1,4 +1,5 @@
-"""Export jobs: what a user asks for, its identity, its states and its outcome."""
+"""Export jobs: what a user asks for, how a job document is read, its identity, states and
+outcome."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import enum
 import hashlib
 import json
 import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exporter.aep.facts import ALLOWED_FORMATS, Compression, FileType
-from exporter.errors import ExporterError
+from exporter.destinations import unknown_destination
+from exporter.errors import ConfigError, ExporterError
 from exporter.redaction import Scrubbed
 
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
@@ -40,6 +47,9 @@ class JobState(enum.StrEnum):
 TERMINAL = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.REJECTED}
 )
+
+ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
+"""The unfinished states, in the order a job goes through them."""
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset(
@@ -201,3 +211,127 @@ class Outcome(BaseModel):
     partial: bool = False
     errors: tuple[RunError, ...] = ()
     message: Scrubbed = ""
+
+
+# -- reading a job document (a job file, a message, a request body) --------------------------
+
+
+class Rejected(ConfigError):
+    """A job file that cannot become a job; the message says why, for a person."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    job: Job
+    spec: dict[str, Any]
+
+
+MAX_PROBLEMS = 10  # listed in a reason; a file with 10,000 bad labels gets a readable one
+TYPE_NAMES = {
+    "NoneType": "null (or empty)",
+    "list": "a list",
+    "str": "a string",
+    "int": "a number",
+    "float": "a number",
+    "bool": "true/false",
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    errors = exc.errors(include_url=False, include_input=False)
+    unknown = False
+    for error in errors[:MAX_PROBLEMS]:
+        where = ".".join(str(p) for p in error["loc"]) or "job"
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            unknown = True
+            parts.append(f"{where}: unknown field")
+        else:
+            parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
+    if unknown:
+        parts.append(f"job fields are {', '.join(Job.model_fields)}")
+    return "; ".join(parts)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (which value was meant is unknowable)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise Rejected(f"invalid JSON: the key {key!r} appears twice; give each field once")
+        data[key] = value
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key_node.value!r} appears twice; give each field once",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Parsed:
+    """A job from the bytes of a job file named `name`; raises `Rejected` with the reason."""
+    suffix = Path(name).suffix.lower()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            f"not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); job "
+            "files are JSON, YAML or TOML"
+        ) from None
+    if "\x00" in text:
+        raise Rejected("contains NUL bytes: job files are JSON, YAML or TOML text")
+    try:
+        if suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise Rejected(f"invalid JSON at {where}: {exc.msg}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise Rejected(f"invalid TOML: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise Rejected(f"invalid YAML{where}: {problem}{context}") from None
+    except yaml.YAMLError as exc:
+        raise Rejected(f"invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise Rejected("nested too deeply: a job is a flat mapping of fields") from None
+    except ValueError as exc:  # a value the parser cannot build: a 5,000-digit number, !!int x
+        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+        raise Rejected(f"invalid {kind}: {str(exc).split(';')[0]}") from None
+    if not isinstance(data, dict):
+        kind = TYPE_NAMES.get(type(data).__name__, type(data).__name__)
+        raise Rejected(
+            f"the job must be a mapping of fields (dataset_id, destination, path, ...), not {kind}"
+        )
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(_describe(exc)) from None
+    if job.destination not in destinations:
+        raise Rejected(f"destination: {unknown_destination(job.destination, destinations)}")
+    # What the journal keeps: JSON-safe whatever the parser made (YAML !!binary is bytes).
+    return Parsed(job, job.model_dump(mode="json", exclude_unset=True))

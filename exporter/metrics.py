@@ -153,6 +153,13 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.schedule_slots = Counter(
+            f"{PREFIX}_schedule_slots",
+            "Schedule slots handled, by schedule and outcome (fired, duplicate, overlapping, "
+            "missed, coalesced).",
+            ["schedule", "outcome"],
+            registry=r,
+        )
         for state in IN_FLIGHT_STATES:  # shown as 0, not absent, while no job is there
             self.jobs_in_flight_by_state.labels(state.value)
         self._job_states: dict[str, JobState] = {}
@@ -183,6 +190,11 @@ class Metrics:
 
     def job_finished(self, source: str, state: JobState) -> None:
         self.jobs_finished.labels(source, state.value).inc()
+
+    def schedule_slot(self, schedule: str, outcome: str, count: int = 1) -> None:
+        """`count` slots of `schedule` handled: fired, duplicate, overlapping, missed or
+        coalesced (`exporter.sources.schedules`)."""
+        self.schedule_slots.labels(schedule, outcome).inc(count)
 
     # -- requests --------------------------------------------------------------------------
 

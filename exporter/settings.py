@@ -29,7 +29,7 @@ from exporter.daemon.config import (
     RedisConfig,
     ScheduleConfig,
 )
-from exporter.destinations import Destination, read_secret
+from exporter.destinations import Destination, read_secret, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 
@@ -113,8 +113,7 @@ class Settings(BaseSettings):
             f"schedule {n!r} is declared twice" for n in sorted(set(names)) if names.count(n) > 1
         ]
         problems += [
-            f"schedule {s.name!r}: unknown destination {s.job.destination!r}; configured: "
-            f"{', '.join(sorted(self.destinations)) or 'none'}"
+            f"schedule {s.name!r}: {unknown_destination(s.job.destination, self.destinations)}"
             for s in self.schedules
             if s.job.destination not in self.destinations
         ]

@@ -19,7 +19,11 @@ import watchfiles
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from aep_emulator.state import EmulatorState
+from exporter.clock import Clock
+from exporter.daemon.core import Daemon
 from exporter.ops.systemd import VARIABLES as NOTIFY_VARIABLES
+from exporter.settings import Settings
+from exporter.sources.spool import Spool, SpoolIntake
 
 
 def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:
@@ -196,3 +200,22 @@ async def daemon_process(config: Path, log: Path) -> AsyncIterator[Running]:
     finally:
         if running.proc.returncode is None:
             await kill(running)
+
+
+def spool_daemon(settings: Settings, *, clock: Clock, **options: Any) -> Daemon:
+    """An in-process daemon with its spool intake (as `build_daemon` makes it) and no other
+    service: tests add the ones they need."""
+    daemon = Daemon(settings, clock=clock, **options)
+    daemon.add_service(SpoolIntake(daemon.admissions))
+    return daemon
+
+
+def intake_of(daemon: Daemon) -> SpoolIntake:
+    """A daemon's spool intake."""
+    (intake,) = (s for s in daemon.services if isinstance(s, SpoolIntake))
+    return intake
+
+
+def spool_of(daemon: Daemon) -> Spool:
+    """The spool folders of a daemon's spool intake."""
+    return intake_of(daemon).spool

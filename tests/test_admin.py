@@ -28,18 +28,18 @@ from structlog.testing import capture_logs
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, Span
 from exporter.clock import FakeClock
+from exporter.daemon.admission import Service
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, is_loopback
-from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon, Service
+from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
-from exporter.jobs import TERMINAL
+from exporter.jobs import TERMINAL, Rejected, parse_job
 from exporter.ops.admin import AdminServer
 from exporter.ops.admin_token import ensure_token, read_token
 from exporter.redaction import SECRETS
 from exporter.settings import load_settings
-from exporter.sources.spool import Rejected, parse_job
 from tests.bad_jobs import DESTINATIONS
 from tests.conftest import Answer, Emulator
 from tests.daemon_support import daemon_process, kill, write_config

@@ -19,11 +19,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.clock import FakeClock
-from exporter.daemon.core import EXIT_OK, Daemon
+from exporter.daemon.core import EXIT_OK
 from exporter.daemon.storage import transient
 from exporter.jobs import JobState
 from exporter.sources.spool import RESULT_SUFFIX
 from tests.conftest import Emulator
+from tests.daemon_support import intake_of, spool_daemon, spool_of
 from tests.test_admin import Admin, admin_daemon, ticking
 from tests.test_daemon_intake import good_job, running, settings_for
 
@@ -99,7 +100,7 @@ async def test_a_full_disk_loses_no_job_and_readiness_says_so(
     with capture_logs() as logs:
         async with on_disk(emulator, disk) as admin:
             daemon = admin.daemon
-            spool = daemon.spool
+            spool = spool_of(daemon)
             staging = disk / "spool" / "staging"
             staging.mkdir()
             names = [f"job-{n}.json" for n in range(4)]
@@ -112,7 +113,7 @@ async def test_a_full_disk_loses_no_job_and_readiness_says_so(
             for name in names[:2]:
                 (staging / name).rename(spool.dirs["incoming"] / name)
             async with asyncio.timeout(DEADLINE):
-                while daemon.counts.claimed < 2:
+                while intake_of(daemon).claimed < 2:
                     await admin.clock.sleep(0.1)
             with full(disk):
                 for name in names[2:]:
@@ -160,7 +161,7 @@ async def test_the_daemon_starts_on_a_full_disk_and_goes_on_once_freed(
     (dataset,) = await emulator.seed(rows=3)
     staged = disk / "job.json"
     staged.write_bytes(good_job(dataset, 1, timeout=WEEK_S))
-    daemon = Daemon(settings_for(emulator, disk), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, disk), clock=emulator.clock)
     with capture_logs() as logs:
         with full(disk):
             task = asyncio.create_task(daemon.run())
@@ -169,7 +170,7 @@ async def test_the_daemon_starts_on_a_full_disk_and_goes_on_once_freed(
             assert not daemon.ready.is_set()
         async with asyncio.timeout(DEADLINE):
             await daemon.ready.wait()
-        staged.rename(daemon.spool.dirs["incoming"] / "job.json")
+        staged.rename(spool_of(daemon).dirs["incoming"] / "job.json")
         async with asyncio.timeout(DEADLINE), daemon.filed:
             await daemon.filed.wait_for(lambda: daemon.counts.filed >= 1)
         daemon.stop()
@@ -177,14 +178,14 @@ async def test_the_daemon_starts_on_a_full_disk_and_goes_on_once_freed(
             assert await task == EXIT_OK
     failed = [e for e in logs if e["event"] == "storage_write_failed"]
     assert {e["operation"] for e in failed} == {"journal"}
-    result = json.loads((daemon.spool.dirs["done"] / f"job.json{RESULT_SUFFIX}").read_text())
+    result = json.loads((spool_of(daemon).dirs["done"] / f"job.json{RESULT_SUFFIX}").read_text())
     assert result["state"] == "succeeded"
 
 
 async def test_a_stop_while_waiting_for_space_at_start_exits_0(
     emulator: Emulator, disk: Path
 ) -> None:
-    daemon = Daemon(settings_for(emulator, disk), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, disk), clock=emulator.clock)
     with capture_logs() as logs, full(disk):
         task = asyncio.create_task(daemon.run())
         await until_logged(logs, "storage_write_failed", emulator.clock)
@@ -233,12 +234,12 @@ async def test_a_stop_while_an_outcome_cannot_be_written_ends_in_time_and_loses_
     again, files it without exporting a second time."""
     (dataset,) = await emulator.seed(rows=6)
     settings = settings_for(emulator, disk)
-    daemon = Daemon(settings, clock=emulator.clock)
+    daemon = spool_daemon(settings, clock=emulator.clock)
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
         async with asyncio.timeout(DEADLINE):
             await daemon.ready.wait()
-        incoming = daemon.spool.dirs["incoming"]
+        incoming = spool_of(daemon).dirs["incoming"]
         (disk / "spool" / "staged.json").write_bytes(good_job(dataset, 1, id="stuck"))
         (disk / "spool" / "staged.json").rename(incoming / "stuck.json")
         journal = daemon.journal
@@ -254,21 +255,21 @@ async def test_a_stop_while_an_outcome_cannot_be_written_ends_in_time_and_loses_
             daemon.stop()
             async with asyncio.timeout(DEADLINE):
                 assert await task == EXIT_OK
-            assert (daemon.spool.dirs["processing"] / "stuck.json").exists()
+            assert (spool_of(daemon).dirs["processing"] / "stuck.json").exists()
     failed = [e for e in logs if e["event"] == "storage_write_failed"]
     assert {e["operation"] for e in failed} <= {"journal", "result"}
     assert all(e["job_id"] == "stuck" for e in failed)
     (unwritten,) = [e for e in logs if e["event"] == "outcomes_unwritten"]
     assert unwritten["jobs"] == 1
 
-    again = Daemon(settings, clock=emulator.clock)
+    again = spool_daemon(settings, clock=emulator.clock)
     task = asyncio.create_task(again.run())
     async with asyncio.timeout(DEADLINE), again.filed:
         await again.filed.wait_for(lambda: again.counts.filed >= 1)
     again.stop()
     async with asyncio.timeout(DEADLINE):
         assert await task == EXIT_OK
-    result = json.loads((again.spool.dirs["done"] / f"stuck.json{RESULT_SUFFIX}").read_text())
+    result = json.loads((spool_of(again).dirs["done"] / f"stuck.json{RESULT_SUFFIX}").read_text())
     assert result["state"] == "succeeded"
     assert len(list(emulator.state.all_runs())) == 1
 
@@ -278,7 +279,7 @@ async def test_a_state_folder_that_cannot_be_made_fails_the_start_at_once(
 ) -> None:
     """Waiting cures a full disk, not a path through a file: that start fails (exit 1)."""
     (tmp_path / "state").write_text("a file where the state folder should be")
-    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
     with pytest.raises(OSError, match=r"exists|Not a directory"):
         async with asyncio.timeout(DEADLINE):
             await daemon.run()

@@ -20,9 +20,9 @@ from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
-from exporter.jobs import Outcome
+from exporter.jobs import Outcome, Parsed
 from exporter.settings import Settings
-from exporter.sources.spool import RESULT_SUFFIX, Parsed, Spool
+from exporter.sources.spool import RESULT_SUFFIX, Spool
 from tests.aepclient_support import config_for
 from tests.bad_jobs import (
     BY_NAME,
@@ -34,6 +34,7 @@ from tests.bad_jobs import (
     Case,
 )
 from tests.conftest import Emulator
+from tests.daemon_support import spool_daemon, spool_of
 
 ROOT = os.geteuid() == 0
 DEADLINE = 20.0  # real seconds: a bound on a wait for an event, never a sleep
@@ -80,7 +81,7 @@ class Running:
 
     @property
     def spool(self) -> Spool:
-        return self.daemon.spool
+        return spool_of(self.daemon)
 
     def drop(self, name: str, make: bytes | Case) -> None:
         """Write in a folder beside incoming/, then rename in: what a careful writer does."""
@@ -120,7 +121,7 @@ class Running:
 
 @asynccontextmanager
 async def running(emulator: Emulator, tmp_path: Path, **daemon: Any) -> AsyncIterator[Running]:
-    made = Daemon(settings_for(emulator, tmp_path, **daemon), clock=emulator.clock)
+    made = spool_daemon(settings_for(emulator, tmp_path, **daemon), clock=emulator.clock)
     task = asyncio.create_task(made.run(), name="daemon")
     ready = asyncio.ensure_future(made.ready.wait())
     await asyncio.wait({ready, task}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)

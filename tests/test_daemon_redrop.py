@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.daemon.core import Daemon
 from exporter.daemon.journal import Journal
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.sources.spool import RESULT_SUFFIX
 from tests.conftest import Emulator
+from tests.daemon_support import spool_daemon, spool_of
 from tests.test_admin import admin_daemon, job
 from tests.test_daemon_intake import good_job, running, settings_for
 
@@ -64,11 +64,11 @@ async def test_at_start_a_finished_but_unfiled_job_is_filed_with_its_outcome(
     """The shortcut kept for recovery: a crash between journaling the outcome and filing it."""
     (dataset,) = await emulator.seed(rows=5)
     settings = settings_for(emulator, tmp_path)
-    daemon = Daemon(settings, clock=emulator.clock)
-    daemon.spool.ensure()
+    daemon = spool_daemon(settings, clock=emulator.clock)
+    spool_of(daemon).ensure()
     raw = good_job(dataset, 3)
     parsed = Job.model_validate(json.loads(raw))
-    (daemon.spool.dirs["processing"] / "crashed.json").write_bytes(raw)
+    (spool_of(daemon).dirs["processing"] / "crashed.json").write_bytes(raw)
     journal = await Journal.open(settings.daemon.state_dir)
     try:
         await journal.add(parsed.job_id, source="spool", name="crashed.json", spec=json.loads(raw))

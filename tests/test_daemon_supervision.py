@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.daemon.core import EXIT_OK, EXIT_SOFTWARE, Daemon
+from exporter.daemon.core import EXIT_OK, EXIT_SOFTWARE
 from exporter.jobs import JobState
 from tests.conftest import Emulator
+from tests.daemon_support import spool_daemon
 from tests.test_daemon_intake import good_job, settings_for
 
 
@@ -21,7 +22,7 @@ async def test_intake_dying_stops_the_daemon_with_70(emulator: Emulator, tmp_pat
     settings = settings.model_copy(
         update={"daemon": settings.daemon.model_copy(update={"watch": False})}
     )
-    daemon = Daemon(settings, clock=emulator.clock)
+    daemon = spool_daemon(settings, clock=emulator.clock)
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
         await daemon.ready.wait()
@@ -37,7 +38,7 @@ async def test_intake_dying_stops_the_daemon_with_70(emulator: Emulator, tmp_pat
 
 
 async def test_stop_returns_0_and_closes_everything(emulator: Emulator, tmp_path: Path) -> None:
-    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
     task = asyncio.create_task(daemon.run())
     await daemon.ready.wait()
     daemon.stop()
@@ -53,7 +54,7 @@ async def test_a_job_that_crashes_fails_visibly_and_the_daemon_goes_on(
     emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (dataset,) = await emulator.seed(rows=5)
-    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
     calls = 0
     original = daemon.engine.run
 
@@ -90,12 +91,12 @@ async def test_a_job_task_that_dies_stops_the_daemon_with_70(
     """Not a crash of the export (that fails the job) but of the daemon's own bookkeeping
     after it: the job's task must not end dead and unnoticed."""
     (dataset,) = await emulator.seed(rows=5)
-    daemon = Daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
+    daemon = spool_daemon(settings_for(emulator, tmp_path), clock=emulator.clock)
 
     async def broken(*args: object) -> None:
         raise KeyError("a bug in writing the outcome")
 
-    monkeypatch.setattr(daemon, "_complete", broken)
+    monkeypatch.setattr(daemon.runner, "_complete", broken)
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
         await daemon.ready.wait()

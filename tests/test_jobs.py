@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from exporter.aep.fake import FakeAep
+from exporter.clock import FakeClock
+from exporter.destinations import DlzDestination
+from exporter.engine.config import EngineConfig
+from exporter.engine.lanes import LaneManager
+from exporter.errors import ConfigError
 from exporter.jobs import (
     TERMINAL,
     IllegalTransition,
     Job,
     JobState,
+    Rejected,
     check_transition,
+    parse_job,
 )
+from exporter.settings import Settings
 
 GOOD: dict[str, Any] = {
     "dataset_id": "5c8c3c555033b814b69f947f",
@@ -82,3 +92,39 @@ def test_transitions_follow_the_diagram() -> None:
     for state in TERMINAL:
         with pytest.raises(IllegalTransition):
             check_transition(state, JobState.RUNNING)
+
+
+def test_every_check_of_a_destination_names_it_in_the_same_words() -> None:
+    """The job parser, the settings' schedules and the engine's lanes refuse an unknown
+    destination with one wording, listing the configured ones in order."""
+    expected = "unknown destination 'nowhere'; configured: archive, lake"
+    configured = {"lake": DlzDestination(type="dlz"), "archive": DlzDestination(type="dlz")}
+    with pytest.raises(Rejected) as parsed:
+        parse_job(
+            "job.json", b'{"dataset_id": "d1", "destination": "nowhere", "path": "p"}', configured
+        )
+    assert str(parsed.value) == f"destination: {expected}"
+    with pytest.raises(ValidationError) as loaded:
+        Settings.model_validate(
+            {
+                "aep": {"org_id": "o@AdobeOrg", "client_id": "c", "client_secret": "s"},
+                "destinations": {"lake": {"type": "dlz"}, "archive": {"type": "dlz"}},
+                "schedules": [
+                    {"name": "s", "interval_s": 60, "job": {**GOOD, "destination": "nowhere"}}
+                ],
+            }
+        )
+    assert f"schedule 's': {expected}" in str(loaded.value)
+    clock = FakeClock()
+    lanes = LaneManager(
+        FakeAep(clock),
+        configured,
+        EngineConfig(),
+        org_id="o",
+        sandbox="prod",
+        clock=clock,
+        identity_key=b"k",
+        rng=random.Random(0),
+    )
+    with pytest.raises(ConfigError, match=f"^{expected}$"):
+        lanes.destination("nowhere")

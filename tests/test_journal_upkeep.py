@@ -11,10 +11,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from exporter.daemon.core import EXIT_DATAERR, EXIT_OK, RETAIN_EVERY_S, Daemon
-from exporter.daemon.journal import FILE_NAME, SCHEMA, Journal
+from exporter.daemon.core import EXIT_DATAERR, EXIT_OK, RETAIN_EVERY_S
+from exporter.daemon.journal import FILE_NAME, Journal
+from exporter.daemon.journal_file import SCHEMA
 from exporter.jobs import JobState, Outcome
 from tests.conftest import Emulator
+from tests.daemon_support import spool_daemon
 from tests.test_daemon_cli import cli, write_config
 from tests.test_daemon_intake import settings_for
 
@@ -128,7 +130,7 @@ async def test_the_daemon_prunes_at_start_and_periodically_and_shrinks_an_old_jo
     finally:
         await journal.close()
     size_before = on_disk(path)
-    daemon = Daemon(settings, clock=emulator.clock)
+    daemon = spool_daemon(settings, clock=emulator.clock)
     task = asyncio.create_task(daemon.run())
 
     async def kept() -> list[str]:
@@ -186,7 +188,7 @@ async def test_a_retention_shorter_than_the_round_is_kept_to_within_a_quarter_of
     settings = settings.model_copy(
         update={"daemon": settings.daemon.model_copy(update={"rescan_s": 3600.0})}
     )
-    daemon = Daemon(settings, clock=emulator.clock)
+    daemon = spool_daemon(settings, clock=emulator.clock)
     task = asyncio.create_task(daemon.run())
     async with asyncio.timeout(20):
         await daemon.ready.wait()

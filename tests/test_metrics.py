@@ -26,6 +26,7 @@ import aep_emulator.runs
 from aep_emulator.query import ListQuery
 from aep_emulator.settings import Knobs
 from exporter.aep.api import RunInfo
+from exporter.aep.client import HttpAep
 from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.daemon.assemble import build_daemon
@@ -171,7 +172,9 @@ async def test_the_exposition_agrees_with_the_emulators_journal(
         await run.filed(JOBS)
         await quiet(run.daemon)
         got = parse(await run.scrape())
-        limiter = run.daemon.api.transport.limiter.stats
+        api = run.daemon.api
+        assert isinstance(api, HttpAep)
+        limiter = api.transport.limiter.stats
         limit = run.daemon.settings.daemon.max_in_flight
         served = (await emulator.control("GET", "/stats"))["ops"]
 
@@ -449,3 +452,19 @@ async def test_docs_metrics_lists_every_metric_the_daemon_exposes_with_its_type(
     assert len(exposed) > 15  # the core's metrics, the scheduler's and the Redis intake's
     assert dict(rows) == exposed
     assert len(rows) == len(exposed), "a metric listed twice"
+
+
+def test_schedule_slots_are_counted_in_the_daemons_metrics() -> None:
+    """The scheduler records through `Metrics`, like every other component, so its series
+    is in the one registry /metrics exposes, under its documented name."""
+    metrics = Metrics()
+    metrics.schedule_slot("nightly", "missed", 3)
+    metrics.schedule_slot("nightly", "fired")
+    value = metrics.registry.get_sample_value
+    assert (
+        value("aep_exporter_schedule_slots_total", {"schedule": "nightly", "outcome": "missed"})
+        == 3
+    )
+    assert (
+        value("aep_exporter_schedule_slots_total", {"schedule": "nightly", "outcome": "fired"}) == 1
+    )

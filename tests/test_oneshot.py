@@ -139,6 +139,44 @@ async def test_no_wait_returns_once_triggered(
     assert outcome["run_id"] in {r.id for r in state.all_runs()}
 
 
+# Runs the CLI as `python -m exporter` does, then says which scheduler modules it loaded.
+LOADED = """
+import atexit, sys
+atexit.register(
+    lambda: print("loaded:" + ",".join(sorted(m for m in sys.modules if "apscheduler" in m)),
+                  file=sys.stderr)
+)
+from exporter.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+async def test_an_export_does_not_load_the_scheduler(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    """The settings models and the one-shot path are import-light: APScheduler (schedule
+    behaviour, `exporter.sources.schedules`) is loaded by the daemon only."""
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "light", 5, rng=random.Random(2), now_ms=0)
+    args = ["--dataset", dataset.id, "--destination", "lake", "--path", "ml/light", "--json"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LOADED,
+        "export",
+        "--config",
+        str(write_config(tmp_path, url)),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["state"] == "succeeded"
+    assert err.decode().splitlines()[-1] == "loaded:"
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

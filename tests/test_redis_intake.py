@@ -51,6 +51,8 @@ from tests.daemon_support import (
     kill,
     results,
     runs_by_dataset,
+    spool_daemon,
+    spool_of,
     start_daemon,
     triggers_by_job,
     until_results,
@@ -167,8 +169,8 @@ async def daemon_in_process(
     )
     settings = load_settings(config)
     assert settings.redis is not None
-    daemon = Daemon(settings, clock=SystemClock())
-    daemon.add_service(RedisIntake(daemon, settings.redis))
+    daemon = spool_daemon(settings, clock=SystemClock())
+    daemon.add_service(RedisIntake(daemon.admissions, settings.redis))
     task = asyncio.create_task(daemon.run())
     ready = asyncio.ensure_future(daemon.ready.wait())
     try:
@@ -393,7 +395,7 @@ async def test_a_job_id_already_submitted_from_another_source_is_dead_lettered(
     async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         first, second = seed(state, 2)
         async with daemon_in_process(tmp_path / "d", url, redis_server) as (daemon, _):
-            spool = daemon.spool.dirs["incoming"].parent
+            spool = spool_of(daemon).dirs["incoming"].parent
             drop_job(spool, "filed.json", job("filed", first))
             await until_results(spool, ["filed.json"], deadline_s=DEADLINE)
             # The next one is held at its flow's creation while the message comes.
@@ -1042,9 +1044,9 @@ async def test_a_wrong_password_stops_the_start_with_a_clear_error(tmp_path: Pat
         assert config.safe_url == f"redis://:***@127.0.0.1:{server.port}/0"
         async with serve(FAST, tmp_path / "emulator", clock=SystemClock()) as (emu, _):
             settings = load_settings(write_config(tmp_path, emu, redis={"url": url}))
-            daemon = Daemon(settings, clock=SystemClock())
+            daemon = spool_daemon(settings, clock=SystemClock())
             assert settings.redis is not None
-            daemon.add_service(RedisIntake(daemon, settings.redis))
+            daemon.add_service(RedisIntake(daemon.admissions, settings.redis))
             with watch_logs() as logs, pytest.raises(RuntimeError, match="refused us") as err:
                 await daemon.run()
         assert "the-wrong-one" not in str(err.value)
@@ -1085,8 +1087,8 @@ async def test_a_password_in_the_url_query_is_never_shown(tmp_path: Path) -> Non
                     config = write_config(tmp_path / password, emu, redis=redis)
                     settings = load_settings(config)
                     assert settings.redis is not None
-                    daemon = Daemon(settings, clock=SystemClock())
-                    daemon.add_service(RedisIntake(daemon, settings.redis))
+                    daemon = spool_daemon(settings, clock=SystemClock())
+                    daemon.add_service(RedisIntake(daemon.admissions, settings.redis))
                     with pytest.raises(Exception) as err:  # noqa: PT011 - either kind, below
                         await daemon.run()
                     errors.append(f"{type(err.value).__name__}: {err.value}")

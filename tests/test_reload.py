@@ -28,7 +28,7 @@ from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings
-from exporter.sources.schedules import Schedules
+from exporter.sources.schedules import Schedules, trigger_of
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator
 from tests.daemon_support import (
@@ -36,6 +36,7 @@ from tests.daemon_support import (
     daemon_process,
     drop_job,
     results,
+    spool_daemon,
     until_results,
     write_config,
 )
@@ -238,8 +239,8 @@ def yearly(name: str, cron: str, destination: str = "lake") -> ScheduleConfig:
 
 @asynccontextmanager
 async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings, clock=emulator.clock)
-    daemon.add_service(Schedules(daemon))
+    daemon = spool_daemon(settings, clock=emulator.clock)
+    daemon.add_service(Schedules(daemon.admissions))
     task = asyncio.create_task(daemon.run(), name="daemon")
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({ready, task}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
@@ -253,7 +254,7 @@ async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Daemo
 
 
 def triggered(config: ScheduleConfig) -> str:
-    return str(config.trigger())
+    return str(trigger_of(config))
 
 
 def scheduled(daemon: Daemon) -> dict[str, str]:

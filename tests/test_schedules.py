@@ -34,10 +34,10 @@ from exporter.destinations import DlzDestination
 from exporter.engine import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings, load_settings
-from exporter.sources.schedules import Schedules, iso, slot_job_id, upcoming, utc
+from exporter.sources.schedules import Schedules, iso, slot_job_id, trigger_of, upcoming, utc
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs
-from tests.daemon_support import triggers_by_job
+from tests.daemon_support import spool_daemon, triggers_by_job
 from tests.test_packaging import example_copy
 
 DEADLINE = 30.0  # real seconds: a bound on a wait for an event, never a sleep
@@ -131,8 +131,8 @@ class Running:
 
 @asynccontextmanager
 async def running(emulator: Emulator, settings: Settings) -> AsyncIterator[Running]:
-    daemon = Daemon(settings, clock=emulator.clock)
-    service = Schedules(daemon)
+    daemon = spool_daemon(settings, clock=emulator.clock)
+    service = Schedules(daemon.admissions)
     daemon.add_service(service)
     metronome = asyncio.create_task(tick(emulator.clock), name="metronome")
     task = asyncio.create_task(daemon.run(), name="daemon")
@@ -492,7 +492,7 @@ format = "json"
     )
     # In Berlin, 9:00 on a Friday is 8:00 UTC (winter time); the next is Monday's.
     friday = datetime(2026, 1, 2, 7, 30, tzinfo=UTC)
-    nxt = hourly.trigger().get_next_fire_time(None, friday)
+    nxt = trigger_of(hourly).get_next_fire_time(None, friday)
     assert nxt == datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,24 @@ def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[aep\n")
     with pytest.raises(ConfigError, match=r"exporter\.toml"):
         load_settings(path)
+
+
+def test_the_settings_models_do_not_load_the_scheduler(tmp_path: Path) -> None:
+    """A configuration without schedules loads without APScheduler: the models are data, the
+    schedule behaviour lives in `exporter.sources.schedules` (loaded by the daemon)."""
+    config = tmp_path / "exporter.toml"
+    config.write_text('[aep]\nclient_id = "c"\nclient_secret = "s"\norg_id = "o@AdobeOrg"\n')
+    probe = (
+        "import sys; from pathlib import Path; from exporter.settings import load_settings; "
+        "load_settings(Path(sys.argv[1])); "
+        "print(sorted(m for m in sys.modules if 'apscheduler' in m))"
+    )
+    done = subprocess.run(  # noqa: S603 - this interpreter, a fixed program
+        [sys.executable, "-c", probe, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert done.stdout.strip() == "[]"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from exporter.jobs import Job, JobState, Outcome
-from exporter.sources.spool import RESULT_SUFFIX, Rejected, Spool, parse_job
+from exporter.jobs import Job, JobState, Outcome, Rejected, parse_job
+from exporter.sources.spool import RESULT_SUFFIX, Spool
 from tests.bad_jobs import (
     BY_NAME,
     CASES,
@@ -142,7 +142,8 @@ def test_an_unreadable_file_is_rejected(spool: Spool) -> None:
 CHILD = """
 import os, sys
 from pathlib import Path
-from exporter.sources.spool import Rejected, Spool
+from exporter.jobs import Rejected
+from exporter.sources.spool import Spool
 spool = Spool(Path(sys.argv[1]), max_bytes=4096)
 os.setgroups([])
 os.setgid(65534)

@@ -42,7 +42,14 @@ from exporter.ops.systemd import (
 )
 from exporter.settings import Settings
 from tests.conftest import Emulator
-from tests.daemon_support import Running, kill, results, start_daemon, write_config
+from tests.daemon_support import (
+    Running,
+    kill,
+    results,
+    spool_daemon,
+    start_daemon,
+    write_config,
+)
 from tests.test_daemon_intake import settings_for
 
 DEADLINE = 30.0  # real seconds: a bound on a wait for an event, never a sleep
@@ -255,8 +262,8 @@ async def test_when_the_watchdog_fires_the_log_shows_every_threads_stack(
 async def daemon_with(
     emulator: Emulator, tmp_path: Path, environ: MutableMapping[str, str]
 ) -> AsyncIterator[tuple[Daemon, SystemdNotify]]:
-    daemon = Daemon(settings_for(emulator, tmp_path), clock=SystemClock())
-    service = from_environment(daemon, environ, pid=os.getpid())
+    daemon = spool_daemon(settings_for(emulator, tmp_path), clock=SystemClock())
+    service = from_environment(daemon.admissions, environ, pid=os.getpid())
     assert service is not None
     daemon.add_service(service)
     task = asyncio.create_task(daemon.run())

@@ -139,6 +139,20 @@ class AepApi(Protocol):
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:
         """The runs among `run_ids` that exist (any number; batched by the implementation)."""
 
+    async def check_token(self) -> None:
+        """Get an access token (or reuse a valid one); raises if none can be had. What the
+        daemon's readiness probe asks."""
+        ...
+
+    async def drain(self, within_s: float) -> int:
+        """Wait up to `within_s` for requests already on the wire (a stop lets them
+        finish); returns how many are still going on."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connections; after `drain`."""
+        ...
+
     async def runs_of_flow(self, flow_id: str, since_ms: int) -> list[RunInfo]:
         """Runs of a flow created at or after `since_ms`, newest first (`dataset_id` says
         which dataset each exports)."""

@@ -96,6 +96,12 @@ class HttpAep:
         """Close the HTTP session."""
         await self.transport.aclose()
 
+    async def check_token(self) -> None:
+        await self.transport.tokens.token()
+
+    async def drain(self, within_s: float) -> int:
+        return await self.transport.drain(within_s)
+
     async def find_by_name(self, collection: Collection, name: str) -> list[dict[str, Any]]:
         """Entities of `collection` named exactly `name`, newest first. A name the filter
         language cannot say exactly is narrowed by a prefix range; should AEP refuse that

@@ -139,6 +139,14 @@ class FakeAep:
     async def aclose(self) -> None:
         """Nothing to release; here so that the fake and `HttpAep` are used alike."""
 
+    async def check_token(self) -> None:
+        """Fails like the others: `fail_next("check_token", ...)`."""
+        self._begin("check_token")
+
+    async def drain(self, within_s: float) -> int:
+        """Nothing is ever on the wire."""
+        return 0
+
     def fail_next(
         self, operation: str, exc: FailureFactory, times: int = 1, *, after: bool = False
     ) -> None:

@@ -24,15 +24,14 @@ from rich.console import Console
 from rich.table import Table
 
 from exporter.clock import SystemClock
-from exporter.daemon.assemble import build_daemon
 from exporter.daemon.core import EXIT_CONFIG
 from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
 from exporter.errors import ConfigError
+from exporter.jobs import Rejected
 from exporter.logs import configure_logging
 from exporter.oneshot import add_config_argument, settings_or_report
 from exporter.settings import Settings, load_settings
-from exporter.sources.schedules import iso, status_table, upcoming
-from exporter.sources.spool import Rejected, Spool
+from exporter.sources.spool import Spool
 
 log = structlog.get_logger("exporter.daemon")
 
@@ -87,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _run(settings: Settings, reread: Callable[[], Settings] | None = None) -> int:
     """Run the daemon: SIGTERM and SIGINT stop it, SIGHUP reloads with `reread`."""
+    from exporter.daemon.assemble import build_daemon  # (the services: only `run` needs them)
+
     daemon = build_daemon(settings, clock=SystemClock())
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -156,11 +157,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     out.print(latest)
     if settings.schedules:
+        from exporter.sources.schedules import status_table
+
         out.print(status_table(settings.schedules, schedule_slots(path), now=time.time()))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from exporter.sources.schedules import iso, upcoming  # (loads APScheduler)
+
     err = Console(stderr=True, soft_wrap=True)
     out = Console(soft_wrap=True)
     settings = settings_or_report(args, err)

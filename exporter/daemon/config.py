@@ -11,9 +11,6 @@ from typing import Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from exporter.destinations import read_secret
@@ -254,30 +251,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SCHEDULE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
-class WallClockCron(CronTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
-    """A cron trigger that fires a wall-clock time once when clocks go back.
-
-    APScheduler fires 02:30 twice on the night the clocks fall back (once in summer time, once
-    in winter time), and each would be its own slot and job. Like cron, an expression with a
-    fixed hour fires the first of the two only; one whose hour is a wildcard (every 15 minutes,
-    say) goes on by real time."""
-
-    once_per_wall_time = False
-
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
-        nxt: datetime | None = super().get_next_fire_time(previous_fire_time, now)
-        while nxt is not None and self.once_per_wall_time and nxt.fold == 1:
-            nxt = super().get_next_fire_time(nxt, nxt)
-        return nxt
-
-
 class ScheduleConfig(BaseModel):
     """A recurring export, `[[schedules]]`: a trigger (cron or interval) and a job template.
 
     Each fire is a job with the id `<name>@<slot time in UTC>`, so a slot fired twice is one
     job. The destination the template names is checked against `destinations` by Settings.
+    What it does is in `exporter.sources.schedules` (`trigger_of`): this is only its data.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -324,6 +303,10 @@ class ScheduleConfig(BaseModel):
             # APScheduler 3 counts weekdays from Monday = 0, crontab from Sunday = 0: a
             # number would silently shift the day.
             raise ValueError("name days of the week (mon-fri, sat,sun), do not number them")
+        # Imported here: only a configuration with schedules needs APScheduler to check
+        # them (the one-shot `export` command does without it).
+        from apscheduler.triggers.cron import CronTrigger
+
         try:
             trigger = CronTrigger.from_crontab(value, timezone=UTC)
         except ValueError as exc:
@@ -344,13 +327,6 @@ class ScheduleConfig(BaseModel):
         if (self.cron is None) == (self.interval_s is None):
             raise ValueError("give exactly one of cron and interval_s")
         return self
-
-    def trigger(self) -> BaseTrigger:
-        if self.cron is not None:
-            trigger = WallClockCron.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
-            trigger.once_per_wall_time = "*" not in self.cron.split()[1]
-            return trigger
-        return IntervalTrigger(seconds=self.interval_s, start_date=EPOCH, timezone=UTC)
 
     def describe(self) -> str:
         if self.cron is not None:

@@ -1,15 +1,16 @@
 """`aep-exporter run`: the daemon, built from named, supervised background tasks.
 
-    intake   claims job files from the spool as capacity allows (backpressure: the rest
-             wait in incoming/, unread), on inotify events and on a periodic rescan
-    watcher  turns inotify events into wake-ups for intake (optional: rescans suffice)
-    poller   the engine's shared run poller
-    <svc>    each service (admin server, Redis intake, scheduler, systemd notifier)
-    job:*    one task per job in flight, from admission to its settled outcome
+    poller     the engine's shared run poller
+    retention  prunes the journal's finished jobs past their retention
+    <svc>      each service: the job sources (spool intake, Redis intake, scheduler), the
+               admin server, the systemd notifier
+    job:*      one task per job in flight, from admission to its settled outcome
+               (`exporter.daemon.runner`)
 
-Jobs come from several sources (the spool, Redis, the admin API, schedules). Each job
-carries its `Origin`: what to tell the source as the job moves (`checkpoint`) and once its
-outcome is journaled (`settle`: file the result, acknowledge the message, ...).
+Jobs come from several sources; each is a `Service` that sees the daemon only through its
+`Admissions` (`exporter.daemon.admission`). Each job carries its `Origin`: what to tell the
+source as the job moves (`checkpoint`) and once its outcome is journaled (`settle`: file the
+result, acknowledge the message, ...).
 
 If a supervised task dies, the daemon says so and stops rather than run half-alive. On
 stop: intake stops, jobs are cancelled at their next wait (their journal says where they
@@ -20,27 +21,25 @@ closed; runs still going on in AEP are resumed at the next start.
 from __future__ import annotations
 
 import asyncio
-import enum
 import random
-import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 import structlog
 
+from exporter.aep.api import AepApi
 from exporter.aep.client import HttpAep
-from exporter.clock import Clock, sleep_or_wake, wait_within
-from exporter.daemon.journal import Corrupt, JobRecord, Journal
-from exporter.daemon.storage import RETRY, STORAGE_ERRORS, Faults, persist
-from exporter.engine import Engine, Progress
-from exporter.errors import ConfigError
-from exporter.jobs import TERMINAL, Job, JobState, Outcome
+from exporter.clock import Clock, wait_within
+from exporter.daemon.admission import Announcing, Counts, Quiet, Service
+from exporter.daemon.journal import JobRecord, Journal
+from exporter.daemon.journal_file import Corrupt
+from exporter.daemon.reload import Reloader
+from exporter.daemon.runner import JobRunner
+from exporter.daemon.storage import STORAGE_ERRORS, Faults
+from exporter.engine import Engine
 from exporter.metrics import Metrics
 from exporter.settings import Settings
-from exporter.sources.spool import Parsed, Rejected, Spool
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
@@ -50,128 +49,6 @@ EXIT_CONFIG = 2
 EXIT_DATAERR = 65  # the journal is corrupt: a restart cannot help (sysexits' EX_DATAERR)
 EXIT_SOFTWARE = 70  # a supervised task died
 RETAIN_EVERY_S = 6 * 3600.0  # how often finished jobs past their retention are pruned
-STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
-RELOADABLE = ("destinations", "schedules")  # the settings a reload (SIGHUP) takes
-
-
-@dataclass
-class Counts:
-    claimed: int = 0
-    finished: int = 0
-    rejected: int = 0
-    filed: int = 0  # jobs whose outcome was settled with their source
-
-
-class Origin(Protocol):
-    """Where a job came from, and what that source must hear about it."""
-
-    @property
-    def source(self) -> str:
-        """ "spool", "redis", "http", "schedule": kept in the journal."""
-        ...
-
-    @property
-    def name(self) -> str:
-        """The job's name within its source (a file name, a message id, ...)."""
-        ...
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        """Called after each state is journaled, before the action it enables."""
-        ...
-
-    async def settle(self, outcome: Outcome) -> None:
-        """Called once the outcome is journaled; may be called again after a crash."""
-        ...
-
-
-@dataclass(frozen=True)
-class Quiet:
-    """An origin that needs to hear nothing: the journal is the whole record."""
-
-    source: str
-    name: str
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        return None
-
-    async def settle(self, outcome: Outcome) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class SpoolFile:
-    """A job file in processing/: its result is filed beside it in done/ or failed/."""
-
-    spool: Spool
-    path: Path
-    source: str = "spool"
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        return None
-
-    async def settle(self, outcome: Outcome) -> None:
-        await asyncio.to_thread(self.spool.finish, self.path, outcome)
-
-
-class Service(Protocol):
-    """A part of the daemon with its own supervised task (admin server, Redis intake, ...)."""
-
-    @property
-    def name(self) -> str: ...
-
-    async def start(self) -> None:
-        """Before recovery: bind, connect. Raising stops the daemon with a clear error."""
-        ...
-
-    async def recover(self, records: list[JobRecord]) -> None:
-        """Resume this service's own unfinished jobs (those whose source it owns)."""
-        ...
-
-    async def run(self) -> None:
-        """Serve until cancelled; returning or raising means the service died."""
-        ...
-
-    async def close(self) -> None:
-        """After every job task has stopped: release connections, sockets."""
-        ...
-
-    @property
-    def sources(self) -> Iterable[str]:
-        """Job sources whose unfinished jobs this service recovers."""
-        ...
-
-
-@runtime_checkable
-class Fencing(Protocol):
-    """An origin that must confirm, right before a job's trigger goes out, that the job is
-    still this daemon's (the Redis intake: its lease); see `Engine.run`'s `fence`."""
-
-    async def fence(self) -> None: ...
-
-
-@runtime_checkable
-class Reconfigurable(Protocol):
-    """A service that takes part of a reload (the scheduler takes the new schedules)."""
-
-    def reconfigure(self, settings: Settings) -> None:
-        """Use `settings` (already validated) from now on; synchronous, so that a reload is
-        applied whole within one turn of the event loop."""
-        ...
-
-
-class Admission(enum.Enum):
-    STARTED = "started"
-    DUPLICATE = "duplicate"  # the job id is known already: see `Admitted.record`
-
-
-@dataclass(frozen=True)
-class Admitted:
-    result: Admission
-    record: JobRecord | None = None
 
 
 @dataclass
@@ -182,35 +59,23 @@ class Health:
     ready: bool = False
 
 
-def already_submitted(job_id: str, known: JobRecord | None) -> str:
-    """Why a job whose id the journal knows is not run again: a job id is an idempotency
-    key, so the same content dropped again is refused, never answered with the old result."""
-    if known is None:  # (forgotten meanwhile: handed over to another daemon)
-        return f"job id {job_id!r} was already submitted; give the new job another id"
-    if known.terminal:
-        outcome = known.outcome or {}
-        run = outcome.get("run_id") or known.run_id
-        at = datetime.fromtimestamp(known.updated, UTC).isoformat(timespec="seconds")
-        return (
-            f"job id {job_id!r} was already submitted (from {known.source} {known.name}) and "
-            f"{known.state.value}"
-            + (f" as run {run}" if run else "")
-            + f" at {at}; a job id exports once: give the job another id (its id field) "
-            "to export again"
-        )
-    return (
-        f"job id {job_id!r} was already submitted (from {known.source} {known.name}, now "
-        f"{known.state.value}); a job id runs once: give the new job another id"
-    )
-
-
 class Daemon:
-    def __init__(self, settings: Settings, *, clock: Clock, api: HttpAep | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock,
+        api: AepApi | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.clock = clock
         self.metrics = Metrics()
         self.metrics.jobs_in_flight_limit.set(settings.daemon.max_in_flight)
-        self.api = api or HttpAep.from_config(settings.aep, clock=clock, metrics=self.metrics)
+        self.rng = rng or random.Random()
+        """The daemon's one source of jitter, handed to what needs it (seeded in tests)."""
+        self.api: AepApi = api or HttpAep.from_config(
+            settings.aep, clock=clock, rng=self.rng, metrics=self.metrics
+        )
         self.engine = Engine(
             self.api,
             settings.destinations,
@@ -220,36 +85,64 @@ class Daemon:
             clock=clock,
             identity_key=settings.aep.client_secret.get_secret_value().encode(),
             metrics=self.metrics,
+            rng=self.rng,
         )
-        config = settings.daemon
-        self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
         self.journal: Journal | None = None
         self.faults = Faults(self.metrics.registry)
         """Local writes failing now (a full disk): retried, and reported by /readyz."""
-        self._rng = random.Random()
-        self.jobs: dict[str, asyncio.Task[None]] = {}
         self.services: list[Service] = []
         self.health = Health()
-        self.counts = Counts()
         self.ready = asyncio.Event()
-        self.filed = asyncio.Condition()
-        """Notified after each job's outcome is settled with its source (`counts.filed`)."""
-        self.on_finished: list[Callable[[Outcome], None]] = []
-        """Called after each outcome is journaled and settled (metrics, notifications)."""
+        self._stopping = asyncio.Event()
+        self.runner = JobRunner(
+            settings,
+            engine=self.engine,
+            clock=clock,
+            metrics=self.metrics,
+            faults=self.faults,
+            rng=self.rng,
+            stopping=self._stopping,
+            ready=self.ready,
+            on_died=self._died,
+        )
+        """The jobs in flight; what services are given (`Admissions`)."""
         self.on_stopping: list[Callable[[], None]] = []
         """Called once when the daemon starts to stop (systemd's STOPPING=1)."""
         self.on_reloading: list[Callable[[], None]] = []
         """Called when a reload (SIGHUP) begins (systemd's RELOADING=1)."""
         self.on_reloaded: list[Callable[[bool], None]] = []
         """Called when a reload ends, with whether the new configuration was taken."""
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()  # set whenever a job leaves
-        self._stopping = asyncio.Event()
-        self._cancelled: dict[str, str] = {}
-        self._settling: set[asyncio.Future[None]] = set()
         self._exit = EXIT_OK
-        self._reload_lock = asyncio.Lock()
-        self._reload_queued = False
+        self._reloader = Reloader(self)
+
+    @property
+    def settings(self) -> Settings:
+        return self.runner.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self.runner.settings = settings
+
+    @property
+    def admissions(self) -> JobRunner:
+        return self.runner
+
+    @property
+    def jobs(self) -> dict[str, asyncio.Task[None]]:
+        return self.runner.jobs
+
+    @property
+    def counts(self) -> Counts:
+        return self.runner.counts
+
+    @property
+    def filed(self) -> asyncio.Condition:
+        """Notified after each job's outcome is settled with its source (`counts.filed`)."""
+        return self.runner.filed
+
+    @property
+    def room(self) -> int:
+        return self.runner.room
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -266,8 +159,16 @@ class Daemon:
 
     def add_service(self, service: Service) -> None:
         self.services.append(service)
+        if isinstance(service, Announcing):
+            self.on_stopping.append(service.announce_stopping)
+            self.on_reloading.append(service.announce_reloading)
+            self.on_reloaded.append(service.announce_reloaded)
 
-    # -- reload ----------------------------------------------------------------------------
+    def _died(self, task: str) -> None:
+        """A job's task ended with an error: a bug that lost a job; stop, never half-alive."""
+        self.health.dead.append(task)
+        self._exit = EXIT_SOFTWARE
+        self.stop()
 
     async def reload(self, load: Callable[[], Settings]) -> bool | None:
         """Re-read the configuration (SIGHUP): `load` returns new settings or raises
@@ -277,71 +178,7 @@ class Daemon:
 
         Returns whether the new configuration was taken; None when the daemon is stopping, or
         when a reload is already waiting to start: that one reads the newest file."""
-        if self._reload_queued:
-            log.info("reload_coalesced")
-            return None
-        self._reload_queued = True
-        try:
-            await self._reload_lock.acquire()
-        finally:
-            self._reload_queued = False
-        try:
-            if not self.ready.is_set():  # a SIGHUP during start: reload once running
-                ready = asyncio.ensure_future(self.ready.wait())
-                stopping = asyncio.ensure_future(self._stopping.wait())
-                try:
-                    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    ready.cancel()
-                    stopping.cancel()
-            if self.stopping:
-                return None
-            return await self._reload(load)
-        finally:
-            self._reload_lock.release()
-
-    async def _reload(self, load: Callable[[], Settings]) -> bool:
-        for hook in self.on_reloading:
-            hook()
-        log.info("reload_started")
-        ok = False
-        try:
-            new = await asyncio.to_thread(load)
-        except ConfigError as exc:
-            log.error("reload_refused", reason=str(exc))
-        except Exception as exc:
-            log.exception("reload_refused", reason=f"internal error: {exc!r}")
-        else:
-            self._apply(new)
-            ok = True
-        finally:
-            for report in self.on_reloaded:
-                report(ok)
-        return ok
-
-    def _apply(self, new: Settings) -> None:
-        old = self.settings
-        restart = sorted(
-            name
-            for name in Settings.model_fields
-            if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
-        )
-        self.settings = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
-        self.engine.use_destinations(self.settings.destinations)
-        for service in self.services:
-            if isinstance(service, Reconfigurable):
-                service.reconfigure(self.settings)
-        before, after = old.destinations, new.destinations
-        log.info(
-            "reload_done",
-            destinations_added=sorted(after.keys() - before.keys()),
-            destinations_removed=sorted(before.keys() - after.keys()),
-            destinations_changed=sorted(
-                n for n in before.keys() & after.keys() if before[n] != after[n]
-            ),
-        )
-        if restart:
-            log.warning("reload_needs_restart", sections=restart)
+        return await self._reloader.reload(load)
 
     async def run(self) -> int:
         """Recover, serve until `stop()`, shut down; returns the process exit code."""
@@ -362,12 +199,11 @@ class Daemon:
         started: list[Service] = []
         try:
             for service in self.services:
-                await service.start()
+                # (The spool waits out a full disk at its start: a stop may come first.)
+                if await self._unless_stopping(self._started(service)) is None:
+                    return self._exit
                 started.append(service)
             await self._recover()
-            supervised["intake"] = asyncio.create_task(self._intake(), name="intake")
-            if config.watch:
-                supervised["watcher"] = asyncio.create_task(self._watch(), name="watcher")
             if config.journal_retention_days:
                 supervised["retention"] = asyncio.create_task(self._retain(), name="retention")
             poller = self.engine.poller_task
@@ -377,7 +213,6 @@ class Daemon:
                 supervised[service.name] = asyncio.create_task(service.run(), name=service.name)
             log.info(
                 "daemon_ready",
-                spool=str(self.spool.root),
                 state=str(config.state_dir),
                 resumed=len(self.jobs),
                 max_in_flight=config.max_in_flight,
@@ -393,15 +228,18 @@ class Daemon:
     async def _opened(self) -> Journal:
         config = self.settings.daemon
         # Only what waiting can cure: a folder that cannot be made is exit 1 with its traceback.
-        await self._persist(
-            lambda: asyncio.to_thread(self.spool.ensure), "intake", only_transient=True
-        )
-        self.journal = await self._persist(
+        self.journal = await self.runner.persist(
             lambda: Journal.open(config.state_dir, faults=self.faults, clock=self.clock),
             "journal",
             only_transient=True,
         )
+        self.runner.journal = self.journal
         return self.journal
+
+    @staticmethod
+    async def _started(service: Service) -> Service:
+        await service.start()
+        return service
 
     async def _unless_stopping(self, work: Awaitable[T]) -> T | None:
         """`work`'s result, or None if a stop came first (then `work` is cancelled)."""
@@ -415,25 +253,6 @@ class Daemon:
                 doing.cancel()
                 await asyncio.gather(doing, return_exceptions=True)
         return doing.result() if not doing.cancelled() else None
-
-    async def _persist(
-        self,
-        write: Callable[[], Awaitable[T]],
-        operation: str,
-        *,
-        only_transient: bool = False,
-        **context: object,
-    ) -> T:
-        """A local write (journal, result file, spool), retried with backoff while it fails."""
-        return await persist(
-            write,
-            operation=operation,
-            clock=self.clock,
-            faults=self.faults,
-            rng=self._rng,
-            only_transient=only_transient,
-            **context,
-        )
 
     async def _retain(self) -> None:
         """Prune the journal's finished jobs past their retention: now, then periodically."""
@@ -483,16 +302,17 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*tasks.values(), *self.jobs.values(), return_exceptions=True)
         await self.engine.stop()  # and the flow setups jobs were sharing
-        if self._settling:  # outcomes being written when the stop came are written whole
+        settling = self.runner.settling
+        if settling:  # outcomes being written when the stop came are written whole
             grace_s = self.settings.daemon.shutdown_grace_s
-            await wait_within(self.clock, grace_s, asyncio.wait(set(self._settling)))
-            late = {f for f in self._settling if not f.done()}
+            await wait_within(self.clock, grace_s, asyncio.wait(set(settling)))
+            late = {f for f in settling if not f.done()}
             for unwritten in late:  # the disk is full: the next start resumes these jobs
                 unwritten.cancel()
             if late:
                 log.warning("outcomes_unwritten", jobs=len(late), faults=self.faults.describe())
                 await asyncio.gather(*late, return_exceptions=True)
-        left = await self.api.transport.drain(self.settings.daemon.shutdown_grace_s)
+        left = await self.api.drain(self.settings.daemon.shutdown_grace_s)
         for service in reversed(started):
             try:
                 await service.close()
@@ -503,314 +323,17 @@ class Daemon:
             await self.journal.close()
         log.info("daemon_stopped", requests_abandoned=left)
 
-    # -- admission, shared by every source -------------------------------------------------
-
-    @property
-    def room(self) -> int:
-        """How many more jobs may start now (`max_in_flight` minus those in flight)."""
-        return self.settings.daemon.max_in_flight - len(self.jobs)
-
-    async def wait_room(self) -> None:
-        """Until at least one more job may start."""
-        while self.room <= 0:
-            self._room.clear()
-            await self._room.wait()
-
-    async def submit(self, job: Job, spec: dict[str, Any], origin: Origin) -> Admitted:
-        """Journal a new job and start it; a known job id is not started again."""
-        assert self.journal is not None
-        added = await self.journal.add(
-            job.job_id, source=origin.source, name=origin.name, spec=spec
-        )
-        if not added:
-            return Admitted(Admission.DUPLICATE, await self.journal.get(job.job_id))
-        if not self.stopping:  # a stop began meanwhile: journaled, the next start resumes it
-            self._start(job, origin, None)
-        return Admitted(Admission.STARTED)
-
-    def resume(self, record: JobRecord, origin: Origin) -> None:
-        """Start an unfinished journaled job again from where it was."""
-        if record.job_id in self.jobs:
-            return
-        job = Job.model_validate(record.spec)
-        progress = Progress(
-            record.state, flow_id=record.flow_id, run_id=record.run_id, intent_ms=record.intent_ms
-        )
-        log.info(
-            "job_resumed",
-            job_id=record.job_id,
-            source=record.source,
-            state=record.state.value,
-            flow_id=record.flow_id,
-            run_id=record.run_id,
-        )
-        self._start(job, origin, progress)
-
-    async def cancel(self, job_id: str, reason: str) -> bool:
-        """Stop a job in flight: it ends `cancelled` with `reason`. False if not in flight."""
-        task = self.jobs.get(job_id)
-        if task is None or task.done():
-            return False
-        self._cancelled[job_id] = reason
-        task.cancel()
-        # Its outcome is being written (shielded); callers that need it wait on `filed`.
-        await asyncio.wait({task}, timeout=STOP_WAIT_S)
-        return True
-
-    async def abandon(self, job_id: str) -> None:
-        """Stop working on a job without an outcome: another process took it over."""
-        task = self.jobs.get(job_id)
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=STOP_WAIT_S)
-
-    # -- spool intake ----------------------------------------------------------------------
-
-    async def _watch(self) -> None:
-        import watchfiles
-
-        try:
-            async for _ in watchfiles.awatch(
-                self.spool.dirs["incoming"],
-                recursive=False,
-                stop_event=self._stopping,
-                debounce=50,
-                step=20,
-            ):
-                self._wake.set()
-        except (OSError, RuntimeError) as exc:
-            log.warning(
-                "spool_watch_unavailable", error=str(exc), rescan_s=self.settings.daemon.rescan_s
-            )
-            await self._stopping.wait()
-
-    async def _intake(self) -> None:
-        config = self.settings.daemon
-        failures = 0
-        while True:
-            try:
-                await self._intake_once()
-            except OSError as exc:  # EMFILE, ENOSPC, EIO: the machine's trouble, not a file's
-                if not await asyncio.to_thread(self.spool.dirs["incoming"].is_dir):
-                    raise  # the spool itself is gone: waiting will not bring it back
-                failures += 1
-                self.faults.failed("intake", exc)
-                delay = RETRY.next_delay(failures, self._rng) or RETRY.max_delay_s
-                log.warning(
-                    "intake_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    attempt=failures,
-                    retry_in_s=round(delay, 3),
-                )
-                await self.clock.sleep(delay)
-                continue
-            if failures:
-                log.info("intake_recovered", attempts=failures)
-                failures = 0
-            self.faults.worked("intake")
-            self._wake.clear()
-            await sleep_or_wake(self.clock, config.rescan_s, self._wake)
-
-    async def _intake_once(self) -> None:
-        room = self.room
-        if room > 0:
-            for path in await asyncio.to_thread(self.spool.waiting, room):
-                claimed = await asyncio.to_thread(self.spool.claim, path)
-                if claimed is not None:
-                    self.counts.claimed += 1
-                    await self._admit(claimed)
-
-    async def _admit(self, path: Path, *, recovering: bool = False) -> None:
-        """A claimed file becomes a journaled job in flight, or a rejection. `recovering`:
-        the file was in processing/ at start, where a crash may have left a job of ours."""
-        assert self.journal is not None
-        origin = SpoolFile(self.spool, path)
-        try:
-            parsed: Parsed = await self._persist(
-                lambda: asyncio.to_thread(self.spool.read, path, self.settings.destinations),
-                "intake",
-                file=path.name,
-            )
-        except Rejected as exc:
-            await self.reject(origin, str(exc))
-            return
-        except Exception as exc:  # one poisonous file must not stop intake (nor every restart)
-            log.exception("job_file_unreadable", file=path.name)
-            await self.reject(origin, f"internal error reading the job file: {exc!r}")
-            return
-        job = parsed.job
-        # Claimed: its admission waits out a full disk rather than leave it in processing/.
-        admitted = await self._persist(
-            lambda: self.submit(job, parsed.spec, origin), "journal", job_id=job.job_id
-        )
-        if admitted.result is Admission.STARTED:
-            return
-        known = admitted.record
-        ours = recovering and known is not None and known.name == path.name
-        if ours and known is not None and not known.terminal:
-            self.resume(known, origin)  # our own claim, journaled before a crash
-        elif ours and known is not None and known.outcome is not None:
-            # Finished before a crash, not yet filed: file the outcome it has. Only at start:
-            # a file dropped again later is a new request, never answered with an old result.
-            await self._settle(origin, Outcome.model_validate(known.outcome))
-        else:
-            await self.reject(origin, already_submitted(job.job_id, known))
-
-    async def reject(self, origin: Origin, reason: str) -> Outcome:
-        """Journal and settle a job that will not run: bad input, a duplicate id."""
-        assert self.journal is not None
-        outcome = Outcome(job_id=f"rejected:{origin.name}", state=JobState.REJECTED, message=reason)
-        log.warning("job_rejected", source=origin.source, name=origin.name, reason=reason)
-        self.counts.rejected += 1
-        self.metrics.job_finished(origin.source, JobState.REJECTED)
-        journal = self.journal
-        key = f"{outcome.job_id}:{uuid.uuid4().hex[:8]}"
-        await self._persist(
-            lambda: journal.add(
-                key,
-                source=origin.source,
-                name=origin.name,
-                spec={},
-                state=JobState.REJECTED,
-                outcome=outcome,
-            ),
-            "journal",
-            name=origin.name,
-        )
-        await self._settle(origin, outcome)
-        return outcome
-
-    # -- jobs ------------------------------------------------------------------------------
-
-    def _start(self, job: Job, origin: Origin, resume: Progress | None) -> None:
-        task = asyncio.create_task(self._work(job, origin, resume), name=f"job:{job.job_id}")
-        self.jobs[job.job_id] = task
-        self.metrics.job_moved(job.job_id, resume.state if resume else JobState.RECEIVED)
-        task.add_done_callback(lambda _: self._done(job.job_id))
-        task.add_done_callback(self._watch_job)
-
-    def _watch_job(self, task: asyncio.Task[None]) -> None:
-        """A job's task may end cancelled (a stop) but never with an error: that is a bug
-        that lost a job, so the daemon says so and stops rather than run on half-alive."""
-        if task.cancelled() or task.exception() is None:
-            return
-        error = task.exception()
-        log.error("task_died", task=task.get_name(), error=repr(error), exc_info=error)
-        self.health.dead.append(task.get_name())
-        self._exit = EXIT_SOFTWARE
-        self.stop()
-
-    def _done(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
-        self.metrics.job_left(job_id)
-        self._cancelled.pop(job_id, None)
-        self._wake.set()
-        self._room.set()
-
-    async def _work(self, job: Job, origin: Origin, resume: Progress | None) -> None:
-        journal = self.journal
-        assert journal is not None
-
-        async def on_state(progress: Progress) -> None:
-            if progress.state in TERMINAL:
-                return
-            await self._persist(
-                lambda: journal.advance(
-                    job.job_id,
-                    progress.state,
-                    flow_id=progress.flow_id,
-                    run_id=progress.run_id,
-                    intent_ms=progress.intent_ms,
-                    detail=progress.detail,
-                ),
-                "journal",
-                job_id=job.job_id,
-            )
-            self.metrics.job_moved(job.job_id, progress.state)
-            await origin.checkpoint(job.job_id, progress)
-
-        try:
-            fence = origin.fence if isinstance(origin, Fencing) else None
-            outcome = await self.engine.run(job, on_state, resume=resume, fence=fence)
-        except asyncio.CancelledError:
-            reason = self._cancelled.get(job.job_id)
-            if reason is None:
-                raise  # the daemon is stopping: the journal says where the job was
-            record = await journal.get(job.job_id)
-            outcome = Outcome(
-                job_id=job.job_id,
-                state=JobState.CANCELLED,
-                message=reason,
-                flow_id=record.flow_id if record else None,
-                run_id=record.run_id if record else None,
-            )
-        except Exception as exc:  # a bug must end the job visibly, not leave it hanging
-            log.exception("job_crashed", job_id=job.job_id)
-            outcome = Outcome(
-                job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
-            )
-        # The outcome is written whole even if a stop arrives meanwhile.
-        settling = asyncio.ensure_future(self._complete(origin, outcome))
-        self._settling.add(settling)
-        settling.add_done_callback(self._settling.discard)
-        await asyncio.shield(settling)
-
-    async def _complete(self, origin: Origin, outcome: Outcome) -> None:
-        journal = self.journal
-        assert journal is not None
-        await self._persist(lambda: journal.finish(outcome), "journal", job_id=outcome.job_id)
-        await self._settle(origin, outcome)
-        self.counts.finished += 1
-        self.metrics.job_finished(origin.source, outcome.state)
-        log.info(
-            "job_finished",
-            job_id=outcome.job_id,
-            source=origin.source,
-            state=outcome.state.value,
-            flow_id=outcome.flow_id,
-            run_id=outcome.run_id,
-            files=outcome.files,
-            records=outcome.records,
-            bytes=outcome.bytes,
-            duration_s=outcome.duration_s,
-            partial=outcome.partial,
-            message=outcome.message,
-            errors=[e.model_dump() for e in outcome.errors],
-        )
-
-    async def _settle(self, origin: Origin, outcome: Outcome) -> None:
-        await self._persist(lambda: origin.settle(outcome), "result", job_id=outcome.job_id)
-        self.counts.filed += 1
-        for hook in self.on_finished:
-            hook(outcome)
-        async with self.filed:
-            self.filed.notify_all()
-
     # -- recovery --------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        """Resume every unfinished job; finish what a crash left half-filed."""
+        """Resume every unfinished job: each service its own sources' jobs, the rest here."""
         assert self.journal is not None
-        unfinished = await self.journal.unfinished()
         owned: dict[str, Service] = {s: svc for svc in self.services for s in svc.sources}
-        by_service: dict[str, list[JobRecord]] = {}
-        by_name: dict[str, JobRecord] = {}
-        for record in unfinished:
-            if record.source == "spool":
-                by_name[record.name] = record
-            elif record.source in owned:
-                by_service.setdefault(owned[record.source].name, []).append(record)
+        by_service: dict[str, list[JobRecord]] = {svc.name: [] for svc in self.services}
+        for record in await self.journal.unfinished():
+            if record.source in owned:
+                by_service[owned[record.source].name].append(record)
             else:
-                self.resume(record, Quiet(record.source, record.name))
-        for path in await asyncio.to_thread(self.spool.processing):
-            found = by_name.pop(path.name, None)
-            if found is not None:
-                self.resume(found, SpoolFile(self.spool, path))
-            else:  # claimed but not journaled, or finished but not filed
-                await self._admit(path, recovering=True)
-        for record in by_name.values():
-            log.warning("job_file_missing", job_id=record.job_id, file=record.name)
-            path = self.spool.dirs["processing"] / record.name
-            self.resume(record, SpoolFile(self.spool, path))
+                self.runner.resume(record, Quiet(record.source, record.name))
         for service in self.services:
-            await service.recover(by_service.get(service.name, []))
+            await service.recover(by_service[service.name])

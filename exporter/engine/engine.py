@@ -20,7 +20,7 @@ import structlog
 
 from exporter.aep.api import AepApi, RunInfo
 from exporter.clock import Clock
-from exporter.destinations import Destination
+from exporter.destinations import Destination, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
@@ -178,10 +178,7 @@ class Engine:
         fence: Fence | None,
     ) -> Outcome:
         if job.destination not in self._destinations:
-            message = (
-                f"unknown destination {job.destination!r}; configured: "
-                f"{', '.join(sorted(self._destinations)) or 'none'}"
-            )
+            message = unknown_destination(job.destination, self._destinations)
             await on_state(Progress(JobState.REJECTED, detail=message))
             return self._outcome(job, JobState.REJECTED, started, message=message)
         flow_id = resume.flow_id if resume else None

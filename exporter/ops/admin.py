@@ -2,7 +2,7 @@
 
     GET  /healthz          200 while alive; 503 if the event loop stalled or a task died
     GET  /readyz           200 once recovered, with an AEP token and a writable journal
-    GET  /metrics          Prometheus text exposition of `daemon.metrics.registry`
+    GET  /metrics          Prometheus text exposition of the daemon's metrics registry
     GET  /v1/openapi.json  the OpenAPI document of all of this (`admin_openapi.json`)
     /v1/jobs...            submit, list, get and cancel jobs (`exporter.sources.http`)
     /v1/lanes...           list the export lanes and prune idle ones (`admin_lanes`)
@@ -35,7 +35,7 @@ import ipaddress
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,11 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from exporter.aep.api import AepApi
+from exporter.daemon.admission import Admissions
 from exporter.daemon.config import AdminConfig
-from exporter.daemon.core import Daemon
 from exporter.daemon.journal import JobRecord
+from exporter.engine.lanes import LaneManager
 from exporter.errors import ConfigError
 from exporter.ops.admin_lanes import LanesApi
 from exporter.ops.admin_site import CappedSite
@@ -116,21 +118,34 @@ class AdminServer:
     name = "admin"
     sources: Iterable[str] = ()  # http jobs need nothing from it to resume: they are `Quiet`
 
-    def __init__(self, daemon: Daemon, config: AdminConfig) -> None:
-        self.daemon = daemon
+    def __init__(
+        self,
+        admissions: Admissions,
+        config: AdminConfig,
+        *,
+        dead: Sequence[str],
+        api: AepApi,
+        lanes: LaneManager,
+    ) -> None:
+        """`dead`: the supervised tasks that died (`Health.dead`), for /healthz; `api` for
+        the AEP token check of /readyz; `lanes` for the jobs and lanes APIs."""
+        self.admissions = admissions
         self.config = config
+        self.dead = dead
+        self.api = api
         self.port: int | None = None
         """The bound port, once started (the configured one, or the one picked for 0)."""
         self.monitor = LoopMonitor(
             threshold=config.loop_stall_s,
             window=config.loop_stall_window_s,
-            observe=daemon.metrics.loop_lag,
+            observe=admissions.metrics.loop_lag,
         )
         self.openapi = resources.files("exporter.ops").joinpath(OPENAPI_FILE).read_bytes()
         self._token = config.token.get_secret_value().encode() if config.token is not None else b""
         self.token_file: Path | None = None
         """The token file the daemon made or reused, when no token is configured."""
-        self.lanes = LanesApi(daemon)
+        self.lanes = LanesApi(admissions, lanes)
+        self._jobs = JobsApi(admissions, lanes=lanes, api=api)
         self._runner: web.AppRunner | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._ready: bool | None = None
@@ -150,7 +165,7 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/openapi.json", self._openapi)
-        JobsApi(self.daemon).add_routes(app.router)
+        self._jobs.add_routes(app.router)
         self.lanes.add_routes(app.router)
         return app
 
@@ -199,7 +214,7 @@ class AdminServer:
 
     async def _own_token(self) -> None:
         """Make or reuse the token in the state folder (never logged: only its path)."""
-        path = token_path(self.daemon.settings.daemon.state_dir)
+        path = token_path(self.admissions.settings.daemon.state_dir)
         try:
             token, made = await asyncio.to_thread(ensure_token, path)
         except ConfigError as exc:
@@ -355,25 +370,24 @@ class AdminServer:
                 f"the event loop was blocked for {lag:.2f} s within the last "
                 f"{self.config.loop_stall_window_s:g} s (limit {self.config.loop_stall_s:g} s)"
             )
-        if self.daemon.health.dead:
-            reasons.append(f"supervised task died: {', '.join(self.daemon.health.dead)}")
+        if self.dead:
+            reasons.append(f"supervised task died: {', '.join(self.dead)}")
         if reasons:
             return web.json_response({"status": "unhealthy", "reasons": reasons}, status=503)
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        daemon = self.daemon
+        admissions = self.admissions
         recovered = (
-            "ok"
-            if daemon.health.ready
-            else "stopping"
-            if daemon.stopping
+            "stopping"
+            if admissions.stopping
+            else "ok"
+            if admissions.ready.is_set()
             else "recovering unfinished jobs"
         )
-        journal = daemon.journal
         token, writable = await asyncio.gather(
-            self._check(daemon.api.transport.tokens.token()),
-            self._check(journal.check_writable() if journal else None),
+            self._check(self.api.check_token()),
+            self._check(admissions.journal.check_writable()),
         )
         checks = {"recovered": recovered, "aep_token": token, "journal": writable}
         ready = all(v == "ok" for v in checks.values())
@@ -401,7 +415,7 @@ class AdminServer:
         return "ok"
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.daemon.metrics.registry)
+        body = generate_latest(self.admissions.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _openapi(self, request: web.Request) -> web.Response:

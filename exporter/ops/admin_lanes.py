@@ -3,7 +3,7 @@
     GET  /v1/lanes         every lane flow, as AEP has it: {"lanes": [...]}
     POST /v1/lanes/prune   retire idle one-off lanes: {"retired": [...], "dry_run": bool}
 
-Both use the daemon's own engine (`daemon.engine.lanes`), so a lane one of its jobs holds is
+Both use the daemon's own engine (its `LaneManager`), so a lane one of its jobs holds is
 never retired. Each answer is bounded: AEP not answering within the deadline is a 504, an AEP
 error a 502. A prune that runs out of time is not cut short in the middle of retiring a flow:
 it goes on in the background (its end is logged), and another prune is refused (409) until it
@@ -18,8 +18,8 @@ import json
 import structlog
 from aiohttp import web
 
-from exporter.daemon.core import Daemon
-from exporter.engine.lanes import LaneView
+from exporter.daemon.admission import Admissions
+from exporter.engine.lanes import LaneManager, LaneView
 from exporter.errors import ApiRequestError, ExporterError
 from exporter.sources.http import RETRY_FULL_S, RETRY_UNAVAILABLE_S, error_response
 
@@ -35,8 +35,9 @@ class BadPrune(ApiRequestError):
 
 
 class LanesApi:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, admissions: Admissions, lanes: LaneManager) -> None:
+        self.admissions = admissions
+        self.lanes = lanes
         self._pruning: asyncio.Task[list[LaneView]] | None = None
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
@@ -51,9 +52,9 @@ class LanesApi:
             await asyncio.gather(task, return_exceptions=True)
 
     def _unavailable(self, *, recovering_too: bool) -> web.Response | None:
-        if self.daemon.stopping:
+        if self.admissions.stopping:
             why, wait = "the daemon is stopping", RETRY_UNAVAILABLE_S
-        elif recovering_too and not self.daemon.ready.is_set():
+        elif recovering_too and not self.admissions.ready.is_set():
             # Jobs being recovered may not hold their lanes yet: none may be retired now.
             why, wait = "the daemon is recovering unfinished jobs", RETRY_FULL_S
         else:
@@ -81,7 +82,7 @@ class LanesApi:
             return unavailable
         try:
             async with asyncio.timeout(LIST_DEADLINE_S):
-                views = await self.daemon.engine.lanes.views()
+                views = await self.lanes.views()
         except TimeoutError:
             return self._timed_out("listing the lanes", LIST_DEADLINE_S)
         except ExporterError as exc:
@@ -144,9 +145,7 @@ class LanesApi:
                 "once it ends (`lane_retired` in the daemon's log)",
                 headers={"Retry-After": str(RETRY_FULL_S)},
             )
-        task = asyncio.create_task(
-            self.daemon.engine.lanes.prune(dry_run=dry_run), name="admin-lanes-prune"
-        )
+        task = asyncio.create_task(self.lanes.prune(dry_run=dry_run), name="admin-lanes-prune")
         self._pruning = task
         task.add_done_callback(_log_end)
         try:

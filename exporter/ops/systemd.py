@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from exporter.daemon.core import Daemon
+from exporter.daemon.admission import Admissions
 from exporter.daemon.journal import JobRecord
 
 log = structlog.get_logger("exporter.ops.systemd")
@@ -115,27 +115,24 @@ class SystemdNotify:
 
     def __init__(
         self,
-        daemon: Daemon,
+        admissions: Admissions,
         notifier: Notifier,
         *,
         watchdog_s: float | None,
         status_every_s: float = STATUS_EVERY_S,
     ) -> None:
-        self.daemon = daemon
+        self.admissions = admissions
         self.notifier = notifier
         self.watchdog = watchdog_s is not None
         self.tick_s = min(status_every_s, watchdog_s / 2) if watchdog_s else status_every_s
         self._status = ""
         self._phase = "recovering"
         self._reload_refused = False
-        daemon.on_stopping.append(self._stopping)
-        daemon.on_reloading.append(self._reloading)
-        daemon.on_reloaded.append(self._reloaded)
 
     def status(self) -> str:
-        counts = self.daemon.counts
+        counts = self.admissions.counts
         text = (
-            f"jobs: {len(self.daemon.jobs)} in flight, {counts.finished} finished, "
+            f"jobs: {len(self.admissions.running)} in flight, {counts.finished} finished, "
             f"{counts.rejected} rejected"
         )
         if self._phase != "running":
@@ -159,7 +156,7 @@ class SystemdNotify:
         return None
 
     async def run(self) -> None:
-        await self.daemon.ready.wait()
+        await self.admissions.ready.wait()
         self._phase = "running"
         self._send("READY=1")
         log.info("systemd_notified_ready", watchdog=self.watchdog, tick_s=self.tick_s)
@@ -168,22 +165,22 @@ class SystemdNotify:
                 self.notifier.send("WATCHDOG=1")
             if self.status() != self._status:
                 self._send()
-            await self.daemon.clock.sleep(self.tick_s)
+            await self.admissions.clock.sleep(self.tick_s)
 
     async def close(self) -> None:
         self.notifier.close()
 
-    def _stopping(self) -> None:
+    def announce_stopping(self) -> None:
         self._phase = "stopping"
         self._send("STOPPING=1")
 
     # A reload before READY=1 or once stopping is not systemd's business: it changes no state.
-    def _reloading(self) -> None:
+    def announce_reloading(self) -> None:
         if self._phase == "running":
             self._phase = RELOADING
             self._send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
 
-    def _reloaded(self, ok: bool) -> None:
+    def announce_reloaded(self, ok: bool) -> None:
         self._reload_refused = not ok
         if self._phase == RELOADING:
             self._phase = "running"
@@ -191,10 +188,10 @@ class SystemdNotify:
 
 
 def from_environment(
-    daemon: Daemon, environ: MutableMapping[str, str], *, pid: int
+    admissions: Admissions, environ: MutableMapping[str, str], *, pid: int
 ) -> SystemdNotify | None:
     """The notify service when systemd started this process with $NOTIFY_SOCKET."""
     found = NotifyEnvironment.take(environ, pid=pid)
     if found is None:
         return None
-    return SystemdNotify(daemon, Notifier(found.socket), watchdog_s=found.watchdog_s)
+    return SystemdNotify(admissions, Notifier(found.socket), watchdog_s=found.watchdog_s)

@@ -1,8 +1,9 @@
 """`/v1/jobs` on the admin server: submit, list, get and cancel jobs.
 
-A submitted job is a job file's content as a JSON body, read by the spool's own parser, so
-errors read the same. It runs with source "http" and a `Quiet` origin: the journal is its
-whole record (an invalid body is answered 422 and not journaled: the caller still holds it).
+A submitted job is a job file's content as a JSON body, read by the parser every source uses
+(`exporter.jobs.parse_job`), so errors read the same. It runs with source "http" and a `Quiet`
+origin: the journal is its whole record (an invalid body is answered 422 and not journaled:
+the caller still holds it).
 
 Cancelling stops the daemon's work on a job at once (it ends `cancelled`). AEP has no call
 that stops a run already going on, so that run may still write its files; what AEP does
@@ -24,12 +25,12 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from exporter.aep.api import FlowInfo
-from exporter.daemon.core import Admission, Daemon, Quiet
+from exporter.aep.api import AepApi, FlowInfo
+from exporter.daemon.admission import Admission, Admissions, Quiet
 from exporter.daemon.journal import JobRecord, Journal
+from exporter.engine.lanes import LaneManager
 from exporter.errors import AepError, ApiRequestError, ConfigError
-from exporter.jobs import Job, JobState
-from exporter.sources.spool import Rejected, parse_job
+from exporter.jobs import Job, JobState, Rejected, parse_job
 
 log = structlog.get_logger("exporter.admin")
 
@@ -97,8 +98,13 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 class JobsApi:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """The routes, on the daemon's `Admissions`; `lanes` tells which flow a job uses, `api`
+    disables it after a cancel."""
+
+    def __init__(self, admissions: Admissions, *, lanes: LaneManager, api: AepApi) -> None:
+        self.admissions = admissions
+        self.lanes = lanes
+        self.api = api
         self._admitting = asyncio.Lock()  # room is checked and taken in one step
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
@@ -109,14 +115,12 @@ class JobsApi:
 
     @property
     def journal(self) -> Journal:
-        journal = self.daemon.journal
-        assert journal is not None, "the admin server serves only while the journal is open"
-        return journal
+        return self.admissions.journal
 
     def _unavailable(self) -> web.Response | None:
-        if self.daemon.stopping:
+        if self.admissions.stopping:
             why, wait = "the daemon is stopping", RETRY_UNAVAILABLE_S
-        elif not self.daemon.ready.is_set():
+        elif not self.admissions.ready.is_set():
             why, wait = "the daemon is recovering unfinished jobs", RETRY_FULL_S
         else:
             return None
@@ -131,7 +135,7 @@ class JobsApi:
             )
         raw = await request.read()
         try:
-            parsed = parse_job("request.json", raw, self.daemon.settings.destinations)
+            parsed = parse_job("request.json", raw, self.admissions.settings.destinations)
         except Rejected as exc:
             log.info("job_refused", source=SOURCE, reason=str(exc))
             return error_response(422, "invalid_job", str(exc))
@@ -143,15 +147,17 @@ class JobsApi:
             known = await self.journal.get(job_id)
             if known is None and (unavailable := self._unavailable()) is not None:
                 return unavailable  # it began to stop meanwhile
-            if known is None and self.daemon.room <= 0:
+            if known is None and self.admissions.room <= 0:
                 return error_response(
                     503,
                     "full",
-                    f"{len(self.daemon.jobs)} jobs in flight, the most this daemon takes on",
+                    f"{len(self.admissions.running)} jobs in flight, the most this daemon takes on",
                     headers={"Retry-After": str(RETRY_FULL_S)},
                 )
             if known is None:
-                admitted = await self.daemon.submit(parsed.job, parsed.spec, Quiet(SOURCE, job_id))
+                admitted = await self.admissions.submit(
+                    parsed.job, parsed.spec, Quiet(SOURCE, job_id)
+                )
                 if admitted.result is Admission.DUPLICATE:
                     known = admitted.record
         if known is not None:
@@ -244,7 +250,7 @@ class JobsApi:
         unavailable = self._unavailable()
         if unavailable is not None:
             return unavailable
-        if not await self.daemon.cancel(job_id, reason):
+        if not await self.admissions.cancel(job_id, reason):
             record = await self.journal.get(job_id)
             assert record is not None
             if record.terminal:
@@ -284,18 +290,18 @@ class JobsApi:
     async def _settled(self, job_id: str) -> JobRecord:
         """The job's record once its outcome is journaled (it may have been written by the
         job's own settling step, which a cancel does not interrupt)."""
-        daemon = self.daemon
-        async with asyncio.timeout(SETTLE_DEADLINE_S), daemon.filed:
+        filed = self.admissions.filed
+        async with asyncio.timeout(SETTLE_DEADLINE_S), filed:
             while True:
                 record = await self.journal.get(job_id)
                 assert record is not None
                 if record.terminal:
                     return record
-                await daemon.filed.wait()
+                await filed.wait()
 
     def _fingerprint(self, spec: dict[str, Any]) -> str | None:
         try:
-            return self.daemon.engine.lanes.key(Job.model_validate(spec)).fingerprint
+            return self.lanes.key(Job.model_validate(spec)).fingerprint
         except (ValidationError, ConfigError):
             return None
 
@@ -321,7 +327,7 @@ class JobsApi:
                     "disabled": False,
                     "detail": f"kept enabled: job {other.job_id!r} uses it too",
                 }
-        api = self.daemon.api
+        api = self.api
         try:
             async with asyncio.timeout(FLOW_DEADLINE_S):
                 item = await api.get("flows", flow_id)

@@ -27,19 +27,20 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
-import prometheus_client
 import structlog
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from rich.table import Table
 
-from exporter.daemon.config import ScheduleConfig
-from exporter.daemon.core import Admission, Daemon, Quiet
+from exporter.daemon.admission import Admission, Admissions, Quiet
+from exporter.daemon.config import EPOCH, ScheduleConfig
 from exporter.daemon.journal import JobRecord
 from exporter.jobs import Job
-from exporter.metrics import PREFIX
 from exporter.settings import Settings
 from exporter.sources.scheduler import ClockedScheduler
 
@@ -48,6 +49,35 @@ log = structlog.get_logger("exporter.sources.schedules")
 SOURCE = "schedule"
 OUTCOMES = ("fired", "duplicate", "overlapping", "missed", "coalesced")
 MAX_COUNTED = 1000  # missed slots counted one by one after a long stop; more are "1000"
+
+
+class WallClockCron(CronTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
+    """A cron trigger that fires a wall-clock time once when clocks go back.
+
+    APScheduler fires 02:30 twice on the night the clocks fall back (once in summer time, once
+    in winter time), and each would be its own slot and job. Like cron, an expression with a
+    fixed hour fires the first of the two only; one whose hour is a wildcard (every 15 minutes,
+    say) goes on by real time."""
+
+    once_per_wall_time = False
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        nxt: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+        while nxt is not None and self.once_per_wall_time and nxt.fold == 1:
+            nxt = super().get_next_fire_time(nxt, nxt)
+        return nxt
+
+
+def trigger_of(config: ScheduleConfig) -> BaseTrigger:
+    """The APScheduler trigger of a schedule: its cron expression in its time zone, or its
+    interval counted from the Unix epoch."""
+    if config.cron is not None:
+        trigger = WallClockCron.from_crontab(config.cron, timezone=ZoneInfo(config.timezone))
+        trigger.once_per_wall_time = "*" not in config.cron.split()[1]
+        return trigger
+    return IntervalTrigger(seconds=config.interval_s, start_date=EPOCH, timezone=UTC)
 
 
 def utc(seconds: float) -> datetime:
@@ -83,7 +113,7 @@ def first_slot(
 
     After `last` handled slot, the next one; if that is beyond grace already, it is missed,
     and the schedule starts at its first slot within grace. Without `last`, at the next slot."""
-    trigger = config.trigger()
+    trigger = trigger_of(config)
     if last is None:
         nxt: datetime | None = trigger.get_next_fire_time(None, utc(now))
         return nxt, None
@@ -99,7 +129,7 @@ def upcoming(
     config: ScheduleConfig, last: datetime | None, now: float, count: int
 ) -> list[datetime]:
     """The next `count` slots the daemon would fire (the first may be due already)."""
-    trigger = config.trigger()
+    trigger = trigger_of(config)
     slot, _ = first_slot(config, last, now)
     slots: list[datetime] = []
     while slot is not None and len(slots) < count:
@@ -135,11 +165,11 @@ class Schedules:
     name = "scheduler"
     sources = (SOURCE,)
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.clock = daemon.clock
-        self.configs = {s.name: s for s in daemon.settings.schedules if s.enabled}
-        self.scheduler = ClockedScheduler(daemon.clock)
+    def __init__(self, admissions: Admissions) -> None:
+        self.admissions = admissions
+        self.clock = admissions.clock
+        self.configs = {s.name: s for s in admissions.settings.schedules if s.enabled}
+        self.scheduler = ClockedScheduler(admissions.clock)
         self.last: dict[str, datetime] = {}
         """Each schedule's latest slot handled (fired or skipped), as journaled."""
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(OUTCOMES, 0))
@@ -147,24 +177,16 @@ class Schedules:
         """Notified after each slot is handled (`counts`)."""
         self._jobs: dict[str, set[str]] = defaultdict(set)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._slots = prometheus_client.Counter(
-            f"{PREFIX}_schedule_slots",
-            "Schedule slots handled, by schedule and outcome (fired, duplicate, overlapping, "
-            "missed, coalesced).",
-            ["schedule", "outcome"],
-            registry=daemon.metrics.registry,
-        )
 
     # -- Service ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        assert self.daemon.journal is not None
-        slots = await self.daemon.journal.schedule_slots()
+        slots = await self.admissions.journal.schedule_slots()
         self.last = {name: utc(slot) for name, slot in slots.items()}
 
     async def recover(self, records: list[JobRecord]) -> None:
         for record in records:  # fires that were in flight: the next slots wait for them
-            self.daemon.resume(record, Quiet(SOURCE, record.name))
+            self.admissions.resume(record, Quiet(SOURCE, record.name))
             self._jobs[record.name].add(record.job_id)
 
     async def run(self) -> None:
@@ -203,12 +225,12 @@ class Schedules:
         now = self.clock.time()
         first, missed = first_slot(config, self.last.get(config.name), now)
         if missed is not None:
-            count = slots_between(config.trigger(), missed, first)
+            count = slots_between(trigger_of(config), missed, first)
             self._missed(config, missed, now, reason="the daemon was not running", count=count)
         if first is not None:
             self.scheduler.add_job(
                 self._due,
-                trigger=config.trigger(),
+                trigger=trigger_of(config),
                 args=(config.name,),
                 id=config.name,
                 name=config.name,
@@ -280,10 +302,12 @@ class Schedules:
                 self._count(name, "overlapping")
                 await self._handled(name, slot)
                 return None
-            if self.daemon.stopping:
+            if self.admissions.stopping:
                 return None
             spec = {**config.job.model_dump(mode="json", exclude_unset=True), "id": job_id}
-            admitted = await self.daemon.submit(Job.model_validate(spec), spec, Quiet(SOURCE, name))
+            admitted = await self.admissions.submit(
+                Job.model_validate(spec), spec, Quiet(SOURCE, name)
+            )
             if admitted.result is Admission.STARTED:
                 self._jobs[name].add(job_id)
                 log.info(
@@ -312,13 +336,11 @@ class Schedules:
     def _running(self, name: str) -> set[str]:
         """This schedule's jobs in flight (forgetting those that ended)."""
         jobs = self._jobs[name]
-        jobs.intersection_update(self.daemon.jobs)
+        jobs.intersection_update(self.admissions.running)
         return set(jobs)
 
     async def _settled(self, name: str) -> None:
-        tasks = [self.daemon.jobs[j] for j in self._running(name) if j in self.daemon.jobs]
-        if tasks:
-            await asyncio.wait(tasks)
+        await self.admissions.wait_ended(self._running(name))
 
     def _missed(
         self, config: ScheduleConfig, slot: datetime, now: float, *, reason: str, count: int = 1
@@ -336,12 +358,11 @@ class Schedules:
 
     def _count(self, name: str, outcome: str, n: int = 1) -> None:
         self.counts[name][outcome] += n
-        self._slots.labels(name, outcome).inc(n)
+        self.admissions.metrics.schedule_slot(name, outcome, n)
 
     async def _handled(self, name: str, slot: datetime) -> None:
         if name not in self.last or slot > self.last[name]:
             self.last[name] = slot
-            assert self.daemon.journal is not None
-            await self.daemon.journal.mark_slot(name, slot.timestamp())
+            await self.admissions.journal.mark_slot(name, slot.timestamp())
         async with self.decided:
             self.decided.notify_all()

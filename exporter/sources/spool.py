@@ -9,22 +9,27 @@ Every file that enters leaves with a result a person can act on, however broken 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import ValidationError
+import structlog
 
-from exporter.errors import ConfigError
-from exporter.jobs import Job, JobState, Outcome
+from exporter.clock import sleep_or_wake
+from exporter.daemon.admission import Admission, Admissions, already_submitted
+from exporter.daemon.journal import JobRecord
+from exporter.daemon.storage import RETRY
+from exporter.engine import Progress
+from exporter.jobs import JobState, Outcome, Parsed, Rejected, parse_job
+
+log = structlog.get_logger("exporter.daemon")
+SOURCE = "spool"  # kept in the journal: never renamed
 
 FOLDERS = ("incoming", "processing", "done", "failed", "rejected")
 SUFFIXES = (".json", ".yaml", ".yml", ".toml")
@@ -32,130 +37,6 @@ RESULT_SUFFIX = ".result.json"
 OUTCOME_FOLDER = {JobState.SUCCEEDED: "done", JobState.REJECTED: "rejected"}
 # Failures of the machine, not of the file: reading again later works (the daemon retries).
 TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN})
-
-
-class Rejected(ConfigError):
-    """A job file that cannot become a job; the message says why, for a person."""
-
-
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    job: Job
-    spec: dict[str, Any]
-
-
-MAX_PROBLEMS = 10  # listed in a reason; a file with 10,000 bad labels gets a readable one
-TYPE_NAMES = {
-    "NoneType": "null (or empty)",
-    "list": "a list",
-    "str": "a string",
-    "int": "a number",
-    "float": "a number",
-    "bool": "true/false",
-}
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    errors = exc.errors(include_url=False, include_input=False)
-    unknown = False
-    for error in errors[:MAX_PROBLEMS]:
-        where = ".".join(str(p) for p in error["loc"]) or "job"
-        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
-            unknown = True
-            parts.append(f"{where}: unknown field")
-        else:
-            parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
-    if len(errors) > MAX_PROBLEMS:
-        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
-    if unknown:
-        parts.append(f"job fields are {', '.join(Job.model_fields)}")
-    return "; ".join(parts)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice (which value was meant is unknowable)."""
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise Rejected(f"invalid JSON: the key {key!r} appears twice; give each field once")
-        data[key] = value
-    return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            key = (key_node.tag, key_node.value)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"the key {key_node.value!r} appears twice; give each field once",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_job(name: str, raw: bytes, destinations: Mapping[str, object]) -> Parsed:
-    """A job from the bytes of a job file named `name`; raises `Rejected` with the reason."""
-    suffix = Path(name).suffix.lower()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected(
-            f"not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); job "
-            "files are JSON, YAML or TOML"
-        ) from None
-    if "\x00" in text:
-        raise Rejected("contains NUL bytes: job files are JSON, YAML or TOML text")
-    try:
-        if suffix == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_keys)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        raise Rejected(f"invalid JSON at {where}: {exc.msg}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise Rejected(f"invalid TOML: {exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        context = f" ({exc.context})" if exc.context and exc.problem else ""
-        problem = exc.problem or exc.context or "syntax error"
-        raise Rejected(f"invalid YAML{where}: {problem}{context}") from None
-    except yaml.YAMLError as exc:
-        raise Rejected(f"invalid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise Rejected("nested too deeply: a job is a flat mapping of fields") from None
-    except ValueError as exc:  # a value the parser cannot build: a 5,000-digit number, !!int x
-        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
-        raise Rejected(f"invalid {kind}: {str(exc).split(';')[0]}") from None
-    if not isinstance(data, dict):
-        kind = TYPE_NAMES.get(type(data).__name__, type(data).__name__)
-        raise Rejected(
-            f"the job must be a mapping of fields (dataset_id, destination, path, ...), not {kind}"
-        )
-    try:
-        job = Job.model_validate(data)
-    except ValidationError as exc:
-        raise Rejected(_describe(exc)) from None
-    if job.destination not in destinations:
-        raise Rejected(
-            f"destination: unknown destination {job.destination!r}; configured: "
-            f"{', '.join(sorted(destinations)) or 'none'}"
-        )
-    # What the journal keeps: JSON-safe whatever the parser made (YAML !!binary is bytes).
-    return Parsed(job, job.model_dump(mode="json", exclude_unset=True))
 
 
 class Spool:
@@ -274,3 +155,167 @@ class Spool:
             n += 1
             candidate = folder / f"{stem}.{n}{suffix}"
         return candidate
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A job file in processing/: its result is filed beside it in done/ or failed/."""
+
+    spool: Spool
+    path: Path
+    source: str = SOURCE
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    async def checkpoint(self, job_id: str, progress: Progress) -> None:
+        return None
+
+    async def settle(self, outcome: Outcome) -> None:
+        await asyncio.to_thread(self.spool.finish, self.path, outcome)
+
+
+class SpoolIntake:
+    """The daemon's service for the spool directory: job files are claimed as room allows
+    (backpressure: the rest wait in incoming/, unread), on inotify events and on a
+    periodic rescan, and leave with their result."""
+
+    name = "intake"  # (the supervised task's name, as /healthz reports a death)
+    sources = (SOURCE,)
+
+    def __init__(self, admissions: Admissions) -> None:
+        self.admissions = admissions
+        config = admissions.settings.daemon
+        self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
+        self.claimed = 0
+        self._wake = asyncio.Event()
+        admissions.on_room(self._wake)
+
+    async def start(self) -> None:
+        # Only what waiting can cure: a folder that cannot be made is exit 1 with its traceback.
+        await self.admissions.persist(
+            lambda: asyncio.to_thread(self.spool.ensure), "intake", only_transient=True
+        )
+
+    async def recover(self, records: list[JobRecord]) -> None:
+        """Resume the spool's unfinished jobs; finish what a crash left half-filed."""
+        by_name = {record.name: record for record in records}
+        for path in await asyncio.to_thread(self.spool.processing):
+            found = by_name.pop(path.name, None)
+            if found is not None:
+                self.admissions.resume(found, SpoolFile(self.spool, path))
+            else:  # claimed but not journaled, or finished but not filed
+                await self._admit(path, recovering=True)
+        for record in by_name.values():
+            log.warning("job_file_missing", job_id=record.job_id, file=record.name)
+            path = self.spool.dirs["processing"] / record.name
+            self.admissions.resume(record, SpoolFile(self.spool, path))
+
+    async def run(self) -> None:
+        watch = self.admissions.settings.daemon.watch
+        log.info("spool_intake_started", spool=str(self.spool.root), watch=watch)
+        tasks = {asyncio.create_task(self._intake(), name="spool-intake")}
+        if watch:
+            tasks.add(asyncio.create_task(self._watch(), name="spool-watcher"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # its error is the service's
+        raise RuntimeError("the spool intake stopped")
+
+    async def close(self) -> None:
+        return None
+
+    async def _watch(self) -> None:
+        import watchfiles  # (only the daemon watches: the one-shot path does without)
+
+        try:
+            async for _ in watchfiles.awatch(
+                self.spool.dirs["incoming"], recursive=False, debounce=50, step=20
+            ):
+                self._wake.set()
+        except (OSError, RuntimeError) as exc:
+            rescan_s = self.admissions.settings.daemon.rescan_s
+            log.warning("spool_watch_unavailable", error=str(exc), rescan_s=rescan_s)
+        await asyncio.Event().wait()  # rescans suffice
+
+    async def _intake(self) -> None:
+        admissions = self.admissions
+        failures = 0
+        while True:
+            try:
+                await self._intake_once()
+            except OSError as exc:  # EMFILE, ENOSPC, EIO: the machine's trouble, not a file's
+                if not await asyncio.to_thread(self.spool.dirs["incoming"].is_dir):
+                    raise  # the spool itself is gone: waiting will not bring it back
+                failures += 1
+                admissions.faults.failed("intake", exc)
+                delay = RETRY.next_delay(failures, admissions.rng) or RETRY.max_delay_s
+                log.warning(
+                    "intake_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    attempt=failures,
+                    retry_in_s=round(delay, 3),
+                )
+                await admissions.clock.sleep(delay)
+                continue
+            if failures:
+                log.info("intake_recovered", attempts=failures)
+                failures = 0
+            admissions.faults.worked("intake")
+            self._wake.clear()
+            rescan_s = admissions.settings.daemon.rescan_s
+            await sleep_or_wake(admissions.clock, rescan_s, self._wake)
+
+    async def _intake_once(self) -> None:
+        room = self.admissions.room
+        if room > 0:
+            for path in await asyncio.to_thread(self.spool.waiting, room):
+                claimed = await asyncio.to_thread(self.spool.claim, path)
+                if claimed is not None:
+                    self.claimed += 1
+                    await self._admit(claimed)
+
+    async def _admit(self, path: Path, *, recovering: bool = False) -> None:
+        """A claimed file becomes a journaled job in flight, or a rejection. `recovering`:
+        the file was in processing/ at start, where a crash may have left a job of ours."""
+        admissions = self.admissions
+        origin = SpoolFile(self.spool, path)
+        try:
+            parsed: Parsed = await admissions.persist(
+                lambda: asyncio.to_thread(self.spool.read, path, admissions.settings.destinations),
+                "intake",
+                file=path.name,
+            )
+        except Rejected as exc:
+            await admissions.reject(origin, str(exc))
+            return
+        except Exception as exc:  # one poisonous file must not stop intake (nor every restart)
+            log.exception("job_file_unreadable", file=path.name)
+            await admissions.reject(origin, f"internal error reading the job file: {exc!r}")
+            return
+        job = parsed.job
+        # Claimed: its admission waits out a full disk rather than leave it in processing/.
+        admitted = await admissions.persist(
+            lambda: admissions.submit(job, parsed.spec, origin), "journal", job_id=job.job_id
+        )
+        if admitted.result is Admission.STARTED:
+            return
+        known = admitted.record
+        ours = recovering and known is not None and known.name == path.name
+        if ours and known is not None and not known.terminal:
+            admissions.resume(known, origin)  # our own claim, journaled before a crash
+        elif ours and known is not None and known.outcome is not None:
+            # Finished before a crash, not yet filed: file the outcome it has. Only at start:
+            # a file dropped again later is a new request, never answered with an old result.
+            await admissions.settle(origin, Outcome.model_validate(known.outcome))
+        else:
+            await admissions.reject(origin, already_submitted(job.job_id, known))

@@ -11,7 +11,7 @@ import structlog
 
 from exporter.aep.api import AepApi, Collection, FlowInfo
 from exporter.clock import Clock
-from exporter.destinations import Destination
+from exporter.destinations import Destination, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.engine.lanes.identity import (
     LANE_PREFIX,
@@ -83,10 +83,7 @@ class LaneBase:
     def destination(self, name: str) -> Destination:
         dest = self._destinations.get(name)
         if dest is None:
-            raise ConfigError(
-                f"unknown destination {name!r}; configured: "
-                f"{', '.join(sorted(self._destinations)) or 'none'}"
-            )
+            raise ConfigError(unknown_destination(name, self._destinations))
         return dest
 
     def key(self, job: Job) -> LaneKey:

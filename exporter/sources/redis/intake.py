@@ -6,7 +6,7 @@
 
 A message's field `job` holds a job document, as in a job file (JSON). The journal names a
 Redis job by its message id. How daemons share the work (the keys and the atomic steps are
-in `redisstore`):
+in `store`; the claims this daemon holds, kept alive, in `leases`; origins in `messages`):
 
 - A daemon takes a job under a lock in Redis (a lease of `lease_s`, held in its consumer
   name) and writes the job's progress there (state, flow, run, trigger intent) after
@@ -61,110 +61,30 @@ streams).
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from exporter.daemon.admission import Admission, Admissions
 from exporter.daemon.config import RedisConfig
-from exporter.daemon.core import Admission, Daemon
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine import Progress
-from exporter.jobs import Job, JobState, Outcome
+from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
+from exporter.sources.redis.leases import Leases
+from exporter.sources.redis.messages import (
+    SOURCE,
+    DeadLetter,
+    Message,
+    progress_of,
+    result_fields,
+)
 from exporter.sources.redis.store import Claim, Entry, RedisStore, RedisUnavailable, text
-from exporter.sources.spool import Parsed, Rejected, parse_job
 
 log = structlog.get_logger("exporter.redis")
-SOURCE = "redis"
-ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
 MAX_COPIED_FIELDS = 100  # of a dead-lettered message: a script takes only so many arguments
 PAGE = 100
-
-
-@dataclass(frozen=True)
-class Message:
-    """The origin of a job read from the stream."""
-
-    intake: RedisIntake
-    message_id: str
-    job_id: str
-    source: str = SOURCE
-
-    @property
-    def name(self) -> str:
-        return self.message_id
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        await self.intake.checkpoint(self, progress)
-
-    async def settle(self, outcome: Outcome) -> None:
-        await self.intake.settle(self, outcome)
-
-    async def fence(self) -> None:
-        await self.intake.fence(self)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message that will not run: settling it moves it to the dead-letter stream."""
-
-    intake: RedisIntake
-    message_id: str
-    fields: Mapping[bytes, bytes]
-    deliveries: int
-    job_id: str = ""
-    source: str = SOURCE
-
-    @property
-    def name(self) -> str:
-        return self.message_id
-
-    async def checkpoint(self, job_id: str, progress: Progress) -> None:
-        return None
-
-    async def settle(self, outcome: Outcome) -> None:
-        await self.intake.dead_letter(self, outcome.message)
-
-
-def progress_of(values: Mapping[str, str]) -> Progress | None:
-    """Where a job was left (by another consumer, or this one before a restart), if known."""
-    try:
-        state = JobState(values["state"])
-        intent = int(values["intent_ms"]) if values.get("intent_ms") else None
-    except (KeyError, ValueError):
-        return None
-    if state not in ORDER:
-        return None
-    flow, run = values.get("flow_id") or None, values.get("run_id") or None
-    return Progress(state, flow_id=flow, run_id=run, intent_ms=intent)
-
-
-def lost_detail(status: str, holder: str) -> str:
-    """Why a job left this daemon, for the journal (a `keep` answer other than 'ok')."""
-    if status == "done":
-        return "finished by another daemon"
-    return f"taken over by {holder or 'another daemon'}"
-
-
-def result_fields(outcome: Outcome, message_id: str, consumer: str) -> dict[str, str]:
-    """A results-stream entry: the outcome's main fields, and all of it as JSON."""
-    return {
-        "job_id": outcome.job_id,
-        "state": outcome.state.value,
-        "message": outcome.message,
-        "flow_id": outcome.flow_id or "",
-        "run_id": outcome.run_id or "",
-        "files": str(outcome.files),
-        "records": str(outcome.records),
-        "bytes": str(outcome.bytes),
-        "partial": "true" if outcome.partial else "false",
-        "message_id": message_id,
-        "consumer": consumer,
-        "outcome": outcome.model_dump_json(),
-    }
 
 
 class RedisIntake:
@@ -173,29 +93,19 @@ class RedisIntake:
     name = "redis"
     sources = (SOURCE,)
 
-    def __init__(
-        self, daemon: Daemon, config: RedisConfig, *, rng: random.Random | None = None
-    ) -> None:
-        self.daemon = daemon
+    def __init__(self, admissions: Admissions, config: RedisConfig) -> None:
+        self.admissions = admissions
         self.config = config
-        self.store = RedisStore(config, clock=daemon.clock, rng=rng or random.Random())
-        self._clock = daemon.clock
-        self._held: dict[str, str] = {}  # job id -> message id, for the jobs running here
-        # job id -> when its lease lapses by this daemon's clock (monotonic), counted from
-        # the start of the call that last renewed it: never later than Redis's own expiry.
-        self._lease_ends: dict[str, float] = {}
-        # job id -> when a job taken over while triggering may go on (monotonic): once any
-        # trigger its former holder may have had on the wire has been answered or abandoned.
-        self._holds: dict[str, float] = {}
-        self._fence_s = config.lease_s / 4
+        self.store = RedisStore(config, clock=admissions.clock, rng=admissions.rng)
+        self._clock = admissions.clock
+        self.leases = Leases(admissions, config, self.store, fail=self._fail)
         self._failed = asyncio.Event()
         self._failure: BaseException | None = None
-        daemon.metrics.redis_intake()
+        admissions.metrics.redis_intake()
 
     @property
     def _journal(self) -> Journal:
-        assert self.daemon.journal is not None
-        return self.daemon.journal
+        return self.admissions.journal
 
     # -- service life cycle ----------------------------------------------------------------
 
@@ -215,14 +125,14 @@ class RedisIntake:
         unfinished jobs, resume those still ours by Redis and forget the rest."""
         mine = await self._reread_own()
         for record in records:
-            if record.name not in mine and record.job_id not in self.daemon.jobs:
+            if record.name not in mine and record.job_id not in self.admissions.running:
                 await self._reconcile(record)
 
     async def run(self) -> None:
         tasks = {
             asyncio.create_task(self._intake(), name="redis-intake"),
-            asyncio.create_task(self._heartbeat(), name="redis-heartbeat"),
-            asyncio.create_task(self._watch_leases(), name="redis-leases"),
+            asyncio.create_task(self.leases.heartbeat(), name="redis-heartbeat"),
+            asyncio.create_task(self.leases.watch(), name="redis-leases"),
             asyncio.create_task(self._failed.wait(), name="redis-failed"),
         }
         try:
@@ -252,12 +162,12 @@ class RedisIntake:
         sweep_s = self.config.lease_s / 4
         next_sweep = self._clock.monotonic()
         while True:
-            await self.daemon.wait_room()
+            await self.admissions.wait_room()
             try:
                 if self._clock.monotonic() >= next_sweep:
                     await self._take_over()
                     next_sweep = self._clock.monotonic() + sweep_s
-                room = min(self.daemon.room, self.config.read_count)
+                room = min(self.admissions.room, self.config.read_count)
                 if room > 0:
                     wait = min(self.config.block_s, next_sweep - self._clock.monotonic())
                     for message_id, fields in await self.store.read_new(room, int(wait * 1000)):
@@ -270,7 +180,7 @@ class RedisIntake:
 
     async def _take_over(self) -> None:
         """Messages idle for longer than the lease: their consumer died (or lost its way)."""
-        room = min(self.daemon.room, self.config.read_count)
+        room = min(self.admissions.room, self.config.read_count)
         if room <= 0:
             return
         entries, gone = await self.store.take_over(room)
@@ -278,7 +188,7 @@ class RedisIntake:
             log.warning("redis_message_gone", message_id=message_id)
         if entries:
             log.info("redis_messages_taken_over", count=len(entries))
-            self.daemon.metrics.redis_messages("taken_over", len(entries))
+            self.admissions.metrics.redis_messages("taken_over", len(entries))
             await self._handle_all(entries)
 
     async def _handle_all(self, entries: list[Entry]) -> None:
@@ -300,10 +210,10 @@ class RedisIntake:
                 f"no 'job' field (fields: {names}); a message carries its job document "
                 "as JSON in the field 'job'"
             )
-        limit = self.daemon.settings.daemon.max_job_file_bytes
+        limit = self.admissions.settings.daemon.max_job_file_bytes
         if len(raw) > limit:
             raise Rejected(f"the job is {len(raw)} bytes; the limit is {limit} bytes")
-        return parse_job("message.json", raw, self.daemon.settings.destinations)
+        return parse_job("message.json", raw, self.admissions.settings.destinations)
 
     async def _handle(
         self, message_id: str, fields: Mapping[bytes, bytes], deliveries: int
@@ -313,18 +223,18 @@ class RedisIntake:
         try:
             parsed = self._parse(fields)
         except Rejected as exc:
-            await self.daemon.reject(poison, str(exc))
+            await self.admissions.reject(poison, str(exc))
             return
         except Exception as exc:  # one poisonous message must not stop the intake
             log.exception("redis_message_unreadable", message_id=message_id)
-            await self.daemon.reject(poison, f"internal error reading the message: {exc!r}")
+            await self.admissions.reject(poison, f"internal error reading the message: {exc!r}")
             return
         job = parsed.job
         known = await self._journal.get(job.job_id)
         if known is not None and known.source != SOURCE:
             await self._refuse_duplicate(message_id, fields, deliveries, known)
             return
-        running = job.job_id in self.daemon.jobs
+        running = job.job_id in self.admissions.running
         began = self._clock.monotonic()
         claim = await self.store.claim(job.job_id, message_id, running=running)
         context = {"job_id": job.job_id, "message_id": message_id}
@@ -339,7 +249,7 @@ class RedisIntake:
                 f"{self.config.max_deliveries}): the daemons that took it kept stopping"
             )
             origin = DeadLetter(self, message_id, fields, times, job.job_id)
-            await self.daemon.reject(origin, reason)
+            await self.admissions.reject(origin, reason)
             await self._journal.forget(job.job_id, detail="dead-lettered")
         elif claim.status == "busy" and claim.message_id == message_id:
             # Its holder's heartbeat takes the message back; if the holder died, the
@@ -349,7 +259,7 @@ class RedisIntake:
             pass  # running here, from this very message
         else:  # done, or another message for a job that runs somewhere
             log.info("redis_message_duplicate", **context, why=claim.status)
-            self.daemon.metrics.redis_messages("duplicate")
+            self.admissions.metrics.redis_messages("duplicate")
             await self.store.drop(message_id)
 
     async def _refuse_duplicate(
@@ -363,7 +273,7 @@ class RedisIntake:
             "once: give the new job another id"
         )
         origin = DeadLetter(self, message_id, fields, deliveries, known.job_id)
-        await self.daemon.reject(origin, reason)
+        await self.admissions.reject(origin, reason)
 
     async def _run(
         self,
@@ -377,14 +287,13 @@ class RedisIntake:
         """Start the job from where the journal or Redis says it got, whichever is further."""
         origin = Message(self, message_id, job.job_id)
         at = progress_of(claim.progress)
-        self._held[job.job_id] = message_id
-        self._lease_ends[job.job_id] = claimed_at + self.config.lease_s
+        self.leases.hold(job.job_id, message_id, claimed_at)
         taken_from = claim.progress.get("taken_from")
         if taken_from and at is not None and at.state is JobState.TRIGGERING:
             # Its former holder's trigger may still be on the wire (sent in time, under its
             # lease): adoption looks for the run only once that call has ended either way.
-            hold = self.daemon.settings.aep.request_timeout_s
-            self._holds[job.job_id] = claimed_at + hold
+            hold = self.admissions.settings.aep.request_timeout_s
+            self.leases.wait_before_adopting(job.job_id, claimed_at + hold)
             log.info(
                 "redis_takeover_waiting",
                 job_id=job.job_id,
@@ -394,13 +303,13 @@ class RedisIntake:
             )
         record = await self._journal.get(job.job_id)
         if record is None and at is None:
-            admitted = await self.daemon.submit(job, spec, origin)
+            admitted = await self.admissions.submit(job, spec, origin)
             if admitted.result is Admission.STARTED:
-                self.daemon.metrics.redis_messages("started")
+                self.admissions.metrics.redis_messages("started")
                 return
             record = admitted.record  # submitted meanwhile by another source
             if record is not None and record.source != SOURCE:
-                self._release(job.job_id)
+                self.leases.release(job.job_id)
                 await self._refuse_duplicate(message_id, fields, 1, record)
                 return
         elif record is None:
@@ -418,8 +327,8 @@ class RedisIntake:
             return
         if at is not None:
             record = await self._catch_up(record, at)
-        self.daemon.metrics.redis_messages("resumed")
-        self.daemon.resume(record, origin)
+        self.admissions.metrics.redis_messages("resumed")
+        self.admissions.resume(record, origin)
 
     async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
         """Journal the states another consumer reached, so that the job resumes there."""
@@ -436,52 +345,6 @@ class RedisIntake:
 
     # -- what jobs tell Redis --------------------------------------------------------------
 
-    async def checkpoint(self, origin: Message, progress: Progress) -> None:
-        """Record the job's new state if the job is still ours; otherwise stop it right
-        here, before the action the state enables (such as the trigger)."""
-        values: dict[str, str] = {}
-        if progress.flow_id:
-            values["flow_id"] = progress.flow_id
-        if progress.run_id:
-            values["run_id"] = progress.run_id
-        if progress.intent_ms is not None:
-            values["intent_ms"] = str(progress.intent_ms)
-        hold = self._holds.get(origin.job_id)
-        if hold is not None:  # (the heartbeat keeps the claim meanwhile)
-            await self._clock.sleep(hold - self._clock.monotonic())
-            self._holds.pop(origin.job_id, None)
-        began = self._clock.monotonic()
-        rank = (ORDER.index(progress.state) + 1, progress.state.value)
-        try:
-            [(status, holder)] = await self.store.keep(
-                [(origin.job_id, origin.message_id)], rank, values, operation="checkpoint"
-            )
-            if status == "gone":
-                status, holder = await self._restore(origin.job_id, origin.message_id)
-        except (RedisUnavailable, RedisError) as exc:
-            # Not the job's failure: it stops without an outcome (the journal says where it
-            # was), the service stops the daemon, and the next start resumes the job.
-            self._release(origin.job_id)
-            self._fail(exc)
-            raise asyncio.CancelledError("Redis is unavailable") from exc
-        if status == "ok":
-            self._renewed(origin.job_id, origin.message_id, began)
-        else:
-            self._release(origin.job_id)
-            log.warning(
-                "redis_job_lost",
-                job_id=origin.job_id,
-                message_id=origin.message_id,
-                state=progress.state.value,
-                why=status,
-                holder=holder,
-            )
-            # Like `daemon.abandon`, from inside the job's own task: no outcome. Nothing
-            # writes to the journal after this (a cancelled job's task only re-raises), so
-            # the job is dropped from it now, not left looking like it runs here.
-            await self._journal.forget(origin.job_id, detail=lost_detail(status, holder))
-            raise asyncio.CancelledError(f"job {origin.job_id} is not this daemon's any more")
-
     async def settle(self, origin: Message, outcome: Outcome) -> None:
         fields = result_fields(outcome, origin.message_id, self.config.consumer)
         try:  # (the heartbeat keeps the claim while this is retried)
@@ -492,9 +355,9 @@ class RedisIntake:
             self._fail(exc)
             return
         finally:
-            self._release(origin.job_id)
+            self.leases.release(origin.job_id)
         if status == "published":
-            self.daemon.metrics.redis_messages("published")
+            self.admissions.metrics.redis_messages("published")
         log.info(
             "redis_result_published" if status == "published" else "redis_job_already_done",
             job_id=origin.job_id,
@@ -518,7 +381,7 @@ class RedisIntake:
         except (RedisUnavailable, RedisError) as exc:  # pending: handled at the next start
             self._fail(exc)
             return
-        self.daemon.metrics.redis_messages("dead_lettered")
+        self.admissions.metrics.redis_messages("dead_lettered")
         log.warning(
             "redis_message_dead_lettered",
             message_id=origin.message_id,
@@ -527,121 +390,6 @@ class RedisIntake:
             reason=reason,
             entry_id=entry,
         )
-
-    # -- keeping claims alive --------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await self._clock.sleep(self.config.lease_s / 3)
-            held = [(j, m) for j, m in self._held.items() if j in self.daemon.jobs]
-            if not held:
-                continue
-            began = self._clock.monotonic()
-            answers = await self.store.keep(held, operation="heartbeat")
-            for (job_id, message_id), (status, holder) in zip(held, answers, strict=True):
-                renewed_from = began
-                if status == "gone" and self._held.get(job_id) == message_id:
-                    renewed_from = self._clock.monotonic()
-                    status, holder = await self._restore(job_id, message_id)
-                if status == "ok":
-                    self._renewed(job_id, message_id, renewed_from)
-                if status == "ok" or self._held.get(job_id) != message_id:
-                    continue
-                self._release(job_id)
-                await self.daemon.abandon(job_id)  # returns once its task has stopped
-                await self._journal.forget(job_id, detail=lost_detail(status, holder))
-                log.warning(
-                    "redis_job_lost",
-                    job_id=job_id,
-                    message_id=message_id,
-                    why=status,
-                    holder=holder,
-                )
-
-    async def _watch_leases(self) -> None:
-        """Hand back each job whose lease has lapsed by this daemon's clock, whether Redis
-        answers or not: another daemon may have it now."""
-        while True:
-            await self._clock.sleep(self.config.lease_s / 10)
-            now = self._clock.monotonic()
-            for job_id, message_id in list(self._held.items()):
-                if job_id in self.daemon.jobs and self._lease_ends.get(job_id, now) < now:
-                    await self._hand_back(job_id, message_id, "its lease lapsed unrenewed")
-
-    def _renewed(self, job_id: str, message_id: str, began: float) -> None:
-        if self._held.get(job_id) == message_id:
-            self._lease_ends[job_id] = max(
-                self._lease_ends.get(job_id, began), began + self.config.lease_s
-            )
-
-    def _release(self, job_id: str) -> None:
-        self._held.pop(job_id, None)
-        self._lease_ends.pop(job_id, None)
-        self._holds.pop(job_id, None)
-
-    async def _hand_back(self, job_id: str, message_id: str, why: str) -> None:
-        """Stop a job without an outcome and forget it: its message stays pending, and the
-        next daemon to claim it (this one, maybe) resumes it from its progress in Redis."""
-        self._release(job_id)
-        await self.daemon.abandon(job_id)
-        await self._journal.forget(job_id, detail=f"handed back: {why}")
-        log.warning("redis_job_handed_back", job_id=job_id, message_id=message_id, why=why)
-
-    async def fence(self, origin: Message) -> None:
-        """Right before the job's trigger goes out (called by the engine for each call that
-        carries it): renew its lease within a quarter of it. If Redis does not confirm the
-        job is still this daemon's in that time, the trigger is not sent: the job stops here
-        without an outcome (`asyncio.CancelledError`), handed back. A trigger sent under a
-        lease renewed this recently is answered, or abandoned by the AEP client at its
-        request timeout, before a daemon that takes the job over looks for its run."""
-        job_id, message_id = origin.job_id, origin.message_id
-        began = self._clock.monotonic()
-        try:
-            [(status, holder)] = await self.store.keep(
-                [(job_id, message_id)], operation="fence", within_s=self._fence_s
-            )
-            if status == "gone":
-                status, holder = await self._restore(job_id, message_id, within_s=self._fence_s)
-        except (RedisUnavailable, RedisError, TimeoutError) as exc:
-            status, holder = "unconfirmed", str(exc)
-        if status == "ok" and self._held.get(job_id) == message_id:
-            self._renewed(job_id, message_id, began)
-            return
-        if self._held.get(job_id) == message_id:
-            self._release(job_id)
-            why = lost_detail(status, holder) if status in ("lost", "done") else holder
-            await self._journal.forget(job_id, detail=f"not triggered: {why}")
-        log.warning(
-            "redis_trigger_fenced", job_id=job_id, message_id=message_id, why=status, detail=holder
-        )
-        raise asyncio.CancelledError(f"job {job_id} may not be triggered here: {status}")
-
-    async def _restore(
-        self, job_id: str, message_id: str, *, within_s: float | None = None
-    ) -> tuple[str, str]:
-        """Redis knows nothing of a job running here (its data was lost: flushed, restarted
-        without persistence, a failover that lost writes): nobody else has it, so it stays
-        here; its lock and progress (from the journal) and the group are made again."""
-        record = await self._journal.get(job_id)
-        state = record.state if record is not None and record.state in ORDER else ORDER[0]
-        values: dict[str, str] = {}
-        if record is not None:
-            values = {"flow_id": record.flow_id or "", "run_id": record.run_id or ""}
-            if record.intent_ms is not None:
-                values["intent_ms"] = str(record.intent_ms)
-        rank = (ORDER.index(state) + 1, state.value)
-        status, holder = await self.store.restore(
-            job_id, message_id, rank, values, within_s=within_s
-        )
-        log.warning(
-            "redis_job_restored" if status == "ok" else "redis_job_not_restored",
-            job_id=job_id,
-            message_id=message_id,
-            state=state.value,
-            why=status,
-            holder=holder,
-        )
-        return status, holder
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -664,12 +412,11 @@ class RedisIntake:
         if where.finisher is None and where.holder is None and where.deliveries is None:
             # Redis knows nothing of it (its data was lost): nobody else has it either.
             began = self._clock.monotonic()
-            status, _ = await self._restore(record.job_id, record.name)
+            status, _ = await self.leases.restore(record.job_id, record.name)
             if status == "ok":
-                self._held[record.job_id] = record.name
-                self._lease_ends[record.job_id] = began + self.config.lease_s
-                self.daemon.metrics.redis_messages("resumed")
-                self.daemon.resume(record, Message(self, record.name, record.job_id))
+                self.leases.hold(record.job_id, record.name, began)
+                self.admissions.metrics.redis_messages("resumed")
+                self.admissions.resume(record, Message(self, record.name, record.job_id))
                 return
         if where.finisher is None and where.holder == self.config.consumer and where.deliveries:
             entries = await self.store.move_here(record.name)
