@@ -27,6 +27,7 @@ from exporter.daemon.journal import JobRecord
 from exporter.daemon.storage import RETRY
 from exporter.engine import Progress
 from exporter.jobs import JobState, Outcome, Parsed, Rejected, parse_job
+from exporter.retry import Retrying, retry
 
 log = structlog.get_logger("exporter.daemon")
 SOURCE = "spool"  # kept in the journal: never renamed
@@ -249,24 +250,39 @@ class SpoolIntake:
 
     async def _intake(self) -> None:
         admissions = self.admissions
-        failures = 0
-        while True:
+        incoming = self.spool.dirs["incoming"]
+        gone = False  # the spool folder itself vanished: waiting will not bring it back
+
+        async def attempt() -> None:
+            nonlocal gone
             try:
                 await self._intake_once()
-            except OSError as exc:  # EMFILE, ENOSPC, EIO: the machine's trouble, not a file's
-                if not await asyncio.to_thread(self.spool.dirs["incoming"].is_dir):
-                    raise  # the spool itself is gone: waiting will not bring it back
-                failures += 1
-                admissions.faults.failed("intake", exc)
-                delay = RETRY.next_delay(failures, admissions.rng) or RETRY.max_delay_s
-                log.warning(
-                    "intake_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    attempt=failures,
-                    retry_in_s=round(delay, 3),
-                )
-                await admissions.clock.sleep(delay)
-                continue
+            except OSError:  # EMFILE, ENOSPC, EIO: the machine's trouble, not a file's
+                gone = not await asyncio.to_thread(incoming.is_dir)
+                raise
+
+        failures = 0
+
+        def failed(retrying: Retrying) -> None:
+            nonlocal failures
+            failures = retrying.attempt
+            admissions.faults.failed("intake", retrying.error)
+            log.warning(
+                "intake_failed",
+                error=f"{type(retrying.error).__name__}: {retrying.error}",
+                attempt=retrying.attempt,
+                retry_in_s=round(retrying.delay, 3),
+            )
+
+        while True:
+            await retry(
+                attempt,
+                policy=RETRY,
+                clock=admissions.clock,
+                rng=admissions.rng,
+                retryable=lambda exc: isinstance(exc, OSError) and not gone,
+                on_retry=failed,
+            )
             if failures:
                 log.info("intake_recovered", attempts=failures)
                 failures = 0
