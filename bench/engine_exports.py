@@ -75,7 +75,8 @@ from exporter.aep.facts import (
 from exporter.aep.ratelimit import RateLimiter
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
-from exporter.engine import Engine, EngineConfig, Progress
+from exporter.engine.config import EngineConfig
+from exporter.engine.engine import Engine, Progress
 from exporter.engine.poller import RunPoller
 from exporter.jobs import Job, JobState, Outcome
 

@@ -29,8 +29,8 @@ from exporter.clock import Clock, SystemClock
 from exporter.engine.lanes import LaneView
 from exporter.errors import ConfigError, ExporterError
 from exporter.logs import configure_logging
-from exporter.oneshot import add_config_argument, engine_for, settings_or_report
-from exporter.settings import Settings
+from exporter.oneshot import engine_for, settings_or_report
+from exporter.settings import Settings, add_config_argument
 
 EXIT_OK = 0
 EXIT_AEP = 1

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,11 +18,16 @@ from rich.status import Status
 
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
-from exporter.engine import Engine, Progress
+from exporter.engine.engine import Engine, Progress
 from exporter.errors import ConfigError
 from exporter.jobs import Job, JobState, Outcome
 from exporter.logs import configure_logging
-from exporter.settings import Settings, describe_errors, load_settings
+from exporter.settings import (
+    Settings,
+    add_config_argument,
+    describe_errors,
+    load_settings,
+)
 
 EXIT = {
     JobState.SUCCEEDED: 0,
@@ -75,23 +79,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
     add_config_argument(p)
     p.set_defaults(func=run_export)
-
-
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=default_config(),
-        help="TOML configuration (default: $EXPORTER_CONFIG, else "
-        "/etc/aep-exporter/exporter.toml if it exists)",
-    )
-
-
-def default_config() -> Path | None:
-    if "EXPORTER_CONFIG" in os.environ:
-        return Path(os.environ["EXPORTER_CONFIG"])
-    system = Path("/etc/aep-exporter/exporter.toml")
-    return system if system.is_file() else None
 
 
 def run_export(args: argparse.Namespace) -> int:

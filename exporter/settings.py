@@ -9,6 +9,8 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -159,3 +161,20 @@ def load_settings(path: Path | None, *, credentials_directory: str | None = None
     except (ValueError, OSError) as exc:
         raise ConfigError(f"{path or 'configuration'}: {exc}") from None
     return Settings.model_construct(**{k: getattr(loaded, k) for k in Settings.model_fields})
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default_config(),
+        help="TOML configuration (default: $EXPORTER_CONFIG, else "
+        "/etc/aep-exporter/exporter.toml if it exists)",
+    )
+
+
+def default_config() -> Path | None:
+    if "EXPORTER_CONFIG" in os.environ:
+        return Path(os.environ["EXPORTER_CONFIG"])
+    system = Path("/etc/aep-exporter/exporter.toml")
+    return system if system.is_file() else None

@@ -33,7 +33,7 @@ from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, is_loopback
 from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import JobRecord
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Rejected, parse_job
 from exporter.ops.admin import AdminServer

@@ -73,6 +73,21 @@ def test_help_imports_no_command_module_nor_heavy_library(tmp_path: Path) -> Non
     assert ours == "['exporter.cli']"
 
 
+@pytest.mark.slow
+def test_the_health_probe_loads_no_http_client_nor_engine(tmp_path: Path) -> None:
+    """The container's health check runs `probe` every 30 s: it asks over urllib, so loading
+    aiohttp and the export engine would only slow every check down."""
+    result = python(
+        "import sys\n"
+        "import exporter.ops.probe\n"
+        "print(sorted(n for n in ('aiohttp', 'exporter.engine.engine', 'exporter.aep.client',"
+        " 'exporter.oneshot') if n in sys.modules))\n",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
 def command_script(*args: str) -> str:
     """A script running the console script's entry point as `aep-exporter *args`."""
     return (

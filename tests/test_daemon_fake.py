@@ -19,7 +19,7 @@ from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, DaemonConfig, LogConfig, RedisConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.destinations import DlzDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.settings import Settings
 from exporter.sources.redis.intake import RedisIntake
 from exporter.sources.spool import RESULT_SUFFIX

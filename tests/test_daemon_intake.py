@@ -19,7 +19,7 @@ from exporter.daemon.config import DaemonConfig, LogConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, summary
 from exporter.destinations import DlzDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.jobs import Outcome, Parsed
 from exporter.settings import Settings
 from exporter.sources.spool import RESULT_SUFFIX, Spool

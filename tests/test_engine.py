@@ -12,7 +12,8 @@ import pytest
 
 from exporter.aep.client import HttpAep
 from exporter.destinations import DlzDestination
-from exporter.engine import Engine, EngineConfig, Progress
+from exporter.engine.config import EngineConfig
+from exporter.engine.engine import Engine, Progress
 from exporter.jobs import Job, JobState
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs

@@ -15,7 +15,8 @@ from exporter.aep.api import RunInfo
 from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
-from exporter.engine import Engine, EngineConfig
+from exporter.engine.config import EngineConfig
+from exporter.engine.engine import Engine
 from exporter.engine.lanes import LaneManager
 from exporter.engine.poller import (
     BATCH_HISTORY,

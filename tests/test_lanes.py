@@ -19,7 +19,8 @@ from pydantic import SecretStr
 
 from exporter.aep.client import HttpAep
 from exporter.destinations import Destination, DlzDestination, SftpDestination
-from exporter.engine import Engine, EngineConfig, Progress
+from exporter.engine.config import EngineConfig
+from exporter.engine.engine import Engine, Progress
 from exporter.jobs import Job, JobState
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs

@@ -30,7 +30,7 @@ from exporter.clock import SystemClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import DaemonConfig, LogConfig, RedisConfig
 from exporter.destinations import AzureBlobDestination, SftpDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.errors import RequestError
 from exporter.jobs import JobState, Outcome, RunError
 from exporter.logs import configure_logging

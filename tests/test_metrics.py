@@ -32,7 +32,7 @@ from exporter.clock import FakeClock
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, RedisConfig
 from exporter.daemon.core import EXIT_OK, Daemon
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.engine.poller import RunPoller
 from exporter.jobs import JobState
 from exporter.metrics import (

@@ -20,7 +20,7 @@ from aep_emulator.state import EmulatorState
 from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export
 from exporter.settings import Settings

@@ -25,7 +25,7 @@ from exporter.clock import SystemClock
 from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.destinations import DlzDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings
 from exporter.sources.schedules import Schedules, trigger_of

@@ -31,7 +31,7 @@ from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import FILE_NAME, JobRecord, Journal, schedule_slots, summary
 from exporter.destinations import DlzDestination
-from exporter.engine import EngineConfig
+from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 from exporter.settings import Settings, load_settings
 from exporter.sources.schedules import Schedules, iso, slot_job_id, trigger_of, upcoming, utc

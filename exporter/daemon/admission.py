@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from exporter.clock import Clock
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.storage import Faults
-from exporter.engine import Progress
+from exporter.engine.engine import Progress
 from exporter.jobs import Job, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings

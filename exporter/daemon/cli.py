@@ -29,8 +29,8 @@ from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
 from exporter.errors import ConfigError
 from exporter.jobs import Rejected
 from exporter.logs import configure_logging
-from exporter.oneshot import add_config_argument, settings_or_report
-from exporter.settings import Settings, load_settings
+from exporter.oneshot import settings_or_report
+from exporter.settings import Settings, add_config_argument, load_settings
 from exporter.sources.spool import Spool
 
 log = structlog.get_logger("exporter.daemon")

@@ -37,7 +37,7 @@ from exporter.daemon.journal_file import Corrupt
 from exporter.daemon.reload import Reloader
 from exporter.daemon.runner import JobRunner
 from exporter.daemon.storage import STORAGE_ERRORS, Faults
-from exporter.engine import Engine
+from exporter.engine.engine import Engine
 from exporter.metrics import Metrics
 from exporter.settings import Settings
 

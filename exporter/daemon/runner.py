@@ -19,7 +19,7 @@ from exporter.clock import Clock
 from exporter.daemon.admission import Admission, Admitted, Counts, Fencing, Origin
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.storage import Faults, persist
-from exporter.engine import Engine, Progress
+from exporter.engine.engine import Engine, Progress
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings

@@ -1,6 +1,5 @@
-"""The export engine: flows, triggers, the shared run poller, and the job runner."""
+"""The export engine: `engine.Engine` runs one job from its lane to its outcome, with
+`lanes` (one flow, many datasets), `trigger` (batched ad hoc runs) and `poller` (batched
+status reads); `config.EngineConfig` is its settings.
 
-from exporter.engine.config import EngineConfig
-from exporter.engine.engine import Engine, Progress
-
-__all__ = ["Engine", "EngineConfig", "Progress"]
+Nothing is imported here, so that the settings (which need `config`) load no HTTP client."""

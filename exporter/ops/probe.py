@@ -19,9 +19,8 @@ import urllib.request
 from typing import Any
 
 from exporter.errors import ConfigError
-from exporter.oneshot import add_config_argument
 from exporter.ops.admin_token import client_token
-from exporter.settings import Settings, load_settings
+from exporter.settings import Settings, add_config_argument, load_settings
 
 EXIT_UNHEALTHY = 1
 EXIT_CONFIG = 2

@@ -25,7 +25,7 @@ from exporter.clock import sleep_or_wake
 from exporter.daemon.admission import Admission, Admissions, already_submitted
 from exporter.daemon.journal import JobRecord
 from exporter.daemon.storage import RETRY
-from exporter.engine import Progress
+from exporter.engine.engine import Progress
 from exporter.jobs import JobState, Outcome, Parsed, Rejected, parse_job
 from exporter.retry import Retrying, retry
 

@@ -70,7 +70,7 @@ from redis.exceptions import RedisError, ResponseError
 from exporter.daemon.admission import Admission, Admissions
 from exporter.daemon.config import RedisConfig
 from exporter.daemon.journal import JobRecord, Journal
-from exporter.engine import Progress
+from exporter.engine.engine import Progress
 from exporter.jobs import ORDER, Job, JobState, Outcome, Parsed, Rejected, parse_job
 from exporter.sources.redis.leases import Leases
 from exporter.sources.redis.messages import (

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from exporter.daemon.admission import Admissions
 from exporter.daemon.config import RedisConfig
 from exporter.daemon.journal import Journal
-from exporter.engine import Progress
+from exporter.engine.engine import Progress
 from exporter.jobs import ORDER
 from exporter.sources.redis.messages import Message, lost_detail
 from exporter.sources.redis.store import RedisStore, RedisUnavailable

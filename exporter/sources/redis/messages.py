@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from exporter.engine import Progress
+from exporter.engine.engine import Progress
 from exporter.jobs import ORDER, JobState, Outcome
 
 if TYPE_CHECKING:
