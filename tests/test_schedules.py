@@ -360,6 +360,9 @@ async def test_a_slot_that_fell_while_the_daemon_was_down_fires_once_within_grac
     assert events(logs, "schedule_missed") == []
 
 
+DOWN = "the daemon was not running"
+
+
 async def test_a_slot_that_fell_while_the_daemon_was_down_is_skipped_beyond_grace(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -375,10 +378,11 @@ async def test_a_slot_that_fell_while_the_daemon_was_down_is_skipped_beyond_grac
             assert run.counts["fired"] == 0
             await run.until(lambda: run.counts["fired"] >= 1, "the next slot")
 
-    [missed] = events(logs, "schedule_missed")
+    # Only the slots that fell while it was down: a starved loop under the auto-advancing
+    # fake clock may also see a live slot "noticed too late", which is not this test's case.
+    [missed] = [e for e in events(logs, "schedule_missed") if e["reason"] == DOWN]
     assert slot(missed["slot"]) == first + MINUTE
     assert 45 <= missed["late_s"] < 50
-    assert missed["reason"] == "the daemon was not running"
     assert fired(logs)[:2] == [first, first + 2 * MINUTE]
     assert slot_job_id(NAME, first + MINUTE) not in jobs(tmp_path)
 
@@ -399,12 +403,13 @@ async def test_a_schedule_long_stopped_counts_its_missed_slots(
         async with running(emulator, settings) as run:
             await run.until(lambda: run.counts["fired"] >= 1, "the first slot within grace")
 
-    [missed] = events(logs, "schedule_missed")
+    # Only the slots that fell while it was down: a starved loop under the auto-advancing
+    # fake clock may also see a live slot "noticed too late", which is not this test's case.
+    [missed] = [e for e in events(logs, "schedule_missed") if e["reason"] == DOWN]
     [coalesced] = events(logs, "schedule_coalesced")
     latest = fired(logs)[-1]
     # Slots every 10 s, an hour later: those older than 30 s are missed, the rest coalesce
     # into one fire, of the latest; each slot is accounted for once.
-    assert missed["reason"] == "the daemon was not running"
     assert slot(missed["slot"]) == last + timedelta(seconds=10)
     assert 356 <= missed["missed"] <= 357  # 10 s .. 3560 s, and the start took a moment
     assert slot(coalesced["first_coalesced"]) == last + 10 * (missed["missed"] + 1) * SECOND
