@@ -169,10 +169,13 @@ def _over_path(path: str, test: Callable[[Any], bool], negate: bool) -> Callable
     return negative
 
 
-def _compile_filter(expr: str) -> tuple[Callable[[Entity], bool], frozenset[str] | None]:
-    """One `property` expression as a predicate, plus its id set when it is `id==...`."""
+def _compile_filter(
+    expr: str,
+) -> tuple[Callable[[Entity], bool], tuple[str, frozenset[str]] | None]:
+    """One `property` expression as a predicate, plus its field and values when it is
+    `field==a,b` (only entities with one of those values can match)."""
     match = _EXPR.fullmatch(expr)
-    ids = None
+    equals = None
     test: Callable[[Any], bool]
     if match is None or (match["op"] == "!" and not match["field"]):
         # A bare `field` asks for existence, `!field` for absence (Catalog's documented syntax).
@@ -194,10 +197,10 @@ def _compile_filter(expr: str) -> tuple[Callable[[Entity], bool], frozenset[str]
             negate, test = False, _compare(op, value)
         else:
             negate, test = op == "!=", _equals(values)
-            ids = frozenset(values) if op == "==" and path == "id" else None
+            equals = (path, frozenset(values)) if op == "==" else None
     if not _FIELD.fullmatch(path):
         raise QueryError(1449, f"Invalid field {path} in filter params.")
-    return _over_path(path, test, negate), ids
+    return _over_path(path, test, negate), equals
 
 
 def _sort_value(value: Any) -> tuple[int, Any]:
@@ -276,12 +279,17 @@ class ListQuery:
     after: SortKey | None = None
     params: tuple[tuple[str, str], ...] = ()
     filters: tuple[Callable[[Entity], bool], ...] = field(default=(), repr=False)
-    ids: frozenset[str] | None = None
+    equals: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Per field, the only values that can match (the intersection of its `==` filters)."""
+
+    def candidates(self, path: str) -> frozenset[str] | None:
+        """The only values of `path` that can match, or None when no `path==` filter narrows
+        the query. Lets callers look entities up by id or by an index instead of scanning."""
+        return self.equals.get(path)
 
     def id_candidates(self) -> frozenset[str] | None:
-        """The only ids that can match (intersection of all `id==` filters), or None when no
-        `id==` filter narrows the query. Lets callers look entities up by id instead of scanning."""
-        return self.ids
+        """The only ids that can match (see `candidates`)."""
+        return self.candidates("id")
 
     def matches(self, entity: Entity) -> bool:
         """Whether the entity passes every `property` filter."""
@@ -374,12 +382,14 @@ def parse_list_query(
                 1453, "Invalid query value continuationToken: it belongs to another orderby."
             )
         sort = token_sort
-    filters, ids = [], None
+    filters: list[Callable[[Entity], bool]] = []
+    equals: dict[str, frozenset[str]] = {}
     for expr in exprs:
-        passes, id_set = _compile_filter(expr)
+        passes, narrows = _compile_filter(expr)
         filters.append(passes)
-        if id_set is not None:
-            ids = id_set if ids is None else ids & id_set
+        if narrows is not None:
+            path, values = narrows
+            equals[path] = values if path not in equals else equals[path] & values
     return ListQuery(
         sort_field=sort[0],
         descending=sort[1],
@@ -388,5 +398,5 @@ def parse_list_query(
         after=after,
         params=tuple((n, v) for n, v in pairs if n != "continuationToken"),
         filters=tuple(filters),
-        ids=ids,
+        equals=equals,
     )

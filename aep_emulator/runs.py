@@ -227,6 +227,7 @@ def _start(
         input_bytes=sum(b.path.stat().st_size for b in batches),
     )
     box.runs[run.id] = run
+    box.runs_by_flow.setdefault(run.flow_id, {})[run.id] = run
     box.active_runs[key] = run
     return run
 
@@ -431,13 +432,14 @@ async def list_runs(request: web.Request) -> web.Response:
     query = parse_list_query(request.query)
     box = caller(request).sandbox
     await catch_up(state_of(request), box)
-    ids = query.id_candidates()
+    ids, flows = query.id_candidates(), query.candidates("flowId")
     stored = box.runs
-    runs = (
-        list(stored.values())
-        if ids is None
-        else [run for i in ids if (run := stored.get(i)) is not None]  # one lookup per id
-    )
+    if ids is not None:
+        runs = [run for i in ids if (run := stored.get(i)) is not None]  # one lookup per id
+    elif flows is not None:  # a flow's runs, not every run of the sandbox
+        runs = [run for f in flows for run in box.runs_by_flow.get(f, {}).values()]
+    else:
+        runs = list(stored.values())
     await settle(state_of(request), runs)
     by_id = {r.id: r for r in runs}
     body = query.apply((run_view(r) for r in runs), base_path="/runs")  # as list_response

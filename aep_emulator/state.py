@@ -80,6 +80,8 @@ class Sandbox:
     target_connections: dict[str, dict[str, Any]] = field(default_factory=dict)
     flows: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, Run] = field(default_factory=dict)
+    # flow id -> its runs by id: `GET /runs?property=flowId==…` without a scan of every run
+    runs_by_flow: dict[str, dict[str, Run]] = field(default_factory=dict)
     active_runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     exported_batches: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
