@@ -97,6 +97,7 @@ class FakeClock:
         self._seq = itertools.count()
         self._holds: dict[int, float] = {}  # busy() work under way: when it began (real)
         self._released = asyncio.Event()
+        self._limits: list[float] = []  # within() blocks under way: how far time may go
 
     def time(self) -> float:
         return self._wall0 + self._now
@@ -115,6 +116,7 @@ class FakeClock:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        self._released.set()  # a driver held back by within() may be able to go on
         if self.auto_advance and self._driver is None:
             self._driver = asyncio.create_task(self._drive(), name="fake-clock-driver")
         await fut
@@ -127,6 +129,23 @@ class FakeClock:
             yield
         finally:
             del self._holds[token]
+            self._released.set()
+
+    @contextlib.contextmanager
+    def within(self, seconds: float) -> Iterator[None]:
+        """Inside this block time moves by itself at most `seconds` further (`advance()`
+        still moves it at will).
+
+        For a test that acts in real time on work that must stay under way meanwhile: with
+        auto-advance, a week-long deadline passes in well under a second of a busy
+        machine's time, as a long run's polls race ahead. Short waits (a backoff, a rate
+        limit) still pass."""
+        limit = self._now + seconds
+        self._limits.append(limit)
+        try:
+            yield
+        finally:
+            self._limits.remove(limit)
             self._released.set()
 
     async def _held(self) -> bool:
@@ -154,6 +173,10 @@ class FakeClock:
                     heapq.heappop(self._sleepers)
                 if not self._sleepers:
                     return
+                if self._limits and self._sleepers[0][0] > min(self._limits):
+                    self._released.clear()  # until a nearer sleep or the block's end
+                    await self._released.wait()
+                    continue
                 await self.advance(max(0.0, self._sleepers[0][0] - self._now))
         finally:
             self._driver = None

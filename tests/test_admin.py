@@ -264,14 +264,15 @@ async def test_a_full_daemon_answers_503_with_retry_after(
     emulator.knobs.run_duration_s = LONG_RUN
     (dataset,) = await emulator.seed(rows=5)
     async with admin_daemon(emulator, tmp_path, max_in_flight=1) as admin:
-        assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
-        full = await admin.submit(job(dataset, 2))
-        assert full.status == 503
-        assert full.body["error"] == "full"
-        assert int(full.headers["Retry-After"]) > 0
-        assert (await admin.call("GET", "/v1/jobs/job-2")).status == 404  # not taken
-        # A known id is still answered for what it is, full or not.
-        assert (await admin.submit(job(dataset, 1))).status == 409
+        with admin.clock.within(60):  # job-1 stays in flight, whatever the machine's load
+            assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
+            full = await admin.submit(job(dataset, 2))
+            assert full.status == 503
+            assert full.body["error"] == "full"
+            assert int(full.headers["Retry-After"]) > 0
+            assert (await admin.call("GET", "/v1/jobs/job-2")).status == 404  # not taken
+            # A known id is still answered for what it is, full or not.
+            assert (await admin.submit(job(dataset, 1))).status == 409
 
 
 async def test_list_filters_and_pages_newest_first(emulator: Emulator, tmp_path: Path) -> None:
@@ -381,9 +382,10 @@ async def test_cancel_a_running_job_disables_its_flow_when_alone(
         flow_id = running["flow_id"]
         assert await flow_state(emulator, flow_id) == "enabled"
 
-        answer = await admin.call(
-            "DELETE", "/v1/jobs/job-1", params={"reason": "the operator said stop"}
-        )
+        with admin.clock.within(60):  # no deadline passes while the cancel is on its way
+            answer = await admin.call(
+                "DELETE", "/v1/jobs/job-1", params={"reason": "the operator said stop"}
+            )
         assert answer.status == 200, answer.body
         assert answer.body["flow"] == {"flow_id": flow_id, "disabled": True, "detail": "disabled"}
         cancelled = answer.body["job"]
@@ -414,17 +416,18 @@ async def test_cancel_keeps_a_flow_another_job_still_uses(
         assert first["flow_id"] == second["flow_id"]
         flow_id = first["flow_id"]
 
-        answer = await admin.call("DELETE", "/v1/jobs/share-a")
-        assert answer.status == 200, answer.body
-        assert answer.body["flow"] == {
-            "flow_id": flow_id,
-            "disabled": False,
-            "detail": "kept enabled: job 'share-b' uses it too",
-        }
-        assert await flow_state(emulator, flow_id) == "enabled"
-        assert (await admin.call("GET", "/v1/jobs/share-b")).body["state"] == "running"
+        with admin.clock.within(60):  # share-b must still be running when share-a is cancelled
+            answer = await admin.call("DELETE", "/v1/jobs/share-a")
+            assert answer.status == 200, answer.body
+            assert answer.body["flow"] == {
+                "flow_id": flow_id,
+                "disabled": False,
+                "detail": "kept enabled: job 'share-b' uses it too",
+            }
+            assert await flow_state(emulator, flow_id) == "enabled"
+            assert (await admin.call("GET", "/v1/jobs/share-b")).body["state"] == "running"
 
-        last = await admin.call("DELETE", "/v1/jobs/share-b")
+            last = await admin.call("DELETE", "/v1/jobs/share-b")
         assert last.status == 200, last.body
         assert last.body["flow"]["disabled"] is True
         assert await flow_state(emulator, flow_id) == "disabled"
@@ -439,13 +442,16 @@ async def test_cancel_reports_what_became_of_the_flow(
     async with admin_daemon(emulator, tmp_path) as admin:
         assert (await admin.submit(job(dataset, 1, timeout=WEEK_S))).status == 202
         flow_id = (await admin.until_state("job-1", ["running"]))["flow_id"]
-        if case == "already disabled":  # someone else disabled it meanwhile
-            done = await emulator.fs("POST", f"/flows/{flow_id}/action", params={"op": "disable"})
-            assert done.status == 200, done.body
-        else:
-            fault = {"action": "status", "op": "flows.action", "status": 400, "count": 1}
-            await emulator.control("POST", "/faults", fault)
-        answer = await admin.call("DELETE", "/v1/jobs/job-1")
+        with admin.clock.within(60):  # no deadline passes while the cancel is on its way
+            if case == "already disabled":  # someone else disabled it meanwhile
+                done = await emulator.fs(
+                    "POST", f"/flows/{flow_id}/action", params={"op": "disable"}
+                )
+                assert done.status == 200, done.body
+            else:
+                fault = {"action": "status", "op": "flows.action", "status": 400, "count": 1}
+                await emulator.control("POST", "/faults", fault)
+            answer = await admin.call("DELETE", "/v1/jobs/job-1")
     assert answer.status == 200, answer.body
     assert answer.body["job"]["state"] == "cancelled"
     flow = answer.body["flow"]

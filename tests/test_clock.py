@@ -69,6 +69,24 @@ async def test_auto_advance_holds_still_while_work_is_on_the_wire() -> None:
     assert clock.monotonic() == 30
 
 
+async def test_time_moves_only_so_far_by_itself_within_a_limit() -> None:
+    # A test acting in real time on a job that must stay running (cancelling it, say) limits
+    # the clock: otherwise the job's polls race virtual time to its deadline meanwhile.
+    clock = FakeClock(auto_advance=True)
+    far = asyncio.create_task(clock.sleep(3600))
+    with clock.within(60):
+        await clock.sleep(10)  # short waits still pass by themselves
+        assert clock.monotonic() == 10
+        for _ in range(50):  # many turns of the driver, each longer than its pause
+            await asyncio.sleep(AUTO_ADVANCE_PAUSE * 2)
+        assert clock.monotonic() == 10
+        assert not far.done()
+        await clock.advance(100)  # a test may still move it on purpose
+        assert clock.monotonic() == 110
+    await far
+    assert clock.monotonic() == 3600
+
+
 async def test_work_hung_on_purpose_holds_the_clock_only_briefly() -> None:
     # A test that hangs a request (a fault delaying an answer for minutes) still needs its
     # deadlines and shutdown grace to come, in virtual time.
