@@ -20,7 +20,8 @@ ExporterError
 └── AepError                      something AEP (or the way to it) answered or failed to
     ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]
     │   ├── ConnectError          [aep.envelopes] no connection: never sent             [retry]
-    │   │   └── TlsError          [aep.envelopes] the certificate could not be verified
+    │   │   ├── TlsError          [aep.envelopes] the certificate could not be verified
+    │   │   └── DnsError          [aep.envelopes] the host name does not resolve
     │   └── TriggerOutcomeUnknown [aep.adhoc] a trigger sent, its answer lost: look first
     ├── AuthError                 IMS refused the credentials, or the gateway the token
     ├── ThrottledError            429                                                   [retry]

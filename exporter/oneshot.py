@@ -1,7 +1,8 @@
 """`aep-exporter export`: one export, start to finish, from the command line.
 
-Exit codes: 0 succeeded (or, with --no-wait, triggered), 1 failed in AEP, 2 bad usage,
-configuration or job, 3 timed out, 130 interrupted.
+Exit codes: exporter/exitcodes.py (0 succeeded or, with --no-wait, triggered; 1 failed in AEP;
+2 bad usage, configuration or job; 3 timed out; 4 credentials refused; 5 AEP unreachable;
+130 interrupted; 143 terminated).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
 from exporter.engine.engine import Engine, Progress
 from exporter.errors import ConfigError
+from exporter.exitcodes import STATES, Exit, for_outcome
 from exporter.jobs import Job, JobState, Outcome
 from exporter.logs import configure_logging
 from exporter.settings import (
@@ -29,13 +31,12 @@ from exporter.settings import (
     load_settings,
 )
 
-EXIT = {
-    JobState.SUCCEEDED: 0,
-    JobState.RUNNING: 0,
-    JobState.FAILED: 1,
-    JobState.REJECTED: 2,
-    JobState.TIMED_OUT: 3,
-    JobState.CANCELLED: 130,
+EXIT = {state: for_outcome(state) for state in JobState if state in STATES}
+HINTS = {
+    "auth": "the credentials were refused: check aep.client_id, the client secret and the "
+    "credential's product profile (exit 4)",
+    "unreachable": "AEP or IMS could not be reached: check aep.platform_url, aep.ims_url and "
+    "the network; trying again later may help (exit 5)",
 }
 DESCRIBE = {
     JobState.FLOW_READY: "flow ready",
@@ -49,8 +50,9 @@ def add_parser(subparsers: Any) -> None:
         "export",
         help="export one dataset now and wait for the result",
         description="Create or reuse the flow for this export, trigger an ad hoc run and poll it "
-        "until it ends. Exit codes: 0 succeeded, 1 failed, 2 bad input or config, 3 timed out, "
-        "130 interrupted.",
+        "until it ends. Exit codes: 0 succeeded, 1 failed in AEP, 2 bad input or config, "
+        "3 timed out, 4 credentials refused, 5 AEP unreachable, 130 interrupted (Ctrl-C), "
+        "143 terminated (SIGTERM).",
     )
     p.add_argument("--dataset", required=True, help="AEP dataset id")
     p.add_argument("--destination", required=True, help="a destination named in the config")
@@ -100,10 +102,10 @@ def run_export(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         err.print(describe_errors(exc, "job"), markup=False, highlight=False)
-        return 2
+        return Exit.BAD_INPUT
     except ConfigError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
-        return 2
+        return Exit.BAD_INPUT
     configure_logging("warning" if err.is_terminal else "info")
     try:
         outcome = asyncio.run(_export(settings, job, err, wait=not args.no_wait))
@@ -114,7 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(outcome.model_dump_json())
     else:
         report(outcome, err)
-    return EXIT[outcome.state]
+    return for_outcome(outcome.state, outcome.cause)
 
 
 async def _export(
@@ -164,7 +166,11 @@ def report(outcome: Outcome, console: Console) -> None:
     if outcome.message:
         console.print(f"  {outcome.message}", markup=False, highlight=False)
     for error in outcome.errors:
+        if error.message and error.message in outcome.message:
+            continue  # the message already said it (an error that ended the job early)
         console.print(f"  {error.code}: {error.message}", markup=False, highlight=False)
+    if outcome.cause in HINTS:
+        console.print(f"  {HINTS[outcome.cause]}", markup=False, highlight=False)
     sys.stderr.flush()
 
 

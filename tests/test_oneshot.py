@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import random
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
 from exporter.engine.config import EngineConfig
+from exporter.exitcodes import Exit
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export
 from exporter.settings import Settings
@@ -38,7 +40,7 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
         yield running
 
 
-def write_config(tmp_path: Path, url: str, *, extra: str = "") -> Path:
+def write_config(tmp_path: Path, url: str, *, extra: str = "", aep: str = "") -> Path:
     (tmp_path / "secret").write_text(DEFAULT_CLIENT_SECRET + "\n")
     path = tmp_path / "exporter.toml"
     path.write_text(f"""
@@ -48,6 +50,7 @@ ims_url = "{url}"
 client_id = "{DEFAULT_CLIENT_ID}"
 client_secret_file = "secret"
 org_id = "{Knobs().org_id}"
+{aep}
 
 [engine]
 not_ready_wait_s = 0
@@ -251,3 +254,48 @@ async def test_a_run_past_the_timeout_exits_3(emulator: Emulator) -> None:
     )
     assert outcome.state == JobState.TIMED_OUT
     assert EXIT[outcome.state] == 3
+
+
+async def test_a_wrong_secret_exits_4_and_says_so_once(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, _ = live
+    config = write_config(tmp_path, url)
+    (tmp_path / "secret").write_text("not-the-emulator-secret\n")
+    code, _, err = await export(
+        config, "--dataset", "5c8c3c555033b814b69f947f", "--destination", "lake", "--path", "x"
+    )
+    assert code == 4 == Exit.CREDENTIALS_REFUSED.value, err
+    said = [line for line in err.splitlines() if "invalid_client" in line or "401" in line]
+    assert len(said) == 1, err
+    assert "credentials were refused" in err
+    assert "not-the-emulator-secret" not in err
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("url", "attempts", "words"),
+    [
+        (f"http://127.0.0.1:{closed_port()}", 1, "cannot connect to IMS"),
+        # A name that does not exist is not retried: six attempts allowed, one made.
+        ("https://nowhere.invalid", 6, "cannot resolve IMS's host name"),
+    ],
+)
+async def test_an_unreachable_aep_exits_5_with_a_code(
+    tmp_path: Path, url: str, attempts: int, words: str
+) -> None:
+    config = write_config(tmp_path, url, aep=f"max_attempts = {attempts}")
+    code, _, err = await export(
+        config, "--dataset", "5c8c3c555033b814b69f947f", "--destination", "lake", "--path", "x"
+    )
+    assert code == 5 == Exit.UNREACHABLE.value, err
+    assert words in err
+    assert "aep_token_retry" not in err
+    assert not [x for x in err.splitlines() if x.strip().startswith(":")], err  # empty code
+    assert "AEP or IMS could not be reached" in err

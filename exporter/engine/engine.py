@@ -14,7 +14,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -25,7 +25,7 @@ from exporter.engine.config import EngineConfig
 from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.engine.trigger import Fence, Triggerer
-from exporter.errors import AepError, ConfigError, NotAMember
+from exporter.errors import AepError, AuthError, ConfigError, NotAMember, TransportError
 from exporter.jobs import Job, JobState, Outcome, RunError
 from exporter.metrics import Metrics
 
@@ -236,7 +236,8 @@ class Engine:
                 message=str(exc),
                 flow_id=flow_id,
                 run_id=run_id,
-                errors=(RunError(code=exc.code or str(exc.status or ""), message=exc.message),),
+                errors=(RunError(code=error_code(exc), message=exc.message),),
+                cause=cause_of(exc),
             )
         outcome = self._from_run(job, run, started)
         if run.succeeded and job.after == "disable" and flow is not None:
@@ -346,6 +347,20 @@ class Engine:
     def _outcome(self, job: Job, state: JobState, started: float, **fields: Any) -> Outcome:
         duration = round(self.clock.monotonic() - started, 3)
         return Outcome(job_id=job.job_id, state=state, duration_s=duration, **fields)
+
+
+def error_code(exc: AepError) -> str:
+    """AEP's code, else the HTTP status, else the kind of failure (never empty)."""
+    return exc.code or str(exc.status or "") or type(exc).__name__
+
+
+def cause_of(exc: AepError) -> Literal["aep", "auth", "unreachable"]:
+    """What an error says about why a job failed, for the `export` command's exit code."""
+    if isinstance(exc, AuthError):
+        return "auth"
+    if isinstance(exc, TransportError):
+        return "unreachable"
+    return "aep"
 
 
 def _slots(schedule: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:
