@@ -22,6 +22,20 @@ DEFAULT_DATA_DIR = Path(".aep-emulator")
 SEEDED_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "not_ready_window_s": 3.0,
+        "run_duration_s": Span(min=1, max=3),
+        "seed": 1,
+        "seed_datasets": 1,
+        "rows": 1000,
+    },
+}
+"""Option values a preset stands for; an option given on the command line wins. `quick`: one
+dataset with a fixed id (seed 1), AEP's ten-minute not-ready window cut to three seconds and
+runs of one to three, in real time: the README's quick try (with config/quick.toml)."""
+
+
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "emulator",
@@ -33,6 +47,12 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.set_defaults(func=run_serve)
     _common(parser)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="quick: one seeded dataset (fixed id), a 3 s not-ready window and 1-3 s runs, for "
+        "a first try with config/quick.toml; options given as well win",
+    )
     net = parser.add_argument_group("listening")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     net.add_argument(
@@ -48,6 +68,9 @@ def add_parser(subparsers: Any) -> None:
         help="create N synthetic datasets before serving",
     )
     s.add_argument("--rows", type=int, default=10_000, help="rows per seeded dataset")
+    parser.set_defaults(
+        option_defaults={name: parser.get_default(name) for name in PRESETS["quick"]}
+    )
 
     sub = parser.add_subparsers(dest="emulator_command")
     seed = sub.add_parser(
@@ -200,7 +223,15 @@ def run_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def apply_preset(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """Fill in the preset's values where the command line left an option at its default."""
+    for name, value in PRESETS.get(args.preset or "", {}).items():
+        if getattr(args, name) == parser_defaults[name]:
+            setattr(args, name, value)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    apply_preset(args, args.option_defaults)
     try:
         knobs = knobs_from(args)
     except (ValidationError, OSError) as exc:

@@ -207,3 +207,19 @@ async def test_help_documents_every_knob() -> None:
         "--org-id",
     ):
         assert option in text
+
+
+def test_the_quick_preset_fills_what_the_command_line_left_at_its_default() -> None:
+    from aep_emulator.cli import apply_preset
+    from aep_emulator.settings import Span
+    from exporter.cli import build_parser
+
+    parser = build_parser(["emulator"])
+    args = parser.parse_args(["emulator", "--preset", "quick", "--not-ready-window", "7"])
+    apply_preset(args, args.option_defaults)
+    assert args.not_ready_window_s == 7  # given: it wins
+    assert args.run_duration_s == Span(min=1, max=3)
+    assert (args.seed, args.seed_datasets, args.rows) == (1, 1, 1000)
+    plain = parser.parse_args(["emulator"])
+    apply_preset(plain, plain.option_defaults)
+    assert (plain.not_ready_window_s, plain.seed, plain.seed_datasets) == (600, None, 0)
