@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -40,7 +42,7 @@ HINTS = {
 }
 DESCRIBE = {
     JobState.FLOW_READY: "flow ready",
-    JobState.TRIGGERING: "triggering the export (waits out AEP's 'not ready' window)",
+    JobState.TRIGGERING: "triggering the export",
     JobState.RUNNING: "run in progress",
 }
 
@@ -84,7 +86,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    err = Console(stderr=True, soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True, log_path=False)  # (rich's own line, not ours)
     try:
         job = Job(
             id=args.id,
@@ -128,8 +130,8 @@ async def _export(
         async with engine:
             if not err.is_terminal:
                 return await engine.run(job, wait=wait)
-            with Status("finding or creating the flow", console=err) as status:
-                started = clock.monotonic()
+            countdown = Countdown(clock, clock.monotonic())
+            with Status(countdown.text(), console=err) as status:
 
                 async def on_state(progress: Progress) -> None:
                     ids = " ".join(
@@ -142,12 +144,75 @@ async def _export(
                         markup=False,
                         highlight=False,
                     )
-                    status.update(
-                        f"{DESCRIBE.get(progress.state, progress.state)} "
-                        f"({clock.monotonic() - started:.0f} s)"
-                    )
+                    countdown.see(progress)
+                    status.update(countdown.text())
 
-                return await engine.run(job, on_state, wait=wait)
+                ticker = asyncio.create_task(tick(countdown, status, clock), name="countdown")
+                try:
+                    return await engine.run(job, on_state, wait=wait)
+                finally:
+                    ticker.cancel()
+                    await asyncio.gather(ticker, return_exceptions=True)
+
+
+def clock_text(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour: how a countdown reads."""
+    whole = max(0, int(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@dataclass
+class Countdown:
+    """What the spinner says, from the job's progress and the clock: the step; the time left
+    in AEP's "not ready" window while the trigger waits it out; the run's age while it runs;
+    and the time since the command started."""
+
+    clock: Clock
+    started: float  # monotonic
+    state: JobState | None = None
+    ready_at: float | None = None  # epoch seconds
+    run_started: float | None = None  # monotonic
+
+    def see(self, progress: Progress) -> None:
+        if progress.ready_at is not None:
+            self.ready_at = progress.ready_at
+        if progress.state == JobState.RUNNING and self.state != JobState.RUNNING:
+            self.run_started = self.clock.monotonic()
+        self.state = progress.state
+
+    def text(self) -> str:
+        now = self.clock.monotonic()
+        total = f"{clock_text(now - self.started)} in all"
+        if self.state is None:
+            return f"finding or creating the flow  ({total})"
+        if self.state == JobState.RUNNING and self.run_started is not None:
+            return f"run in progress for {clock_text(now - self.run_started)}  ({total})"
+        left = None if self.ready_at is None else self.ready_at - self.clock.time()
+        if self.state in WAITING and left is not None and left > 0:
+            # Rounded up: "0:01 left" until the window is really over.
+            return (
+                f"waiting out AEP's 'not ready' window: {clock_text(math.ceil(left))} left  "
+                f"({total})"
+            )
+        return f"{DESCRIBE.get(self.state, self.state)}  ({total})"
+
+
+WAITING = (JobState.FLOW_READY, JobState.TRIGGERING)
+TICK_S = 1.0
+
+
+class Updatable(Protocol):
+    def update(self, status: str) -> None: ...
+
+
+async def tick(countdown: Countdown, status: Updatable, clock: Clock) -> None:
+    """Redraw the spinner's text every second (until cancelled), so the countdown moves
+    while nothing else does."""
+    while True:
+        await clock.sleep(TICK_S)
+        status.update(countdown.text())
 
 
 def report(outcome: Outcome, console: Console) -> None:

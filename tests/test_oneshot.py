@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import pty
 import random
 import socket
 import sys
@@ -299,3 +301,49 @@ async def test_an_unreachable_aep_exits_5_with_a_code(
     assert "aep_token_retry" not in err
     assert not [x for x in err.splitlines() if x.strip().startswith(":")], err  # empty code
     assert "AEP or IMS could not be reached" in err
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_on_a_terminal_it_shows_progress_without_rich_source_locations(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "tty", 5, rng=random.Random(4), now_ms=0)
+    main, child = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        "export",
+        "--config",
+        str(write_config(tmp_path, url)),
+        *("--dataset", dataset.id, "--destination", "lake", "--path", "ml/tty"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+    )
+    os.close(child)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            shown = (await asyncio.to_thread(read_all, main)).decode(errors="replace")
+            code = await proc.wait()
+    finally:
+        os.close(main)
+    assert code == 0, shown
+    assert "in all)" in shown  # the spinner's clock
+    assert "run in progress" in shown
+    assert "succeeded" in shown
+    assert "oneshot.py" not in shown

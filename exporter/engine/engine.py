@@ -42,6 +42,9 @@ class Progress:
     run_id: str | None = None
     intent_ms: int | None = None
     detail: str = ""
+    ready_at: float | None = None
+    """With `flow_ready`: when AEP's "not ready" window for the dataset closes (epoch
+    seconds), as the trigger reckons it; the `export` command counts it down."""
 
 
 OnState = Callable[[Progress], Awaitable[None]]
@@ -255,7 +258,9 @@ class Engine:
         fence: Fence | None = None,
     ) -> str:
         """The run that exports the job's dataset: adopted, triggered or scheduled."""
-        await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
+        window = self.config.not_ready_wait_s
+        ready_at = min(joined_ms / 1000 + window, self.clock.time() + window)
+        await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id, ready_at=ready_at))
         if (
             resume is not None
             and resume.state == JobState.TRIGGERING
