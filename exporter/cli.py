@@ -107,7 +107,14 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
 
 
 def add_demo_parser(subparsers: Any) -> None:
-    demo = subparsers.add_parser("demo", help=BY_NAME["demo"].help)
+    demo = subparsers.add_parser(
+        "demo",
+        help=BY_NAME["demo"].help,
+        description="Seed synthetic datasets, start the emulator with AEP's windows shortened, "
+        "drop the sample jobs into a spool, run the daemon until each has its result, stop it "
+        "with SIGTERM and print what landed where. Takes about ten seconds; needs no Adobe "
+        "account.",
+    )
     demo.add_argument(
         "--workdir",
         type=Path,
@@ -148,6 +155,9 @@ def missing_extra(command: Command) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    if not words:  # a first try: help, not an error
+        build_parser([]).print_help()
+        return 0
     command = BY_NAME.get(chosen(words) or "")
     if command is not None and (problem := missing_extra(command)):
         print(problem, file=sys.stderr)

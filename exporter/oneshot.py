@@ -58,13 +58,25 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--dataset", required=True, help="AEP dataset id")
     p.add_argument("--destination", required=True, help="a destination named in the config")
-    p.add_argument("--format", default="parquet", choices=["parquet", "json"])
-    p.add_argument("--compression", default="gzip", choices=["gzip", "none"])
+    p.add_argument(
+        "--format",
+        default="parquet",
+        choices=["parquet", "json"],
+        help="file format (default %(default)s; json is JSON lines)",
+    )
+    p.add_argument(
+        "--compression",
+        default="gzip",
+        choices=["gzip", "none"],
+        help="file compression (default %(default)s; json needs gzip)",
+    )
     p.add_argument("--path", required=True, help="folder under the destination")
     p.add_argument(
         "--mode",
         default="once",
         choices=["once", "daily", "hourly:3", "hourly:6", "hourly:9", "hourly:12"],
+        help="once: a one-off export now; daily or hourly:N: a flow on that schedule, "
+        "waiting for its first run (default %(default)s)",
     )
     p.add_argument(
         "--after-run",

@@ -50,14 +50,24 @@ def add_parsers(subparsers: Any) -> None:
     run.set_defaults(func=cmd_run)
 
     status = subparsers.add_parser(
-        "status", help="jobs by state and the latest outcomes, from the journal"
+        "status",
+        help="jobs by state and the latest outcomes, from the journal",
+        description="Read the daemon's journal (SQLite, in daemon.state_dir) and list jobs by "
+        "state, the latest outcomes and the schedules' slots. Reads only local files: needs "
+        "no AEP credentials and contacts nothing. Exit codes: 0 listed, 1 no journal yet, "
+        "2 configuration error.",
     )
     add_config_argument(status)
     status.add_argument("--recent", type=int, default=10, help="outcomes to list (default 10)")
     status.set_defaults(func=cmd_status)
 
     validate = subparsers.add_parser(
-        "validate", help="check the configuration and job files without contacting AEP"
+        "validate",
+        help="check the configuration and job files without contacting AEP",
+        description="Load the configuration as `run` would (every problem listed, with a "
+        "'did you mean' for a misspelt key), show each schedule's next slot, and read each "
+        "job file given as the spool would. Contacts nothing. Exit codes: 0 all good, 1 a "
+        "job file is bad, 2 configuration error.",
     )
     add_config_argument(validate)
     validate.add_argument("jobs", nargs="*", type=Path, help="job files to check")
