@@ -11,8 +11,11 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -24,8 +27,9 @@ from exporter.clock import Clock, SystemClock
 from exporter.engine.engine import Engine, Progress
 from exporter.errors import ConfigError
 from exporter.exitcodes import STATES, Exit, for_outcome
-from exporter.jobs import Job, JobState, Outcome
+from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.logs import configure_logging
+from exporter.oneshot_state import ExportNote, default_folder
 from exporter.settings import (
     Settings,
     add_config_argument,
@@ -121,11 +125,17 @@ def run_export(args: argparse.Namespace) -> int:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return Exit.BAD_INPUT
     configure_logging("warning" if err.is_terminal else "info")
+    notes = default_folder(os.environ)
     try:
-        outcome = asyncio.run(_export(settings, job, err, wait=not args.no_wait))
-    except KeyboardInterrupt:
-        err.print("interrupted: the run, if started, goes on in AEP")
-        return EXIT[JobState.CANCELLED]
+        outcome = asyncio.run(
+            _export(settings, job, err, wait=not args.no_wait, notes=notes, signals=True)
+        )
+    except Stopped as stopped:
+        err.print(stopped.describe(), markup=False, highlight=False)
+        return stopped.code
+    except KeyboardInterrupt:  # before the loop took over SIGINT: nothing was sent
+        err.print("interrupted: nothing was sent to AEP")
+        return Exit.INTERRUPTED
     if args.json:
         print(outcome.model_dump_json())
     else:
@@ -133,38 +143,158 @@ def run_export(args: argparse.Namespace) -> int:
     return for_outcome(outcome.state, outcome.cause)
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the command; `progress` is how far the job had got."""
+
+    def __init__(self, signum: int, progress: Progress | None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.progress = progress
+
+    @property
+    def code(self) -> Exit:
+        return Exit.TERMINATED if self.signum == signal.SIGTERM else Exit.INTERRUPTED
+
+    def describe(self) -> str:
+        name, p = signal.Signals(self.signum).name, self.progress
+        if p is not None and p.state == JobState.RUNNING:
+            return (
+                f"stopped by {name}: run {p.run_id} of flow {p.flow_id} goes on in AEP; the "
+                "same command again follows it instead of starting another"
+            )
+        if p is not None and p.state == JobState.TRIGGERING:
+            return (
+                f"stopped by {name} while triggering flow {p.flow_id}: a run may have started "
+                "in AEP; the same command again adopts it instead of starting another"
+            )
+        where = f" (flow {p.flow_id} is left as it is)" if p is not None and p.flow_id else ""
+        return f"stopped by {name}: no run was started in AEP{where}"
+
+
 async def _export(
-    settings: Settings, job: Job, err: Console, *, wait: bool, clock: Clock | None = None
+    settings: Settings,
+    job: Job,
+    err: Console,
+    *,
+    wait: bool,
+    clock: Clock | None = None,
+    notes: Path | None = None,
+    signals: bool = False,
 ) -> Outcome:
+    """Run the job to its outcome (or, without `wait`, its run's start). With `notes`, a
+    folder: resume from the note an earlier, stopped run of the same job left there
+    (exporter/oneshot_state.py). With `signals` (the command line), SIGINT and SIGTERM stop
+    it: `Stopped` is raised once all is closed."""
     clock = clock or SystemClock()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    caught: list[int] = []
+    last: list[Progress] = []
+
+    def on_signal(signum: int) -> None:
+        if not caught and task is not None:
+            caught.append(signum)
+            task.cancel()
+
+    for sig in SIGNALS if signals else ():
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _follow(settings, job, err, wait=wait, clock=clock, notes=notes, last=last)
+    except asyncio.CancelledError:
+        if caught:
+            raise Stopped(caught[0], last[-1] if last else None) from None
+        raise
+    finally:
+        for sig in SIGNALS if signals else ():
+            loop.remove_signal_handler(sig)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _follow(
+    settings: Settings,
+    job: Job,
+    err: Console,
+    *,
+    wait: bool,
+    clock: Clock,
+    notes: Path | None,
+    last: list[Progress],
+) -> Outcome:
+    note = (
+        None
+        if notes is None
+        else ExportNote(
+            notes,
+            job_id=job.job_id,
+            org_id=settings.aep.org_id,
+            sandbox=settings.aep.sandbox,
+            clock=clock,
+        )
+    )
+    resume = note.load(max_age_s=job.timeout) if note is not None else None
+    if resume is not None:
+        last.append(resume)
+        err.print(
+            f"resuming: an earlier run of this command left job {job.job_id} at "
+            f"{resume.state} (flow {resume.flow_id}"
+            + (f", run {resume.run_id})" if resume.run_id else ")"),
+            markup=False,
+            highlight=False,
+        )
+
+    async def remember(progress: Progress) -> None:
+        last.append(progress)
+        if note is not None:
+            try:
+                note.save(progress)
+            except OSError as exc:  # a read-only home: the export itself goes on
+                err.print(f"warning: cannot save {note.path}: {exc}", markup=False)
+
     async with HttpAep.from_config(settings.aep, clock=clock) as api:
         engine = engine_for(settings, api, clock)
         async with engine:
             if not err.is_terminal:
-                return await engine.run(job, wait=wait)
-            countdown = Countdown(clock, clock.monotonic())
-            with Status(countdown.text(), console=err) as status:
+                outcome = await engine.run(job, remember, resume=resume, wait=wait)
+            else:
+                outcome = await _on_terminal(engine, job, err, clock, remember, resume, wait)
+    if note is not None and outcome.state in TERMINAL:
+        note.clear()
+    return outcome
 
-                async def on_state(progress: Progress) -> None:
-                    ids = " ".join(
-                        f"{k} {v}"
-                        for k, v in (("flow", progress.flow_id), ("run", progress.run_id))
-                        if v
-                    )
-                    err.log(
-                        f"{DESCRIBE.get(progress.state, progress.state)}  {ids}",
-                        markup=False,
-                        highlight=False,
-                    )
-                    countdown.see(progress)
-                    status.update(countdown.text())
 
-                ticker = asyncio.create_task(tick(countdown, status, clock), name="countdown")
-                try:
-                    return await engine.run(job, on_state, wait=wait)
-                finally:
-                    ticker.cancel()
-                    await asyncio.gather(ticker, return_exceptions=True)
+async def _on_terminal(
+    engine: Engine,
+    job: Job,
+    err: Console,
+    clock: Clock,
+    remember: Callable[[Progress], Awaitable[None]],
+    resume: Progress | None,
+    wait: bool,
+) -> Outcome:
+    countdown = Countdown(clock, clock.monotonic())
+    with Status(countdown.text(), console=err) as status:
+
+        async def on_state(progress: Progress) -> None:
+            await remember(progress)
+            ids = " ".join(
+                f"{k} {v}" for k, v in (("flow", progress.flow_id), ("run", progress.run_id)) if v
+            )
+            err.log(
+                f"{DESCRIBE.get(progress.state, progress.state)}  {ids}",
+                markup=False,
+                highlight=False,
+            )
+            countdown.see(progress)
+            status.update(countdown.text())
+
+        ticker = asyncio.create_task(tick(countdown, status, clock), name="countdown")
+        try:
+            return await engine.run(job, on_state, resume=resume, wait=wait)
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
 
 
 def clock_text(seconds: float) -> str:

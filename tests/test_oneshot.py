@@ -8,10 +8,12 @@ import json
 import os
 import pty
 import random
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -64,8 +66,14 @@ type = "dlz"
     return path
 
 
-async def export(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+def child_env(config: Path) -> dict[str, str]:
+    """The environment of an `export` child: its notes (exporter/oneshot_state.py) go beside
+    its configuration, in the test's folder, not under the home directory."""
+    return {**os.environ, "XDG_STATE_HOME": str(config.parent / "state")}
+
+
+async def start_export(config: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "exporter",
@@ -75,7 +83,12 @@ async def export(config: Path, *args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=child_env(config),
     )
+
+
+async def export(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await start_export(config, *args)
     async with asyncio.timeout(DEADLINE):
         out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -174,6 +187,7 @@ async def test_an_export_does_not_load_the_scheduler(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=child_env(tmp_path / "exporter.toml"),
     )
     async with asyncio.timeout(DEADLINE):
         out, err = await proc.communicate()
@@ -333,7 +347,7 @@ async def test_on_a_terminal_it_shows_progress_without_rich_source_locations(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=child,
         stderr=child,
-        env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+        env={**child_env(tmp_path / "exporter.toml"), "COLUMNS": "200", "TERM": "xterm"},
     )
     os.close(child)
     try:
@@ -347,3 +361,68 @@ async def test_on_a_terminal_it_shows_progress_without_rich_source_locations(
     assert "run in progress" in shown
     assert "succeeded" in shown
     assert "oneshot.py" not in shown
+
+
+async def until_logged(proc: asyncio.subprocess.Process, event: str) -> dict[str, Any]:
+    """The first JSON log line of `event` on the child's stderr (it logs JSON off a terminal)."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(DEADLINE):
+        while line := await proc.stderr.readline():
+            if line.startswith(b"{") and (entry := json.loads(line))["event"] == event:
+                return dict(entry)
+    raise AssertionError(f"the child ended without logging {event}")
+
+
+async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    assert proc.stderr is not None
+    async with asyncio.timeout(DEADLINE):
+        rest = await proc.stderr.read()
+        code = await proc.wait()
+    return code, rest.decode()
+
+
+async def test_ctrl_c_leaves_the_run_to_aep_and_the_same_command_follows_it(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    state.knobs = Knobs.model_validate(
+        {**state.knobs.model_dump(), "run_duration_s": {"min": 1e6, "max": 1e6}}
+    )
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(5), now_ms=0)
+    config = write_config(tmp_path, url)
+    args = ("--dataset", dataset.id, "--destination", "lake", "--path", "ml/again")
+    proc = await start_export(config, *args)
+    triggered = await until_logged(proc, "run_triggered")
+    proc.send_signal(signal.SIGINT)
+    code, err = await finish(proc)
+    assert code == Exit.INTERRUPTED.value == 130, err
+    assert f"stopped by SIGINT: run {triggered['run_id']}" in err
+    assert len(list(state.all_runs())) == 1
+
+    code, out, err = await export(config, *args, "--no-wait", "--json")
+    assert code == 0, err
+    assert json.loads(out)["run_id"] == triggered["run_id"]  # followed, not started again
+    assert "resuming" in err
+    assert len(list(state.all_runs())) == 1
+
+
+async def test_sigterm_stops_the_wait_cleanly_with_its_own_code(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(6), now_ms=0)
+    config = write_config(tmp_path, url)
+    config.write_text(
+        config.read_text().replace(
+            "not_ready_wait_s = 0", "not_ready_wait_s = 3600\njoin_coalesce_s = 0"
+        )
+    )
+    proc = await start_export(
+        config, "--dataset", dataset.id, "--destination", "lake", "--path", "ml/term"
+    )
+    await until_logged(proc, "trigger_waiting_for_dataset")  # an hour's wait under way
+    proc.send_signal(signal.SIGTERM)
+    code, err = await finish(proc)
+    assert code == Exit.TERMINATED.value == 143, err
+    assert "stopped by SIGTERM: no run was started in AEP (flow " in err
+    assert not list(state.all_runs())
