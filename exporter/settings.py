@@ -163,6 +163,70 @@ def load_settings(path: Path | None, *, credentials_directory: str | None = None
     return Settings.model_construct(**{k: getattr(loaded, k) for k in Settings.model_fields})
 
 
+class LocalSettings(BaseSettings):
+    """The settings that concern only this machine's files (the state folder, the schedules'
+    names): what `status` reads, with no AEP credentials needed. Other sections are ignored
+    here, not checked; `validate` checks them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EXPORTER_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+    config_dir: ClassVar[Path | None] = None
+
+    daemon: DaemonConfig = DaemonConfig()
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dirs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("daemon"), Mapping):
+            data = {
+                **data,
+                "daemon": {
+                    k: (str(cls._resolve(v)) if k.endswith("_dir") else v)
+                    for k, v in data["daemon"].items()
+                },
+            }
+        return data
+
+    @classmethod
+    def _resolve(cls, value: Any) -> Path:  # (as Settings does: relative to the file)
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and cls.config_dir is not None:
+            path = cls.config_dir / path
+        return path
+
+
+def load_local_settings(path: Path | None) -> LocalSettings:
+    """`LocalSettings` from `path` (TOML, optional) and the environment; `ConfigError` with
+    every problem of those sections listed."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+
+    class FromFile(LocalSettings):
+        model_config = SettingsConfigDict(toml_file=path)
+        config_dir = path.parent if path is not None else None
+
+    try:
+        loaded = FromFile(_env_parse_none_str="null")  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, str(path or "configuration"))) from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path or 'configuration'}: {exc}") from None
+    return LocalSettings.model_construct(daemon=loaded.daemon, schedules=loaded.schedules)
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",

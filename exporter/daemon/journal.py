@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,3 +414,33 @@ def schedule_slots(path: Path) -> dict[str, float]:
     finally:
         conn.close()
     return {row["schedule"]: row["slot"] for row in rows}
+
+
+def jobs_matching(
+    path: Path, *, states: Sequence[str] = (), sources: Sequence[str] = (), recent: int = 10
+) -> tuple[dict[str, int], list[JobRecord]]:
+    """`summary` narrowed to jobs in `states` and from `sources` (empty: any): their counts
+    by state and the `recent` last updated, read without disturbing a writer."""
+    where: list[str] = []
+    params: list[str | int] = []
+    for column, wanted in (("state", states), ("source", sources)):
+        if wanted:
+            where.append(f"{column} IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    conn = connect(path, readonly=True)
+    try:
+        counts = {
+            row["state"]: row["n"]
+            for row in conn.execute(
+                f"SELECT state, COUNT(*) AS n FROM jobs{clause} GROUP BY state",  # noqa: S608
+                params,
+            )
+        }
+        rows = conn.execute(
+            f"SELECT * FROM jobs{clause} ORDER BY updated DESC LIMIT ?",  # noqa: S608
+            [*params, recent],
+        )
+        return counts, [JobRecord.from_row(r) for r in rows]
+    finally:
+        conn.close()
