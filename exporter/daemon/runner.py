@@ -64,6 +64,7 @@ class JobRunner:
         self._room = asyncio.Event()  # set whenever a job leaves
         self._wakes: list[asyncio.Event] = []
         self._cancelled: dict[str, str] = {}
+        self._first_started: dict[str, float] = {}  # resumed jobs: their journal's `created`
         self.settling: set[asyncio.Future[None]] = set()
         """Outcomes being written: a stop lets them finish (within its grace)."""
 
@@ -151,6 +152,7 @@ class JobRunner:
             flow_id=record.flow_id,
             run_id=record.run_id,
         )
+        self._first_started[record.job_id] = record.created
         self._start(job, origin, progress)
 
     async def cancel(self, job_id: str, reason: str) -> bool:
@@ -223,6 +225,7 @@ class JobRunner:
         self.jobs.pop(job_id, None)
         self.metrics.job_left(job_id)
         self._cancelled.pop(job_id, None)
+        self._first_started.pop(job_id, None)
         for wake in self._wakes:
             wake.set()
         self._room.set()
@@ -268,6 +271,10 @@ class JobRunner:
             outcome = Outcome(
                 job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
             )
+        first = self._first_started.pop(job.job_id, None)
+        if first is not None:  # a resumed job's duration counts from its first start
+            duration = round(max(0.0, self.clock.time() - first), 3)
+            outcome = outcome.model_copy(update={"duration_s": duration})
         # The outcome is written whole even if a stop arrives meanwhile.
         settling = asyncio.ensure_future(self._complete(origin, outcome))
         self.settling.add(settling)
