@@ -28,7 +28,7 @@ from exporter.engine.engine import Engine, Progress
 from exporter.errors import ConfigError
 from exporter.exitcodes import STATES, Exit, for_outcome
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
-from exporter.logs import configure_logging
+from exporter.logs import CurrentStderr, configure_logging
 from exporter.oneshot_state import ExportNote, default_folder
 from exporter.settings import (
     Settings,
@@ -38,6 +38,8 @@ from exporter.settings import (
 )
 
 EXIT = {state: for_outcome(state) for state in JobState if state in STATES}
+SHOWN_ON_TERMINAL = ("aep_token_retry", "aep_request_retry", "trigger_not_ready")
+"""Info events a person at a terminal should see: why nothing seems to happen."""
 HINTS = {
     "auth": "the credentials were refused: check aep.client_id, the client secret and the "
     "credential's product profile (exit 4)",
@@ -124,7 +126,10 @@ def run_export(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return Exit.BAD_INPUT
-    configure_logging("warning" if err.is_terminal else "info")
+    if err.is_terminal:  # the spinner says what goes on; the log, what goes wrong
+        configure_logging("warning", stream=CurrentStderr(), also=SHOWN_ON_TERMINAL)
+    else:
+        configure_logging("info")
     notes = default_folder(os.environ)
     try:
         outcome = asyncio.run(
