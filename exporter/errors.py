@@ -17,6 +17,7 @@ ExporterError
 ├── RedisUnavailable              [sources.redis.store] Redis down for longer than outage_s
 ├── Corrupt                       [daemon.journal_file] the journal is not a usable database
 ├── Unwritable                    [daemon.journal] the daemon's writes are failing now
+├── Stopped                       [oneshot] SIGINT or SIGTERM stopped the `export` command
 └── AepError                      something AEP (or the way to it) answered or failed to
     ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]
     │   ├── ConnectError          [aep.envelopes] no connection: never sent             [retry]

@@ -25,7 +25,7 @@ from rich.status import Status
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
 from exporter.engine.engine import Engine, Progress
-from exporter.errors import ConfigError
+from exporter.errors import ConfigError, ExporterError
 from exporter.exitcodes import STATES, Exit, for_outcome
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.logs import CurrentStderr, configure_logging
@@ -148,7 +148,7 @@ def run_export(args: argparse.Namespace) -> int:
     return for_outcome(outcome.state, outcome.cause)
 
 
-class Stopped(Exception):
+class Stopped(ExporterError):
     """SIGINT or SIGTERM stopped the command; `progress` is how far the job had got."""
 
     def __init__(self, signum: int, progress: Progress | None) -> None:
