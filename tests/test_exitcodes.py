@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exporter import lanes_cli
 from exporter.aep.envelopes import ConnectError, DnsError
 from exporter.daemon.core import EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE
 from exporter.errors import AepError, AuthError, ConfigError, ServerError
 from exporter.exitcodes import Exit, for_error, for_outcome, table
 from exporter.jobs import JobState
+from exporter.ops import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,12 +27,19 @@ def test_codes_are_distinct_and_each_has_a_meaning() -> None:
     assert all(c.meaning.endswith(".") for c in Exit)
 
 
-def test_the_daemon_and_systemd_codes_agree() -> None:
+def test_the_other_commands_and_systemd_agree() -> None:
     assert (EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE) == (
         Exit.BAD_INPUT,
         Exit.CORRUPT_JOURNAL,
         Exit.INTERNAL,
     )
+    assert (lanes_cli.EXIT_OK, lanes_cli.EXIT_AEP, lanes_cli.EXIT_CONFIG) == (
+        Exit.OK,
+        Exit.FAILED,
+        Exit.BAD_INPUT,
+    )
+    assert lanes_cli.EXIT_INTERRUPTED == Exit.INTERRUPTED
+    assert (probe.EXIT_UNHEALTHY, probe.EXIT_CONFIG) == (Exit.FAILED, Exit.BAD_INPUT)
     unit = (ROOT / "config/aep-exporter.service").read_text()
     assert f"RestartPreventExitStatus={Exit.BAD_INPUT:d} {Exit.CORRUPT_JOURNAL:d}" in unit
 
