@@ -489,3 +489,16 @@ async def test_status_needs_no_aep_credentials_filters_and_prints_json(
     assert LONG_ID in table  # whole, on one line, on an 80-column terminal
     assert "export-2" not in table
     assert "(source http)" in table
+
+
+def test_status_with_no_configuration_file_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("EXPORTER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EXPORTER_DAEMON__STATE_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr("exporter.settings.SYSTEM_CONFIG", tmp_path / "absent.toml")
+    assert main(["status"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"no journal at {tmp_path / 'nothing-here' / FILE_NAME}" in err
+    assert "no configuration file found: --config was not given" in err

@@ -32,6 +32,7 @@ from exporter.jobs import JobState, Rejected
 from exporter.logs import configure_logging
 from exporter.oneshot import settings_or_report
 from exporter.settings import (
+    NO_FILE,
     Settings,
     add_config_argument,
     load_local_settings,
@@ -167,6 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = settings.daemon.state_dir / FILE_NAME
     if not path.is_file():
         err.print(f"no journal at {path}: the daemon has not run with this configuration")
+        if args.config is None:
+            err.print(NO_FILE, markup=False, highlight=False)
         return 1
     counts, recent = jobs_matching(
         path, states=args.state or (), sources=args.source or (), recent=args.recent
