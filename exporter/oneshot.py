@@ -60,7 +60,8 @@ def add_parser(subparsers: Any) -> None:
         description="Create or reuse the flow for this export, trigger an ad hoc run and poll it "
         "until it ends. Exit codes: 0 succeeded, 1 failed in AEP, 2 bad input or config, "
         "3 timed out, 4 credentials refused, 5 AEP unreachable, 130 interrupted (Ctrl-C), "
-        "143 terminated (SIGTERM).",
+        "143 terminated (SIGTERM). A stopped command leaves its run to AEP; the same "
+        "command again follows that run instead of starting another.",
     )
     p.add_argument("--dataset", required=True, help="AEP dataset id")
     p.add_argument("--destination", required=True, help="a destination named in the config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from exporter import lanes_cli
@@ -9,7 +10,7 @@ from exporter.aep.envelopes import ConnectError, DnsError
 from exporter.daemon.core import EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE
 from exporter.errors import AepError, AuthError, ConfigError, ServerError
 from exporter.exitcodes import Exit, for_error, for_outcome, table
-from exporter.jobs import JobState
+from exporter.jobs import JobState, Outcome
 from exporter.ops import probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +61,10 @@ def test_outcomes_and_errors_map_to_the_six_that_tell_apart() -> None:
     assert for_error(ServerError("x")) == Exit.FAILED
     assert for_error(AepError("x")) == Exit.FAILED
     assert for_error(RuntimeError("x")) == Exit.INTERNAL
+
+
+def test_the_cause_is_for_the_exit_code_only_never_in_results_or_the_journal() -> None:
+    outcome = Outcome(job_id="j", state=JobState.FAILED, cause="auth")
+    assert for_outcome(outcome.state, outcome.cause) == Exit.CREDENTIALS_REFUSED
+    assert "cause" not in outcome.model_dump()
+    assert "cause" not in json.loads(outcome.model_dump_json())
