@@ -65,7 +65,11 @@ def test_the_readme_quick_try_works_from_a_clean_clone(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # the emulator it starts is in its group: killed with it
-        env={**os.environ, "EXPORTER_CONFIG": ""},
+        # A user's shell: no EXPORTER_* settings; export's rerun notes in the test's folder.
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")},
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+        },
     )
     try:
         out, err = proc.communicate(timeout=DEADLINE_S)
