@@ -89,6 +89,12 @@ class Report:
     def skipped(self, subject: str, text: str) -> None:
         self.findings.append(Finding(Status.SKIPPED, subject, text))
 
+    def refused(self, permission: str, exc: AepError, sandbox: str) -> None:
+        """A read AEP refused for want of `permission` (said once per permission)."""
+        line = Finding(Status.PROBLEM, "permissions", _permission_problem(exc, permission, sandbox))
+        if not any(f.subject == "permissions" and permission in f.text for f in self.findings):
+            self.findings.append(line)
+
     @property
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.status is Status.PROBLEM]
@@ -195,7 +201,7 @@ async def run_checks(settings: Settings, api: HttpAep, jobs: Sequence[PendingJob
             report.problem("sandbox", f"AEP did not answer for sandbox {aep.sandbox!r}: {exc}")
             report.skipped("AEP", "permissions, destinations and datasets")
             return report
-        report.problem("permissions", _permission_problem(exc, "View Destinations", aep.sandbox))
+        report.refused("View Destinations", exc, aep.sandbox)
     else:
         report.ok("sandbox", f"{aep.sandbox} answers for org {aep.org_id}")
         left = settings.engine.max_flows - used
@@ -238,9 +244,9 @@ def _token_problem(exc: AepError, settings: Settings) -> str:
 
 def _permission_problem(exc: AepError, permission: str, sandbox: str) -> str:
     return (
-        f"AEP refused a read ({exc}): add the credential's technical account to a product "
-        f"profile with the {permission} permission and access to sandbox {sandbox!r} "
-        "(Adobe Admin Console, Permissions in Experience Platform)"
+        f"AEP refused a read that needs {permission} ({exc}): add the permission, for "
+        f"sandbox {sandbox!r}, to a role (or product profile) that holds the credential's "
+        "technical account (Experience Platform, Permissions)"
     )
 
 
@@ -261,7 +267,7 @@ async def _destinations(
         )
     except AepError as exc:
         if _refused(exc):
-            report.problem("permissions", _permission_problem(exc, "View Destinations", ""))
+            report.refused("View Destinations", exc, settings.aep.sandbox)
         else:
             report.problem("destinations", f"the connection specs could not be read: {exc}")
         return {}
@@ -346,12 +352,7 @@ async def _datasets(
         exportable = {d.id: d.name for d in await exportable_datasets(api.transport)}
     except AepError as exc:
         if _refused(exc):
-            report.problem(
-                "permissions",
-                _permission_problem(
-                    exc, "View Datasets and Manage and Activate Dataset Destinations", sandbox
-                ),
-            )
+            report.refused("View Datasets", exc, sandbox)
         else:
             report.problem("datasets", f"the exportable datasets could not be listed: {exc}")
         return

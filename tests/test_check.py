@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs, Span
-from aep_emulator.state import EmulatorState, ScriptedFault
+from aep_emulator.settings import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    Knobs,
+    Permission,
+    Span,
+)
+from aep_emulator.state import EmulatorState
 from exporter.aep.spec_check import auth_problems, problems, target_problems
 from exporter.cli import main
 from exporter.clock import SystemClock
@@ -212,18 +218,26 @@ async def test_a_job_file_the_daemon_would_reject_is_named(
     )
 
 
-async def test_a_refused_read_names_the_permission_to_grant(
-    tmp_path: Path, live: tuple[str, EmulatorState], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("denied", "permission"),
+    [("view-datasets", "View Datasets"), ("view-destinations", "View Destinations")],
+)
+async def test_a_missing_permission_is_one_line_naming_it(
+    tmp_path: Path,
+    live: tuple[str, EmulatorState],
+    capsys: pytest.CaptureFixture[str],
+    denied: Permission,
+    permission: str,
 ) -> None:
     url, state = live
-    # AEP answers 403 when the product profile lacks a permission (docs/aep-notes.md).
-    state.faults.append(ScriptedFault(action="status", op="connectionSpecs.configs", status=403))
+    state.knobs.denied_permissions = [denied]  # the credential's roles lack it
     config = write_config(tmp_path, url)
     code, lines, _ = await run(capsys, "check", "--config", str(config))
     assert code == 1
     [line] = problem_lines(lines)
-    assert line.startswith("problem  permissions: AEP refused a read")
-    assert "View Datasets and Manage and Activate Dataset Destinations" in line
+    assert line.startswith(f"problem  permissions: AEP refused a read that needs {permission}")
+    assert "FLOW-2120-403" in line
+    assert "sandbox 'prod'" in line
     assert "ok       permissions" not in "\n".join(lines)
 
 
