@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from aep_emulator.state import EmulatorState
 from exporter.aep.spec_check import auth_problems, problems, target_problems
 from exporter.cli import main
 from exporter.clock import SystemClock
+from exporter.daemon.journal import Journal
+from exporter.jobs import JobState
 
 DEADLINE = 20.0
 GCS_SECRET = "A" * 40  # the shape of a Google HMAC secret (40 base64 characters)
@@ -239,6 +242,44 @@ async def test_a_missing_permission_is_one_line_naming_it(
     assert "FLOW-2120-403" in line
     assert "sandbox 'prod'" in line
     assert "ok       permissions" not in "\n".join(lines)
+
+
+async def test_unfinished_journal_jobs_are_checked_and_finished_ones_are_not(
+    tmp_path: Path, live: tuple[str, EmulatorState], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = live
+    gone = "0123456789abcdef01234567"  # deleted since the job was taken: not exportable now
+    journal = await Journal.open(tmp_path / "state")
+    try:
+        for job_id, job_state in (("waiting", JobState.RECEIVED), ("done", JobState.SUCCEEDED)):
+            spec = {"id": job_id, "dataset_id": gone, "destination": "lake", "path": "ml"}
+            await journal.add(job_id, source="http", name=job_id, spec=spec, state=job_state)
+    finally:
+        await journal.close()
+    config = write_config(tmp_path, url)
+    code, lines, _ = await run(capsys, "check", "--config", str(config))
+    assert code == 1
+    assert problem_lines(lines) == [
+        f"problem  journal job waiting: dataset {gone} is not among the 0 datasets AEP lets "
+        "sandbox prod export: check the id with `aep-exporter datasets list`"
+    ]
+
+
+async def test_an_unreachable_ims_is_one_line_naming_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as holder:  # a port nothing listens on: bound, never listening
+        holder.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{holder.getsockname()[1]}"
+        config = write_config(tmp_path, url, extra="")
+        text = config.read_text().replace("[daemon]", "base_delay_s = 0.01\n\n[daemon]", 1)
+        config.write_text(text)
+        code, lines, err = await run(capsys, "check", "--config", str(config))
+    assert code == 1, err
+    [line] = problem_lines(lines)
+    assert line.startswith(f"problem  credential: IMS at {url} cannot be reached")
+    assert "check aep.ims_url and the network" in line
+    assert lines[-2].startswith("skipped  AEP:")
 
 
 async def test_bad_configuration_exits_2(
