@@ -174,10 +174,12 @@ def _refused(exc: AepError) -> bool:
     return isinstance(exc, AuthError) and exc.status == 403
 
 
-async def run_checks(settings: Settings, api: HttpAep, jobs: Sequence[PendingJob]) -> Report:
-    """Every check against AEP, in order; later checks are skipped when an earlier one makes
-    them meaningless (no token, no sandbox)."""
-    report = Report()
+async def run_checks(
+    settings: Settings, api: HttpAep, jobs: Sequence[PendingJob], report: Report
+) -> Report:
+    """Every check against AEP, in order, into `report` (so that what was found before a
+    timeout is kept); later checks are skipped when an earlier one makes them meaningless
+    (no token, no sandbox)."""
     aep = settings.aep
     try:
         await api.check_token()
@@ -417,14 +419,13 @@ def run_check(args: argparse.Namespace) -> int:
         err.print(f"error: no such job file: {', '.join(map(str, missing))}", highlight=False)
         return EXIT_CONFIG
     configure_logging("error")
-    report = Report()
-    jobs = pending_jobs(settings, args.jobs, report)
+    local, report = Report(), Report()
+    jobs = pending_jobs(settings, args.jobs, local)
     try:
-        checked = asyncio.run(_check(settings, jobs, args.timeout))
+        asyncio.run(_check(settings, jobs, args.timeout, report))
     except TimeoutError:
         report.problem("AEP", f"the checks did not finish within {args.timeout:g} s")
-    else:
-        report.findings[:0] = checked.findings
+    report.findings += local.findings
     for finding in report.findings:
         print(finding.line())
     problems = len(report.problems)
@@ -433,7 +434,9 @@ def run_check(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else EXIT_HEALTHY
 
 
-async def _check(settings: Settings, jobs: Sequence[PendingJob], timeout_s: float) -> Report:
+async def _check(
+    settings: Settings, jobs: Sequence[PendingJob], timeout_s: float, report: Report
+) -> Report:
     config = settings.aep.model_copy(
         update={
             "max_attempts": min(settings.aep.max_attempts, CHECK_ATTEMPTS),
@@ -441,4 +444,4 @@ async def _check(settings: Settings, jobs: Sequence[PendingJob], timeout_s: floa
         }
     )
     async with asyncio.timeout(timeout_s), HttpAep.from_config(config) as api:
-        return await run_checks(settings, api, jobs)
+        return await run_checks(settings, api, jobs, report)

@@ -23,7 +23,7 @@ from aep_emulator.settings import (
     Permission,
     Span,
 )
-from aep_emulator.state import EmulatorState
+from aep_emulator.state import EmulatorState, ScriptedFault
 from exporter.aep.spec_check import auth_problems, problems, target_problems
 from exporter.cli import main
 from exporter.clock import SystemClock
@@ -280,6 +280,20 @@ async def test_an_unreachable_ims_is_one_line_naming_the_url(
     assert line.startswith(f"problem  credential: IMS at {url} cannot be reached")
     assert "check aep.ims_url and the network" in line
     assert lines[-2].startswith("skipped  AEP:")
+
+
+async def test_a_silent_aep_is_cut_off_at_the_timeout(
+    tmp_path: Path, live: tuple[str, EmulatorState], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, state = live
+    # The flow count is held far longer than the check may take (the command's own deadline
+    # is what ends it; the test does not wait for the held answer).
+    state.faults.append(ScriptedFault(action="delay", op="flows.list", delay_ms=60_000))
+    config = write_config(tmp_path, url)
+    code, lines, _ = await run(capsys, "check", "--config", str(config), "--timeout", "0.3")
+    assert code == 1
+    assert problem_lines(lines) == ["problem  AEP: the checks did not finish within 0.3 s"]
+    assert lines[0].startswith("ok       credential:"), "what was found before is kept"
 
 
 async def test_bad_configuration_exits_2(
