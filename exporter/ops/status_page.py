@@ -62,7 +62,7 @@ HEADERS = {
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # (no-referrer makes Origin "null" on posts)
     "Cache-Control": "no-store",
 }
 
@@ -97,6 +97,8 @@ class StatusPage:
         self.admissions = admissions
         self.lanes = lanes
         self.check_token = check_token
+        self.refresh_s = REFRESH_S
+        """Seconds between the page's reloads of itself."""
         self._sessions: OrderedDict[str, float] = OrderedDict()  # id -> expiry (monotonic)
         self._templates = Environment(
             loader=PackageLoader("exporter.ops", "templates"),
@@ -322,7 +324,7 @@ class StatusPage:
             ready=admissions.ready.is_set(),
             stopping=admissions.stopping,
             now=_when(now),
-            refresh_s=REFRESH_S,
+            refresh_s=self.refresh_s,
             page=PAGE,
             logout=LOGOUT,
         )
