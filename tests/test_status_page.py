@@ -19,25 +19,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from aep_emulator.app import serve
 from exporter.clock import FakeClock
+from exporter.daemon.admission import Admissions
 from exporter.daemon.assemble import build_daemon
 from exporter.daemon.config import AdminConfig, ScheduleConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.daemon.journal import JobRecord
+from exporter.engine.lanes import LaneManager
 from exporter.jobs import JobState, Outcome, RunError
 from exporter.ops.admin import AdminServer
-from exporter.ops.status_page import COOKIE
+from exporter.ops.status_page import COOKIE, MAX_SESSIONS, SESSION_TTL_S, StatusPage
 from tests.bad_jobs import DESTINATIONS
 from tests.conftest import Emulator, default_knobs
 from tests.test_daemon_intake import DEADLINE, settings_for
@@ -506,3 +510,40 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
             [PROMTOOL, *args], capture_output=True, text=True, timeout=30, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+@dataclass
+class _ClockOnly:
+    """The one part of `Admissions` the sessions read: the daemon's clock."""
+
+    clock: FakeClock
+
+
+def _with_cookie(sid: str) -> web.Request:
+    return make_mocked_request("GET", "/status", headers={"Cookie": f"{COOKIE}={sid}"})
+
+
+async def test_sessions_end_after_their_time_and_the_oldest_go_past_the_cap() -> None:
+    clock = FakeClock()
+    sessions = StatusPage(
+        cast(Admissions, _ClockOnly(clock)),
+        cast(LaneManager, None),
+        check_token=lambda given: given == TOKEN,
+    )
+    first = sessions._new_session()
+    assert sessions._session(_with_cookie(first)) == first
+    assert sessions._session(_with_cookie("made-up")) is None
+    assert sessions._session(_with_cookie("")) is None
+    await clock.advance(SESSION_TTL_S - 1)
+    assert sessions._session(_with_cookie(first)) == first
+    await clock.advance(1)
+    assert sessions._session(_with_cookie(first)) is None  # expired, and forgotten
+    assert first not in sessions._sessions
+    made = [sessions._new_session() for _ in range(MAX_SESSIONS + 5)]
+    assert len(sessions._sessions) == MAX_SESSIONS
+    assert sessions._session(_with_cookie(made[0])) is None  # the oldest went
+    assert sessions._session(_with_cookie(made[-1])) == made[-1]
+    assert len(set(made)) == len(made)
