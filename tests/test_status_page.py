@@ -30,6 +30,7 @@ from aiohttp.test_utils import make_mocked_request
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from aep_emulator.app import serve
 from exporter.clock import FakeClock
@@ -299,13 +300,26 @@ async def test_logins_from_other_sites_and_other_host_names_are_refused(site: Si
     assert status == 303
     assert headers["Location"].startswith("/status/login?next=")
     form = {"token": TOKEN, "next": "/status"}
-    # A form on another site posting the right token (login CSRF) gets no session.
-    status, body, headers = await site.post(
-        "/status/login", data=form, headers={"Origin": "http://evil.example"}
-    )
-    assert status == 403
-    assert "Set-Cookie" not in headers
-    assert "another site" in body
+    with capture_logs() as logs:
+        # A form on another site posting the right token (login CSRF) gets no session.
+        status, body, headers = await site.post(
+            "/status/login", data=form, headers={"Origin": "http://evil.example"}
+        )
+        assert status == 403
+        assert "Set-Cookie" not in headers
+        assert "another site" in body
+        wrong = {**form, "token": TOKEN[::-1]}
+        status, body, headers = await site.post("/status/login", data=wrong)
+        assert status == 401
+        assert "Set-Cookie" not in headers
+        status, _, headers = await site.post("/status/login", data=form)
+        assert status == 303
+        assert headers["Set-Cookie"].startswith(f"{COOKIE}=")
+    events = [e["event"] for e in logs]
+    assert events == ["status_login_refused", "status_login_refused", "status_login"]
+    assert TOKEN not in repr(logs)
+    assert TOKEN[::-1] not in repr(logs)
+    assert TOKEN not in headers["Set-Cookie"]
     # A name pointed at 127.0.0.1 (DNS rebinding) reaches nothing, not even the form.
     status, _, _ = await site.get("/status/login", headers={"Host": "evil.example"})
     assert status == 421

@@ -69,10 +69,6 @@ HEADERS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class BadFilter(BadQuery):
-    pass
-
-
 def _when(epoch: float | None) -> str:
     if epoch is None:
         return ""
@@ -172,6 +168,7 @@ class StatusPage:
             and target.startswith(PAGE)
             and StatusPage.owns(urlsplit(target).path)
             and "\\" not in target
+            and ".." not in target
         ):
             return target
         return PAGE
@@ -217,26 +214,26 @@ class StatusPage:
         query = request.query
         unknown = sorted(set(query) - PARAMS)
         if unknown:
-            raise BadFilter(
+            raise BadQuery(
                 f"unknown filter {unknown[0]!r}; filters are {', '.join(sorted(PARAMS))}"
             )
         state = query.get("state", "")
         if state and state not in {s.value for s in JobState}:
-            raise BadFilter(
+            raise BadQuery(
                 f"state: {state!r} is not a job state; states are "
                 + ", ".join(s.value for s in JobState)
             )
         destination = query.get("destination", "")
         search = query.get("q", "").strip()
         if len(search) > MAX_SEARCH:
-            raise BadFilter(f"search: at most {MAX_SEARCH} characters")
+            raise BadQuery(f"search: at most {MAX_SEARCH} characters")
         limit_text = query.get("limit", str(DEFAULT_LIMIT))
         try:
             limit = int(limit_text)
         except ValueError:
-            raise BadFilter(f"limit: {limit_text!r} is not a whole number") from None
+            raise BadQuery(f"limit: {limit_text!r} is not a whole number") from None
         if not 1 <= limit <= MAX_LIMIT:
-            raise BadFilter(f"limit: must be between 1 and {MAX_LIMIT}")
+            raise BadQuery(f"limit: must be between 1 and {MAX_LIMIT}")
         cursor = query.get("cursor")
         return {
             "state": state,
