@@ -341,6 +341,8 @@ async def test_logins_from_other_sites_and_other_host_names_are_refused(site: Si
 
 @IN_MODULE_LOOP
 async def test_a_failed_job_shows_aeps_reason(page: Page, site: Site) -> None:
+    limit = site.daemon.settings.daemon.max_in_flight
+    await expect(page.locator("#summary")).to_contain_text(f"0 of {limit} jobs in flight · ready ·")
     failure = row(page, "failures", "bad-1")
     await expect(failure).to_have_count(1)
     await expect(failure).to_contain_text("failed")
