@@ -514,6 +514,11 @@ async def test_the_scrape_counts_what_the_journal_says_was_exported(site: Site) 
     assert len(lanes) == 2  # good-1's lane and the schedule's; the failed one's is absent
     (info,) = families["aep_exporter_build_info"].samples
     assert info.value == 1
+    # Three lanes were made, one after the other: the sandbox held two flows at the last count.
+    (flows,) = families["aep_exporter_destination_flows"].samples
+    assert flows.value == 2
+    (limit,) = families["aep_exporter_destination_flows_limit"].samples
+    assert limit.value == site.daemon.settings.engine.max_flows
 
 
 PROMTOOL = shutil.which("promtool")
