@@ -373,6 +373,9 @@ def test_the_wheel_builds_from_the_docker_context_with_the_runtime_and_the_scrip
     lua = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.lua")}
     assert lua, "the Redis store's scripts are in the context"
     assert lua <= names, "the Redis store's Lua scripts ship as package data"
+    templates = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.html")}
+    assert "exporter/ops/templates/status.html" in templates
+    assert templates <= names, "the status page's templates ship as package data"
     assert not any(n.startswith("aep_emulator/") for n in names), "the image has no emulator"
     assert "exporter/py.typed" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
