@@ -31,7 +31,8 @@ class Exit(IntEnum):
     FAILED = (
         1,
         "The export failed in AEP (the run failed, or AEP refused a request); the output says "
-        "AEP's reason. For `probe`: unhealthy; for `validate`: a job file is bad.",
+        "AEP's reason. For `probe`: unhealthy; for `validate`: a job file is bad; for `check`: "
+        "a problem found (one line each).",
     )
     BAD_INPUT = (
         2,

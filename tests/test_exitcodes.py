@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter import lanes_cli
+from exporter import check, datasets_cli, lanes_cli
 from exporter.aep.envelopes import ConnectError, DnsError
 from exporter.daemon.core import EXIT_CONFIG, EXIT_DATAERR, EXIT_SOFTWARE
 from exporter.errors import AepError, AuthError, ConfigError, ServerError
@@ -41,6 +41,16 @@ def test_the_other_commands_and_systemd_agree() -> None:
     )
     assert lanes_cli.EXIT_INTERRUPTED == Exit.INTERRUPTED
     assert (probe.EXIT_UNHEALTHY, probe.EXIT_CONFIG) == (Exit.FAILED, Exit.BAD_INPUT)
+    assert (check.EXIT_HEALTHY, check.EXIT_PROBLEMS, check.EXIT_CONFIG) == (
+        Exit.OK,
+        Exit.FAILED,
+        Exit.BAD_INPUT,
+    )
+    assert (datasets_cli.EXIT_LISTED, datasets_cli.EXIT_AEP, datasets_cli.EXIT_CONFIG) == (
+        Exit.OK,
+        Exit.FAILED,
+        Exit.BAD_INPUT,
+    )
     unit = (ROOT / "config/aep-exporter.service").read_text()
     assert f"RestartPreventExitStatus={Exit.BAD_INPUT:d} {Exit.CORRUPT_JOURNAL:d}" in unit
 
