@@ -81,7 +81,10 @@ def decode_public_key(text: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="aep-gpg-") as home:
         key_file = Path(home) / "key"
         key_file.write_bytes(key)
-        listed = _gpg(home, "--with-colons", "--show-keys", str(key_file))
+        try:
+            listed = _gpg(home, "--with-colons", "--show-keys", str(key_file))
+        except EncryptionError:
+            raise EncryptionError("publicKey holds no OpenPGP public key") from None
     if not any(line.startswith("pub:") for line in listed.splitlines()):
         raise EncryptionError("publicKey holds no OpenPGP public key")
     return key
