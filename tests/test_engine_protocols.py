@@ -9,6 +9,7 @@ import random
 import re
 
 import pyarrow.parquet as pq
+from pydantic import SecretStr
 
 from exporter.aep.client import HttpAep
 from exporter.destinations import SftpDestination
@@ -32,7 +33,7 @@ async def test_sftp_port_encryption_and_root_path_reach_the_server(
         host=sftp_server.host,
         port=sftp_server.port,
         username=sftp_server.password_user,
-        password=sftp_server.password,
+        password=SecretStr(sftp_server.password),
         pgp_public_key=keypair.public_b64,
     )
     config = config_for(emulator)
