@@ -253,7 +253,8 @@ def _encryption(
     spec: its public view and the OpenPGP public key (None when `encryptionAlgo` is NONE).
 
     Adobe's pages name the body field `encryption` in some translations and `encryptionSpecs`
-    in others (docs/aep-notes.md): both are taken, and it reads back as `encryption`."""
+    in others (docs/aep-notes.md#destination-options): both are taken, and it reads back as
+    `encryption`."""
     given = [k for k in ("encryption", "encryptionSpecs") if body.get(k) is not None]
     if not given:
         return None, None

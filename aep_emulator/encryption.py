@@ -3,7 +3,7 @@
 AEP's cloud storage connection specs carry one encryption spec, "File PGP/GPG Encryption"
 (type `FileAsymmetric`): `encryptionAlgo` (`PGPGPG` or `NONE`) and `publicKey`, a base64-encoded
 public key (Adobe's "Export datasets" and "Activate audiences to file-based destinations" API
-pages, section "Add encryption to exported files"; docs/aep-notes.md).
+pages, section "Add encryption to exported files"; docs/aep-notes.md#destination-options).
 
 Encryption runs the `gpg` binary (GnuPG 2.2 or newer, Debian's `gnupg`) with
 `--recipient-file`, so the key never enters a keyring and each call has a throwaway home folder.

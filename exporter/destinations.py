@@ -38,7 +38,7 @@ ADLS_URL = (
     r"|abfss://[a-z0-9](?![a-z0-9-]*--)[a-z0-9-]{1,61}[a-z0-9]@[a-z0-9]{3,24}"
     r"\.dfs\.core\.windows\.net(/[0-9a-zA-Z/!\-_.*'()]*)?)$"
 )
-# AEP's file encryption spec ("File PGP/GPG Encryption", docs/aep-notes.md).
+# AEP's file encryption spec ("File PGP/GPG Encryption", docs/aep-notes.md#destination-options).
 ENCRYPTION_SPEC_NAME = "File PGP/GPG Encryption"
 _ARMORED_PUBLIC = b"-----BEGIN PGP PUBLIC KEY BLOCK-----"
 

@@ -131,7 +131,7 @@ class Job(BaseModel):
     def _path(cls, value: str) -> str:
         if value == "/":
             # The storage's root: AEP's connection specs take `/` as the folder path
-            # (docs/aep-notes.md, "Destination options").
+            # (docs/aep-notes.md#destination-options).
             return value
         cleaned = value.strip("/")
         if not cleaned or not PATH_RE.match(cleaned):

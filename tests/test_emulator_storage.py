@@ -271,7 +271,7 @@ async def test_gcs_export_is_written_with_the_hmac_keys_and_reads_back(
 ) -> None:
     """Written as AEP writes to GCS (the XML API, HMAC keys); read back through the JSON API.
     The GCS emulator checks no credentials: a refused key is not testable here
-    (docs/aep-notes.md)."""
+    (docs/aep-notes.md#exports-to-storage-servers)."""
     await use_servers(emulator, f"gcs={gcs_server.endpoint}")
     dataset_id, _, run = await export(
         emulator,
@@ -619,6 +619,14 @@ async def test_bad_storage_endpoints_are_refused(
         assert answer.status == 400, body
     assert words in body
     assert emulator.knobs.storage_endpoints == []
+
+
+async def test_an_assumed_role_cannot_be_written_to_a_server(emulator: Emulator) -> None:
+    """No STS here: the trigger says so rather than failing later with a confusing error."""
+    await use_servers(emulator, "s3=http://127.0.0.1:9")
+    role = {"specName": "Assumed Role", "params": {"s3Role": "arn:aws:iam::123456789012:role/r"}}
+    with pytest.raises(AssertionError, match="assumed role cannot be written"):
+        await export(emulator, StorageType.S3, role, {"bucketName": "role-bucket", "path": "x"})
 
 
 async def test_a_server_down_fails_the_run_with_a_write_error(emulator: Emulator) -> None:

@@ -65,7 +65,7 @@ def test_bad_jobs_say_which_field_and_why(changes: dict[str, Any], field: str, w
 
 
 def test_slash_alone_is_the_storage_root() -> None:
-    """AEP takes `/` as the folder path (docs/aep-notes.md, "Destination options")."""
+    """AEP takes `/` as the folder path (docs/aep-notes.md#destination-options)."""
     assert job(path="/").path == "/"
     assert job(path=" / ").path == "/"
     assert job(path="/").job_id != job(path="ml").job_id
