@@ -644,3 +644,18 @@ async def test_a_server_down_fails_the_run_with_a_write_error(emulator: Emulator
     assert error["code"] == "CONNECTOR-1005-500"
     assert "Amazon S3" in error["message"]
     assert not destination_files(emulator)
+
+
+def test_storage_endpoint_options_make_the_knob() -> None:
+    import argparse
+
+    from aep_emulator.cli import add_knob_options, knobs_from
+
+    parser = argparse.ArgumentParser()
+    add_knob_options(parser)
+    args = parser.parse_args(
+        ["--storage-endpoint", "s3=http://127.0.0.1:9000/", "--storage-endpoint", "sftp=connection"]
+    )
+    endpoints = {kind.value: url for kind, url in knobs_from(args).endpoints().items()}
+    assert endpoints == {"s3": "http://127.0.0.1:9000", "sftp": "connection"}
+    assert knobs_from(parser.parse_args([])).endpoints() == {}
