@@ -286,10 +286,13 @@ async def _sftp_upload_async(remote: Remote, files: Sequence[Path]) -> tuple[str
                     o["port"],
                     username=o["username"],
                     password=o["password"],
+                    # Only what the connection holds: no ~/.ssh keys or config, no agent.
                     client_keys=keys or None,
+                    preferred_auth="publickey" if keys else "password,keyboard-interactive",
+                    config=None,
+                    agent_path=None,
                     # AEP's SFTP connection carries no host key to check against.
                     known_hosts=None,
-                    agent_path=None,
                     connect_timeout=CONNECT_DEADLINE_S,
                 ) as conn,
                 conn.start_sftp_client() as sftp,
