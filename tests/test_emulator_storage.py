@@ -7,6 +7,7 @@ the test's own private key."""
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from typing import Any
@@ -351,6 +352,25 @@ async def test_sftp_refused_password_fails_the_run(
     assert sftp_server.list("ml/sftp-refused") == {}
 
 
+async def test_sftp_refused_key_fails_the_run(emulator: Emulator, sftp_server: SftpServer) -> None:
+    import asyncssh
+
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh")
+    await use_servers(emulator, "sftp=connection")
+    _, _, run = await export(
+        emulator,
+        StorageType.SFTP,
+        sftp_auth(
+            sftp_server,
+            username=sftp_server.key_user,
+            sshKey=base64.b64encode(stranger).decode(),
+        ),
+        {"remotePath": "/ml/sftp-key-refused"},
+    )
+    assert_refused(run, "user 'exporter-key'")
+    assert sftp_server.list("ml/sftp-key-refused") == {}
+
+
 # -- PGP/GPG encryption ---------------------------------------------------------------------
 
 
@@ -459,7 +479,7 @@ async def test_bad_encryption_is_refused_with_a_reason(
 async def test_a_private_key_is_refused_as_the_public_key(
     emulator: Emulator, keypair: Keypair
 ) -> None:
-    private = __import__("base64").b64encode(keypair.armored_private).decode()
+    private = base64.b64encode(keypair.armored_private).decode()
     answer = await base_answer(
         emulator,
         StorageType.S3,
