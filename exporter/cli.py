@@ -72,6 +72,16 @@ COMMANDS = (
         "exporter.lanes_cli",
     ),
     Command(
+        "check",
+        "check credentials, sandbox, permissions, destinations and pending jobs against AEP",
+        "exporter.check",
+    ),
+    Command(
+        "datasets",
+        "list the datasets AEP lets this sandbox export (`datasets list`)",
+        "exporter.datasets_cli",
+    ),
+    Command(
         "demo",
         "run the daemon on the sample jobs against a local emulator",
         "exporter.cli",
