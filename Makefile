@@ -35,7 +35,7 @@ check-runtime:
 	set -e; venv="$$(mktemp -d)"; trap 'rm -rf "$$venv"' EXIT; \
 	$(PYTHON) -m venv "$$venv"; \
 	"$$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check .; \
-	for module in pyarrow jsonschema redis; do \
+	for module in pyarrow jsonschema redis obstore asyncssh; do \
 		if "$$venv/bin/python" -c "import $$module" 2>/dev/null; then \
 			echo "$$module is installed without its extra"; exit 1; fi; \
 	done; \
