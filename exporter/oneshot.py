@@ -1,7 +1,8 @@
 """`aep-exporter export`: one export, start to finish, from the command line.
 
 Exit codes: 0 succeeded (or, with --no-wait, triggered), 1 failed in AEP, 2 bad usage,
-configuration or job, 3 timed out, 130 interrupted.
+configuration or job, 3 timed out, 4 delivery mismatch (the destination's `verify` section
+found the folder differing from the run), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ EXIT = {
     JobState.REJECTED: 2,
     JobState.TIMED_OUT: 3,
     JobState.CANCELLED: 130,
+    JobState.DELIVERY_MISMATCH: 4,
 }
 DESCRIBE = {
     JobState.FLOW_READY: "flow ready",
@@ -50,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
         help="export one dataset now and wait for the result",
         description="Create or reuse the flow for this export, trigger an ad hoc run and poll it "
         "until it ends. Exit codes: 0 succeeded, 1 failed, 2 bad input or config, 3 timed out, "
-        "130 interrupted.",
+        "4 delivery mismatch, 130 interrupted.",
     )
     p.add_argument("--dataset", required=True, help="AEP dataset id")
     p.add_argument("--destination", required=True, help="a destination named in the config")
@@ -161,6 +163,18 @@ def report(outcome: Outcome, console: Console) -> None:
     ):
         if value not in (None, 0) or outcome.state == JobState.SUCCEEDED:
             console.print(f"  {label:<9}{value}", highlight=False, markup=False)
+    if outcome.landing_uri:
+        kept = f" (kept {outcome.retention_days} days)" if outcome.retention_days else ""
+        console.print(f"  {'landed':<9}{outcome.landing_uri}{kept}", highlight=False, markup=False)
+    if outcome.delivery is not None:
+        d = outcome.delivery
+        rows = "" if d.rows is None else f", {d.rows} rows"
+        console.print(
+            f"  {'verified' if d.verdict == 'verified' else 'MISMATCH':<9}"
+            f"{d.files} files, {d.bytes} bytes{rows} at the destination",
+            highlight=False,
+            markup=False,
+        )
     if outcome.message:
         console.print(f"  {outcome.message}", markup=False, highlight=False)
     for error in outcome.errors:
