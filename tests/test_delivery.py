@@ -5,8 +5,6 @@ fake clock."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import importlib.util
 import io
 import json
@@ -19,38 +17,29 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from aiohttp import web
-from pydantic import SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr, ValidationError
 from structlog.testing import capture_logs
 
 from exporter.aep.client import HttpAep
 from exporter.delivery.landing import Landing, landing
 from exporter.delivery.parquet import TAIL, NotParquet, footer_of
-from exporter.delivery.signals import MANIFEST, SIGNATURE_HEADER, SUCCESS_MARKER, TIMESTAMP_HEADER
+from exporter.delivery.signals import MANIFEST, SUCCESS_MARKER
 from exporter.delivery.stores import LocalStore, Store
 from exporter.destinations import Destination
-from exporter.engine.config import EngineConfig
 from exporter.engine.engine import Engine
 from exporter.jobs import Job, JobState, Outcome
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator, default_knobs
-
-ENGINE = EngineConfig(
-    not_ready_wait_s=60,
-    not_ready_retry_s=5,
-    not_ready_retry_max_s=20,
-    poll_min_s=1,
-    poll_max_s=30,
-    status_unreadable_s=120,
+from tests.delivery_support import (
+    ENGINE,
+    KEY_ID,
+    SECRET_KEY,
+    WEBHOOK_SECRET,
+    Receiver,
+    check_signature,
+    destination,
+    webhook_receiver,
 )
-DESTINATION = TypeAdapter[Destination](Destination)
-KEY_ID = "AKIAABCDEFGHIJKLMNOP"
-SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKY"
-WEBHOOK_SECRET = "whsec-delivery-test-0123456789"
-
-
-def destination(kind: str, **fields: Any) -> Destination:
-    return DESTINATION.validate_python({"type": kind, **fields})
 
 
 def s3(**verify: Any) -> Destination:
@@ -422,45 +411,10 @@ async def test_without_a_verify_section_the_outcome_still_says_where(
 # -- the webhook -------------------------------------------------------------------------
 
 
-@dataclass
-class Receiver:
-    url: str
-    answers: list[int]
-    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    """A webhook receiver on loopback: answers with `answers` in turn (then 204)."""
-    box: list[Receiver] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        rec = box[0]
-        rec.got.append((dict(request.headers), await request.read()))
-        rec.arrived.set()
-        return web.Response(status=rec.answers.pop(0) if rec.answers else 204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    box.append(Receiver(f"http://127.0.0.1:{port}/hook", []))
-    yield box[0]
-    await runner.cleanup()
-
-
-def check_signature(headers: dict[str, str], body: bytes, now: float) -> None:
-    """What a receiver does: the HMAC over "<timestamp>.<body>", and a fresh timestamp."""
-    stamp = headers[TIMESTAMP_HEADER]
-    expected = hmac.new(
-        WEBHOOK_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256
-    ).hexdigest()
-    assert hmac.compare_digest(headers[SIGNATURE_HEADER], f"sha256={expected}")
-    assert abs(now - int(stamp)) < 300
+    async with webhook_receiver() as rec:
+        yield rec
 
 
 async def test_the_webhook_is_signed_and_a_forgery_would_not_verify(

@@ -1,0 +1,292 @@
+"""Delivery verification through real storage protocols: the emulator writes each run to a
+loopback server (moto S3, Azurite Blob, an asyncssh SFTP server; tests/storage_servers.py)
+and the exporter reads it back through that server with obstore or asyncssh — listing,
+ranged footer reads, marker writes — never from the emulator's memory or files.
+
+The GCS emulator serves no XML-API listing, which is how an S3-style client (the only one
+AEP's HMAC keys allow) lists a bucket: GCS verification is not tested against a server
+(docs/design.md, "Delivery verification"). ADLS Gen2 has no local server at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import obstore
+import pytest
+
+from exporter.aep.api import RunInfo
+from exporter.aep.client import HttpAep
+from exporter.aep.facts import StorageType
+from exporter.delivery.deliver import Deliverer
+from exporter.delivery.landing import Landing
+from exporter.delivery.signals import MANIFEST, SUCCESS_MARKER
+from exporter.delivery.stores import Store
+from exporter.destinations import Destination
+from exporter.engine.engine import Engine
+from exporter.jobs import Job, JobState, Outcome
+from tests.aepclient_support import config_for
+from tests.conftest import Emulator
+from tests.delivery_support import (
+    ENGINE,
+    WEBHOOK_SECRET,
+    Receiver,
+    check_signature,
+    destination,
+    webhook_receiver,
+)
+from tests.storage_servers import AzuriteBlob, S3Server, SftpServer
+from tests.test_emulator_storage import export, sftp_auth, use_servers
+
+# -- through the engine: S3 (moto) and Azure Blob (Azurite) ----------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with webhook_receiver() as rec:
+        yield rec
+
+
+Tamper = Callable[[str], None]
+"""Change the export folder (its key prefix in the bucket or container) at the server."""
+
+
+def job(dataset: str, path: str) -> Job:
+    return Job.model_validate({"dataset_id": dataset, "destination": "store", "path": path})
+
+
+class Target:
+    """One storage server as a destination: how to configure it, list it and change it."""
+
+    def __init__(self, dest: Callable[..., Destination], store: Any, endpoints: str) -> None:
+        self.dest = dest
+        self.store = store
+        self.endpoints = endpoints
+
+    def list(self, prefix: str) -> dict[str, int]:
+        return {
+            str(m["path"]).removeprefix(prefix): int(m["size"])
+            for chunk in obstore.list(self.store, prefix=prefix)
+            for m in chunk
+        }
+
+    def read(self, key: str) -> bytes:
+        return bytes(obstore.get(self.store, key).bytes())
+
+    def remove_one(self, prefix: str) -> None:
+        first = sorted(k for k in self.list(prefix) if k.startswith("part-"))[0]
+        obstore.delete(self.store, prefix + first)
+
+    def truncate_one(self, prefix: str) -> None:
+        last = sorted(k for k in self.list(prefix) if k.startswith("part-"))[-1]
+        data = self.read(prefix + last)
+        obstore.put(self.store, prefix + last, data[: len(data) - 64])
+
+
+@pytest.fixture(params=["s3", "azure_blob"])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+
+        def s3_dest(**verify: Any) -> Destination:
+            return destination(
+                "s3",
+                bucket=s3.bucket,
+                access_key_id=s3.access_key,
+                secret_access_key=s3.secret_key,
+                verify={"endpoint": s3.endpoint, "region": s3.region, **verify},
+            )
+
+        return Target(s3_dest, s3.store(), f"s3={s3.endpoint}")
+    blob: AzuriteBlob = request.getfixturevalue("azurite_blob")
+
+    def blob_dest(**verify: Any) -> Destination:
+        return destination(
+            "azure_blob",
+            container=blob.container,
+            connection_string=blob.connection_string,
+            verify=verify,
+        )
+
+    return Target(blob_dest, blob.store(), "azure_blob=connection")
+
+
+@pytest.fixture
+async def run_job(emulator: Emulator, target: Target) -> AsyncIterator[Callable[..., Any]]:
+    """Run one job of a fresh dataset to `target` through an engine; `tamper` changes the
+    folder at the server between the run and verification."""
+    await use_servers(emulator, target.endpoints)
+    config = config_for(emulator, rate_limit_rps=200)
+    engines: list[Engine] = []
+    async with HttpAep.from_config(config, clock=emulator.clock, rng=random.Random(5)) as api:
+
+        async def run(
+            path: str, tamper: Tamper | None = None, **verify: Any
+        ) -> tuple[Outcome, str]:
+            eng = Engine(
+                api,
+                {"store": target.dest(**verify)},
+                ENGINE,
+                org_id=config.org_id,
+                sandbox=config.sandbox,
+                clock=emulator.clock,
+                rng=random.Random(6),
+            )
+            engines.append(eng)
+            eng.start(renew=False)
+            folder: list[str] = []
+            opened = eng.delivery._open_store
+
+            def open_then_tamper(dest: Destination, place: Landing, **kw: Any) -> Store:
+                folder.append(place.prefix)
+                if tamper is not None:
+                    tamper(place.prefix)
+                return opened(dest, place, **kw)
+
+            eng.delivery._open_store = open_then_tamper
+            (dataset,) = await emulator.seed(rows=100)
+            outcome = await eng.run(job(dataset, path))
+            return outcome, folder[0] if folder else ""
+
+        yield run
+        for eng in engines:
+            await eng.stop()
+
+
+async def test_a_verified_export_gets_its_manifest_and_success_marker_at_the_server(
+    run_job: Callable[..., Any], target: Target, receiver: Receiver, emulator: Emulator
+) -> None:
+    hook = {"url": receiver.url, "secret": WEBHOOK_SECRET}
+    outcome, prefix = await run_job("ml/verified", webhook=hook)
+    assert outcome.state == JobState.SUCCEEDED, outcome
+    assert outcome.files == 3  # max_rows_per_file = 40
+    assert outcome.landing_uri is not None
+    assert outcome.landing_uri.endswith(f"/ml/verified/{outcome_dataset(prefix)}/{leaf(prefix)}/")
+    listed = target.list(prefix)
+    parts = {k: v for k, v in listed.items() if k.startswith("part-")}
+    assert len(parts) == 3
+    assert sum(parts.values()) == outcome.bytes
+    assert listed[SUCCESS_MARKER] == 0
+    manifest = json.loads(target.read(prefix + MANIFEST))
+    assert {f["name"]: f["size"] for f in manifest["files"]} == parts
+    assert sum(f["rows"] for f in manifest["files"]) == manifest["rows"] == 100
+    assert manifest["run_id"] == outcome.run_id
+    delivery = outcome.delivery
+    assert delivery is not None
+    assert (delivery.verdict, delivery.rows, delivery.requests) == ("verified", 100, 1 + 3 + 2)
+    await asyncio.wait_for(receiver.arrived.wait(), 10)
+    ((headers, body),) = receiver.got
+    check_signature(headers, body, emulator.clock.time())
+    assert json.loads(body)["landing_uri"] == outcome.landing_uri
+
+
+def outcome_dataset(prefix: str) -> str:
+    return prefix.rstrip("/").split("/")[-2]
+
+
+def leaf(prefix: str) -> str:
+    return prefix.rstrip("/").split("/")[-1]
+
+
+@pytest.fixture
+def knobs() -> Any:
+    from tests.conftest import default_knobs
+
+    return default_knobs(max_rows_per_file=40)
+
+
+async def test_a_file_removed_at_the_server_is_a_mismatch_and_no_markers_are_written(
+    run_job: Callable[..., Any], target: Target
+) -> None:
+    outcome, prefix = await run_job("ml/removed", target.remove_one, grace_s=0)
+    assert outcome.state == JobState.DELIVERY_MISMATCH, outcome
+    assert "files: 2 at the destination, the run reported 3" in outcome.message
+    listed = target.list(prefix)
+    assert len(listed) == 2
+    assert SUCCESS_MARKER not in listed
+    assert MANIFEST not in listed
+
+
+async def test_a_file_truncated_at_the_server_is_a_mismatch(
+    run_job: Callable[..., Any], target: Target
+) -> None:
+    outcome, prefix = await run_job("ml/truncated", target.truncate_one, grace_s=0)
+    assert outcome.state == JobState.DELIVERY_MISMATCH, outcome
+    assert f"bytes: {outcome.bytes - 64} at the destination" in outcome.message
+    assert "not a complete Parquet file" in outcome.message
+    assert SUCCESS_MARKER not in target.list(prefix)
+
+
+async def test_read_credentials_the_server_refuses_are_a_mismatch_that_names_no_secret(
+    run_job: Callable[..., Any], target: Target
+) -> None:
+    if target.endpoints.startswith("s3="):
+        wrong = {"access_key_id": "AKIAAAAAAAAAAAAAAAAA", "secret_access_key": "x" * 40}
+    else:
+        wrong = {"account_key": "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="}
+    outcome, _ = await run_job("ml/refused", grace_s=0, attempts=1, **wrong)
+    assert outcome.state == JobState.DELIVERY_MISMATCH
+    assert "failed" in outcome.message
+    assert next(iter(wrong.values())) not in outcome.model_dump_json()
+
+
+# -- SFTP (asyncssh): the delivery step on a run the emulator wrote to the server -------------
+
+
+@pytest.mark.parametrize("change", [None, "remove", "truncate"])
+async def test_sftp_verification(
+    emulator: Emulator, sftp_server: SftpServer, change: str | None
+) -> None:
+    await use_servers(emulator, "sftp=connection")
+    path = f"ml/sftp-{change or 'verified'}"
+    auth = sftp_auth(sftp_server, username=sftp_server.password_user, password=sftp_server.password)
+    dataset_id, _, raw = await export(
+        emulator, StorageType.SFTP, auth, {"remotePath": f"/{path}"}, rows=100
+    )
+    run = RunInfo.parse(raw)
+    assert run.succeeded
+    dest = destination(
+        "sftp",
+        host=sftp_server.host,
+        username=sftp_server.password_user,
+        password=sftp_server.password,
+        verify={"port": sftp_server.port, "grace_s": 0},
+    )
+    outcome = Outcome(
+        job_id="sftp",
+        state=JobState.SUCCEEDED,
+        run_id=run.id,
+        files=run.output_files,
+        records=run.output_records,
+        bytes=run.output_bytes,
+    )
+    folder = sftp_server.root / path / dataset_id
+    (export_dir,) = folder.iterdir()  # only to know what to change; reading is over SFTP
+    if change == "remove":
+        sorted(export_dir.glob("part-*"))[0].unlink()
+    elif change == "truncate":
+        part = sorted(export_dir.glob("part-*"))[0]
+        part.write_bytes(part.read_bytes()[:-10])
+    deliverer = Deliverer(emulator.clock, random.Random(1))
+    result = await deliverer.deliver(dest, job(dataset_id, path), run, outcome)
+    await deliverer.aclose()
+    # The destination's port once it has one (issue 12 item 5, another branch); 22 until then.
+    port = getattr(dest, "port", None) or 22
+    assert result.landing_uri == f"sftp://127.0.0.1:{port}/{path}/{dataset_id}/{export_dir.name}/"
+    listed = sftp_server.list(f"{path}/{dataset_id}/{export_dir.name}")
+    names = {Path(k).name for k in listed}
+    if change is None:
+        assert result.state == JobState.SUCCEEDED, result
+        assert result.delivery is not None
+        assert result.delivery.rows == run.output_records
+        assert {SUCCESS_MARKER, MANIFEST} <= names
+    else:
+        assert result.state == JobState.DELIVERY_MISMATCH, result
+        what = "files: " if change == "remove" else "bytes: "
+        assert what in result.message
+        assert not {SUCCESS_MARKER, MANIFEST} & names
