@@ -3,7 +3,7 @@
 A Parquet file ends with its footer: the Thrift-compact-encoded `FileMetaData`, its length
 (4 bytes, little-endian) and `PAR1`. `FileMetaData.num_rows` is field 3, after `version` (1)
 and `schema` (2, a list of structs), so reading it means skipping those in Thrift's compact
-protocol. That takes about a hundred lines here; pyarrow (tens of megabytes) stays out of
+protocol. That takes about two hundred lines here; pyarrow (tens of megabytes) stays out of
 the runtime. Format: https://parquet.apache.org/docs/file-format/metadata/ and Thrift's
 compact protocol specification.
 """
@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 MAGIC = b"PAR1"
-TAIL = 64 * 1024
-"""Bytes read from a file's end at first: the footer of an export's file (one row group or a
-few, a few dozen columns) fits, so one read usually does."""
+TAIL = 8 * 1024
+"""Bytes read from a file's end at first: the footer of an export's file (a row group or a
+few, a few dozen columns: 1-4 KiB) fits, so one read usually does, and a part file of many
+megabytes costs 8 KiB. A longer footer takes a second read of exactly the rest."""
 MAX_FOOTER = 64 * 1024 * 1024
 
 _BOOL_TRUE, _BOOL_FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE = 1, 2, 3, 4, 5, 6, 7
