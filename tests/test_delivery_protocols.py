@@ -3,9 +3,10 @@ loopback server (moto S3, Azurite Blob, an asyncssh SFTP server; tests/storage_s
 and the exporter reads it back through that server with obstore or asyncssh — listing,
 ranged footer reads, marker writes — never from the emulator's memory or files.
 
-The GCS emulator serves no XML-API listing, which is how an S3-style client (the only one
-AEP's HMAC keys allow) lists a bucket: GCS verification is not tested against a server
-(docs/design.md, "Delivery verification"). ADLS Gen2 has no local server at all.
+GCS is read as AEP writes it, through the S3-interoperable XML API with HMAC keys; the GCS
+emulator serves no XML listing, so moto stands in for storage.googleapis.com there (the
+`gcs-xml-on-moto` case: a `gcs` destination, the emulator writing and the exporter reading
+with S3 signatures). ADLS Gen2 has no local server at all (docs/design.md, "Delivery").
 """
 
 from __future__ import annotations
@@ -88,21 +89,25 @@ class Target:
         obstore.put(self.store, prefix + last, data[: len(data) - 64])
 
 
-@pytest.fixture(params=["s3", "azure_blob"])
+@pytest.fixture(params=["s3", "gcs-xml-on-moto", "azure_blob"])
 def target(request: pytest.FixtureRequest) -> Target:
-    if request.param == "s3":
+    if request.param in ("s3", "gcs-xml-on-moto"):
+        # GCS through its S3-interoperable XML API with HMAC keys, as AEP's GCS destination
+        # writes and the verifier reads: moto stands in for storage.googleapis.com, because
+        # the GCS emulator serves no XML listing.
         s3: S3Server = request.getfixturevalue("s3_server")
+        kind = "s3" if request.param == "s3" else "gcs"
 
         def s3_dest(**verify: Any) -> Destination:
             return destination(
-                "s3",
+                kind,
                 bucket=s3.bucket,
                 access_key_id=s3.access_key,
                 secret_access_key=s3.secret_key,
                 verify={"endpoint": s3.endpoint, "region": s3.region, **verify},
             )
 
-        return Target(s3_dest, s3.store(), f"s3={s3.endpoint}")
+        return Target(s3_dest, s3.store(), f"{kind}={s3.endpoint}")
     blob: AzuriteBlob = request.getfixturevalue("azurite_blob")
 
     def blob_dest(**verify: Any) -> Destination:
@@ -225,7 +230,7 @@ async def test_a_file_truncated_at_the_server_is_a_mismatch(
 async def test_read_credentials_the_server_refuses_are_a_mismatch_that_names_no_secret(
     run_job: Callable[..., Any], target: Target
 ) -> None:
-    if target.endpoints.startswith("s3="):
+    if not target.endpoints.startswith("azure_blob="):
         wrong = {"access_key_id": "AKIAAAAAAAAAAAAAAAAA", "secret_access_key": "x" * 40}
     else:
         wrong = {"account_key": "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="}

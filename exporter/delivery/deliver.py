@@ -119,11 +119,13 @@ class Deliverer:
             )
         try:
             store = self._open_store(destination, place, dlz_sas=dlz)
-        except ConfigError as exc:
+        except Exception as exc:  # a store client refusing its options: say so, never crash
+            why = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            why = SECRETS.scrub(why)
             return self._mismatch(
                 outcome,
-                Delivery(verdict="mismatch", differences=(str(exc),)),
-                f"cannot verify: {exc}",
+                Delivery(verdict="mismatch", differences=(why,)),
+                f"cannot verify: {why}",
             )
         try:
             delivery = await self._check(destination, job, run, outcome, place, store)

@@ -32,12 +32,21 @@ from exporter.destinations import (
     SftpDestination,
 )
 from exporter.errors import ConfigError, ExporterError
+from exporter.redaction import SECRETS
 
 GCS_XML_ENDPOINT = "https://storage.googleapis.com"
 
 
 class StoreError(ExporterError):
     """The store could not be read or written (network, credentials, permissions)."""
+
+
+def _why(exc: BaseException) -> str:
+    """An error's kind and first line, scrubbed of every known secret (a client's error may
+    quote a URL with its SAS), at most 300 characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = SECRETS.scrub(text)[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +109,10 @@ class LocalStore:
                 Entry(p.name, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()
             ]
 
-        return await asyncio.to_thread(scan)
+        try:
+            return await asyncio.to_thread(scan)
+        except OSError as exc:
+            raise StoreError(f"listing {prefix!r} failed: {_why(exc)}") from None
 
     async def read(self, key: str, start: int, end: int) -> bytes:
         self.requests += 1
@@ -111,7 +123,10 @@ class LocalStore:
                 f.seek(start)
                 return f.read(end - start)
 
-        return await asyncio.to_thread(chunk)
+        try:
+            return await asyncio.to_thread(chunk)
+        except OSError as exc:
+            raise StoreError(f"reading {key!r} failed: {_why(exc)}") from None
 
     async def put(self, key: str, data: bytes) -> None:
         self.requests += 1
@@ -122,7 +137,10 @@ class LocalStore:
             tmp.write_bytes(data)
             tmp.replace(path)
 
-        await asyncio.to_thread(write)
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise StoreError(f"writing {key!r} failed: {_why(exc)}") from None
 
     async def aclose(self) -> None:
         return None
@@ -150,7 +168,7 @@ class ObjectStore:
                     if name and "/" not in name:
                         entries.append(Entry(name, int(meta["size"])))
         except Exception as exc:
-            raise StoreError(f"listing {full!r} failed: {type(exc).__name__}") from None
+            raise StoreError(f"listing {full!r} failed: {_why(exc)}") from None
         # A listing answers up to 1,000 keys a request (S3's ListObjectsV2, Azure's List Blobs).
         self.requests += max(1, -(-listed // 1000))
         return sorted(entries, key=lambda e: e.name)
@@ -164,7 +182,7 @@ class ObjectStore:
                 self._store, self._prefix + key, start=start, end=end
             )
         except Exception as exc:
-            raise StoreError(f"reading {key!r} failed: {type(exc).__name__}") from None
+            raise StoreError(f"reading {key!r} failed: {_why(exc)}") from None
         return bytes(data)
 
     async def put(self, key: str, data: bytes) -> None:
@@ -174,7 +192,7 @@ class ObjectStore:
         try:
             await obstore.put_async(self._store, self._prefix + key, data)
         except Exception as exc:
-            raise StoreError(f"writing {key!r} failed: {type(exc).__name__}") from None
+            raise StoreError(f"writing {key!r} failed: {_why(exc)}") from None
 
     async def aclose(self) -> None:
         return None
@@ -183,8 +201,9 @@ class ObjectStore:
 class SftpStore:
     """An SFTP server's login folder, through asyncssh."""
 
-    def __init__(self, connect: dict[str, Any]) -> None:
-        self._connect = connect
+    def __init__(self, connect: dict[str, Any], timeout_s: float = 30.0) -> None:
+        self._connect = {"connect_timeout": timeout_s, **connect}
+        self._timeout_s = timeout_s
         self._conn: Any = None
         self._sftp: Any = None
         self.requests = 0
@@ -194,10 +213,11 @@ class SftpStore:
             import asyncssh
 
             try:
-                self._conn = await asyncssh.connect(**self._connect)
-                self._sftp = await self._conn.start_sftp_client()
-            except (OSError, asyncssh.Error) as exc:
-                raise StoreError(f"SFTP connection failed: {type(exc).__name__}") from None
+                async with asyncio.timeout(self._timeout_s):
+                    self._conn = await asyncssh.connect(**self._connect)
+                    self._sftp = await self._conn.start_sftp_client()
+            except (OSError, asyncssh.Error, TimeoutError) as exc:
+                raise StoreError(f"SFTP connection failed: {_why(exc)}") from None
         return self._sftp
 
     async def list(self, prefix: str) -> list[Entry]:
@@ -206,11 +226,12 @@ class SftpStore:
         sftp = await self._client()
         self.requests += 1
         try:
-            names = await sftp.readdir(prefix.rstrip("/") or ".")
+            async with asyncio.timeout(self._timeout_s):
+                names = await sftp.readdir(prefix.rstrip("/") or ".")
         except asyncssh.SFTPNoSuchFile:
             return []
-        except (OSError, asyncssh.Error) as exc:
-            raise StoreError(f"listing {prefix!r} failed: {type(exc).__name__}") from None
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise StoreError(f"listing {prefix!r} failed: {_why(exc)}") from None
         return sorted(
             (
                 Entry(n.filename, int(n.attrs.size or 0))
@@ -226,11 +247,11 @@ class SftpStore:
         sftp = await self._client()
         self.requests += 1
         try:
-            async with sftp.open(key, "rb") as f:
+            async with asyncio.timeout(self._timeout_s), sftp.open(key, "rb") as f:
                 await f.seek(start)
                 data: bytes = await f.read(end - start)
-        except (OSError, asyncssh.Error) as exc:
-            raise StoreError(f"reading {key!r} failed: {type(exc).__name__}") from None
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise StoreError(f"reading {key!r} failed: {_why(exc)}") from None
         return data
 
     async def put(self, key: str, data: bytes) -> None:
@@ -239,10 +260,10 @@ class SftpStore:
         sftp = await self._client()
         self.requests += 1
         try:
-            async with sftp.open(key, "wb") as f:
+            async with asyncio.timeout(self._timeout_s), sftp.open(key, "wb") as f:
                 await f.write(data)
-        except (OSError, asyncssh.Error) as exc:
-            raise StoreError(f"writing {key!r} failed: {type(exc).__name__}") from None
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise StoreError(f"writing {key!r} failed: {_why(exc)}") from None
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -294,7 +315,7 @@ def open_store(
         return LocalStore(verify.root)
     check_available(destination)
     if isinstance(destination, SftpDestination):
-        return SftpStore(_sftp_connect(destination, verify))
+        return SftpStore(_sftp_connect(destination, verify), verify.timeout_s)
     from obstore import store as obstores
 
     # obstore's stubs type the options as TypedDicts; here they are built from settings.
