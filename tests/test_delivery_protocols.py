@@ -12,13 +12,22 @@ with S3 signatures). ADLS Gen2 has no local server at all (docs/design.md, "Deli
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import io
 import json
 import random
+import urllib.error
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import obstore
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from exporter.aep.api import RunInfo
@@ -295,3 +304,106 @@ async def test_sftp_verification(
         what = "files: " if change == "remove" else "bytes: "
         assert what in result.message
         assert not {SUCCESS_MARKER, MANIFEST} & names
+
+
+# -- the Data Landing Zone: its SAS, against Azurite -----------------------------------------
+
+
+def account_sas(account: str, key: str, permissions: str) -> str:
+    """An Azure Storage account SAS for the Blob service (version 2021-08-06), signed with the
+    account key as Azure does: what the landing zone's credentials call hands out, in shape."""
+    version, expiry = "2021-08-06", "2099-01-01T00:00:00Z"
+    to_sign = "\n".join(
+        [account, permissions, "b", "sco", "", expiry, "", "http,https", version, "", ""]
+    )
+    digest = hmac.new(base64.b64decode(key), to_sign.encode(), hashlib.sha256).digest()
+    query = {
+        "sv": version,
+        "ss": "b",
+        "srt": "sco",
+        "sp": permissions,
+        "se": expiry,
+        "spr": "http,https",
+        "sig": base64.b64encode(digest).decode(),
+    }
+    return urllib.parse.urlencode(query)
+
+
+@pytest.mark.parametrize("case", ["verified", "removed", "forged"])
+async def test_the_landing_zone_is_read_with_the_sas_aep_hands_out(
+    emulator: Emulator, azurite_blob: AzuriteBlob, case: str
+) -> None:
+    """The files are put into Azurite's `dlz-destination` container (the emulator writes the
+    landing zone to local folders only); the exporter reads them with a SAS from the
+    credentials call, never with the account key."""
+    with contextlib.suppress(urllib.error.HTTPError):  # 409: made by another case
+        azurite_blob.make_container("dlz-destination")
+    admin = azurite_blob.store("dlz-destination")
+    minute = ["verified", "removed", "forged"].index(case)
+    created_ms = 1_767_225_600_000 + minute * 60_000  # 2026-01-01 00:0<minute>
+    prefix = f"ml/dlz/ds1/exportTime=20260101000{minute}/"
+    removed = case == "removed"
+    sizes = []
+    for index in range(3):
+        sink = io.BytesIO()
+        pq.write_table(pa.table({"id": list(range(index * 10, index * 10 + 10))}), sink)
+        obstore.put(admin, f"{prefix}part-{index:05d}-c000.parquet", sink.getvalue())
+        sizes.append(len(sink.getvalue()))
+    if removed:
+        obstore.delete(admin, f"{prefix}part-00001-c000.parquet")
+    sas = account_sas(azurite_blob.account, azurite_blob.key, "rwlc")
+    if case == "forged":  # signed with another key: Azurite must refuse it
+        sas = account_sas(azurite_blob.account, base64.b64encode(b"k" * 64).decode(), "rwlc")
+
+    async def credentials() -> dict[str, Any]:
+        return {
+            "containerName": "dlz-destination",
+            "SASToken": sas,
+            "storageAccountName": azurite_blob.account,
+            "SASUri": f"{azurite_blob.endpoint}/dlz-destination?{sas}",
+        }
+
+    run = RunInfo(
+        id="run-dlz",
+        flow_id="flow-dlz",
+        status="success",
+        created_at_ms=created_ms,
+        started_at_ms=created_ms,
+        completed_at_ms=created_ms + 1,
+        output_files=3,
+        output_records=30,
+        output_bytes=sum(sizes),
+    )
+    outcome = Outcome(
+        job_id="dlz", state=JobState.SUCCEEDED, run_id=run.id, files=3, records=30, bytes=sum(sizes)
+    )
+    dest = destination(
+        "dlz", verify={"endpoint": azurite_blob.endpoint, "grace_s": 0, "attempts": 1}
+    )
+    deliverer = Deliverer(emulator.clock, random.Random(1), dlz_credentials=credentials)
+    result = await deliverer.deliver(dest, job("ds1", "ml/dlz"), run, outcome)
+    await deliverer.aclose()
+    assert result.landing_uri == (
+        f"https://{azurite_blob.account}.blob.core.windows.net/dlz-destination/{prefix}"
+    )
+    assert result.retention_days == 7
+    listed = {
+        str(m["path"]).removeprefix(prefix)
+        for chunk in obstore.list(admin, prefix=prefix)
+        for m in chunk
+    }
+    if removed:
+        assert result.state == JobState.DELIVERY_MISMATCH
+        assert "files: 2 at the destination, the run reported 3" in result.message
+        assert SUCCESS_MARKER not in listed
+    elif case == "forged":
+        assert result.state == JobState.DELIVERY_MISMATCH
+        assert "listing" in result.message
+        assert "failed" in result.message
+        assert SUCCESS_MARKER not in listed
+    else:
+        assert result.state == JobState.SUCCEEDED, result
+        assert result.delivery is not None
+        assert result.delivery.rows == 30
+        assert {SUCCESS_MARKER, MANIFEST} <= listed
+    assert sas.split("sig=")[1] not in result.model_dump_json()
