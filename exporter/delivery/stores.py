@@ -133,6 +133,7 @@ class LocalStore:
         path = self._path(key)
 
         def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)  # an empty export has no folder
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
@@ -260,8 +261,12 @@ class SftpStore:
         sftp = await self._client()
         self.requests += 1
         try:
-            async with asyncio.timeout(self._timeout_s), sftp.open(key, "wb") as f:
-                await f.write(data)
+            async with asyncio.timeout(self._timeout_s):
+                folder = key.rsplit("/", 1)[0] if "/" in key else ""
+                if folder:
+                    await sftp.makedirs(folder, exist_ok=True)  # an empty export has no folder
+                async with sftp.open(key, "wb") as f:
+                    await f.write(data)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise StoreError(f"writing {key!r} failed: {_why(exc)}") from None
 
