@@ -626,3 +626,41 @@ async def test_an_empty_export_is_verified_and_still_gets_its_success_marker(
     folder = tmp_path / "ml/features/ds1/exportTime=202512040000"
     assert sorted(p.name for p in folder.iterdir()) == [SUCCESS_MARKER, MANIFEST]
     assert json.loads((folder / MANIFEST).read_text())["files"] == []
+
+
+async def test_a_redirecting_receiver_is_not_followed(
+    emulator: Emulator, rig_for: Callable[[Destination], Rig], receiver: Receiver
+) -> None:
+    """A 302 to a path that would accept the POST: not followed, not retried (a redirect
+    could carry the signed event somewhere the secret's owner never named)."""
+    receiver.answers = [302, 204]
+    hook = {"url": receiver.url, "secret": WEBHOOK_SECRET, "attempts": 3}
+    rig = rig_for(dlz(emulator, webhook=hook))
+    (dataset,) = await emulator.seed(rows=10)
+    outcome = await rig.engine.run(job(dataset))
+    (task,) = rig.engine.delivery.webhooks
+    assert await asyncio.wait_for(task, 10) is False
+    assert outcome.state == JobState.SUCCEEDED
+    assert len(receiver.got) == 1
+
+
+def test_the_export_command_reports_where_and_the_verdict() -> None:
+    from rich.console import Console
+
+    from exporter.jobs import Delivery
+    from exporter.oneshot import report
+
+    console = Console(record=True, width=200)
+    outcome = Outcome(
+        job_id="j",
+        state=JobState.DELIVERY_MISMATCH,
+        landing_uri="https://acct.blob.core.windows.net/dlz-destination/ml/ds/exportTime=1/",
+        retention_days=7,
+        delivery=Delivery(verdict="mismatch", files=2, bytes=10, rows=5),
+        message="delivery mismatch: files: 2 at the destination, the run reported 3",
+    )
+    report(outcome, console)
+    text = console.export_text()
+    assert "landed   https://acct.blob.core.windows.net/dlz-destination/" in text
+    assert "(kept 7 days)" in text
+    assert "MISMATCH 2 files, 10 bytes, 5 rows at the destination" in text
