@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -232,7 +233,7 @@ async def create_connection(request: web.Request) -> web.Response:
     spec_ref = _spec_ref(body)
     storage = _storage(spec_ref["id"])
     public_auth, secret = _auth(storage, body.get("auth"))
-    encryption, public_key = _encryption(storage, body)
+    encryption, public_key = await _encryption(storage, body)
     entity = _entity(request, body, name, spec_ref)
     if public_auth is not None:  # auth is an object in both spec files, never null
         entity["auth"] = public_auth
@@ -246,14 +247,15 @@ async def create_connection(request: web.Request) -> web.Response:
     return _created(entity)
 
 
-def _encryption(
+async def _encryption(
     storage: StorageSpec, body: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, bytes | None]:
     """The base connection's file encryption, checked against the connection spec's encryption
     spec: its public view and the OpenPGP public key (None when `encryptionAlgo` is NONE).
 
     Adobe's pages name the body field `encryption` in some translations and `encryptionSpecs`
-    in others (docs/aep-notes.md): both are taken, and it reads back as `encryption`."""
+    in others (docs/aep-notes.md#destination-options): both are taken, and it reads back as
+    `encryption`."""
     given = [k for k in ("encryption", "encryptionSpecs") if body.get(k) is not None]
     if not given:
         return None, None
@@ -274,7 +276,8 @@ def _encryption(
     if params["encryptionAlgo"] == "NONE":
         return public, None
     try:
-        key = decode_public_key(params["publicKey"])
+        # gpg reads the key: in a thread, so a slow gpg never holds up the event loop.
+        key = await asyncio.to_thread(decode_public_key, params["publicKey"])
     except EncryptionError as exc:
         raise invalid(f"{where}.params.publicKey: {exc}") from None
     return public, key

@@ -3,7 +3,7 @@
 AEP's cloud storage connection specs carry one encryption spec, "File PGP/GPG Encryption"
 (type `FileAsymmetric`): `encryptionAlgo` (`PGPGPG` or `NONE`) and `publicKey`, a base64-encoded
 public key (Adobe's "Export datasets" and "Activate audiences to file-based destinations" API
-pages, section "Add encryption to exported files"; docs/aep-notes.md).
+pages, section "Add encryption to exported files"; docs/aep-notes.md#destination-options).
 
 Encryption runs the `gpg` binary (GnuPG 2.2 or newer, Debian's `gnupg`) with
 `--recipient-file`, so the key never enters a keyring and each call has a throwaway home folder.
@@ -81,7 +81,10 @@ def decode_public_key(text: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="aep-gpg-") as home:
         key_file = Path(home) / "key"
         key_file.write_bytes(key)
-        listed = _gpg(home, "--with-colons", "--show-keys", str(key_file))
+        try:
+            listed = _gpg(home, "--with-colons", "--show-keys", str(key_file))
+        except EncryptionError:
+            raise EncryptionError("publicKey holds no OpenPGP public key") from None
     if not any(line.startswith("pub:") for line in listed.splitlines()):
         raise EncryptionError("publicKey holds no OpenPGP public key")
     return key

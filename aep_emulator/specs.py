@@ -70,8 +70,8 @@ _SFTP_BASE = {
 # ADLS Gen2: the account URL, or the `abfss://<container>@<account>.dfs.core.windows.net`
 # form Adobe's ADLS Gen2 destination page documents (a container, and maybe a folder).
 ADLS_URL_PATTERN = (
-    r"^(https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?"
-    r"|abfss://[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]@[a-z0-9]{3,24}"
+    r"^(?!.*/\.\.(/|$))(https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?"
+    r"|abfss://[a-z0-9](?![a-z0-9-]*--)[a-z0-9-]{1,61}[a-z0-9]@[a-z0-9]{3,24}"
     r"\.dfs\.core\.windows\.net(/[0-9a-zA-Z/!\-_.*'()]*)?)$"
 )
 

@@ -5,12 +5,12 @@ emulator writes to a server only when its `storage_endpoints` knob maps the stor
 (`s3=http://127.0.0.1:9000`); Azure Blob may instead use the connection string's
 `BlobEndpoint=` (`azure_blob=connection`), and SFTP the connection's own `domain` and `port`
 (`sftp=connection`). Without a mapping, files go to local folders as before.
+docs/aep-notes.md#exports-to-storage-servers says what each local server leaves untested.
 
 Files are written with the credentials of the base connection, as AEP writes them: a server
 that refuses them fails the run. S3, Azure Blob and GCS go through obstore (GCS through its
 S3-interoperable XML API with the HMAC keys, which is how AEP's GCS destination
-authenticates); SFTP through asyncssh. docs/aep-notes.md ("Exports to storage servers") lists
-what each local server leaves out.
+authenticates); SFTP through asyncssh.
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ def remote_for(
     key = f"{base}/{folder}" if base else folder
     if storage in (StorageType.S3, StorageType.GCS):
         bucket = params["bucketName"]
+        if storage == StorageType.S3 and "s3AccessKey" not in secret:
+            raise DestinationError(
+                "Amazon S3 connections with an assumed role cannot be written to a server by "
+                "the emulator (no STS): use Access Key auth, or no s3 storage endpoint"
+            )
         if storage == StorageType.S3:
             access, secret_key, region = secret["s3AccessKey"], secret["s3SecretKey"], "us-east-1"
         else:
@@ -145,6 +150,11 @@ def remote_for(
     if storage == StorageType.AZURE_BLOB:
         parts = connection_string_parts(secret["connectionString"])
         account, container = parts["AccountName"], params["container"]
+        if not parts.get("AccountKey"):
+            raise DestinationError(
+                "the emulator writes to Azure Blob servers with an AccountKey only: this "
+                "connection string has none"
+            )
         if mapped == FROM_CONNECTION:
             endpoint = parts.get("BlobEndpoint", "").rstrip("/")
             if not endpoint:
@@ -161,7 +171,7 @@ def remote_for(
                 "container": container,
                 "endpoint": endpoint,
                 "account_name": account,
-                "account_key": parts.get("AccountKey", ""),
+                "account_key": parts["AccountKey"],
             },
         )
     if storage == StorageType.SFTP:
@@ -276,10 +286,13 @@ async def _sftp_upload_async(remote: Remote, files: Sequence[Path]) -> tuple[str
                     o["port"],
                     username=o["username"],
                     password=o["password"],
+                    # Only what the connection holds: no ~/.ssh keys or config, no agent.
                     client_keys=keys or None,
+                    preferred_auth="publickey" if keys else "password,keyboard-interactive",
+                    config=None,
+                    agent_path=None,
                     # AEP's SFTP connection carries no host key to check against.
                     known_hosts=None,
-                    agent_path=None,
                     connect_timeout=CONNECT_DEADLINE_S,
                 ) as conn,
                 conn.start_sftp_client() as sftp,

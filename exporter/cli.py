@@ -32,7 +32,7 @@ class Command:
     needs: tuple[str, ...] = ()  # top-level modules of that extra, found before any import
 
 
-EMULATOR_NEEDS = ("aep_emulator", "pyarrow", "jsonschema")
+EMULATOR_NEEDS = ("aep_emulator", "pyarrow", "jsonschema", "obstore", "asyncssh")
 
 COMMANDS = (
     Command(
@@ -70,6 +70,16 @@ COMMANDS = (
         "lanes",
         "list or prune the export lanes (AEP dataflows shared by many datasets)",
         "exporter.lanes_cli",
+    ),
+    Command(
+        "check",
+        "check credentials, sandbox, permissions, destinations and pending jobs against AEP",
+        "exporter.check",
+    ),
+    Command(
+        "datasets",
+        "list the datasets AEP lets this sandbox export (`datasets list`)",
+        "exporter.datasets_cli",
     ),
     Command(
         "demo",

@@ -90,11 +90,27 @@ CREATED_MS = 1_764_806_459_000  # 2025-12-04 00:00:59 UTC: the minute is kept, n
             "abfss://ml@acct2.dfs.core.windows.net/features/ds1/exportTime=202512040000/",
         ),
         (
+            destination(
+                "adls_gen2",
+                url="abfss://exports@acct2.dfs.core.windows.net/team",
+                service_principal_id="sp",
+                service_principal_key="k" * 12,
+                tenant="t",
+            ),
+            "abfss://exports@acct2.dfs.core.windows.net/team/ml/features/ds1/exportTime=202512040000/",
+        ),
+        (
+            destination(
+                "sftp", host="sftp.example.com", port=2222, username="u", password="p" * 10
+            ),
+            "sftp://sftp.example.com:2222/ml/features/ds1/exportTime=202512040000/",
+        ),
+        (
             destination("sftp", host="sftp.example.com", username="u", password="p" * 10),
             "sftp://sftp.example.com:22/ml/features/ds1/exportTime=202512040000/",
         ),
     ],
-    ids=["s3", "gcs", "blob", "azurite", "adls", "sftp"],
+    ids=["s3", "gcs", "blob", "azurite", "adls", "abfss", "sftp-port", "sftp"],
 )
 def test_the_landing_uri_of_each_storage(dest: Destination, uri: str) -> None:
     place = landing(dest, "ml/features/", "ds1", CREATED_MS)
@@ -113,6 +129,12 @@ def test_the_landing_zone_gives_its_container_url_and_seven_days() -> None:
         retention_days=7,
         container="dlz-destination",
     )
+
+
+def test_slash_as_the_path_puts_the_dataset_folder_at_the_root() -> None:
+    place = landing(s3(), "/", "ds1", CREATED_MS)
+    assert place is not None
+    assert place.uri == "s3://ml-exports/ds1/exportTime=202512040000/"
 
 
 def test_a_folder_template_makes_the_folder_unknown_rather_than_wrong() -> None:

@@ -267,9 +267,10 @@ async def test_sftp_verification(
     dest = destination(
         "sftp",
         host=sftp_server.host,
+        port=sftp_server.port,
         username=sftp_server.password_user,
         password=sftp_server.password,
-        verify={"port": sftp_server.port, "grace_s": 0},
+        verify={"grace_s": 0},  # read with the destination's own port and password
     )
     outcome = Outcome(
         job_id="sftp",
@@ -289,8 +290,7 @@ async def test_sftp_verification(
     deliverer = Deliverer(emulator.clock, random.Random(1))
     result = await deliverer.deliver(dest, job(dataset_id, path), run, outcome)
     await deliverer.aclose()
-    # The destination's port once it has one (issue 12 item 5, another branch); 22 until then.
-    port = getattr(dest, "port", None) or 22
+    port = sftp_server.port
     assert result.landing_uri == f"sftp://127.0.0.1:{port}/{path}/{dataset_id}/{export_dir.name}/"
     listed = sftp_server.list(f"{path}/{dataset_id}/{export_dir.name}")
     names = {Path(k).name for k in listed}

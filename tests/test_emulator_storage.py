@@ -10,10 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -21,6 +17,7 @@ import pytest
 
 from exporter.aep.facts import DATALAKE_SOURCE_SPEC_ID, STORAGE_SPECS, StorageType
 from tests.conftest import Emulator
+from tests.pgp_support import Keypair
 from tests.storage_servers import AzuriteBlob, GcsServer, S3Server, SftpServer
 from tests.test_emulator_runs import (
     WINDOW,
@@ -31,11 +28,6 @@ from tests.test_emulator_runs import (
     start,
     status,
 )
-
-GPG_DEADLINE_S = 60
-GPG = shutil.which("gpg") or "/usr/bin/gpg"  # GnuPG 2.2+, as the emulator's encryption needs
-GPGCONF = shutil.which("gpgconf") or "/usr/bin/gpgconf"
-
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -280,7 +272,7 @@ async def test_gcs_export_is_written_with_the_hmac_keys_and_reads_back(
 ) -> None:
     """Written as AEP writes to GCS (the XML API, HMAC keys); read back through the JSON API.
     The GCS emulator checks no credentials: a refused key is not testable here
-    (docs/aep-notes.md)."""
+    (docs/aep-notes.md#exports-to-storage-servers)."""
     await use_servers(emulator, f"gcs={gcs_server.endpoint}")
     dataset_id, _, run = await export(
         emulator,
@@ -360,53 +352,26 @@ async def test_sftp_refused_password_fails_the_run(
     assert sftp_server.list("ml/sftp-refused") == {}
 
 
-# -- PGP/GPG encryption ---------------------------------------------------------------------
+async def test_sftp_refused_key_fails_the_run(emulator: Emulator, sftp_server: SftpServer) -> None:
+    import asyncssh
 
-
-class Keypair:
-    """A GnuPG home with one key pair; `public_b64` is the armored public key, base64-encoded
-    as AEP's `publicKey` parameter is."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.gpg("--passphrase", "", "--quick-gen-key", "exports@example.com", "future-default")
-        armored = self.gpg("--armor", "--export", "exports@example.com")
-        self.public_b64 = base64.b64encode(armored).decode()
-
-    def gpg(self, *args: str, data: bytes | None = None) -> bytes:
-        done = subprocess.run(  # noqa: S603 - fixed binary, our arguments
-            [
-                GPG,
-                "--batch",
-                "--no-tty",
-                "--pinentry-mode",
-                "loopback",
-                "--homedir",
-                str(self.home),
-                *args,
-            ],
-            input=data,
-            capture_output=True,
-            timeout=GPG_DEADLINE_S,
-            check=True,
-        )
-        return done.stdout
-
-    def decrypt(self, blob: bytes) -> bytes:
-        return self.gpg("--passphrase", "", "--decrypt", data=blob)
-
-
-@pytest.fixture(scope="module")
-def keypair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keypair]:
-    home = tmp_path_factory.mktemp("gnupg")
-    home.chmod(0o700)
-    yield Keypair(home)
-    subprocess.run(  # the agent this home started  # noqa: S603
-        [GPGCONF, "--homedir", str(home), "--kill", "gpg-agent"],
-        capture_output=True,
-        timeout=GPG_DEADLINE_S,
-        check=False,
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh")
+    await use_servers(emulator, "sftp=connection")
+    _, _, run = await export(
+        emulator,
+        StorageType.SFTP,
+        sftp_auth(
+            sftp_server,
+            username=sftp_server.key_user,
+            sshKey=base64.b64encode(stranger).decode(),
+        ),
+        {"remotePath": "/ml/sftp-key-refused"},
     )
+    assert_refused(run, "user 'exporter-key'")
+    assert sftp_server.list("ml/sftp-key-refused") == {}
+
+
+# -- PGP/GPG encryption ---------------------------------------------------------------------
 
 
 async def test_encrypted_export_decrypts_with_the_private_key(
@@ -452,3 +417,265 @@ async def test_encrypted_export_to_a_local_folder(emulator: Emulator, keypair: K
     assert run["metrics"]["sizeSummary"]["outputBytes"] == sum(f.stat().st_size for f in files)
     plain = [keypair.decrypt(f.read_bytes()) for f in files]
     assert sorted(rows_of(plain)) == sorted(batch_ids(emulator, dataset_id))
+
+
+# -- what the connection specs take (issue 12, item 5) --------------------------------------
+
+
+async def test_cloud_storage_specs_list_the_pgp_encryption_spec(emulator: Emulator) -> None:
+    for storage in StorageType:
+        answer = await emulator.fs(
+            "GET", f"/connectionSpecs/{STORAGE_SPECS[storage].connection_spec_id}"
+        )
+        (spec,) = answer.body["items"]
+        names = [e["name"] for e in spec["encryptionSpecs"]]
+        if storage == StorageType.DLZ:
+            assert names == []
+            continue
+        assert names == ["File PGP/GPG Encryption"]
+        (encryption,) = spec["encryptionSpecs"]
+        assert encryption["type"] == "FileAsymmetric"
+        properties = encryption["spec"]["properties"]
+        assert properties["encryptionAlgo"]["enum"] == ["PGPGPG", "NONE"]
+        assert properties["publicKey"]["contentEncoding"] == "base64"
+        assert encryption["spec"]["required"] == ["encryptionAlgo", "publicKey"]
+
+
+async def base_answer(emulator: Emulator, storage: StorageType, **extra: Any) -> Any:
+    ref = {"id": STORAGE_SPECS[storage].connection_spec_id, "version": "1.0"}
+    return await emulator.fs(
+        "POST", "/connections", json_body={"name": "b", "connectionSpec": ref, **extra}
+    )
+
+
+S3_KEYS = {
+    "specName": "Access Key",
+    "params": {"s3AccessKey": "AKIAIOSFODNN7EXAMPLE", "s3SecretKey": "a" * 40},
+}
+
+
+@pytest.mark.parametrize(
+    ("encryption", "words"),
+    [
+        ({"params": {"encryptionAlgo": "AES", "publicKey": "eA=="}}, "encryptionAlgo"),
+        ({"params": {"encryptionAlgo": "PGPGPG"}}, "publicKey"),
+        ({"params": {"encryptionAlgo": "PGPGPG", "publicKey": "not base64!"}}, "not base64"),
+        (
+            {"params": {"encryptionAlgo": "PGPGPG", "publicKey": "c29tZSBieXRlcw=="}},
+            "no OpenPGP public key",
+        ),
+        ({"specName": 7, "params": {}}, "specName"),
+        ("PGPGPG", "params must be an object"),
+    ],
+)
+async def test_bad_encryption_is_refused_with_a_reason(
+    emulator: Emulator, encryption: Any, words: str
+) -> None:
+    answer = await base_answer(emulator, StorageType.S3, auth=S3_KEYS, encryption=encryption)
+    assert answer.status == 400, answer.body
+    assert words in answer.body["errorMessage"], answer.body
+
+
+async def test_a_private_key_is_refused_as_the_public_key(
+    emulator: Emulator, keypair: Keypair
+) -> None:
+    private = base64.b64encode(keypair.armored_private).decode()
+    answer = await base_answer(
+        emulator,
+        StorageType.S3,
+        auth=S3_KEYS,
+        encryption={"params": {"encryptionAlgo": "PGPGPG", "publicKey": private}},
+    )
+    assert answer.status == 400
+    assert "private key" in answer.body["errorMessage"]
+    assert private[60:120] not in str(answer.body)
+
+
+async def test_encryption_none_and_the_encryption_specs_spelling(
+    emulator: Emulator, keypair: Keypair
+) -> None:
+    none = await base_answer(
+        emulator,
+        StorageType.S3,
+        auth=S3_KEYS,
+        encryption={"params": {"encryptionAlgo": "NONE", "publicKey": "eA=="}},
+    )
+    assert none.status == 201, none.body
+    box = emulator.state.sandbox(emulator.knobs.org_id, "prod")
+    assert none.body["id"] in box.connections
+    assert none.body["id"] not in box.encryption_keys
+    # Adobe's German page names the field `encryptionSpecs` (with specName "Encryption spec").
+    spelled = await base_answer(
+        emulator,
+        StorageType.SFTP,
+        auth={
+            "specName": "SFTP with Password",
+            "params": {"domain": "h", "username": "u", "password": "p"},
+        },
+        encryptionSpecs={
+            "specName": "Encryption spec",
+            "params": {"encryptionAlgo": "PGPGPG", "publicKey": keypair.public_b64},
+        },
+    )
+    assert spelled.status == 201, spelled.body
+    read = await emulator.fs("GET", f"/connections/{spelled.body['id']}")
+    (entity,) = read.body["items"]
+    assert entity["encryption"]["params"]["encryptionAlgo"] == "PGPGPG"
+    both = await base_answer(
+        emulator,
+        StorageType.S3,
+        auth=S3_KEYS,
+        encryption={"params": {"encryptionAlgo": "NONE", "publicKey": "eA=="}},
+        encryptionSpecs={"params": {"encryptionAlgo": "NONE", "publicKey": "eA=="}},
+    )
+    assert both.status == 400
+    dlz = await base_answer(
+        emulator,
+        StorageType.DLZ,
+        encryption={"params": {"encryptionAlgo": "PGPGPG", "publicKey": keypair.public_b64}},
+    )
+    assert dlz.status == 400
+    assert "take no file encryption" in dlz.body["errorMessage"]
+
+
+SFTP_PASSWORD = {"domain": "sftp.example.com", "username": "u", "password": "p"}
+
+
+@pytest.mark.parametrize(
+    ("port", "ok"),
+    [
+        ("22", True),
+        (2222, True),
+        (65_535, True),
+        ("0", False),
+        (0, False),
+        ("65536", False),
+        (70_000, False),
+        ("ssh", False),
+        (True, False),
+    ],
+)
+async def test_sftp_port_is_checked(emulator: Emulator, port: Any, ok: bool) -> None:
+    answer = await base_answer(
+        emulator,
+        StorageType.SFTP,
+        auth={"specName": "SFTP with Password", "params": {**SFTP_PASSWORD, "port": port}},
+    )
+    assert (answer.status == 201) is ok, answer.body
+    if not ok:
+        assert "port" in answer.body["errorMessage"]
+
+
+ADLS = {"servicePrincipalId": "sp", "servicePrincipalKey": "k", "tenant": "t"}
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://mllake.dfs.core.windows.net", True),
+        ("abfss://features@mllake.dfs.core.windows.net", True),
+        ("abfss://ml-features@mllake.dfs.core.windows.net/exports", True),
+        ("abfss://mllake.dfs.core.windows.net", False),
+        ("abfss://Features@mllake.dfs.core.windows.net", False),
+        ("abfss://features@mllake.dfs.core.windows.net/../up", False),
+    ],
+)
+async def test_adls_gen2_url_forms(emulator: Emulator, url: str, ok: bool) -> None:
+    answer = await base_answer(
+        emulator,
+        StorageType.ADLS_GEN2,
+        auth={"specName": "Azure Service Principal Auth", "params": {**ADLS, "url": url}},
+    )
+    assert (answer.status == 201) is ok, answer.body
+
+
+async def test_abfss_exports_land_in_the_urls_container(emulator: Emulator) -> None:
+    """ADLS Gen2 stays in local folders (no local dfs server); an abfss URL's container and
+    folder name the local folder."""
+    dataset_id, _, run = await export(
+        emulator,
+        StorageType.ADLS_GEN2,
+        {
+            "specName": "Azure Service Principal Auth",
+            "params": {**ADLS, "url": "abfss://features@mllake.dfs.core.windows.net/lake"},
+        },
+        {"path": "daily"},
+    )
+    assert status(run) == "success"
+    files = destination_files(emulator)
+    assert files
+    root = (
+        emulator.data_dir
+        / "destinations"
+        / "adls_gen2"
+        / "mllake"
+        / "features"
+        / "lake"
+        / "daily"
+        / dataset_id
+    )
+    assert all(f.is_relative_to(root) for f in files), files
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ("adls_gen2=http://127.0.0.1:1", "no local server serves ADLS Gen2"),
+        ("sftp=http://127.0.0.1:1", "sftp=connection"),
+        ("s3=connection", "give its URL"),
+        ("s3=ftp://127.0.0.1", "not an http(s) URL"),
+        ("dlz=http://127.0.0.1:1", "stay local"),
+        ("nfs=http://127.0.0.1:1", "kind must be one of"),
+        ("s3", "KIND=URL"),
+    ],
+)
+async def test_bad_storage_endpoints_are_refused(
+    emulator: Emulator, entry: str, words: str
+) -> None:
+    async with emulator.session.patch(
+        f"{emulator.url}/_emulator/config", json={"storage_endpoints": [entry]}
+    ) as answer:
+        body = await answer.text()
+        assert answer.status == 400, body
+    assert words in body
+    assert emulator.knobs.storage_endpoints == []
+
+
+async def test_an_assumed_role_cannot_be_written_to_a_server(emulator: Emulator) -> None:
+    """No STS here: the trigger says so rather than failing later with a confusing error."""
+    await use_servers(emulator, "s3=http://127.0.0.1:9")
+    role = {"specName": "Assumed Role", "params": {"s3Role": "arn:aws:iam::123456789012:role/r"}}
+    with pytest.raises(AssertionError, match="assumed role cannot be written"):
+        await export(emulator, StorageType.S3, role, {"bucketName": "role-bucket", "path": "x"})
+
+
+async def test_a_server_down_fails_the_run_with_a_write_error(emulator: Emulator) -> None:
+    """Nothing listens there: the run fails (bounded by the connect deadline), as a write
+    failure, not as refused credentials."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    await use_servers(emulator, f"s3=http://127.0.0.1:{port}")
+    _, _, run = await export(emulator, StorageType.S3, S3_KEYS, {"bucketName": "gone", "path": "x"})
+    assert status(run) == "failed"
+    (error,) = run["metrics"]["statusSummary"]["errors"]
+    assert error["code"] == "CONNECTOR-1005-500"
+    assert "Amazon S3" in error["message"]
+    assert not destination_files(emulator)
+
+
+def test_storage_endpoint_options_make_the_knob() -> None:
+    import argparse
+
+    from aep_emulator.cli import add_knob_options, knobs_from
+
+    parser = argparse.ArgumentParser()
+    add_knob_options(parser)
+    args = parser.parse_args(
+        ["--storage-endpoint", "s3=http://127.0.0.1:9000/", "--storage-endpoint", "sftp=connection"]
+    )
+    endpoints = {kind.value: url for kind, url in knobs_from(args).endpoints().items()}
+    assert endpoints == {"s3": "http://127.0.0.1:9000", "sftp": "connection"}
+    assert knobs_from(parser.parse_args([])).endpoints() == {}

@@ -20,12 +20,16 @@ from exporter.daemon.admission import Admission, Admitted, Counts, Fencing, Orig
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.storage import Faults, persist
 from exporter.engine.engine import Engine, Progress
+from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
+# Jobs a schedule fired (`exporter.sources.schedules.SOURCE`, not imported: it loads
+# APScheduler); their origin's name is the schedule's.
+SCHEDULE_SOURCE = "schedule"
 
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
 
@@ -205,6 +209,20 @@ class JobRunner:
 
     # -- jobs ------------------------------------------------------------------------------
 
+    def _count_export(self, origin: Origin, outcome: Outcome, job: Job) -> None:
+        """The export's bytes, records and files; its schedule's and lane's last success."""
+        try:
+            lane: str | None = self.engine.lanes.key(job).fingerprint
+        except ConfigError:  # its destination was removed by a reload meanwhile
+            lane = None
+        self.metrics.exported(
+            outcome,
+            destination=job.destination,
+            at=self.clock.time(),
+            schedule=origin.name if origin.source == SCHEDULE_SOURCE else None,
+            lane=lane,
+        )
+
     def _start(self, job: Job, origin: Origin, resume: Progress | None) -> None:
         task = asyncio.create_task(self._work(job, origin, resume), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = task
@@ -269,17 +287,18 @@ class JobRunner:
                 job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
             )
         # The outcome is written whole even if a stop arrives meanwhile.
-        settling = asyncio.ensure_future(self._complete(origin, outcome))
+        settling = asyncio.ensure_future(self._complete(origin, outcome, job))
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
         await asyncio.shield(settling)
 
-    async def _complete(self, origin: Origin, outcome: Outcome) -> None:
+    async def _complete(self, origin: Origin, outcome: Outcome, job: Job) -> None:
         journal = self.journal
         await self.persist(lambda: journal.finish(outcome), "journal", job_id=outcome.job_id)
         await self.settle(origin, outcome)
         self.counts.finished += 1
         self.metrics.job_finished(origin.source, outcome.state)
+        self._count_export(origin, outcome, job)
         log.info(
             "job_finished",
             job_id=outcome.job_id,

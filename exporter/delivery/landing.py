@@ -92,8 +92,21 @@ def landing(
             base = blob_base(destination.connection_string.get_secret_value())
             return Landing(f"{base}/{destination.container}/{quoted}", prefix)
         case AdlsGen2Destination():
+            url = destination.url
+            if url.startswith("abfss://"):
+                # abfss://<file system>@<account>.dfs.core.windows.net[/<folder>]
+                authority, _, url_folder = url.removeprefix("abfss://").partition("/")
+                filesystem, _, host = authority.partition("@")
+                account = host.split(".", 1)[0]
+                key = "/".join(p for p in (url_folder.strip("/"), prefix) if p)
+                return Landing(
+                    f"abfss://{filesystem}@{account}.dfs.core.windows.net/"
+                    f"{quote(key, safe=URI_SAFE)}",
+                    key,
+                    container=filesystem,
+                )
             # The URL names the account; the folder path's first segment is the file system.
-            account = destination.url.removeprefix("https://").split(".", 1)[0]
+            account = url.removeprefix("https://").split(".", 1)[0]
             filesystem, _, rest = prefix.partition("/")
             return Landing(
                 f"abfss://{filesystem}@{account}.dfs.core.windows.net/{quote(rest, safe=URI_SAFE)}",

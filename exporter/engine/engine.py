@@ -88,6 +88,9 @@ class Engine:
             identity_key=identity_key,
             rng=rng,
         )
+        if metrics is not None:  # the flow budget, counted as lanes make flows
+            self.lanes.metrics = metrics
+            metrics.destination_flows_limit.set(config.max_flows)
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)
         self._poller_task: asyncio.Task[None] | None = None
