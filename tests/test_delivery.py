@@ -40,6 +40,7 @@ from tests.delivery_support import (
     destination,
     webhook_receiver,
 )
+from tests.pgp_support import Keypair
 
 
 def s3(**verify: Any) -> Destination:
@@ -686,3 +687,36 @@ def test_the_export_command_reports_where_and_the_verdict() -> None:
     assert "landed   https://acct.blob.core.windows.net/dlz-destination/" in text
     assert "(kept 7 days)" in text
     assert "MISMATCH 2 files, 10 bytes, 5 rows at the destination" in text
+
+
+async def test_an_encrypted_export_is_verified_by_names_and_sizes_and_decrypts(
+    emulator: Emulator, rig_for: Callable[[Destination], Rig], keypair: Keypair
+) -> None:
+    """PGP-encrypted part files (`<part file>.gpg`): footers cannot be read, so verification
+    compares the files and the bytes AEP reports for them, and counts no rows; the manifest
+    lists them, and the test's own key decrypts them to the rows the run reported."""
+    root = emulator.data_dir / "destinations" / "s3" / "ml-exports"
+    dest = destination(
+        "s3",
+        bucket="ml-exports",
+        access_key_id=KEY_ID,
+        secret_access_key=SECRET_KEY,
+        pgp_public_key=keypair.armored.decode(),
+        verify={"store": "local", "root": str(root)},
+    )
+    rig = rig_for(dest)
+    (dataset,) = await emulator.seed(rows=100)
+    outcome = await rig.engine.run(job(dataset))
+    assert outcome.state == JobState.SUCCEEDED, outcome
+    delivery = outcome.delivery
+    assert delivery is not None
+    assert (delivery.verdict, delivery.files, delivery.rows) == ("verified", 3, None)
+    folder = await rig.folder(outcome)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    names = [f["name"] for f in manifest["files"]]
+    assert all(n.endswith(".gz.parquet.gpg") for n in names), names
+    rows = sum(
+        pq.read_table(io.BytesIO(keypair.decrypt((folder / n).read_bytes()))).num_rows
+        for n in names
+    )
+    assert rows == outcome.records == 100
