@@ -21,7 +21,7 @@ import json
 import random
 import urllib.error
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ import pytest
 
 from exporter.aep.api import RunInfo
 from exporter.aep.client import HttpAep
-from exporter.aep.facts import StorageType
 from exporter.delivery.deliver import Deliverer
 from exporter.delivery.landing import Landing
 from exporter.delivery.signals import MANIFEST, SUCCESS_MARKER
@@ -51,9 +50,9 @@ from tests.delivery_support import (
     webhook_receiver,
 )
 from tests.storage_servers import AzuriteBlob, S3Server, SftpServer
-from tests.test_emulator_storage import export, sftp_auth, use_servers
+from tests.test_emulator_storage import use_servers
 
-# -- through the engine: S3 (moto) and Azure Blob (Azurite) ----------------------------------
+# -- through the engine: S3 (moto), GCS's XML API (moto), Azure Blob (Azurite), SFTP --------
 
 
 @pytest.fixture
@@ -73,10 +72,18 @@ def job(dataset: str, path: str) -> Job:
 class Target:
     """One storage server as a destination: how to configure it, list it and change it."""
 
-    def __init__(self, dest: Callable[..., Destination], store: Any, endpoints: str) -> None:
+    def __init__(
+        self,
+        dest: Callable[..., Destination],
+        store: Any,
+        endpoints: str,
+        wrong_read: dict[str, str],
+    ) -> None:
         self.dest = dest
         self.store = store
         self.endpoints = endpoints
+        self.wrong_read = wrong_read
+        """Read credentials of the right shape that the server refuses."""
 
     def list(self, prefix: str) -> dict[str, int]:
         return {
@@ -98,8 +105,46 @@ class Target:
         obstore.put(self.store, prefix + last, data[: len(data) - 64])
 
 
-@pytest.fixture(params=["s3", "gcs-xml-on-moto", "azure_blob"])
+class SftpTarget(Target):
+    """The SFTP server: listed and read over SFTP; changed in its chroot folder."""
+
+    def __init__(self, server: SftpServer, dest: Callable[..., Destination]) -> None:
+        super().__init__(dest, None, "sftp=connection", {"password": "not-the-password"})
+        self.server = server
+
+    def list(self, prefix: str) -> dict[str, int]:
+        return {k.removeprefix(prefix): v for k, v in self.server.list(prefix).items()}
+
+    def read(self, key: str) -> bytes:
+        return self.server.read(key)
+
+    def _parts(self, prefix: str) -> Sequence[Path]:
+        return sorted((self.server.root / prefix).glob("part-*"))
+
+    def remove_one(self, prefix: str) -> None:
+        self._parts(prefix)[0].unlink()
+
+    def truncate_one(self, prefix: str) -> None:
+        last = self._parts(prefix)[-1]
+        last.write_bytes(last.read_bytes()[:-64])
+
+
+@pytest.fixture(params=["s3", "gcs-xml-on-moto", "azure_blob", "sftp"])
 def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "sftp":
+        sftp: SftpServer = request.getfixturevalue("sftp_server")
+
+        def sftp_dest(**verify: Any) -> Destination:
+            return destination(
+                "sftp",
+                host=sftp.host,
+                port=sftp.port,
+                username=sftp.password_user,
+                password=sftp.password,
+                verify=verify,
+            )
+
+        return SftpTarget(sftp, sftp_dest)
     if request.param in ("s3", "gcs-xml-on-moto"):
         # GCS through its S3-interoperable XML API with HMAC keys, as AEP's GCS destination
         # writes and the verifier reads: moto stands in for storage.googleapis.com, because
@@ -116,7 +161,8 @@ def target(request: pytest.FixtureRequest) -> Target:
                 verify={"endpoint": s3.endpoint, "region": s3.region, **verify},
             )
 
-        return Target(s3_dest, s3.store(), f"{kind}={s3.endpoint}")
+        wrong = {"access_key_id": "AKIAAAAAAAAAAAAAAAAA", "secret_access_key": "x" * 40}
+        return Target(s3_dest, s3.store(), f"{kind}={s3.endpoint}", wrong)
     blob: AzuriteBlob = request.getfixturevalue("azurite_blob")
 
     def blob_dest(**verify: Any) -> Destination:
@@ -127,7 +173,8 @@ def target(request: pytest.FixtureRequest) -> Target:
             verify=verify,
         )
 
-    return Target(blob_dest, blob.store(), "azure_blob=connection")
+    wrong = {"account_key": "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="}
+    return Target(blob_dest, blob.store(), "azure_blob=connection", wrong)
 
 
 @pytest.fixture
@@ -239,71 +286,11 @@ async def test_a_file_truncated_at_the_server_is_a_mismatch(
 async def test_read_credentials_the_server_refuses_are_a_mismatch_that_names_no_secret(
     run_job: Callable[..., Any], target: Target
 ) -> None:
-    if not target.endpoints.startswith("azure_blob="):
-        wrong = {"access_key_id": "AKIAAAAAAAAAAAAAAAAA", "secret_access_key": "x" * 40}
-    else:
-        wrong = {"account_key": "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="}
+    wrong = target.wrong_read
     outcome, _ = await run_job("ml/refused", grace_s=0, attempts=1, **wrong)
     assert outcome.state == JobState.DELIVERY_MISMATCH
     assert "failed" in outcome.message
     assert next(iter(wrong.values())) not in outcome.model_dump_json()
-
-
-# -- SFTP (asyncssh): the delivery step on a run the emulator wrote to the server -------------
-
-
-@pytest.mark.parametrize("change", [None, "remove", "truncate"])
-async def test_sftp_verification(
-    emulator: Emulator, sftp_server: SftpServer, change: str | None
-) -> None:
-    await use_servers(emulator, "sftp=connection")
-    path = f"ml/sftp-{change or 'verified'}"
-    auth = sftp_auth(sftp_server, username=sftp_server.password_user, password=sftp_server.password)
-    dataset_id, _, raw = await export(
-        emulator, StorageType.SFTP, auth, {"remotePath": f"/{path}"}, rows=100
-    )
-    run = RunInfo.parse(raw)
-    assert run.succeeded
-    dest = destination(
-        "sftp",
-        host=sftp_server.host,
-        port=sftp_server.port,
-        username=sftp_server.password_user,
-        password=sftp_server.password,
-        verify={"grace_s": 0},  # read with the destination's own port and password
-    )
-    outcome = Outcome(
-        job_id="sftp",
-        state=JobState.SUCCEEDED,
-        run_id=run.id,
-        files=run.output_files,
-        records=run.output_records,
-        bytes=run.output_bytes,
-    )
-    folder = sftp_server.root / path / dataset_id
-    (export_dir,) = folder.iterdir()  # only to know what to change; reading is over SFTP
-    if change == "remove":
-        sorted(export_dir.glob("part-*"))[0].unlink()
-    elif change == "truncate":
-        part = sorted(export_dir.glob("part-*"))[0]
-        part.write_bytes(part.read_bytes()[:-10])
-    deliverer = Deliverer(emulator.clock, random.Random(1))
-    result = await deliverer.deliver(dest, job(dataset_id, path), run, outcome)
-    await deliverer.aclose()
-    port = sftp_server.port
-    assert result.landing_uri == f"sftp://127.0.0.1:{port}/{path}/{dataset_id}/{export_dir.name}/"
-    listed = sftp_server.list(f"{path}/{dataset_id}/{export_dir.name}")
-    names = {Path(k).name for k in listed}
-    if change is None:
-        assert result.state == JobState.SUCCEEDED, result
-        assert result.delivery is not None
-        assert result.delivery.rows == run.output_records
-        assert {SUCCESS_MARKER, MANIFEST} <= names
-    else:
-        assert result.state == JobState.DELIVERY_MISMATCH, result
-        what = "files: " if change == "remove" else "bytes: "
-        assert what in result.message
-        assert not {SUCCESS_MARKER, MANIFEST} & names
 
 
 # -- the Data Landing Zone: its SAS, against Azurite -----------------------------------------
