@@ -720,3 +720,53 @@ async def test_an_encrypted_export_is_verified_by_names_and_sizes_and_decrypts(
         for n in names
     )
     assert rows == outcome.records == 100
+
+
+async def test_a_stop_cancels_a_webhook_that_hangs(emulator: Emulator) -> None:
+    """A receiver that never answers: stopping cancels the send (no wait past the drain
+    deadline) and the job's outcome was never waiting for it."""
+    import aiohttp
+    from aiohttp import web
+
+    from exporter.delivery.config import WebhookSettings
+    from exporter.delivery.deliver import Deliverer
+    from exporter.delivery.signals import send_webhook
+
+    got = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        got.set()
+        await hold.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = WebhookSettings(
+            url=f"http://127.0.0.1:{port}/hook", secret=SecretStr(WEBHOOK_SECRET), timeout_s=300
+        )
+        deliverer = Deliverer(emulator.clock, random.Random(1))
+        session = aiohttp.ClientSession()
+        task = asyncio.create_task(
+            send_webhook(
+                session,
+                settings,
+                {"event": "export.verified"},
+                clock=emulator.clock,
+                rng=random.Random(2),
+            )
+        )
+        deliverer.webhooks.add(task)
+        await asyncio.wait_for(got.wait(), 10)
+        await deliverer.aclose(within_s=0)
+        assert task.cancelled()
+        await session.close()
+    finally:
+        hold.set()
+        await runner.cleanup()
