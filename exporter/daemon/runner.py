@@ -320,4 +320,6 @@ class JobRunner:
             partial=outcome.partial,
             message=outcome.message,
             errors=[e.model_dump() for e in outcome.errors],
+            landing_uri=outcome.landing_uri,
+            delivery=outcome.delivery.verdict if outcome.delivery else None,
         )
