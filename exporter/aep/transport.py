@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from exporter.aep.auth import OPERATION as IMS_OPERATION
+from exporter.aep.auth import OPERATION as TOKEN_OPERATION
 from exporter.aep.auth import IssuedToken, TokenProvider, fetch_ims_token
 from exporter.aep.config import AepConfig
 from exporter.aep.envelopes import (
@@ -230,12 +231,15 @@ class Transport:
 
         def retryable(exc: Exception) -> bool:
             # A 412 is retryable only by the caller, after re-reading the etag: the same
-            # If-Match sent again is refused again.
+            # If-Match sent again is refused again. A token that could not be had was already
+            # retried by the token provider's own backoff: again here, the attempts would
+            # multiply (6 x 6 against an unreachable IMS).
             return (
                 idempotent
                 and isinstance(exc, AepError)
                 and exc.retryable
                 and not isinstance(exc, PreconditionFailed)
+                and exc.operation != TOKEN_OPERATION
             )
 
         def retrying(r: Retrying) -> None:
