@@ -159,6 +159,8 @@ class JobRunner:
         if task is None or task.done():
             return False
         self._cancelled[job_id] = reason
+        if self.engine.queries is not None:  # a cancelled job's query is cancelled in AEP too
+            await self.engine.queries.cancel(job_id)
         task.cancel()
         # Its outcome is being written (shielded); callers that need it wait on `filed`.
         await asyncio.wait({task}, timeout=STOP_WAIT_S)
