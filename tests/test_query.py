@@ -3,6 +3,7 @@ emulator's Query Service, which runs the SQL with DuckDB over its data lake; vir
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from exporter.aep.client import HttpAep
+from exporter.daemon.journal import Journal
 from exporter.destinations import DlzDestination
 from exporter.engine.config import EngineConfig
 from exporter.engine.engine import Engine, Progress
 from exporter.engine.query import query_name
-from exporter.jobs import Job, JobState
+from exporter.jobs import ORDER, Job, JobState
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator
 
@@ -73,6 +75,14 @@ async def exported(emulator: Emulator, run_id: str | None) -> pa.Table:
     files = (await emulator.control("GET", f"/runs/{run_id}"))["files"]
     assert files, "the run wrote no files"
     return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+async def served_op(emulator: Emulator, op: str) -> None:
+    """Return once the emulator has answered a request of `op`."""
+    seen = emulator.state.journal_seq
+    while not any(e.op == op for e in emulator.state.journal):
+        seen += 1
+        await emulator.state.served(seen)
 
 
 def by_country(table: pa.Table) -> list[dict[str, Any]]:
@@ -272,3 +282,66 @@ def test_a_job_with_a_query_names_no_dataset_and_keeps_old_ids() -> None:
         query_job("SELECT 1", query_into="insert")
     with pytest.raises(ValueError, match="table name"):
         query_job("SELECT 1", query_table="x; DROP TABLE y")
+
+
+async def test_journals_written_before_the_query_step_resume_and_query_jobs_journal_it(
+    tmp_path: Path,
+) -> None:
+    journal = await Journal.open(tmp_path)
+    try:
+        # As the previous release left them: jobs mid-way, no `querying` anywhere.
+        old = {"dataset_id": "ds", "destination": "lake", "path": "ml/x"}
+        for job_id, state in (("a", JobState.FLOW_READY), ("b", JobState.TRIGGERING)):
+            await journal.add(job_id, source="spool", name=f"{job_id}.json", spec=old)
+            for step in ORDER[2 : ORDER.index(state) + 1]:  # flow_ready onwards
+                await journal.advance(job_id, step, flow_id="f", intent_ms=5)
+        unfinished = {r.job_id: r for r in await journal.unfinished()}
+        assert {k: r.state for k, r in unfinished.items()} == {
+            "a": JobState.FLOW_READY,
+            "b": JobState.TRIGGERING,
+        }
+        assert Job.model_validate(unfinished["a"].spec).job_id == Job.model_validate(old).job_id
+        await journal.advance("b", JobState.RUNNING, run_id="r")
+        running = await journal.get("b")
+        assert running is not None
+        assert running.state == JobState.RUNNING
+        # A query job: querying comes between received and flow_ready, and a resumed job
+        # announcing it again later does not move it back.
+        spec = {"query": "SELECT 1", "destination": "lake", "path": "ml/x"}
+        await journal.add("q", source="spool", name="q.json", spec=spec)
+        await journal.advance("q", JobState.QUERYING, intent_ms=7)
+        await journal.advance("q", JobState.FLOW_READY, flow_id="f")
+        await journal.advance("q", JobState.QUERYING, intent_ms=9)
+        record = await journal.get("q")
+        assert record is not None
+        assert record.state == JobState.FLOW_READY
+        assert Job.model_validate(record.spec).has_query
+    finally:
+        await journal.close()
+
+
+async def test_cancelling_a_job_cancels_its_query_in_query_service(emulator: Emulator) -> None:
+    await seed(emulator, "events", 20, 61)
+    await emulator.control("PATCH", "/config", {"query_duration_s": {"min": 600, "max": 600}})
+    config = config_for(emulator)
+    async with HttpAep.from_config(config, clock=emulator.clock) as api:
+        eng = Engine(
+            api,
+            {"lake": DlzDestination(type="dlz")},
+            ENGINE,
+            org_id=config.org_id,
+            sandbox=config.sandbox,
+            clock=emulator.clock,
+        )
+        assert eng.queries is not None
+        async with eng:
+            job = query_job("SELECT * FROM events", id="c")
+            task = asyncio.create_task(eng.run(job))
+            await served_op(emulator, "queries.get")  # the query is running, polled
+            await eng.queries.cancel("c")  # what the runner does before cancelling the task
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    (query,) = emulator_queries(emulator)
+    assert query.state == "KILLED"
+    assert (await ops(emulator))["queries.patch"] == Counter({202: 1})

@@ -157,18 +157,17 @@ class QueryStep:
             jitter=0.2,
         )
         self._running: dict[str, str] = {}  # job id -> its query's id, while polled
+        self._cancelling: set[str] = set()  # jobs being cancelled
 
     async def cancel(self, job_id: str) -> None:
-        """Ask Query Service to cancel the job's query, if one is running (best effort)."""
+        """The job is being cancelled: its query is cancelled in Query Service now if it is
+        known, or as soon as its id is (a stop of the daemon does not call this: a restart
+        adopts the query instead)."""
         query_id = self._running.get(job_id)
         if query_id is None:
-            return
-        try:
-            async with asyncio.timeout(CANCEL_WITHIN_S):
-                await self._api.cancel_query(query_id)
-            log.info("query_cancelled", job_id=job_id, query_id=query_id)
-        except (AepError, TimeoutError) as exc:
-            log.warning("query_cancel_failed", job_id=job_id, query_id=query_id, error=str(exc))
+            self._cancelling.add(job_id)  # done where its id becomes known
+        else:
+            await self._cancel_id(query_id)
 
     async def run(
         self,
@@ -181,6 +180,19 @@ class QueryStep:
     ) -> QueryDone:
         """Run (or adopt) the job's query and find the dataset it wrote. Raises
         `QueryFailed`."""
+        try:
+            return await self._run(job, on_querying, resume_state, resume_mark_ms, deadline)
+        finally:
+            self._cancelling.discard(job.job_id)
+
+    async def _run(
+        self,
+        job: Job,
+        on_querying: OnQuerying,
+        resume_state: JobState | None,
+        resume_mark_ms: int | None,
+        deadline: float,
+    ) -> QueryDone:
         started = self._clock.monotonic()
         table = self._table(job)
         name = query_name(job)
@@ -201,11 +213,22 @@ class QueryStep:
             body = self._body(job, name, table)
             mark = int((self._clock.time() - self._window) * 1000)
             await on_querying(mark)
-            info = await self._submit(body, name, mark, deadline)
+            try:
+                info = await self._submit(body, name, mark, deadline)
+            except asyncio.CancelledError:
+                if job.job_id in self._cancelling:  # its id unknown yet: found by name
+                    await asyncio.shield(self._cancel_named(name, mark))
+                raise
         log.info("query_submitted", query_id=info.id, table=table)
         self._running[job.job_id] = info.id
         try:
+            if job.job_id in self._cancelling:  # cancelled while the query was being sent
+                await self._cancel_id(info.id)
             info = await self._wait(info, deadline)
+        except asyncio.CancelledError:
+            if job.job_id in self._cancelling:
+                await asyncio.shield(self._cancel_id(info.id))
+            raise
         finally:
             self._running.pop(job.job_id, None)
         if not info.succeeded:
@@ -353,10 +376,22 @@ class QueryStep:
             )
         await self._clock.sleep(delay)
 
+    async def _cancel_named(self, name: str, since_ms: int) -> None:
+        try:
+            async with asyncio.timeout(CANCEL_WITHIN_S):
+                found = await self._api.queries_named(name, since_ms)
+        except (AepError, TimeoutError) as exc:
+            log.warning("query_cancel_failed", error=str(exc))
+            return
+        for info in found:
+            if not info.terminal:
+                await self._cancel_id(info.id)
+
     async def _cancel_id(self, query_id: str) -> None:
         try:
             async with asyncio.timeout(CANCEL_WITHIN_S):
                 await self._api.cancel_query(query_id)
+            log.info("query_cancelled", query_id=query_id)
         except (AepError, TimeoutError) as exc:
             log.warning("query_cancel_failed", query_id=query_id, error=str(exc))
 
