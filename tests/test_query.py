@@ -21,6 +21,7 @@ from exporter.destinations import DlzDestination
 from exporter.engine.config import EngineConfig
 from exporter.engine.engine import Engine, Progress
 from exporter.engine.query import query_name
+from exporter.errors import ConfigError
 from exporter.jobs import ORDER, Job, JobState
 from tests.aepclient_support import config_for
 from tests.conftest import Emulator
@@ -345,3 +346,60 @@ async def test_cancelling_a_job_cancels_its_query_in_query_service(emulator: Emu
     (query,) = emulator_queries(emulator)
     assert query.state == "KILLED"
     assert (await ops(emulator))["queries.patch"] == Counter({202: 1})
+
+
+def test_a_schedule_with_a_query_fires_jobs_whose_table_and_parameters_follow_the_slot() -> None:
+    from datetime import UTC, datetime
+
+    from exporter.daemon.config import ScheduleConfig
+    from exporter.engine.query import parameters, table_of
+    from exporter.sources.schedules import slot_job_id
+
+    config = ScheduleConfig.model_validate(
+        {
+            "name": "events-refresh",
+            "cron": "0 2 * * *",
+            "job": {
+                "query": "daily-events.sql",
+                "query_table": "features_{slot_date}",
+                "destination": "lake",
+                "path": "features/events",
+                "mode": "daily",
+                "export_now": True,
+            },
+        }
+    )
+    # What the scheduler submits for a slot (exporter/sources/schedules.py, `fire`).
+    slot = datetime(2026, 12, 2, 2, 0, tzinfo=UTC)
+    spec = {
+        **config.job.model_dump(mode="json", exclude_unset=True),
+        "id": slot_job_id("events-refresh", slot),
+    }
+    job = Job.model_validate(spec)
+    assert table_of(job) == "features_20261202"
+    assert parameters(job) == {
+        "job_id": "events-refresh@2026-12-02T02:00:00Z",
+        "slot": "2026-12-02T02:00:00Z",
+        "slot_date": "2026-12-02",
+        "previous_date": "2026-12-01",
+    }
+    unscheduled = query_job("SELECT 1", query_table="t_{slot_date}")
+    with pytest.raises(ConfigError, match="not a scheduled one"):
+        table_of(unscheduled)
+
+
+async def test_parameter_values_are_bound_not_spliced_into_the_sql(
+    emulator: Emulator, engine: Engine
+) -> None:
+    await seed(emulator, "events", 30, 71)
+    sneaky = "US' OR '1'='1"
+    outcome = await engine.run(
+        query_job(
+            "SELECT person_id, country FROM events WHERE country = $country",
+            query_params={"country": sneaky},
+        )
+    )
+    # Bound as a value, the text matches no country: an empty result, nothing to export.
+    assert outcome.query_rows == 0
+    (query,) = emulator_queries(emulator)
+    assert sneaky not in query.request["sql"]
