@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import duckdb
 import pyarrow as pa
@@ -211,9 +212,10 @@ async def list_queries(request: web.Request) -> web.Response:
     if len(found) > limit:
         nxt = _iso(page[-1].created)
         answer["_page"]["next"] = nxt
-        link = f"orderby={order}&limit={limit}&start={nxt}"
+        pairs = [("orderby", order), ("limit", str(limit)), ("start", nxt)]
         if prop:
-            link += f"&property={prop}"
+            pairs.append(("property", prop))
+        link = urlencode(pairs, quote_via=quote)
         answer["_links"]["next"] = {"href": f"{QUERY_SERVICE_PATH}/queries?{link}"}
     return json_ok(answer)
 

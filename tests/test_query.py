@@ -403,3 +403,29 @@ async def test_parameter_values_are_bound_not_spliced_into_the_sql(
     assert outcome.query_rows == 0
     (query,) = emulator_queries(emulator)
     assert sneaky not in query.request["sql"]
+
+
+async def test_the_client_pages_through_queries_and_reads_query_services_refusals(
+    emulator: Emulator,
+) -> None:
+    from exporter.aep.queries import HttpQueries
+    from exporter.errors import RequestError
+
+    await seed(emulator, "events", 10, 81)
+    config = config_for(emulator)
+    async with HttpAep.from_config(config, clock=emulator.clock) as api:
+        queries = HttpQueries(api.transport, page_size=1)
+        body = {"dbName": "prod:all", "sql": "SELECT 1 AS one", "name": "same"}
+        made = [await queries.submit_query(body) for _ in range(3)]
+        await queries.submit_query({**body, "name": "other"})
+        assert [m.state for m in made] == ["SUBMITTED"] * 3
+        found = await queries.queries_named("same", made[0].created_ms)
+        assert [q.id for q in found] == [m.id for m in made]  # oldest first, over 3 pages
+        assert await queries.queries_named("same", made[-1].created_ms + 1) == []
+        with pytest.raises(RequestError, match=r"queryParameters has no value for: \$day"):
+            await queries.submit_query({**body, "sql": "SELECT $day AS d"})
+        assert await queries.get_query("no-such-query") is None
+        assert await queries.dataset_of_table("events") is not None
+        assert await queries.dataset_of_table("no_such_table") is None
+    listed = [e for e in emulator.state.journal if e.op == "queries.list"]
+    assert len(listed) >= 3
