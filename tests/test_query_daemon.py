@@ -57,6 +57,8 @@ async def test_sigkill_during_the_query_leaves_one_query_and_one_export(tmp_path
             await until_results(spool, [name], deadline_s=60)
         finally:
             await kill(running)
+        (finished,) = [e for e in running.lines if e.get("event") == "job_finished"]
+        assert finished["query_id"] == query.id  # the canonical line names the query
         (result,) = results(spool).values()
         assert result["state"] == "succeeded", result
         assert len(state.queries) == 1  # adopted, not sent again

@@ -296,4 +296,18 @@ class JobRunner:
             partial=outcome.partial,
             message=outcome.message,
             errors=[e.model_dump() for e in outcome.errors],
+            **_query_fields(outcome),
         )
+
+
+def _query_fields(outcome: Outcome) -> dict[str, object]:
+    """A query job's part of the canonical line (absent for other jobs: their line is as
+    before)."""
+    if outcome.query_id is None and outcome.dataset_id is None:
+        return {}
+    return {
+        "query_id": outcome.query_id,
+        "query_rows": outcome.query_rows,
+        "query_duration_s": outcome.query_duration_s,
+        "dataset_id": outcome.dataset_id,
+    }
