@@ -429,3 +429,42 @@ async def test_the_client_pages_through_queries_and_reads_query_services_refusal
         assert await queries.dataset_of_table("no_such_table") is None
     listed = [e for e in emulator.state.journal if e.op == "queries.list"]
     assert len(listed) >= 3
+
+
+async def test_a_lost_submit_answer_adopts_the_query_and_failed_polls_are_retried(
+    emulator: Emulator, engine: Engine
+) -> None:
+    await seed(emulator, "events", 40, 91)
+    # The query is made but its answer never arrives; then two status reads fail.
+    await emulator.control("POST", "/faults", {"action": "drop_after", "op": "queries.create"})
+    await emulator.control(
+        "POST", "/faults", {"action": "status", "status": 503, "op": "queries.get", "count": 2}
+    )
+    outcome = await engine.run(query_job("SELECT person_id FROM events", id="lost-answer"))
+    assert outcome.state == JobState.SUCCEEDED, outcome
+    assert outcome.records == 40
+    (query,) = emulator_queries(emulator)  # adopted by its name, not sent again
+    assert outcome.query_id == query.id
+    counted = await ops(emulator)
+    assert counted["queries.create"] == Counter({599: 1})
+    assert counted["queries.get"][503] == 2
+
+
+async def test_a_job_resumed_past_its_query_neither_sends_it_again_nor_loses_it(
+    emulator: Emulator, engine: Engine
+) -> None:
+    await seed(emulator, "events", 25, 92)
+    job = query_job("SELECT person_id FROM events", id="resumed-late")
+    first = await engine.run(job)
+    assert first.state == JobState.SUCCEEDED, first
+    # The process died after the run was journaled: the restart polls the same run.
+    again = await engine.run(
+        job, resume=Progress(JobState.RUNNING, flow_id=first.flow_id, run_id=first.run_id)
+    )
+    assert again.state == JobState.SUCCEEDED, again
+    assert (again.run_id, again.query_id, again.dataset_id) == (
+        first.run_id,
+        first.query_id,
+        first.dataset_id,
+    )
+    assert len(emulator_queries(emulator)) == 1
