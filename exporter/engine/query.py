@@ -336,20 +336,24 @@ class QueryStep:
         return info
 
     async def _dataset(self, table: str, deadline: float) -> str:
+        """The dataset of `table`, looked for again for up to `status_unreadable_s`: a new
+        dataset may reach the Catalog's listing a little after its query ended."""
         step = 1
+        give_up = self._clock.monotonic() + self._config.status_unreadable_s
         while True:
             try:
                 dataset = await self._api.dataset_of_table(table)
             except _UNREADABLE as exc:
                 log.warning("query_dataset_unreadable", error=str(exc))
-                await self._pause(step, deadline)
-                step += 1
-                continue
-            if dataset is None:
+                dataset = None
+            if dataset is not None:
+                return dataset
+            if self._clock.monotonic() >= give_up:
                 raise QueryFailed(
                     JobState.FAILED, f"the query succeeded but no dataset has the table {table}"
                 )
-            return dataset
+            await self._pause(step, deadline)
+            step += 1
 
     async def _pause(
         self,
