@@ -40,7 +40,7 @@ check-runtime:
 			echo "$$module is installed without its extra"; exit 1; fi; \
 	done; \
 	"$$venv/bin/aep-exporter" --help >/dev/null; \
-	for command in export probe lanes run status validate; do "$$venv/bin/aep-exporter" $$command --help >/dev/null; done; \
+	for command in export probe lanes run status validate check datasets; do "$$venv/bin/aep-exporter" $$command --help >/dev/null; done; \
 	status=0; message="$$(timeout 60 "$$venv/bin/aep-exporter" emulator 2>&1)" || status=$$?; \
 	echo "$$message"; test "$$status" -eq 2; \
 	case "$$message" in *"pip install 'aep-exporter[emulator]'") ;; *) exit 1;; esac

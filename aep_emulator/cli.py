@@ -22,6 +22,20 @@ DEFAULT_DATA_DIR = Path(".aep-emulator")
 SEEDED_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "not_ready_window_s": 3.0,
+        "run_duration_s": Span(min=1, max=3),
+        "seed": 1,
+        "seed_datasets": 1,
+        "rows": 1000,
+    },
+}
+"""Option values a preset stands for; an option given on the command line wins. `quick`: one
+dataset with a fixed id (seed 1), AEP's ten-minute not-ready window cut to three seconds and
+runs of one to three, in real time: the README's quick try (with config/quick.toml)."""
+
+
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "emulator",
@@ -33,6 +47,12 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.set_defaults(func=run_serve)
     _common(parser)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="quick: one seeded dataset (fixed id), a 3 s not-ready window and 1-3 s runs, for "
+        "a first try with config/quick.toml; options given as well win",
+    )
     net = parser.add_argument_group("listening")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     net.add_argument(
@@ -48,6 +68,9 @@ def add_parser(subparsers: Any) -> None:
         help="create N synthetic datasets before serving",
     )
     s.add_argument("--rows", type=int, default=10_000, help="rows per seeded dataset")
+    parser.set_defaults(
+        option_defaults={name: parser.get_default(name) for name in PRESETS["quick"]}
+    )
 
     sub = parser.add_subparsers(dest="emulator_command")
     seed = sub.add_parser(
@@ -184,6 +207,25 @@ def seed_lake(
     return made
 
 
+def seeded_before(data_dir: Path, sandbox: str, seed: int | None) -> list[dict[str, Any]]:
+    """The dataset a seeded run made in `data_dir` before, if it is there: a second
+    `--preset quick` serves it again rather than add another beside it."""
+    import tempfile
+
+    from aep_emulator.datalake import DataLake
+
+    if seed is None:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:  # the id the seed gives first (no rows)
+        first = DataLake(Path(scratch)).create_dataset(
+            sandbox, "probe", 0, rng=random.Random(seed), now_ms=SEEDED_EPOCH_MS
+        )
+    found = DataLake(data_dir / "datalake").get(sandbox, first.id)
+    if found is None:
+        return []
+    return [{"id": found.id, "name": found.name, "rows": found.rows, "sandbox": sandbox}]
+
+
 def run_seed(args: argparse.Namespace) -> int:
     if args.count < 1 or args.rows < 0:
         print("error: --count must be at least 1 and --rows at least 0", file=sys.stderr)
@@ -200,13 +242,23 @@ def run_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def apply_preset(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """Fill in the preset's values where the command line left an option at its default."""
+    for name, value in PRESETS.get(args.preset or "", {}).items():
+        if getattr(args, name) == parser_defaults[name]:
+            setattr(args, name, value)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    apply_preset(args, args.option_defaults)
     try:
         knobs = knobs_from(args)
     except (ValidationError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.seed_datasets:
+    if args.preset and (kept := seeded_before(args.data_dir, knobs.sandboxes[0], args.seed)):
+        print(json.dumps({"seeded": kept}), flush=True)  # a second quick try: the same one
+    elif args.seed_datasets:
         made = seed_lake(
             args.data_dir,
             sandbox=knobs.sandboxes[0],

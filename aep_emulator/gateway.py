@@ -104,6 +104,36 @@ def authenticate(request: web.Request, state: EmulatorState) -> Caller:
     return Caller(org, found.client_id, state.sandbox(org, name))
 
 
+# The answer when the credential's roles lack a permission: Flow Service's FLOW-2120-403 (its
+# error catalogue, docs/aep-notes.md#permissions).
+FORBIDDEN_MESSAGE = (
+    "You do not have sufficient permissions to perform the operation. Please contact your "
+    "administrator to resolve permissions and try again."
+)
+_READS = frozenset({"GET", "HEAD"})
+
+
+def required_permission(operation: str, method: str) -> str | None:
+    """The permission a platform call needs (docs/aep-notes.md#permissions), by its route
+    name: listing exportable datasets needs View Datasets, other Flow Service reads View
+    Destinations, and every change and ad hoc run Manage and Activate Dataset Destinations.
+    The landing zone's own API needs none of the three."""
+    if operation == "connectionSpecs.configs":
+        return "view-datasets"
+    if operation == "adhoc.run":
+        return "manage-dataset-destinations"
+    if operation.startswith("landingzone."):
+        return None
+    return "view-destinations" if method.upper() in _READS else "manage-dataset-destinations"
+
+
+def authorize(request: web.Request, state: EmulatorState, operation: str) -> None:
+    """Refuse a call that needs a permission the credential lacks (`denied_permissions`)."""
+    needed = required_permission(operation, request.method)
+    if needed is not None and needed in state.knobs.denied_permissions:
+        raise FlowError(403, 2120, FORBIDDEN_MESSAGE)
+
+
 STATE_KEY = web.AppKey("state", EmulatorState)
 CALLER_KEY = web.RequestKey("caller", Caller)
 

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from aep_emulator.errors import EmulatorError, FlowError, GatewayError, ProblemError
-from aep_emulator.gateway import CALLER_KEY, STATE_KEY, authenticate
+from aep_emulator.gateway import CALLER_KEY, STATE_KEY, authenticate, authorize
 from aep_emulator.state import EmulatorState, ScriptedFault
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -190,6 +190,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith(PLATFORM_PREFIX):
         request[CALLER_KEY] = authenticate(request, request.app[STATE_KEY])
+        authorize(request, request.app[STATE_KEY], _op(request))
     return await handler(request)
 
 

@@ -43,6 +43,10 @@ class Span(BaseModel):
 
 
 RetryAfterMode = Literal["always", "never", "random"]
+# The Experience Platform permissions Adobe's dataset export guide asks for (View Destinations,
+# View Datasets, Manage and Activate Dataset Destinations), by the names `--deny-permission`
+# takes; docs/aep-notes.md#permissions says which calls need which.
+Permission = Literal["view-destinations", "view-datasets", "manage-dataset-destinations"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,13 @@ class Knobs(BaseModel):
     )
     sandboxes: Annotated[list[str], Flag(IDENTITY, "--sandbox", "NAME")] = Field(
         default=["prod", "dev"], description="a sandbox name to serve; repeat for more"
+    )
+    denied_permissions: Annotated[list[Permission], Flag(IDENTITY, "--deny-permission", "NAME")] = (
+        Field(
+            default=[],
+            description="a permission the credential lacks (view-destinations, view-datasets, "
+            "manage-dataset-destinations): the calls needing it answer 403; repeat for more",
+        )
     )
 
     # Time

@@ -72,6 +72,16 @@ COMMANDS = (
         "exporter.lanes_cli",
     ),
     Command(
+        "check",
+        "check credentials, sandbox, permissions, destinations and pending jobs against AEP",
+        "exporter.check",
+    ),
+    Command(
+        "datasets",
+        "list the datasets AEP lets this sandbox export (`datasets list`)",
+        "exporter.datasets_cli",
+    ),
+    Command(
         "demo",
         "run the daemon on the sample jobs against a local emulator",
         "exporter.cli",
@@ -107,7 +117,14 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
 
 
 def add_demo_parser(subparsers: Any) -> None:
-    demo = subparsers.add_parser("demo", help=BY_NAME["demo"].help)
+    demo = subparsers.add_parser(
+        "demo",
+        help=BY_NAME["demo"].help,
+        description="Seed synthetic datasets, start the emulator with AEP's windows shortened, "
+        "drop the sample jobs into a spool, run the daemon until each has its result, stop it "
+        "with SIGTERM and print what landed where. Takes about ten seconds; needs no Adobe "
+        "account.",
+    )
     demo.add_argument(
         "--workdir",
         type=Path,
@@ -148,6 +165,9 @@ def missing_extra(command: Command) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    if not words:  # a first try: help, not an error
+        build_parser([]).print_help()
+        return 0
     command = BY_NAME.get(chosen(words) or "")
     if command is not None and (problem := missing_extra(command)):
         print(problem, file=sys.stderr)

@@ -13,6 +13,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 AUTO_ADVANCE_PAUSE = 0.0005  # real seconds
@@ -76,6 +77,12 @@ class SystemClock:
         return contextlib.nullcontext()
 
 
+@dataclass(eq=False)
+class _Limit:
+    span: float
+    until: float
+
+
 class FakeClock:
     """A clock that stands still until `advance()` is awaited.
 
@@ -97,7 +104,7 @@ class FakeClock:
         self._seq = itertools.count()
         self._holds: dict[int, float] = {}  # busy() work under way: when it began (real)
         self._released = asyncio.Event()
-        self._limits: list[float] = []  # within() blocks under way: how far time may go
+        self._limits: list[_Limit] = []  # within() blocks under way: how far time may go
 
     def time(self) -> float:
         return self._wall0 + self._now
@@ -133,20 +140,28 @@ class FakeClock:
 
     @contextlib.contextmanager
     def within(self, seconds: float) -> Iterator[None]:
-        """Inside this block time moves by itself at most `seconds` further (`advance()`
-        still moves it at will).
+        """Inside this block time moves by itself at most `seconds` ahead (`advance()` still
+        moves it at will).
 
         For a test that acts in real time on work that must stay under way meanwhile: with
         auto-advance, a week-long deadline passes in well under a second of a busy
         machine's time, as a long run's polls race ahead. Short waits (a backoff, a rate
-        limit) still pass."""
-        limit = self._now + seconds
+        limit) still pass. Time already carried past the limit (by a step under way when the
+        block began, or by `advance()`) moves the limit on with it, so that short waits
+        never hang."""
+        limit = _Limit(seconds, self._now + seconds)
         self._limits.append(limit)
         try:
             yield
         finally:
             self._limits.remove(limit)
             self._released.set()
+
+    def _limit(self) -> float:
+        for limit in self._limits:
+            if limit.until < self._now:
+                limit.until = self._now + limit.span
+        return min(limit.until for limit in self._limits)
 
     async def _held(self) -> bool:
         """Until no busy() work younger than BUSY_HOLD_S is under way; whether it waited."""
@@ -173,7 +188,7 @@ class FakeClock:
                     heapq.heappop(self._sleepers)
                 if not self._sleepers:
                     return
-                if self._limits and self._sleepers[0][0] > min(self._limits):
+                if self._limits and self._sleepers[0][0] > self._limit():
                     self._released.clear()  # until a nearer sleep or the block's end
                     await self._released.wait()
                     continue

@@ -17,10 +17,12 @@ ExporterError
 ├── RedisUnavailable              [sources.redis.store] Redis down for longer than outage_s
 ├── Corrupt                       [daemon.journal_file] the journal is not a usable database
 ├── Unwritable                    [daemon.journal] the daemon's writes are failing now
+├── Stopped                       [oneshot] SIGINT or SIGTERM stopped the `export` command
 └── AepError                      something AEP (or the way to it) answered or failed to
     ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]
     │   ├── ConnectError          [aep.envelopes] no connection: never sent             [retry]
-    │   │   └── TlsError          [aep.envelopes] the certificate could not be verified
+    │   │   ├── TlsError          [aep.envelopes] the certificate could not be verified
+    │   │   └── DnsError          [aep.envelopes] the host name does not resolve
     │   └── TriggerOutcomeUnknown [aep.adhoc] a trigger sent, its answer lost: look first
     ├── AuthError                 IMS refused the credentials, or the gateway the token
     ├── ThrottledError            429                                                   [retry]

@@ -299,6 +299,10 @@ class Outcome(BaseModel):
     partial: bool = False
     errors: tuple[RunError, ...] = ()
     message: Scrubbed = ""
+    cause: Literal["", "aep", "auth", "unreachable"] = Field(default="", exclude=True)
+    """For a job that failed on an error rather than a run: which kind (auth: credentials
+    refused; unreachable: no connection to AEP or IMS). In-process only, for exit codes
+    (exporter/exitcodes.py); results and the journal do not carry it."""
     query_id: str | None = None
     query_rows: int | None = None
     query_duration_s: float | None = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any, TextIO
+from collections.abc import Collection, MutableMapping
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -50,12 +50,39 @@ _TRACEBACKS = structlog.processors.ExceptionRenderer(
 )
 
 
+class CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written: a live display (rich's spinner)
+    swaps it for a proxy that prints above the spinner instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(
-    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+    level: str = "info",
+    *,
+    json: bool | None = None,
+    stream: TextIO | CurrentStderr | None = None,
+    also: Collection[str] = (),
 ) -> None:
-    """Set up structlog once, at the edge. `json=None`: JSON unless `stream` is a terminal."""
+    """Set up structlog once, at the edge. `json=None`: JSON unless `stream` is a terminal.
+    `also`: events shown even below `level` (`export` on a terminal shows its retries)."""
     out = stream or sys.stderr
     as_json = not out.isatty() if json is None else json
+    threshold = logging.getLevelNamesMapping()[level.upper()]
+
+    def only_wanted(_: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        below = logging.getLevelNamesMapping()[method.upper()] < threshold
+        if below and event.get("event") not in also:
+            raise structlog.DropEvent
+        return event
+
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
@@ -63,6 +90,7 @@ def configure_logging(
     )
     structlog.configure(
         processors=[
+            *([only_wanted] if also else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -72,8 +100,8 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
+            min(threshold, logging.INFO) if also else threshold
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(cast("TextIO", out)),  # (a duck: ok)
         cache_logger_on_first_use=False,
     )

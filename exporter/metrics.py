@@ -8,12 +8,22 @@ codes, job states and sources; never ids. docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 
-from exporter.jobs import TERMINAL, JobState
+from exporter import __version__
+from exporter.jobs import TERMINAL, JobState, Outcome
 
 if TYPE_CHECKING:
     from exporter.aep.api import RunInfo
@@ -162,8 +172,66 @@ class Metrics:
         )
         for state in IN_FLIGHT_STATES:  # shown as 0, not absent, while no job is there
             self.jobs_in_flight_by_state.labels(state.value)
+        self._exports(r)
         self._job_states: dict[str, JobState] = {}
         self._redis_messages: Counter | None = None  # only with the Redis intake
+
+    def _exports(self, r: CollectorRegistry) -> None:
+        """What was exported, when each schedule and lane last succeeded, the flow budget, the
+        build, and the process (CPU, memory, descriptors, garbage collector)."""
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; the running version and Python in its labels.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.exported_bytes = Counter(
+            f"{PREFIX}_exported_bytes",
+            "Bytes AEP wrote to the destination for succeeded jobs (its sizeSummary), by "
+            "destination.",
+            ["destination"],
+            registry=r,
+        )
+        self.exported_records = Counter(
+            f"{PREFIX}_exported_records",
+            "Records AEP exported for succeeded jobs (its recordSummary), by destination.",
+            ["destination"],
+            registry=r,
+        )
+        self.exported_files = Counter(
+            f"{PREFIX}_exported_files",
+            "Files AEP wrote for succeeded jobs (its fileSummary), by destination.",
+            ["destination"],
+            registry=r,
+        )
+        self.schedule_last_success = Gauge(
+            f"{PREFIX}_schedule_last_success_timestamp_seconds",
+            "When a job of the schedule last succeeded (Unix time), by schedule.",
+            ["schedule"],
+            registry=r,
+        )
+        self.lane_last_success = Gauge(
+            f"{PREFIX}_lane_last_success_timestamp_seconds",
+            "When a job on the lane last succeeded (Unix time), by lane fingerprint and "
+            "destination.",
+            ["lane", "destination"],
+            registry=r,
+        )
+        self.destination_flows = Gauge(
+            f"{PREFIX}_destination_flows",
+            "Destination dataflows in the sandbox when the lanes last counted them (before "
+            "making a flow).",
+            registry=r,
+        )
+        self.destination_flows_limit = Gauge(
+            f"{PREFIX}_destination_flows_limit",
+            "The flow budget: destination dataflows the lanes may hold (engine.max_flows).",
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # process_*: CPU, memory, open descriptors, start time
+        r.register(PLATFORM_COLLECTOR)  # python_info
+        r.register(GC_COLLECTOR)  # python_gc_*
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -190,6 +258,32 @@ class Metrics:
 
     def job_finished(self, source: str, state: JobState) -> None:
         self.jobs_finished.labels(source, state.value).inc()
+
+    def exported(
+        self,
+        outcome: Outcome,
+        *,
+        destination: str,
+        at: float,
+        schedule: str | None = None,
+        lane: str | None = None,
+    ) -> None:
+        """A job ended with `outcome` at `at` (Unix time): a succeeded one counts its bytes,
+        records and files, and marks its schedule's and lane's last success."""
+        if outcome.state is not JobState.SUCCEEDED:
+            return
+        self.exported_bytes.labels(destination).inc(outcome.bytes)
+        self.exported_records.labels(destination).inc(outcome.records)
+        self.exported_files.labels(destination).inc(outcome.files)
+        if schedule is not None:
+            self.schedule_last_success.labels(schedule).set(at)
+        if lane is not None:
+            self.lane_last_success.labels(lane, destination).set(at)
+
+    def flow_budget(self, flows: int, limit: int) -> None:
+        """The lanes counted `flows` destination dataflows in the sandbox, `limit` allowed."""
+        self.destination_flows.set(flows)
+        self.destination_flows_limit.set(limit)
 
     def schedule_slot(self, schedule: str, outcome: str, count: int = 1) -> None:
         """`count` slots of `schedule` handled: fired, duplicate, overlapping, missed or

@@ -10,12 +10,13 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_origin
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -131,13 +132,49 @@ class Settings(BaseSettings):
         return path
 
 
-def describe_errors(exc: ValidationError, source: str) -> str:
-    """A readable list of what is wrong, never echoing a value that may be a secret."""
+def describe_errors(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """A readable list of what is wrong, never echoing a value that may be a secret. With
+    `model`, an unknown key gets a "did you mean" from the keys allowed where it stands."""
     lines = [f"{source}: {exc.error_count()} problem(s)"]
     for error in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
-        lines.append(f"  {where or '(top level)'}: {error['msg'].removeprefix('Value error, ')}")
+        message = error["msg"].removeprefix("Value error, ")
+        if model is not None and error["type"] == "extra_forbidden" and error["loc"]:
+            *parent, unknown = error["loc"]
+            close = difflib.get_close_matches(str(unknown), known_keys(model, parent), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        lines.append(f"  {where or '(top level)'}: {message}")
     return "\n".join(lines)
+
+
+def known_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys allowed at `loc` (a validation error's path) under `model`: a step that is
+    no field (a table's own name, a list index) is passed over; a union's tag (a
+    destination's `type`) picks its member."""
+    models = [model]
+    for step in loc:
+        fields = [m.model_fields[str(step)] for m in models if str(step) in m.model_fields]
+        if fields:
+            models = [found for f in fields for found in _models(f.annotation)]
+            continue
+        tagged = [m for m in models if _tag(m) == step]
+        models = tagged or models
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = get_args(annotation)
+    if get_origin(annotation) is dict:
+        args = args[1:]  # (the values, not the keys)
+    return [found for arg in args for found in _models(arg)]
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("type")
+    return None if field is None else field.default
 
 
 def load_settings(path: Path | None, *, credentials_directory: str | None = None) -> Settings:
@@ -157,10 +194,77 @@ def load_settings(path: Path | None, *, credentials_directory: str | None = None
     try:
         loaded = FromFile(_env_parse_none_str="null")  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, str(path or "configuration"))) from None
+        problems = describe_errors(exc, str(path or "configuration"), Settings)
+        if path is None:
+            problems = f"{NO_FILE}\n{problems}"
+        raise ConfigError(problems) from None
     except (ValueError, OSError) as exc:
         raise ConfigError(f"{path or 'configuration'}: {exc}") from None
     return Settings.model_construct(**{k: getattr(loaded, k) for k in Settings.model_fields})
+
+
+class LocalSettings(BaseSettings):
+    """The settings that concern only this machine's files (the state folder, the schedules'
+    names): what `status` reads, with no AEP credentials needed. Other sections are ignored
+    here, not checked; `validate` checks them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EXPORTER_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+    config_dir: ClassVar[Path | None] = None
+
+    daemon: DaemonConfig = DaemonConfig()
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dirs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("daemon"), Mapping):
+            data = {
+                **data,
+                "daemon": {
+                    k: (str(cls._resolve(v)) if k.endswith("_dir") else v)
+                    for k, v in data["daemon"].items()
+                },
+            }
+        return data
+
+    @classmethod
+    def _resolve(cls, value: Any) -> Path:  # (as Settings does: relative to the file)
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and cls.config_dir is not None:
+            path = cls.config_dir / path
+        return path
+
+
+def load_local_settings(path: Path | None) -> LocalSettings:
+    """`LocalSettings` from `path` (TOML, optional) and the environment; `ConfigError` with
+    every problem of those sections listed."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+
+    class FromFile(LocalSettings):
+        model_config = SettingsConfigDict(toml_file=path)
+        config_dir = path.parent if path is not None else None
+
+    try:
+        loaded = FromFile(_env_parse_none_str="null")  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, str(path or "configuration"))) from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path or 'configuration'}: {exc}") from None
+    return LocalSettings.model_construct(daemon=loaded.daemon, schedules=loaded.schedules)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -173,8 +277,15 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+SYSTEM_CONFIG = Path("/etc/aep-exporter/exporter.toml")
+NO_FILE = (
+    f"no configuration file found: --config was not given, $EXPORTER_CONFIG is not set and "
+    f"{SYSTEM_CONFIG} does not exist (settings came from EXPORTER_* variables alone; "
+    "config/exporter.toml is a commented example, config/quick.toml one for the emulator)"
+)
+
+
 def default_config() -> Path | None:
     if "EXPORTER_CONFIG" in os.environ:
         return Path(os.environ["EXPORTER_CONFIG"])
-    system = Path("/etc/aep-exporter/exporter.toml")
-    return system if system.is_file() else None
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None

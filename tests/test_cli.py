@@ -3,6 +3,7 @@ asked for, and says in one line which extra to install when that one needs a mis
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import COMMANDS, EMULATOR_NEEDS, build_parser
+from exporter.cli import COMMANDS, EMULATOR_NEEDS, build_parser, main
 
 # Modules a bare `aep-exporter --help` has no use for (each costs tens of milliseconds or more).
 HEAVY = (
@@ -143,3 +144,27 @@ def test_the_runtime_commands_need_nothing_from_the_emulator_extra(tmp_path: Pat
     result = python(script, tmp_path, ("aep_emulator", *EXTRA_ONLY))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_the_bare_command_prints_help_and_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: aep-exporter")
+    assert all(command.name in out for command in COMMANDS)
+
+
+def test_every_command_describes_itself_in_its_help() -> None:
+    for command in COMMANDS:
+        parser = subparsers(build_parser([command.name]))[command.name]
+        assert parser.description, f"`aep-exporter {command.name} --help` has no description"
+
+
+def test_export_help_shows_the_defaults() -> None:
+    text = " ".join(subparsers(build_parser(["export"]))["export"].format_help().split())
+    for default in ("default parquet", "default gzip", "default once", "4 credentials refused"):
+        assert default in text, default

@@ -19,6 +19,7 @@ import pytest
 from aep_emulator.app import serve
 from aep_emulator.settings import DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, Knobs, Span
 from aep_emulator.state import EmulatorState
+from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, Journal
 from exporter.jobs import JobState, Outcome
@@ -439,3 +440,65 @@ async def test_lanes_exit_codes(tmp_path: Path, aep: tuple[str, EmulatorState]) 
         (line,) = refused.stderr.strip().splitlines()
         assert line.startswith("error: AEP: "), line
         assert refused.stdout == ""
+
+
+LONG_ID = "nightly-churn-features-to-the-ml-bucket-2026-11-30T02:00:00Z"
+
+
+async def test_status_needs_no_aep_credentials_filters_and_prints_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the journal's folder is configured: no [aep] section, no secret anywhere. (In
+    process: the command reads files only.)"""
+    for name in [k for k in os.environ if k.startswith("EXPORTER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "80")
+    config = tmp_path / "local.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n')
+    await fill_journal(tmp_path / "state")
+    journal = await Journal.open(tmp_path / "state")
+    try:
+        await journal.add(LONG_ID, source="http", name="req-1", spec={})
+    finally:
+        await journal.close()
+
+    def status(*args: str) -> str:
+        assert main(["status", "--config", str(config), *args]) == 0
+        return capsys.readouterr().out
+
+    document = json.loads(status("--json"))
+    assert document["counts"] == {
+        "failed": 1,
+        "received": 1,
+        "rejected": 2,
+        "running": 1,
+        "succeeded": 3,
+    }
+    assert document["jobs"][0]["job_id"] == LONG_ID
+    assert document["jobs"][0]["source"] == "http"
+    export_2 = next(j for j in document["jobs"] if j["job_id"] == "export-2")
+    assert (export_2["run_id"], export_2["outcome"]["records"]) == ("run-2", 1202)
+
+    narrowed = json.loads(status("--json", "--state", "failed", "--state", "running"))
+    assert narrowed["counts"] == {"failed": 1, "running": 1}
+    assert {j["job_id"] for j in narrowed["jobs"]} == {"broken", "slow"}
+    http = json.loads(status("--json", "--source", "http"))
+    assert [j["job_id"] for j in http["jobs"]] == [LONG_ID]
+
+    table = status("--source", "http")
+    assert LONG_ID in table  # whole, on one line, on an 80-column terminal
+    assert "export-2" not in table
+    assert "(source http)" in table
+
+
+def test_status_with_no_configuration_file_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("EXPORTER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EXPORTER_DAEMON__STATE_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr("exporter.settings.SYSTEM_CONFIG", tmp_path / "absent.toml")
+    assert main(["status"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"no journal at {tmp_path / 'nothing-here' / FILE_NAME}" in err
+    assert "no configuration file found: --config was not given" in err

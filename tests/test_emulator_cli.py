@@ -207,3 +207,29 @@ async def test_help_documents_every_knob() -> None:
         "--org-id",
     ):
         assert option in text
+
+
+def test_the_quick_preset_fills_what_the_command_line_left_at_its_default() -> None:
+    from aep_emulator.cli import apply_preset
+    from aep_emulator.settings import Span
+    from exporter.cli import build_parser
+
+    parser = build_parser(["emulator"])
+    args = parser.parse_args(["emulator", "--preset", "quick", "--not-ready-window", "7"])
+    apply_preset(args, args.option_defaults)
+    assert args.not_ready_window_s == 7  # given: it wins
+    assert args.run_duration_s == Span(min=1, max=3)
+    assert (args.seed, args.seed_datasets, args.rows) == (1, 1, 1000)
+    plain = parser.parse_args(["emulator"])
+    apply_preset(plain, plain.option_defaults)
+    assert (plain.not_ready_window_s, plain.seed, plain.seed_datasets) == (600, None, 0)
+
+
+def test_a_second_quick_start_serves_the_dataset_the_first_seeded(tmp_path: Path) -> None:
+    from aep_emulator.cli import seed_lake, seeded_before
+
+    assert seeded_before(tmp_path, "prod", 1) == []
+    (made,) = seed_lake(tmp_path, sandbox="prod", name="q", count=1, rows=3, seed=1)
+    assert seeded_before(tmp_path, "prod", 1) == [made]  # not a second dataset beside it
+    assert seeded_before(tmp_path, "prod", 2) == []
+    assert seeded_before(tmp_path, "prod", None) == []

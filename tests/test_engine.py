@@ -85,6 +85,9 @@ async def test_a_job_exports_reports_and_parks_its_flow(emulator: Emulator, engi
     flow = (await emulator.fs("GET", f"/flows/{outcome.flow_id}")).body["items"][0]
     assert flow["state"] == "disabled"
     assert flow["scheduleParams"]["startTime"] > emulator.clock.time() + 300 * 86400
+    # What `export` counts down: the window from the flow's creation, as AEP keeps it.
+    window_ends = flow["createdAt"] / 1000 + ENGINE.not_ready_wait_s
+    assert seen[0].ready_at == pytest.approx(window_ends, abs=1)
 
 
 async def test_the_flow_is_reused_and_reenabled_for_the_next_job(

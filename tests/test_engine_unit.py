@@ -93,11 +93,15 @@ def lanes(aep: FakeAep, clock: FakeClock) -> LaneManager:
     )
 
 
-async def flow_with_runs(aep: FakeAep, clock: FakeClock, datasets: int) -> list[str]:
-    """`datasets` runs started now, each of its own lane."""
+async def flow_with_runs(
+    aep: FakeAep, clock: FakeClock, datasets: int, *, lanes_made: int | None = None
+) -> list[str]:
+    """`datasets` runs started now, spread over `lanes_made` lanes (one each by default)."""
     runs = []
+    manager = lanes(aep, clock)  # one manager: a new one would list every flow made so far
+    spread = lanes_made or datasets
     for i in range(datasets):
-        flow, _ = await lanes(aep, clock).member(job(f"d{i}", path=f"ml/x{i}"))
+        flow, _ = await manager.member(job(f"d{i}", path=f"ml/x{i % spread}"))
         await clock.advance(0)
         aep.ready_after_s = -1e9  # skip the window: these tests are about polling
         runs.append(await aep.trigger(flow.id, f"d{i}"))
@@ -107,7 +111,7 @@ async def flow_with_runs(aep: FakeAep, clock: FakeClock, datasets: int) -> list[
 async def test_one_request_per_hundred_runs_in_flight(
     aep: FakeAep, clock: FakeClock, poller: RunPoller
 ) -> None:
-    runs = await flow_with_runs(aep, clock, 250)
+    runs = await flow_with_runs(aep, clock, 250, lanes_made=5)
     aep.calls.clear()
     waits = [asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs]
     await settle()
@@ -125,7 +129,7 @@ async def test_finished_runs_are_let_go_while_others_wait(
 ) -> None:
     """A daemon that runs for weeks finishes runs all the time while others wait: what the
     poller keeps must follow the runs in flight, not everything finished lately."""
-    runs = await flow_with_runs(aep, clock, 400)
+    runs = await flow_with_runs(aep, clock, 400, lanes_made=8)
     for run in runs[:100]:  # these never end, so the poller always has runs in flight
         aep.runs[run].complete_at = None
     stay = [asyncio.create_task(poller.wait(r, deadline=1e9)) for r in runs[:100]]
@@ -159,7 +163,7 @@ async def test_runs_started_apart_still_share_requests(
     aep: FakeAep, clock: FakeClock, poller: RunPoller
 ) -> None:
     aep.run_outcome = "never"
-    runs = await flow_with_runs(aep, clock, 200)
+    runs = await flow_with_runs(aep, clock, 200, lanes_made=4)
     waits = []
     for r in runs:  # one run every half second: no two are ever due at the same moment
         waits.append(asyncio.create_task(poller.wait(r, deadline=1e9)))

@@ -151,7 +151,8 @@ async def test_the_daemon_prunes_at_start_and_periodically_and_shrinks_an_old_jo
         while await kept():
             await emulator.clock.sleep(600)
     assert emulator.clock.time() - clock_now > 3600
-    assert emulator.clock.time() - started <= RETAIN_EVERY_S + 1200  # the next round, no later
+    # The next round, not the one after (however long the prune itself took on a busy machine).
+    assert emulator.clock.time() - started < 2 * RETAIN_EVERY_S
     daemon.stop()
     async with asyncio.timeout(20):
         assert await task == EXIT_OK

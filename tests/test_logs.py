@@ -14,7 +14,7 @@ import structlog
 from pydantic import SecretStr
 
 from exporter.destinations import AdlsGen2Destination
-from exporter.logs import REDACTED, configure_logging
+from exporter.logs import REDACTED, CurrentStderr, configure_logging
 
 SECRET = "hunter2-Zq8x-very-secret"
 
@@ -96,3 +96,26 @@ def test_configured_secret_values_are_scrubbed_anywhere_in_a_line(as_json: bool)
     assert "bad key [redacted]" in text  # the message is kept, the value is not
     for form in (CONFIGURED, encoded, quote(CONFIGURED, safe=""), quote(CONFIGURED)):
         assert form not in text
+
+
+def test_events_asked_for_pass_below_the_level_and_the_others_do_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What `export` does on a terminal: warnings, plus the retries that explain a wait, in
+    the readable renderer, written to whatever stderr is at the time (a spinner's proxy)."""
+    saved = structlog.get_config()
+    try:
+        configure_logging("warning", json=False, stream=CurrentStderr(), also=("aep_token_retry",))
+        log = structlog.get_logger("t")
+        log.info("aep_token_retry", attempt=2, error="cannot connect to IMS")
+        log.info("lane_created", flow_id="f")
+        log.debug("aep_token_retry", attempt=0)  # `also` lowers the bar to info, not below
+        log.warning("flow_disable_failed", flow_id="f")
+    finally:
+        structlog.configure(**saved)
+    err = capsys.readouterr().err
+    assert "aep_token_retry" in err
+    assert "attempt=2" in err
+    assert "attempt=0" not in err
+    assert "lane_created" not in err
+    assert "flow_disable_failed" in err

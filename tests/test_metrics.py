@@ -6,6 +6,7 @@ pieces with arithmetic in them are checked on their own."""
 from __future__ import annotations
 
 import asyncio
+import platform
 import random
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ import aep_emulator.query
 import aep_emulator.runs
 from aep_emulator.query import ListQuery
 from aep_emulator.settings import Knobs
+from exporter import __version__
 from exporter.aep.api import RunInfo
 from exporter.aep.client import HttpAep
 from exporter.aep.fake import FakeAep
@@ -34,7 +36,7 @@ from exporter.daemon.config import AdminConfig, RedisConfig
 from exporter.daemon.core import EXIT_OK, Daemon
 from exporter.engine.config import EngineConfig
 from exporter.engine.poller import RunPoller
-from exporter.jobs import JobState
+from exporter.jobs import JobState, Outcome
 from exporter.metrics import (
     IN_FLIGHT_STATES,
     REDIS_OUTCOMES,
@@ -448,8 +450,13 @@ async def test_docs_metrics_lists_every_metric_the_daemon_exposes_with_its_type(
         family.name + ("_total" if family.type == "counter" else ""): family.type
         for family in daemon.metrics.registry.collect()
     }
-    rows = re.findall(r"^\| `(aep_exporter_[a-z_]+)` \| ([a-z]+) \|", METRICS_DOC.read_text(), re.M)
+    rows = re.findall(
+        r"^\| `((?:aep_exporter|process|python)_[a-z_]+)` \| ([a-z]+) \|",
+        METRICS_DOC.read_text(),
+        re.M,
+    )
     assert len(exposed) > 15  # the core's metrics, the scheduler's and the Redis intake's
+    assert "process_resident_memory_bytes" in exposed  # the process collectors too
     assert dict(rows) == exposed
     assert len(rows) == len(exposed), "a metric listed twice"
 
@@ -468,3 +475,28 @@ def test_schedule_slots_are_counted_in_the_daemons_metrics() -> None:
     assert (
         value("aep_exporter_schedule_slots_total", {"schedule": "nightly", "outcome": "fired"}) == 1
     )
+
+
+def test_succeeded_exports_count_their_size_and_mark_their_schedule_and_lane() -> None:
+    metrics = Metrics()
+    done = Outcome(job_id="a", state=JobState.SUCCEEDED, files=2, records=30, bytes=4096)
+    failed = Outcome(job_id="b", state=JobState.FAILED, files=1, records=5, bytes=100)
+    metrics.exported(done, destination="lake", at=1_000.0, schedule="nightly", lane="f" * 16)
+    metrics.exported(done, destination="lake", at=2_000.0, lane="f" * 16)
+    metrics.exported(failed, destination="lake", at=3_000.0, schedule="nightly", lane="f" * 16)
+    got = parse(generate_latest(metrics.registry).decode())
+    assert value(got, "aep_exporter_exported_bytes_total", destination="lake") == 8192
+    assert value(got, "aep_exporter_exported_records_total", destination="lake") == 60
+    assert value(got, "aep_exporter_exported_files_total", destination="lake") == 4
+    # The failed job moved neither last success.
+    name = "aep_exporter_schedule_last_success_timestamp_seconds"
+    assert by_label(got, name, "schedule") == {("nightly",): 1_000.0}
+    name = "aep_exporter_lane_last_success_timestamp_seconds"
+    assert by_label(got, name, "lane", "destination") == {("f" * 16, "lake"): 2_000.0}
+    info = by_label(got, "aep_exporter_build_info", "version", "python")
+    assert list(info) == [(__version__, platform.python_version())]
+    metrics.flow_budget(97, 100)
+    got = parse(generate_latest(metrics.registry).decode())
+    assert value(got, "aep_exporter_destination_flows") == 97
+    assert value(got, "aep_exporter_destination_flows_limit") == 100
+    assert value(got, "process_start_time_seconds") > 0

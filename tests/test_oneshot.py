@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import pty
 import random
+import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -21,6 +26,7 @@ from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
 from exporter.destinations import DlzDestination
 from exporter.engine.config import EngineConfig
+from exporter.exitcodes import Exit
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export
 from exporter.settings import Settings
@@ -38,7 +44,7 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
         yield running
 
 
-def write_config(tmp_path: Path, url: str, *, extra: str = "") -> Path:
+def write_config(tmp_path: Path, url: str, *, extra: str = "", aep: str = "") -> Path:
     (tmp_path / "secret").write_text(DEFAULT_CLIENT_SECRET + "\n")
     path = tmp_path / "exporter.toml"
     path.write_text(f"""
@@ -48,6 +54,7 @@ ims_url = "{url}"
 client_id = "{DEFAULT_CLIENT_ID}"
 client_secret_file = "secret"
 org_id = "{Knobs().org_id}"
+{aep}
 
 [engine]
 not_ready_wait_s = 0
@@ -59,8 +66,14 @@ type = "dlz"
     return path
 
 
-async def export(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+def child_env(config: Path) -> dict[str, str]:
+    """The environment of an `export` child: its notes (exporter/oneshot_state.py) go beside
+    its configuration, in the test's folder, not under the home directory."""
+    return {**os.environ, "XDG_STATE_HOME": str(config.parent / "state")}
+
+
+async def start_export(config: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "exporter",
@@ -70,7 +83,12 @@ async def export(config: Path, *args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=child_env(config),
     )
+
+
+async def export(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await start_export(config, *args)
     async with asyncio.timeout(DEADLINE):
         out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -169,6 +187,7 @@ async def test_an_export_does_not_load_the_scheduler(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=child_env(tmp_path / "exporter.toml"),
     )
     async with asyncio.timeout(DEADLINE):
         out, err = await proc.communicate()
@@ -251,3 +270,159 @@ async def test_a_run_past_the_timeout_exits_3(emulator: Emulator) -> None:
     )
     assert outcome.state == JobState.TIMED_OUT
     assert EXIT[outcome.state] == 3
+
+
+async def test_a_wrong_secret_exits_4_and_says_so_once(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, _ = live
+    config = write_config(tmp_path, url)
+    (tmp_path / "secret").write_text("not-the-emulator-secret\n")
+    code, _, err = await export(
+        config, "--dataset", "5c8c3c555033b814b69f947f", "--destination", "lake", "--path", "x"
+    )
+    assert code == 4 == Exit.CREDENTIALS_REFUSED.value, err
+    said = [line for line in err.splitlines() if "invalid_client" in line or "401" in line]
+    assert len(said) == 1, err
+    assert "credentials were refused" in err
+    assert "not-the-emulator-secret" not in err
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("url", "attempts", "words"),
+    [
+        (f"http://127.0.0.1:{closed_port()}", 1, "cannot connect to IMS"),
+        # A name that does not exist is not retried: six attempts allowed, one made.
+        ("https://nowhere.invalid", 6, "cannot resolve IMS's host name"),
+    ],
+)
+async def test_an_unreachable_aep_exits_5_with_a_code(
+    tmp_path: Path, url: str, attempts: int, words: str
+) -> None:
+    config = write_config(tmp_path, url, aep=f"max_attempts = {attempts}")
+    code, _, err = await export(
+        config, "--dataset", "5c8c3c555033b814b69f947f", "--destination", "lake", "--path", "x"
+    )
+    assert code == 5 == Exit.UNREACHABLE.value, err
+    assert words in err
+    assert "aep_token_retry" not in err
+    assert not [x for x in err.splitlines() if x.strip().startswith(":")], err  # empty code
+    assert "AEP or IMS could not be reached" in err
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_on_a_terminal_it_shows_progress_without_rich_source_locations(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "tty", 5, rng=random.Random(4), now_ms=0)
+    main, child = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        "export",
+        "--config",
+        str(write_config(tmp_path, url)),
+        *("--dataset", dataset.id, "--destination", "lake", "--path", "ml/tty"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env={**child_env(tmp_path / "exporter.toml"), "COLUMNS": "200", "TERM": "xterm"},
+    )
+    os.close(child)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            shown = (await asyncio.to_thread(read_all, main)).decode(errors="replace")
+            code = await proc.wait()
+    finally:
+        os.close(main)
+    assert code == 0, shown
+    assert "in all)" in shown  # the spinner's clock
+    assert "run in progress" in shown
+    assert "succeeded" in shown
+    assert "oneshot.py" not in shown
+
+
+async def until_logged(proc: asyncio.subprocess.Process, event: str) -> dict[str, Any]:
+    """The first JSON log line of `event` on the child's stderr (it logs JSON off a terminal)."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(DEADLINE):
+        while line := await proc.stderr.readline():
+            if line.startswith(b"{") and (entry := json.loads(line))["event"] == event:
+                return dict(entry)
+    raise AssertionError(f"the child ended without logging {event}")
+
+
+async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    assert proc.stderr is not None
+    async with asyncio.timeout(DEADLINE):
+        rest = await proc.stderr.read()
+        code = await proc.wait()
+    return code, rest.decode()
+
+
+async def test_ctrl_c_leaves_the_run_to_aep_and_the_same_command_follows_it(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    state.knobs = Knobs.model_validate(
+        {**state.knobs.model_dump(), "run_duration_s": {"min": 1e6, "max": 1e6}}
+    )
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(5), now_ms=0)
+    config = write_config(tmp_path, url)
+    args = ("--dataset", dataset.id, "--destination", "lake", "--path", "ml/again")
+    proc = await start_export(config, *args)
+    triggered = await until_logged(proc, "run_triggered")
+    proc.send_signal(signal.SIGINT)
+    code, err = await finish(proc)
+    assert code == Exit.INTERRUPTED.value == 130, err
+    assert f"stopped by SIGINT: run {triggered['run_id']}" in err
+    assert len(list(state.all_runs())) == 1
+
+    code, out, err = await export(config, *args, "--no-wait", "--json")
+    assert code == 0, err
+    assert json.loads(out)["run_id"] == triggered["run_id"]  # followed, not started again
+    assert "resuming" in err
+    assert len(list(state.all_runs())) == 1
+
+
+async def test_sigterm_stops_the_wait_cleanly_with_its_own_code(
+    tmp_path: Path, live: tuple[str, EmulatorState]
+) -> None:
+    url, state = live
+    dataset = state.lake.create_dataset("prod", "f", 5, rng=random.Random(6), now_ms=0)
+    config = write_config(tmp_path, url)
+    config.write_text(
+        config.read_text().replace(
+            "not_ready_wait_s = 0", "not_ready_wait_s = 3600\njoin_coalesce_s = 0"
+        )
+    )
+    proc = await start_export(
+        config, "--dataset", dataset.id, "--destination", "lake", "--path", "ml/term"
+    )
+    await until_logged(proc, "trigger_waiting_for_dataset")  # an hour's wait under way
+    proc.send_signal(signal.SIGTERM)
+    code, err = await finish(proc)
+    assert code == Exit.TERMINATED.value == 143, err
+    assert "stopped by SIGTERM: no run was started in AEP (flow " in err
+    assert not list(state.all_runs())

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from exporter import __version__
 from exporter.aep.config import AepConfig
 from exporter.cli import build_parser
 from exporter.daemon.config import (
@@ -247,7 +248,8 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies(
 ) -> None:
     patterns = dockerignore()
     sources = copied_sources(stages)
-    assert sources == ["pyproject.toml", "README.md", "exporter"], "the runtime only"
+    # The runtime only, and the license its wheel carries (`license-files`).
+    assert sources == ["pyproject.toml", "README.md", "LICENSE", "exporter"]
     for source in [*sources, "exporter/cli.py", "exporter/py.typed", "exporter/sources/spool.py"]:
         assert not ignored(source, patterns), source
     for junk in (
@@ -314,7 +316,9 @@ def test_the_runtime_dependencies_leave_the_emulator_and_redis_to_their_extras()
 
 
 def build_wheel(context: Path, dist: Path) -> Path:
-    subprocess.run(  # noqa: S603 - fixed arguments
+    """The wheel pip builds from `context`; the build must print no deprecation warning
+    (setuptools' banner for the old `project.license` table came three times per install)."""
+    built = subprocess.run(  # noqa: S603 - fixed arguments
         [
             sys.executable,
             "-m",
@@ -329,9 +333,14 @@ def build_wheel(context: Path, dist: Path) -> Path:
             ".",
         ],
         cwd=context,
-        check=True,
+        check=False,
         timeout=50,
+        capture_output=True,
+        text=True,
     )
+    assert built.returncode == 0, built.stderr
+    warnings = [line for line in built.stderr.splitlines() if "Warning" in line]
+    assert warnings == [], built.stderr
     (wheel,) = dist.glob("aep_exporter-*-py3-none-any.whl")
     return wheel
 
@@ -364,6 +373,9 @@ def test_the_wheel_builds_from_the_docker_context_with_the_runtime_and_the_scrip
     lua = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.lua")}
     assert lua, "the Redis store's scripts are in the context"
     assert lua <= names, "the Redis store's Lua scripts ship as package data"
+    templates = {p.relative_to(context).as_posix() for p in (context / "exporter").rglob("*.html")}
+    assert "exporter/ops/templates/status.html" in templates
+    assert templates <= names, "the status page's templates ship as package data"
     assert not any(n.startswith("aep_emulator/") for n in names), "the image has no emulator"
     assert "exporter/py.typed" in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
@@ -371,6 +383,9 @@ def test_the_wheel_builds_from_the_docker_context_with_the_runtime_and_the_scrip
         r"^\[console_scripts\]\naep-exporter = exporter\.cli:main$", scripts, re.MULTILINE
     ), scripts
     assert "Name: aep-exporter" in meta
+    assert f"Version: {__version__}" in meta.splitlines(), "read from exporter/__init__.py"
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the license ships"
     assert "Requires-Python: >=3.11" in meta
     requires = re.findall(r"^Requires-Dist: (.+)$", meta, re.MULTILINE)
     unconditional = requirement_names([r for r in requires if "extra ==" not in r])
@@ -394,7 +409,7 @@ def test_the_wheel_from_the_repository_carries_the_emulator_for_its_extra(
 ) -> None:
     """`pip install 'aep-exporter[emulator]'` must find the emulator's code in the wheel."""
     context = tmp_path / "src"
-    sources = [ROOT / "pyproject.toml", ROOT / "README.md"]
+    sources = [ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "LICENSE"]
     for package in ("exporter", "aep_emulator"):
         sources += [p for p in (ROOT / package).rglob("*") if "__pycache__" not in p.parts]
     copy_files((p for p in sources if p.is_file()), context)

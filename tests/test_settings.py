@@ -127,3 +127,47 @@ def test_the_settings_models_do_not_load_the_scheduler(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONWARNINGS": "error"},
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_misspelt_key_gets_a_did_you_mean_where_it_stands(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """client_secret = "s"
+sandbx = "dev"
+[engine]
+poll_mni_s = 2
+[destinations.x]
+type = "gcs"
+bucket = "googly"
+acess_key_id = "a"
+secret_access_key = "b"
+[destinations.y]
+type = "dlz"
+colour = "blue"
+[deamon]
+state_dir = "x"
+""",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    text = str(caught.value)
+    assert "aep.sandbx: Extra inputs are not permitted (did you mean 'sandbox'?)" in text
+    assert "engine.poll_mni_s: Extra inputs are not permitted (did you mean 'poll_min_s'?)" in text
+    assert "(did you mean 'access_key_id'?)" in text  # a field of gcs, the destination's type
+    assert "deamon: Extra inputs are not permitted (did you mean 'daemon'?)" in text
+    (colour,) = [line for line in text.splitlines() if "colour" in line]
+    assert "did you mean" not in colour  # nothing close: no guess
+
+
+def test_no_configuration_file_at_all_is_said_before_the_missing_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("EXPORTER_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None)
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith("no configuration file found: --config was not given")
+    assert "/etc/aep-exporter/exporter.toml does not exist" in first
+    assert "  aep.client_id: Field required" in rest

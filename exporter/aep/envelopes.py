@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,11 +45,22 @@ class TlsError(ConnectError):
     retryable = False
 
 
+class DnsError(ConnectError):
+    """The host name does not resolve. A name that does not exist will not start to (trying
+    again only delays the answer); a resolver's "try again" (EAI_AGAIN) is retried."""
+
+    retryable = False
+
+
 def transport_error(exc: BaseException, *, operation: str, peer: str) -> TransportError:
     """aiohttp's exception (or a timeout) as ours; raise it `from exc`."""
     what = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, aiohttp.ClientSSLError):
         return TlsError(f"TLS verification of {peer} failed: {what}", operation=operation)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        error = DnsError(f"cannot resolve {peer}'s host name: {what}", operation=operation)
+        error.retryable = exc.os_error.errno == socket.EAI_AGAIN
+        return error
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return ConnectError(f"cannot connect to {peer}: {what}", operation=operation)
     return TransportError(f"no answer from {peer}: {what}", operation=operation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -25,12 +26,18 @@ from rich.table import Table
 
 from exporter.clock import SystemClock
 from exporter.daemon.core import EXIT_CONFIG
-from exporter.daemon.journal import FILE_NAME, schedule_slots, summary
+from exporter.daemon.journal import FILE_NAME, JobRecord, jobs_matching, schedule_slots
 from exporter.errors import ConfigError
-from exporter.jobs import Rejected
+from exporter.jobs import JobState, Rejected
 from exporter.logs import configure_logging
 from exporter.oneshot import settings_or_report
-from exporter.settings import Settings, add_config_argument, load_settings
+from exporter.settings import (
+    NO_FILE,
+    Settings,
+    add_config_argument,
+    load_local_settings,
+    load_settings,
+)
 from exporter.sources.spool import Spool
 
 log = structlog.get_logger("exporter.daemon")
@@ -50,14 +57,39 @@ def add_parsers(subparsers: Any) -> None:
     run.set_defaults(func=cmd_run)
 
     status = subparsers.add_parser(
-        "status", help="jobs by state and the latest outcomes, from the journal"
+        "status",
+        help="jobs by state and the latest outcomes, from the journal",
+        description="Read the daemon's journal (SQLite, in daemon.state_dir) and list jobs by "
+        "state, the latest outcomes and the schedules' slots. Reads only local files: needs "
+        "no AEP credentials and contacts nothing. Exit codes: 0 listed, 1 no journal yet, "
+        "2 configuration error.",
     )
     add_config_argument(status)
     status.add_argument("--recent", type=int, default=10, help="outcomes to list (default 10)")
+    status.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in JobState],
+        help="only jobs in this state (repeat for more)",
+    )
+    status.add_argument(
+        "--source",
+        action="append",
+        choices=["spool", "redis", "http", "schedule"],
+        help="only jobs from this source (repeat for more)",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print counts and jobs as JSON (full ids and outcomes)"
+    )
     status.set_defaults(func=cmd_status)
 
     validate = subparsers.add_parser(
-        "validate", help="check the configuration and job files without contacting AEP"
+        "validate",
+        help="check the configuration and job files without contacting AEP",
+        description="Load the configuration as `run` would (every problem listed, with a "
+        "'did you mean' for a misspelt key), show each schedule's next slot, and read each "
+        "job file given as the spool would. Contacts nothing. Exit codes: 0 all good, 1 a "
+        "job file is bad, 2 configuration error.",
     )
     add_config_argument(validate)
     validate.add_argument("jobs", nargs="*", type=Path, help="job files to check")
@@ -128,27 +160,49 @@ async def _run(settings: Settings, reread: Callable[[], Settings] | None = None)
 
 def cmd_status(args: argparse.Namespace) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    settings = settings_or_report(args, err)
-    if settings is None:
+    try:  # only the local sections: no AEP credentials needed to read a local file
+        settings = load_local_settings(args.config)
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
         return EXIT_CONFIG
     path = settings.daemon.state_dir / FILE_NAME
     if not path.is_file():
         err.print(f"no journal at {path}: the daemon has not run with this configuration")
+        if args.config is None:
+            err.print(NO_FILE, markup=False, highlight=False)
         return 1
-    counts, recent = summary(path, recent=args.recent)
-    states = Table(title=f"jobs in {path}")
+    counts, recent = jobs_matching(
+        path, states=args.state or (), sources=args.source or (), recent=args.recent
+    )
+    if args.json:
+        print(json.dumps(status_document(path, counts, recent), indent=2))
+        return 0
+    narrowed = ", ".join(
+        f"{name} {' or '.join(values)}"
+        for name, values in (("state", args.state), ("source", args.source))
+        if values
+    )
+    states = Table(title=f"jobs in {path}" + (f" ({narrowed})" if narrowed else ""))
     states.add_column("state")
     states.add_column("jobs", justify="right")
     for state, n in sorted(counts.items()):
         states.add_row(state, str(n))
     out.print(states)
     latest = Table(title="most recent")
-    for column in ("updated", "job", "state", "records", "files", "detail"):
-        latest.add_column(column)
+    # Ids in full, whatever the terminal's width: they are what one copies to look a job up.
+    widest = max((len(r.job_id) for r in recent), default=3)
+    for column in ("updated", "source", "job", "state", "records", "files", "detail"):
+        latest.add_column(
+            column,
+            no_wrap=column in ("updated", "job"),
+            min_width=widest if column == "job" else None,
+            overflow="fold",
+        )
     for record in recent:
         outcome = record.outcome or {}
         latest.add_row(
             datetime.fromtimestamp(record.updated, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            record.source,
             record.job_id,
             record.state.value,
             str(outcome.get("records", "")),
@@ -156,11 +210,33 @@ def cmd_status(args: argparse.Namespace) -> int:
             outcome.get("message", "") or (record.run_id or ""),
         )
     out.print(latest)
-    if settings.schedules:
+    if settings.schedules and not narrowed:
         from exporter.sources.schedules import status_table
 
         out.print(status_table(settings.schedules, schedule_slots(path), now=time.time()))
     return 0
+
+
+def status_document(path: Path, counts: dict[str, int], recent: list[JobRecord]) -> dict[str, Any]:
+    """What `status --json` prints: the counts, then each job as the journal has it."""
+    return {
+        "journal": str(path),
+        "counts": dict(sorted(counts.items())),
+        "jobs": [
+            {
+                "job_id": r.job_id,
+                "source": r.source,
+                "name": r.name,
+                "state": r.state.value,
+                "flow_id": r.flow_id,
+                "run_id": r.run_id,
+                "created": datetime.fromtimestamp(r.created, UTC).isoformat(),
+                "updated": datetime.fromtimestamp(r.updated, UTC).isoformat(),
+                "outcome": r.outcome,
+            }
+            for r in recent
+        ],
+    }
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +287,58 @@ class Journal:
 
         return await self._run(read)
 
+    async def search(
+        self,
+        *,
+        states: Collection[JobState] = (),
+        source: str | None = None,
+        destination: str | None = None,
+        text: str = "",
+        before: tuple[float, str] | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """Like `page`, also by the destination the job's spec names and by a piece of its id
+        (`text`, matched literally, case-sensitive): the status page's filters."""
+        where: list[str] = []
+        args: list[Any] = []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += [s.value for s in states]
+        if source is not None:
+            where.append("source = ?")
+            args.append(source)
+        if destination is not None:
+            where.append("json_extract(spec, '$.destination') = ?")
+            args.append(destination)
+        if text:
+            where.append("instr(job_id, ?) > 0")  # not LIKE: '%' and '_' are plain here
+            args.append(text)
+        if before is not None:
+            where.append("(created, job_id) < (?, ?)")
+            args += list(before)
+        sql = (
+            "SELECT * FROM jobs"  # noqa: S608 - only placeholders are interpolated
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY created DESC, job_id DESC LIMIT ?"
+        )
+        args.append(limit)
+
+        def read() -> list[JobRecord]:
+            return [JobRecord.from_row(r) for r in self._db().execute(sql, args).fetchall()]
+
+        return await self._run(read)
+
+    async def recent(self, states: Collection[JobState], *, limit: int) -> list[JobRecord]:
+        """The latest jobs that ended in one of `states`, most recently updated first."""
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated DESC LIMIT ?"  # noqa: S608
+
+        def read() -> list[JobRecord]:
+            rows = self._db().execute(sql, [*(s.value for s in states), limit]).fetchall()
+            return [JobRecord.from_row(r) for r in rows]
+
+        return await self._run(read)
+
     async def forget(self, job_id: str, *, detail: str) -> bool:
         """Drop an unfinished job that is no longer this process's: another daemon took it
         over (Redis intake). Its events stay, with a `handed_over` one; the same id may be
@@ -414,3 +466,33 @@ def schedule_slots(path: Path) -> dict[str, float]:
     finally:
         conn.close()
     return {row["schedule"]: row["slot"] for row in rows}
+
+
+def jobs_matching(
+    path: Path, *, states: Sequence[str] = (), sources: Sequence[str] = (), recent: int = 10
+) -> tuple[dict[str, int], list[JobRecord]]:
+    """`summary` narrowed to jobs in `states` and from `sources` (empty: any): their counts
+    by state and the `recent` last updated, read without disturbing a writer."""
+    where: list[str] = []
+    params: list[str | int] = []
+    for column, wanted in (("state", states), ("source", sources)):
+        if wanted:
+            where.append(f"{column} IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    conn = connect(path, readonly=True)
+    try:
+        counts = {
+            row["state"]: row["n"]
+            for row in conn.execute(
+                f"SELECT state, COUNT(*) AS n FROM jobs{clause} GROUP BY state",  # noqa: S608
+                params,
+            )
+        }
+        rows = conn.execute(
+            f"SELECT * FROM jobs{clause} ORDER BY updated DESC LIMIT ?",  # noqa: S608
+            [*params, recent],
+        )
+        return counts, [JobRecord.from_row(r) for r in rows]
+    finally:
+        conn.close()

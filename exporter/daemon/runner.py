@@ -20,12 +20,16 @@ from exporter.daemon.admission import Admission, Admitted, Counts, Fencing, Orig
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.daemon.storage import Faults, persist
 from exporter.engine.engine import Engine, Progress
+from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Job, JobState, Outcome
 from exporter.metrics import Metrics
 from exporter.settings import Settings
 
 T = TypeVar("T")
 log = structlog.get_logger("exporter.daemon")
+# Jobs a schedule fired (`exporter.sources.schedules.SOURCE`, not imported: it loads
+# APScheduler); their origin's name is the schedule's.
+SCHEDULE_SOURCE = "schedule"
 
 STOP_WAIT_S = 10.0  # how long cancel() and abandon() wait for the job's task to end
 
@@ -64,6 +68,7 @@ class JobRunner:
         self._room = asyncio.Event()  # set whenever a job leaves
         self._wakes: list[asyncio.Event] = []
         self._cancelled: dict[str, str] = {}
+        self._first_started: dict[str, float] = {}  # resumed jobs: their journal's `created`
         self.settling: set[asyncio.Future[None]] = set()
         """Outcomes being written: a stop lets them finish (within its grace)."""
 
@@ -151,6 +156,7 @@ class JobRunner:
             flow_id=record.flow_id,
             run_id=record.run_id,
         )
+        self._first_started[record.job_id] = record.created
         self._start(job, origin, progress)
 
     async def cancel(self, job_id: str, reason: str) -> bool:
@@ -207,6 +213,20 @@ class JobRunner:
 
     # -- jobs ------------------------------------------------------------------------------
 
+    def _count_export(self, origin: Origin, outcome: Outcome, job: Job) -> None:
+        """The export's bytes, records and files; its schedule's and lane's last success."""
+        try:
+            lane: str | None = self.engine.lanes.key(job).fingerprint
+        except ConfigError:  # its destination was removed by a reload meanwhile
+            lane = None
+        self.metrics.exported(
+            outcome,
+            destination=job.destination,
+            at=self.clock.time(),
+            schedule=origin.name if origin.source == SCHEDULE_SOURCE else None,
+            lane=lane,
+        )
+
     def _start(self, job: Job, origin: Origin, resume: Progress | None) -> None:
         task = asyncio.create_task(self._work(job, origin, resume), name=f"job:{job.job_id}")
         self.jobs[job.job_id] = task
@@ -225,6 +245,7 @@ class JobRunner:
         self.jobs.pop(job_id, None)
         self.metrics.job_left(job_id)
         self._cancelled.pop(job_id, None)
+        self._first_started.pop(job_id, None)
         for wake in self._wakes:
             wake.set()
         self._room.set()
@@ -270,18 +291,23 @@ class JobRunner:
             outcome = Outcome(
                 job_id=job.job_id, state=JobState.FAILED, message=f"internal error: {exc!r}"
             )
+        first = self._first_started.pop(job.job_id, None)
+        if first is not None:  # a resumed job's duration counts from its first start
+            duration = round(max(0.0, self.clock.time() - first), 3)
+            outcome = outcome.model_copy(update={"duration_s": duration})
         # The outcome is written whole even if a stop arrives meanwhile.
-        settling = asyncio.ensure_future(self._complete(origin, outcome))
+        settling = asyncio.ensure_future(self._complete(origin, outcome, job))
         self.settling.add(settling)
         settling.add_done_callback(self.settling.discard)
         await asyncio.shield(settling)
 
-    async def _complete(self, origin: Origin, outcome: Outcome) -> None:
+    async def _complete(self, origin: Origin, outcome: Outcome, job: Job) -> None:
         journal = self.journal
         await self.persist(lambda: journal.finish(outcome), "journal", job_id=outcome.job_id)
         await self.settle(origin, outcome)
         self.counts.finished += 1
         self.metrics.job_finished(origin.source, outcome.state)
+        self._count_export(origin, outcome, job)
         log.info(
             "job_finished",
             job_id=outcome.job_id,

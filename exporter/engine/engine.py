@@ -15,7 +15,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -28,7 +28,7 @@ from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
 from exporter.engine.query import QueryDone, QueryFailed, QueryStep, has_queries
 from exporter.engine.trigger import Fence, Triggerer
-from exporter.errors import AepError, ConfigError, NotAMember
+from exporter.errors import AepError, AuthError, ConfigError, NotAMember, TransportError
 from exporter.jobs import Job, JobState, Outcome, RunError
 from exporter.metrics import Metrics
 
@@ -45,6 +45,9 @@ class Progress:
     run_id: str | None = None
     intent_ms: int | None = None
     detail: str = ""
+    ready_at: float | None = None
+    """With `flow_ready`: when AEP's "not ready" window for the dataset closes (epoch
+    seconds), as the trigger reckons it; the `export` command counts it down."""
 
 
 OnState = Callable[[Progress], Awaitable[None]]
@@ -91,6 +94,9 @@ class Engine:
             identity_key=identity_key,
             rng=rng,
         )
+        if metrics is not None:  # the flow budget, counted as lanes make flows
+            self.lanes.metrics = metrics
+            metrics.destination_flows_limit.set(config.max_flows)
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)
         query_api = queries if queries is not None else has_queries(api)
@@ -299,7 +305,8 @@ class Engine:
                 message=str(exc),
                 flow_id=flow_id,
                 run_id=run_id,
-                errors=(RunError(code=exc.code or str(exc.status or ""), message=exc.message),),
+                errors=(RunError(code=error_code(exc), message=exc.message),),
+                cause=cause_of(exc),
             )
         outcome = self._from_run(job, run, started)
         if run.succeeded and job.after == "disable" and flow is not None:
@@ -317,7 +324,9 @@ class Engine:
         fence: Fence | None = None,
     ) -> str:
         """The run that exports the job's dataset: adopted, triggered or scheduled."""
-        await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id))
+        window = self.config.not_ready_wait_s
+        ready_at = min(joined_ms / 1000 + window, self.clock.time() + window)
+        await on_state(Progress(JobState.FLOW_READY, flow_id=flow.id, ready_at=ready_at))
         if (
             resume is not None
             and resume.state == JobState.TRIGGERING
@@ -409,6 +418,20 @@ class Engine:
     def _outcome(self, job: Job, state: JobState, started: float, **fields: Any) -> Outcome:
         duration = round(self.clock.monotonic() - started, 3)
         return Outcome(job_id=job.job_id, state=state, duration_s=duration, **fields)
+
+
+def error_code(exc: AepError) -> str:
+    """AEP's code, else the HTTP status, else the kind of failure (never empty)."""
+    return exc.code or str(exc.status or "") or type(exc).__name__
+
+
+def cause_of(exc: AepError) -> Literal["aep", "auth", "unreachable"]:
+    """What an error says about why a job failed, for the `export` command's exit code."""
+    if isinstance(exc, AuthError):
+        return "auth"
+    if isinstance(exc, TransportError):
+        return "unreachable"
+    return "aep"
 
 
 def _slots(schedule: Mapping[str, Any], now: float) -> tuple[float | None, float | None]:

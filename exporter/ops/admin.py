@@ -6,6 +6,7 @@
     GET  /v1/openapi.json  the OpenAPI document of all of this (`admin_openapi.json`)
     /v1/jobs...            submit, list, get and cancel jobs (`exporter.sources.http`)
     /v1/lanes...           list the export lanes and prune idle ones (`admin_lanes`)
+    /status...             the status page for a browser, behind a login (`status_page`)
 
 It listens on 127.0.0.1 by default. Every route but /healthz and /readyz asks for
 `Authorization: Bearer <token>`, on loopback too (any local process could call it): the
@@ -53,6 +54,7 @@ from exporter.errors import ConfigError
 from exporter.ops.admin_lanes import LanesApi
 from exporter.ops.admin_site import CappedSite
 from exporter.ops.admin_token import ensure_token, token_path
+from exporter.ops.status_page import StatusPage
 from exporter.redaction import SECRETS
 from exporter.sources.http import JobsApi, error_response
 
@@ -146,6 +148,7 @@ class AdminServer:
         """The token file the daemon made or reused, when no token is configured."""
         self.lanes = LanesApi(admissions, lanes)
         self._jobs = JobsApi(admissions, lanes=lanes, api=api)
+        self.status_page = StatusPage(admissions, lanes, self._is_token)
         self._runner: web.AppRunner | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._ready: bool | None = None
@@ -167,6 +170,7 @@ class AdminServer:
         app.router.add_get("/v1/openapi.json", self._openapi)
         self._jobs.add_routes(app.router)
         self.lanes.add_routes(app.router)
+        self.status_page.add_routes(app.router)
         return app
 
     # -- Service ---------------------------------------------------------------------------
@@ -346,9 +350,10 @@ class AdminServer:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("utf-8", "backslashreplace"), self._token
-        ):
+        bearer = scheme.lower() == "bearer" and self._is_token(given.strip())
+        if StatusPage.owns(request.path):  # a browser's: a session cookie, or the login form
+            return await self.status_page.guard(request, handler, bearer=bearer)
+        if bearer:
             return await handler(request)
         problem = "wrong" if given else "missing"
         log.warning("admin_unauthorized", method=request.method, path=request.path, given=problem)
@@ -359,6 +364,9 @@ class AdminServer:
             f"{problem} bearer token: send Authorization: Bearer <the admin token>",
             headers={"WWW-Authenticate": challenge},
         )
+
+    def _is_token(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode("utf-8", "backslashreplace"), self._token)
 
     # -- probes ----------------------------------------------------------------------------
 

@@ -34,6 +34,8 @@ class LaneCleanup(LaneBase):
         waited_until = self._clock.monotonic() + self._config.budget_wait_s
         while True:
             count = await self._api.count_destination_flows()
+            if self.metrics is not None:
+                self.metrics.flow_budget(count, limit)
             if count < limit:
                 return
             if await self._retire_one():

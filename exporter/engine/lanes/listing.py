@@ -28,6 +28,7 @@ from exporter.errors import (
     NotFoundError,
 )
 from exporter.jobs import Job
+from exporter.metrics import Metrics
 from exporter.retry import Backoff
 
 log = structlog.get_logger("exporter.lanes")
@@ -35,6 +36,9 @@ log = structlog.get_logger("exporter.lanes")
 
 class LaneBase:
     """The lanes of one org and sandbox as AEP lists them (the manager's state)."""
+
+    metrics: Metrics | None = None
+    """Where the flow budget is recorded each time it is counted (the daemon's)."""
 
     def __init__(
         self,
@@ -98,6 +102,35 @@ class LaneBase:
             path=job.path,
             mode=job.mode,
         )
+
+    def loaded_lanes(self) -> list[dict[str, Any]]:
+        """The lanes this process has loaded, with each flow's datasets, from memory (no call
+        to AEP): what the admin server's status page shows."""
+        out = []
+        for fingerprint, lane in sorted(self._lanes.items()):
+            key = lane.key
+            flows = [
+                {
+                    "flow_id": flow.id,
+                    "shard": shard,
+                    "state": flow.state,
+                    "datasets": sorted(flow.members),
+                    "jobs_here": flow.in_use,
+                }
+                for shard, flow in sorted(lane.flows.items())
+            ]
+            out.append(
+                {
+                    "lane": fingerprint,
+                    "destination": key.destination,
+                    "path": key.path,
+                    "format": key.file_type,
+                    "compression": key.compression,
+                    "mode": key.mode,
+                    "flows": flows,
+                }
+            )
+        return out
 
     # ---- finding lanes ------------------------------------------------------------------
 
