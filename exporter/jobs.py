@@ -127,7 +127,7 @@ class Job(BaseModel):
     labels: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=500)]] = (
         Field(default_factory=dict, max_length=50)
     )
-    query: str | None = Field(default=None, min_length=1, max_length=100_000)
+    query: str | None = Field(default=None, min_length=1, max_length=50_000)
     """A Data Distiller query run before the export, whose result is the dataset exported: a
     SELECT, or the name of a `.sql` file in the engine's `queries_dir`. `$name` parameters
     are bound by Query Service from `query_params` and `job_id`, `slot`, `slot_date`,
