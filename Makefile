@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test lint check check-runtime bench-emulator bench-engine bench-daemon bench-soak clean
+.PHONY: demo test tools lint check check-runtime bench-emulator bench-engine bench-daemon bench-soak clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -18,8 +18,15 @@ $(READY): pyproject.toml
 demo: $(READY)
 	$(BIN)/aep-exporter demo
 
-test: $(READY)
+test: $(READY) tools
 	$(BIN)/pytest
+
+# Azurite (Azure Blob on loopback) for the storage tests, from npm into .tools/ (not in git).
+AZURITE := .tools/node_modules/.bin/azurite-blob
+tools: $(AZURITE)
+$(AZURITE):
+	@command -v npm >/dev/null || { echo "npm is needed for Azurite (the storage tests)"; exit 1; }
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error azurite@3.37.0
 
 lint: $(READY)
 	$(BIN)/ruff check .
@@ -60,4 +67,4 @@ bench-soak: $(READY)
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) .demo .aep-emulator .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .tools .demo .aep-emulator .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from aep_emulator.common import (
     stamp,
     state_of,
 )
+from aep_emulator.encryption import ENCRYPTION_SPEC_NAME, EncryptionError, decode_public_key
 from aep_emulator.errors import FlowError, not_found
 from aep_emulator.facts import (
     DATALAKE_SOURCE_SPEC_ID,
@@ -218,6 +220,8 @@ def _auth(storage: StorageSpec, auth: Any) -> tuple[dict[str, Any] | None, dict[
     if not isinstance(params, dict):
         raise invalid("auth.params must be an object")
     _schema_errors(chosen["spec"], params, "auth.params")
+    if "port" in params and not 1 <= int(params["port"]) <= 65_535:
+        raise invalid(f"auth.params.port must be between 1 and 65535, got {params['port']!r}")
     hidden = secret_params(storage.storage, chosen["name"])
     public = {k: (MASK if k in hidden else v) for k, v in params.items()}
     return {"specName": chosen["name"], "params": public}, dict(params)
@@ -229,13 +233,54 @@ async def create_connection(request: web.Request) -> web.Response:
     spec_ref = _spec_ref(body)
     storage = _storage(spec_ref["id"])
     public_auth, secret = _auth(storage, body.get("auth"))
+    encryption, public_key = await _encryption(storage, body)
     entity = _entity(request, body, name, spec_ref)
     if public_auth is not None:  # auth is an object in both spec files, never null
         entity["auth"] = public_auth
+    if encryption is not None:
+        entity["encryption"] = encryption
     box = caller(request).sandbox
     box.connections[entity["id"]] = entity
     box.secrets[entity["id"]] = secret
+    if public_key is not None:
+        box.encryption_keys[entity["id"]] = public_key
     return _created(entity)
+
+
+async def _encryption(
+    storage: StorageSpec, body: dict[str, Any]
+) -> tuple[dict[str, Any] | None, bytes | None]:
+    """The base connection's file encryption, checked against the connection spec's encryption
+    spec: its public view and the OpenPGP public key (None when `encryptionAlgo` is NONE).
+
+    Adobe's pages name the body field `encryption` in some translations and `encryptionSpecs`
+    in others (docs/aep-notes.md#destination-options): both are taken, and it reads back as
+    `encryption`."""
+    given = [k for k in ("encryption", "encryptionSpecs") if body.get(k) is not None]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise invalid("give 'encryption' or 'encryptionSpecs', not both")
+    where, value = given[0], body[given[0]]
+    specs = CONNECTION_SPECS[storage.connection_spec_id]["encryptionSpecs"]
+    if not specs:
+        raise invalid(f"{storage.name} connections take no file encryption")
+    if not isinstance(value, dict) or not isinstance(value.get("params"), dict):
+        raise invalid(f"{where}.params must be an object with encryptionAlgo and publicKey")
+    spec_name = value.get("specName", ENCRYPTION_SPEC_NAME)
+    if not isinstance(spec_name, str):
+        raise invalid(f"{where}.specName must be a string")
+    params = value["params"]
+    _schema_errors(specs[0]["spec"], params, f"{where}.params")
+    public = {"specName": spec_name, "params": dict(params)}
+    if params["encryptionAlgo"] == "NONE":
+        return public, None
+    try:
+        # gpg reads the key: in a thread, so a slow gpg never holds up the event loop.
+        key = await asyncio.to_thread(decode_public_key, params["publicKey"])
+    except EncryptionError as exc:
+        raise invalid(f"{where}.params.publicKey: {exc}") from None
+    return public, key
 
 
 # -- source connections --------------------------------------------------------------------
@@ -384,6 +429,7 @@ class Collection:
             )
         del self.select(box)[entity["id"]]
         box.secrets.pop(entity["id"], None)
+        box.encryption_keys.pop(entity["id"], None)
         if self.forget is not None:
             self.forget(box, entity["id"])
         return web.Response(status=202)

@@ -198,8 +198,17 @@ async def run_files(request: web.Request) -> web.Response:
         )
     await settle(state, [run])
     files = [] if run.result is None else [str(f) for f in run.result.files]
+    # `location`: where the export folder is, the storage server's URI when the run wrote to
+    # one (storage_endpoints), else the local folder; `files` are keys there.
+    location = str(run.dest_dir) if run.remote is None else run.remote.uri
     return json_ok(
-        {"id": run.id, "status": run.status, "folder": str(run.dest_dir), "files": files}
+        {
+            "id": run.id,
+            "status": run.status,
+            "folder": str(run.dest_dir),
+            "location": location,
+            "files": files,
+        }
     )
 
 

@@ -12,6 +12,8 @@ import asyncio
 import heapq
 import math
 import random
+import shutil
+import tempfile
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +23,9 @@ import structlog
 from aiohttp import web
 
 from aep_emulator.common import dumps, new_id, read_json, state_of
+from aep_emulator.encryption import EncryptionError, encrypt_files
 from aep_emulator.errors import AdhocError, FlowError, not_found
-from aep_emulator.exporting import export_batches, render_folder
+from aep_emulator.exporting import ExportResult, export_batches, render_folder
 from aep_emulator.facts import (
     ADHOC_DATASET_ACCEPT,
     ALREADY_RUNNING_PHRASE,
@@ -37,6 +40,7 @@ from aep_emulator.facts import (
 from aep_emulator.gateway import caller
 from aep_emulator.query import parse_list_query
 from aep_emulator.state import EmulatorState, Run, Sandbox
+from aep_emulator.storage import DestinationError, remote_for
 
 log = structlog.get_logger("aep_emulator")
 FAILED_ERRORS = [{"code": "ACTIVATION_BATCH-0000-FAILED", "message": "Job aborted."}]
@@ -108,7 +112,13 @@ def destination_dir(state: EmulatorState, box: Sandbox, flow: dict[str, Any]) ->
         parts = dict(p.split("=", 1) for p in secret["connectionString"].split(";") if "=" in p)
         root = root / parts["AccountName"] / params["container"]
     elif storage == StorageType.ADLS_GEN2:
-        root = root / secret["url"].removeprefix("https://").split(".", 1)[0]
+        url = secret["url"]
+        if url.startswith("abfss://"):  # abfss://<container>@<account>.dfs.core.windows.net/…
+            container, _, rest = url.removeprefix("abfss://").partition("@")
+            account, _, url_folder = rest.partition("/")
+            root = root / account.split(".", 1)[0] / container / url_folder.strip("/")
+        else:
+            root = root / url.removeprefix("https://").split(".", 1)[0]
     elif storage == StorageType.SFTP:
         root = root / secret["domain"]
     else:
@@ -117,20 +127,15 @@ def destination_dir(state: EmulatorState, box: Sandbox, flow: dict[str, Any]) ->
     return root / folder.strip("/")
 
 
-def _folder(
-    state: EmulatorState,
-    box: Sandbox,
-    flow: dict[str, Any],
-    dataset_id: str,
-    dataset_name: str,
-    when: float,
-) -> Path:
+def _subfolder(
+    box: Sandbox, flow: dict[str, Any], dataset_id: str, dataset_name: str, when: float
+) -> str:
+    """The export folder below the target's path, from the flow's folder template."""
     schedule = flow["scheduleParams"]
     template = schedule.get("foldernameTemplate", schedule.get("folderNameTemplate"))
     target = box.target_connections[flow["targetConnectionIds"][0]]
     base = box.connections[target["baseConnectionId"]]
-    base_dir = destination_dir(state, box, flow)
-    sub = render_folder(
+    return render_folder(
         template,
         dataset_id=dataset_id,
         dataset_name=dataset_name,
@@ -141,7 +146,18 @@ def _folder(
         sandbox_name=box.name,
         organization_name=box.org_id,
     )
-    folder = (base_dir / sub).resolve()
+
+
+def _folder(
+    state: EmulatorState,
+    box: Sandbox,
+    flow: dict[str, Any],
+    dataset_id: str,
+    dataset_name: str,
+    when: float,
+) -> Path:
+    sub = _subfolder(box, flow, dataset_id, dataset_name, when)
+    folder = (destination_dir(state, box, flow) / sub).resolve()
     if not folder.is_relative_to(state.destinations_dir.resolve()):
         raise _bad(f"the folder template of flow {flow['id']} leaves the destination")
     return folder
@@ -209,7 +225,19 @@ def _start(
         if draw < knobs.run_failure_rate + knobs.run_partial_rate
         else "success"
     )
-    params = box.target_connections[flow["targetConnectionIds"][0]]["params"]
+    target = box.target_connections[flow["targetConnectionIds"][0]]
+    params = target["params"]
+    storage = SPEC_BY_CONNECTION_ID[target["connectionSpec"]["id"]].storage
+    try:
+        remote = remote_for(
+            knobs.endpoints(),
+            storage,
+            params,
+            box.secrets.get(target["baseConnectionId"], {}),
+            _subfolder(box, flow, dataset_id, dataset.name, now),
+        )
+    except DestinationError as exc:
+        raise _bad(exc.message) from None
     run = Run(
         id=new_id(),
         client_id=client_id,
@@ -225,6 +253,8 @@ def _start(
         file_type=params["datasetFileType"].upper(),
         compression=params["compression"].upper(),
         input_bytes=sum(b.path.stat().st_size for b in batches),
+        remote=remote,
+        public_key=box.encryption_keys.get(target["baseConnectionId"]),
     )
     box.runs[run.id] = run
     box.runs_by_flow.setdefault(run.flow_id, {})[run.id] = run
@@ -278,23 +308,58 @@ async def adhoc_run(request: web.Request) -> web.Response:
 
 
 def _finish(state: EmulatorState, run: Run, rng: random.Random) -> None:
-    """Blocking part of completion: write the files (in a worker thread)."""
+    """Blocking part of completion: write the files (in a worker thread): into the local
+    folder, or into a staging folder and from there to the storage server; encrypted first
+    when the base connection asks for it."""
     if run.outcome == "failed":
         return
-    run.result = export_batches(
-        run.batches,
-        run.dest_dir,
-        file_type=FileType(run.file_type),
-        compression=Compression(run.compression),
-        rng=rng,
-        max_rows_per_file=state.knobs.max_rows_per_file,
-    )
+    staging = None if run.remote is None else Path(tempfile.mkdtemp(prefix="aep-emulator-run-"))
+    try:
+        written = export_batches(
+            run.batches,
+            run.dest_dir if staging is None else staging,
+            file_type=FileType(run.file_type),
+            compression=Compression(run.compression),
+            rng=rng,
+            max_rows_per_file=state.knobs.max_rows_per_file,
+        )
+        files = written.files
+        if run.public_key is not None and files:
+            try:
+                files = encrypt_files(files, run.public_key)
+            except BaseException:
+                for path in files:
+                    path.unlink(missing_ok=True)
+                raise
+        size = sum(p.stat().st_size for p in files)
+        if run.remote is not None:
+            files = tuple(Path(key) for key in run.remote.upload(files))
+        run.result = ExportResult(files, written.records, size)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 async def _complete(state: EmulatorState, run: Run) -> None:
     rng = random.Random(state.rng.random())
     try:
         await asyncio.to_thread(_finish, state, run, rng)
+    except DestinationError as exc:
+        run.outcome = "failed"
+        # A refused credential fails the run as AEP's failed runs read (docs/aep-notes.md).
+        run.errors = [
+            {"code": "ACTIVATION_BATCH-0000-FAILED", "message": f"Job aborted: {exc.message}"}
+            if exc.refused
+            else {
+                "code": "CONNECTOR-1005-500",
+                "message": f"Writing to the destination failed: {exc.message}",
+            }
+        ]
+    except EncryptionError as exc:
+        run.outcome = "failed"
+        run.errors = [
+            {"code": "CONNECTOR-1005-500", "message": f"Encrypting the files failed: {exc}"}
+        ]
     except (OSError, ValueError) as exc:
         run.outcome = "failed"
         run.errors = [

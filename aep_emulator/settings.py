@@ -7,7 +7,10 @@ import random
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aep_emulator.facts import StorageType
+from aep_emulator.storage import parse_endpoints
 
 DEFAULT_CLIENT_ID = "emulator-client"
 DEFAULT_CLIENT_SECRET = "emulator-secret"  # noqa: S105 - the emulator's documented default
@@ -61,8 +64,15 @@ class Flag:
     from_file: bool = False
 
 
-KNOB_GROUPS = ("identity", "emulated time", "guardrails", "faults on platform calls", "limits")
-IDENTITY, TIME, GUARDRAILS, FAULTS, LIMITS = KNOB_GROUPS
+KNOB_GROUPS = (
+    "identity",
+    "emulated time",
+    "guardrails",
+    "faults on platform calls",
+    "limits",
+    "destinations",
+)
+IDENTITY, TIME, GUARDRAILS, FAULTS, LIMITS, DESTINATIONS = KNOB_GROUPS
 
 
 class Knobs(BaseModel):
@@ -204,6 +214,27 @@ class Knobs(BaseModel):
     seed: Annotated[int | None, Flag(FAULTS)] = Field(
         default=None, description="random seed for faults and durations (unset: random)"
     )
+
+    # Destinations: where runs write (aep_emulator/storage.py)
+    storage_endpoints: Annotated[
+        list[str], Flag(DESTINATIONS, "--storage-endpoint", "KIND=URL")
+    ] = Field(
+        default=[],
+        description="write runs of a storage kind to a server instead of a local folder: "
+        "s3=URL, gcs=URL (its XML API, with the HMAC keys), azure_blob=URL (Azurite; or "
+        "azure_blob=connection for the connection string's BlobEndpoint), "
+        "sftp=connection (the connection's domain and port); repeat for more",
+    )
+
+    @field_validator("storage_endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        parse_endpoints(value)
+        return value
+
+    def endpoints(self) -> dict[StorageType, str]:
+        """`storage_endpoints` by storage kind."""
+        return parse_endpoints(self.storage_endpoints)
 
     def scaled(self, emulated_seconds: float) -> float:
         """Real seconds that an emulated wait takes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from aep_emulator.encryption import encryption_spec
 from aep_emulator.facts import (
     DATALAKE_SOURCE_SPEC_ID,
     DATALAKE_SOURCE_SPEC_NAME,
@@ -21,6 +22,18 @@ from aep_emulator.facts import (
 )
 
 _DRAFT = "http://json-schema.org/draft-07/schema#"
+# The storages whose connection spec lists AEP's "File PGP/GPG Encryption" spec: the cloud
+# storage destinations of Adobe's "Add encryption to exported files" section. The Data Landing
+# Zone is Adobe's own container and takes no base connection parameters.
+ENCRYPTING = frozenset(
+    {
+        StorageType.S3,
+        StorageType.AZURE_BLOB,
+        StorageType.ADLS_GEN2,
+        StorageType.GCS,
+        StorageType.SFTP,
+    }
+)
 DATALAKE_PROVIDER_ID = "0ed90a81-07f4-4586-8190-b40eccef1c5a"
 
 PATH_PATTERN = r"^[0-9a-zA-Z/!\-_.*'()]+$"
@@ -47,7 +60,20 @@ def _text(pattern: str | None = None, *, secret: bool = False) -> dict[str, Any]
     return schema
 
 
-_SFTP_BASE = {"domain": _text(r"^[A-Za-z0-9.-]+$"), "username": _text()}
+# `port`: Adobe's SFTP examples send it as a string ("<Add port>"); a number is taken too.
+# Range checked in connections.py (a schema cannot bound a numeric string).
+_SFTP_BASE = {
+    "domain": _text(r"^[A-Za-z0-9.-]+$"),
+    "username": _text(),
+    "port": {"type": ["integer", "string"], "pattern": r"^[0-9]{1,5}$", "minimum": 1},
+}
+# ADLS Gen2: the account URL, or the `abfss://<container>@<account>.dfs.core.windows.net`
+# form Adobe's ADLS Gen2 destination page documents (a container, and maybe a folder).
+ADLS_URL_PATTERN = (
+    r"^(?!.*/\.\.(/|$))(https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?"
+    r"|abfss://[a-z0-9](?![a-z0-9-]*--)[a-z0-9-]{1,61}[a-z0-9]@[a-z0-9]{3,24}"
+    r"\.dfs\.core\.windows\.net(/[0-9a-zA-Z/!\-_.*'()]*)?)$"
+)
 
 AUTH_SPECS: dict[StorageType, list[dict[str, Any]]] = {
     StorageType.S3: [
@@ -84,7 +110,7 @@ AUTH_SPECS: dict[StorageType, list[dict[str, Any]]] = {
             "type": "AzureServicePrincipal",
             "spec": _obj(
                 {
-                    "url": _text(r"^https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?$"),
+                    "url": _text(ADLS_URL_PATTERN),
                     "servicePrincipalId": _text(),
                     "servicePrincipalKey": _text(secret=True),
                     "tenant": _text(),
@@ -161,7 +187,7 @@ def _connection_spec(spec: StorageSpec) -> dict[str, Any]:
         "type": "destination",
         "attributes": {"category": "cloudStorage", "isDestination": True},
         "authSpec": AUTH_SPECS[spec.storage],
-        "encryptionSpecs": [],
+        "encryptionSpecs": [encryption_spec()] if spec.storage in ENCRYPTING else [],
         "targetSpec": {
             "name": "User based target",
             "type": "UserNamespace",

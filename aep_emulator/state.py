@@ -21,6 +21,7 @@ from aep_emulator.clock import Clock
 from aep_emulator.datalake import Batch, DataLake
 from aep_emulator.exporting import ExportResult
 from aep_emulator.settings import Knobs
+from aep_emulator.storage import Remote
 
 RunStatus = Literal["processing", "success", "failed"]
 
@@ -64,6 +65,10 @@ class Run:
     finishing: asyncio.Task[None] | None = None
     view: dict[str, Any] | None = None
     view_bytes: bytes | None = None
+    # A storage server to write to instead of `dest_dir` (storage_endpoints), and the
+    # OpenPGP public key to encrypt the files to (the base connection's `encryption`).
+    remote: Remote | None = None
+    public_key: bytes | None = None
 
     @property
     def terminal(self) -> bool:
@@ -85,6 +90,8 @@ class Sandbox:
     active_runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     exported_batches: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # base connection id -> the OpenPGP public key its `encryption` names (decoded, checked)
+    encryption_keys: dict[str, bytes] = field(default_factory=dict)
     # flow id -> dataset id -> when the dataset joined the flow (epoch s): not in the flow JSON.
     joined: dict[str, dict[str, float]] = field(default_factory=dict)
     # Scheduled runs: flow id -> its next slot (epoch s), and a heap of (slot, flow id) whose

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from exporter.aep.auth import OPERATION as IMS_OPERATION
 from exporter.aep.client import HttpAep
 from exporter.aep.facts import FLOW_SERVICE_PATH, SPEC_VERSION
-from exporter.aep.spec_check import auth_problems, target_problems
+from exporter.aep.spec_check import auth_problems, encryption_problems, target_problems
 from exporter.datasets_cli import exportable_datasets
 from exporter.destinations import Destination, unknown_destination
 from exporter.errors import AepError, AuthError, NotFoundError, TransportError
@@ -295,6 +295,7 @@ def _destination(
         return
     version = str(spec.get("version", SPEC_VERSION))
     found = auth_problems(spec, dest.auth())
+    found += encryption_problems(spec, dest.encryption())
     found += target_problems(spec, _target_params(dest, SAMPLE_PATH, "PARQUET", "GZIP"))
     for problem in found:
         report.problem(

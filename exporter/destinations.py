@@ -31,6 +31,16 @@ GCS_BUCKET = r"^(?!goog)(?!.*google)[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$"
 # keys are 40 characters of base64's alphabet.
 S3_ACCESS_KEY_ID = r"^A[KS]IA[A-Z2-7]{16}$"
 S3_SECRET_KEY = re.compile(r"[A-Za-z0-9/+]{40}")
+# ADLS Gen2: the account URL, or the `abfss://<container>@<account>.dfs.core.windows.net`
+# form of Adobe's ADLS Gen2 destination page, with a container (and maybe a folder).
+ADLS_URL = (
+    r"^(?!.*/\.\.(/|$))(https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?"
+    r"|abfss://[a-z0-9](?![a-z0-9-]*--)[a-z0-9-]{1,61}[a-z0-9]@[a-z0-9]{3,24}"
+    r"\.dfs\.core\.windows\.net(/[0-9a-zA-Z/!\-_.*'()]*)?)$"
+)
+# AEP's file encryption spec ("File PGP/GPG Encryption", docs/aep-notes.md#destination-options).
+ENCRYPTION_SPEC_NAME = "File PGP/GPG Encryption"
+_ARMORED_PUBLIC = b"-----BEGIN PGP PUBLIC KEY BLOCK-----"
 
 
 def read_secret(path: Path) -> SecretStr:
@@ -87,12 +97,18 @@ class _Base(BaseModel):
         """Target connection parameters other than path, format and compression."""
         return {}
 
+    def encryption(self) -> dict[str, Any] | None:
+        """The base connection's `encryption` body (PGP/GPG file encryption), or None."""
+        return None
+
     def identity(self, key: bytes) -> str:
         """What tells this storage from another — its type, bucket, container, host, account
         and credentials — as a keyed hash (HMAC-SHA256 under `key`, the AEP client secret):
         an edited destination, rotated keys included, gets new connections and lanes, and
         the names AEP shows reveal nothing of the credentials."""
         content = {"type": getattr(self, "type"), "location": self.location(), "auth": self.auth()}  # noqa: B009
+        if self.encryption() is not None:  # only then: unencrypted identities stay as they were
+            content["encryption"] = self.encryption()
         text = json.dumps(content, sort_keys=True).encode()
         return hmac.new(key, text, hashlib.sha256).hexdigest()[:16]
 
@@ -100,7 +116,72 @@ class _Base(BaseModel):
         return self.spec.name
 
 
-class S3Destination(_Base):
+def pgp_public_key_problem(key: bytes) -> str | None:
+    """Why `key` (the decoded bytes) is not an OpenPGP public key AEP can encrypt to, or
+    None. Never quotes the key."""
+    text = key.lstrip()
+    if b"PRIVATE KEY BLOCK" in text:
+        return "pgp_public_key is a private key: give the public key only"
+    if text.startswith(_ARMORED_PUBLIC):
+        return None
+    # A binary key starts with a public-key packet: tag 6, old format (0x98-0x9b) or new (0xc6).
+    if text and (text[0] in (0x98, 0x99, 0x9A, 0x9B, 0xC6)):
+        return None
+    return (
+        "pgp_public_key is not an OpenPGP public key (an armored "
+        "'-----BEGIN PGP PUBLIC KEY BLOCK-----' or a binary key, as `gpg --export` writes)"
+    )
+
+
+class _Encrypting(_Base):
+    """A cloud storage destination that can have its files PGP/GPG-encrypted: AEP's base
+    connection `encryption` with the public key, base64-encoded as AEP takes it."""
+
+    pgp_public_key: str | None = Field(default=None, repr=False)
+    pgp_public_key_file: Path | None = Field(default=None, repr=False)
+
+    @model_validator(mode="after")
+    def _pgp_key(self) -> _Encrypting:
+        if self.pgp_public_key is not None and self.pgp_public_key_file is not None:
+            raise ValueError("give either pgp_public_key or pgp_public_key_file, not both")
+        key = self._pgp_key_bytes()
+        if key is not None:
+            problem = pgp_public_key_problem(key)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def _pgp_key_bytes(self) -> bytes | None:
+        if self.pgp_public_key_file is not None:
+            try:
+                return self.pgp_public_key_file.read_bytes()
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read pgp_public_key_file {self.pgp_public_key_file}: {exc.strerror}"
+                ) from None
+        if self.pgp_public_key is None:
+            return None
+        text = self.pgp_public_key
+        if text.lstrip().startswith("-----BEGIN PGP"):  # armored: kept as given
+            return text.encode()
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(
+                "pgp_public_key is neither an armored OpenPGP public key nor its base64"
+            ) from None
+
+    def encryption(self) -> dict[str, Any] | None:
+        key = self._pgp_key_bytes()
+        if key is None:
+            return None
+        return {
+            "specName": ENCRYPTION_SPEC_NAME,
+            "params": {"encryptionAlgo": "PGPGPG", "publicKey": base64.b64encode(key).decode()},
+        }
+
+
+class S3Destination(_Encrypting):
     type: Literal["s3"]
     bucket: Annotated[str, Field(pattern=S3_BUCKET)]
     access_key_id: Annotated[str, Field(pattern=S3_ACCESS_KEY_ID)] | None = None
@@ -143,7 +224,7 @@ class S3Destination(_Base):
         return f"s3://{self.bucket}"
 
 
-class AzureBlobDestination(_Base):
+class AzureBlobDestination(_Encrypting):
     type: Literal["azure_blob"]
     container: Annotated[str, Field(pattern=BLOB_CONTAINER)]
     connection_string: Secret
@@ -167,9 +248,9 @@ class AzureBlobDestination(_Base):
         return f"Azure Blob container {self.container}"
 
 
-class AdlsGen2Destination(_Base):
+class AdlsGen2Destination(_Encrypting):
     type: Literal["adls_gen2"]
-    url: Annotated[str, Field(pattern=r"^https://[a-z0-9]{3,24}\.dfs\.core\.windows\.net/?$")]
+    url: Annotated[str, Field(pattern=ADLS_URL)]
     service_principal_id: str = Field(min_length=1)
     service_principal_key: Secret
     tenant: str = Field(min_length=1)
@@ -199,7 +280,7 @@ class DlzDestination(_Base):
         return "Data Landing Zone"
 
 
-class GcsDestination(_Base):
+class GcsDestination(_Encrypting):
     type: Literal["gcs"]
     bucket: Annotated[str, Field(pattern=GCS_BUCKET)]
     access_key_id: str = Field(min_length=1)
@@ -241,9 +322,11 @@ def ssh_key_problem(value: str) -> str | None:
     return None
 
 
-class SftpDestination(_Base):
+class SftpDestination(_Encrypting):
     type: Literal["sftp"]
     host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]
+    # The SFTP base connection's `port` (Adobe's API pages; unset: AEP's default, 22).
+    port: int | None = Field(default=None, ge=1, le=65_535)
     username: str = Field(min_length=1)
     password: Secret | None = None
     ssh_key: Secret | None = None
@@ -259,7 +342,9 @@ class SftpDestination(_Base):
         return self
 
     def auth(self) -> dict[str, Any]:
-        base = {"domain": self.host, "username": self.username}
+        base: dict[str, Any] = {"domain": self.host, "username": self.username}
+        if self.port is not None:
+            base["port"] = str(self.port)  # a string in Adobe's examples ("<Add port>")
         if self.password is not None:
             return {
                 "specName": "SFTP with Password",
@@ -272,7 +357,8 @@ class SftpDestination(_Base):
         }
 
     def describe(self) -> str:
-        return f"sftp://{self.username}@{self.host}"
+        port = "" if self.port is None else f":{self.port}"
+        return f"sftp://{self.username}@{self.host}{port}"
 
 
 Destination = Annotated[

@@ -205,6 +205,10 @@ class Job(BaseModel):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
+        if value == "/":
+            # The storage's root: AEP's connection specs take `/` as the folder path
+            # (docs/aep-notes.md#destination-options).
+            return value
         cleaned = value.strip("/")
         if not cleaned or not PATH_RE.match(cleaned):
             raise ValueError("must be a relative folder of letters, digits and / ! - _ . * ' ( )")

@@ -17,6 +17,10 @@ from aep_emulator.state import EmulatorState
 from exporter.aep.facts import FLOW_SERVICE_PATH
 from exporter.clock import FakeClock
 
+# Storage servers on loopback (S3, Azure Blob, GCS, SFTP) and a GnuPG key pair, session-scoped,
+# made on demand.
+pytest_plugins = ["tests.storage_servers", "tests.pgp_support"]
+
 
 @dataclass
 class Answer:

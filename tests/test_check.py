@@ -24,11 +24,17 @@ from aep_emulator.settings import (
     Span,
 )
 from aep_emulator.state import EmulatorState, ScriptedFault
-from exporter.aep.spec_check import auth_problems, problems, target_problems
+from exporter.aep.spec_check import (
+    auth_problems,
+    encryption_problems,
+    problems,
+    target_problems,
+)
 from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import Journal
 from exporter.jobs import JobState
+from tests.pgp_support import Keypair
 
 DEADLINE = 20.0
 GCS_SECRET = "A" * 40  # the shape of a Google HMAC secret (40 base64 characters)
@@ -390,3 +396,62 @@ def test_auth_problems_pick_the_spec_by_name_and_never_quote_values() -> None:
         "auth: this spec takes no credentials"
     ]
     assert target_problems(spec, {}) == ["params.path: is required"]
+
+
+def test_encryption_problems_read_the_encryption_spec() -> None:
+    """A destination's PGP key against the spec's encryptionSpecs (issue 12)."""
+    spec = {
+        "encryptionSpecs": [
+            {
+                "name": "File PGP/GPG Encryption",
+                "spec": {
+                    "type": "object",
+                    "properties": {
+                        "publicKey": {"type": "string"},
+                        "encryptionAlgo": {"type": "string", "enum": ["PGPGPG", "NONE"]},
+                    },
+                    "required": ["encryptionAlgo", "publicKey"],
+                },
+            }
+        ]
+    }
+    good = {
+        "specName": "File PGP/GPG Encryption",
+        "params": {"encryptionAlgo": "PGPGPG", "publicKey": "eA=="},
+    }
+    assert encryption_problems(spec, good) == []
+    assert encryption_problems(spec, None) == []
+    bad = {"specName": "x", "params": {"encryptionAlgo": "AES", "publicKey": "eA=="}}
+    assert encryption_problems(spec, bad) == [
+        "encryption.params.encryptionAlgo: must be one of PGPGPG, NONE"
+    ]
+    assert encryption_problems({"encryptionSpecs": []}, good) == [
+        "encryption: this spec takes no file encryption"
+    ]
+
+
+async def test_an_encrypting_destination_fits_the_emulators_spec(
+    tmp_path: Path,
+    live: tuple[str, EmulatorState],
+    capsys: pytest.CaptureFixture[str],
+    keypair: Keypair,
+) -> None:
+    url, _ = live
+    (tmp_path / "partner.asc").write_bytes(keypair.armored)
+    config = write_config(
+        tmp_path,
+        url,
+        extra=f"""
+[destinations.partner]
+type = "sftp"
+host = "sftp.example.com"
+port = 2222
+username = "aep"
+password_file = "{tmp_path / "secret"}"
+pgp_public_key_file = "{tmp_path / "partner.asc"}"
+""",
+    )
+    code, lines, err = await run(capsys, "check", "--config", str(config))
+    assert code == 0, (lines, err)
+    (partner,) = [line for line in lines if "destination partner" in line]
+    assert "fit AEP's SFTP spec" in partner, partner

@@ -12,6 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from exporter.aep.facts import StorageType
 from exporter.destinations import Destination
 from exporter.settings import describe_errors
+from tests.pgp_support import Keypair
 from tests.workflow import AUTH
 
 ADAPTER: TypeAdapter[Destination] = TypeAdapter(Destination)
@@ -221,3 +222,138 @@ def test_a_base64_ssh_key_with_line_breaks_is_accepted() -> None:
     auth = ssh.auth()
     assert auth is not None
     assert auth["params"]["sshKey"] == wrapped
+
+
+# -- issue 12: SFTP port, abfss URLs, `/` as the folder path, PGP/GPG encryption --------------
+
+SFTP_BASE = {"type": "sftp", "host": "sftp.example.com", "username": "u", "password": SECRET}
+ADLS_BASE = {
+    "type": "adls_gen2",
+    "service_principal_id": "sp",
+    "service_principal_key": SECRET,
+    "tenant": "t",
+}
+
+
+def test_sftp_port_goes_into_the_base_connection() -> None:
+    dest = make(**SFTP_BASE, port=2222)
+    auth = dest.auth()
+    assert auth is not None
+    assert auth["params"]["port"] == "2222"
+    assert dest.describe() == "sftp://u@sftp.example.com:2222"
+    plain = make(**SFTP_BASE).auth()
+    assert plain is not None
+    assert "port" not in plain["params"]  # unset: AEP's default
+
+
+@pytest.mark.parametrize("port", [0, 65_536, -22, "ssh"])
+def test_sftp_port_out_of_range_is_refused(port: Any) -> None:
+    with pytest.raises(ValidationError, match="port"):
+        make(**SFTP_BASE, port=port)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://mllake.dfs.core.windows.net",
+        "abfss://features@mllake.dfs.core.windows.net",
+        "abfss://features@mllake.dfs.core.windows.net/",
+        "abfss://ml-features@mllake.dfs.core.windows.net/exports/daily",
+    ],
+)
+def test_adls_gen2_takes_the_account_url_and_the_abfss_form(url: str) -> None:
+    dest = make(**ADLS_BASE, url=url)
+    auth = dest.auth()
+    assert auth is not None
+    assert auth["params"]["url"] == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "abfss://mllake.dfs.core.windows.net",  # no container
+        "abfss://@mllake.dfs.core.windows.net",
+        "abfss://Features@mllake.dfs.core.windows.net",  # container names are lowercase
+        "abfss://ml--features@mllake.dfs.core.windows.net",
+        "abfs://features@mllake.dfs.core.windows.net",  # not TLS
+        "abfss://features@mllake.blob.core.windows.net",  # the Blob endpoint, not dfs
+        "abfss://features@mllake.dfs.core.windows.net/../up",
+    ],
+)
+def test_adls_gen2_refuses_malformed_abfss_urls(url: str) -> None:
+    with pytest.raises(ValidationError, match="url"):
+        make(**ADLS_BASE, url=url)
+
+
+def test_pgp_public_key_armored_base64_or_file_gives_the_same_encryption(
+    keypair: Keypair, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "exports.asc"
+    key_file.write_bytes(keypair.armored)
+    armored = make(**SFTP_BASE, pgp_public_key=keypair.armored.decode())
+    encoded = make(**SFTP_BASE, pgp_public_key=keypair.public_b64)
+    from_file = make(**SFTP_BASE, pgp_public_key_file=str(key_file))
+    expected = {
+        "specName": "File PGP/GPG Encryption",
+        "params": {"encryptionAlgo": "PGPGPG", "publicKey": keypair.public_b64},
+    }
+    assert armored.encryption() == encoded.encryption() == from_file.encryption() == expected
+    assert make(**SFTP_BASE).encryption() is None
+    key_text = base64.b64encode(keypair.armored).decode()
+    for dest in (armored, encoded, from_file):
+        assert keypair.armored.decode()[40:120] not in repr(dest)
+        assert key_text[40:120] not in repr(dest)
+        assert key_text[40:120] not in dest.describe()
+
+
+def test_a_binary_public_key_file_is_taken(keypair: Keypair, tmp_path: Path) -> None:
+    key_file = tmp_path / "exports.gpg"
+    key_file.write_bytes(keypair.binary)
+    dest = make(**SFTP_BASE, pgp_public_key_file=str(key_file))
+    encryption = dest.encryption()
+    assert encryption is not None
+    assert base64.b64decode(encryption["params"]["publicKey"]) == keypair.binary
+
+
+def test_the_pgp_key_changes_the_destination_identity(keypair: Keypair) -> None:
+    """A new key needs a new base connection (AEP holds the key it was made with)."""
+    plain = make(**SFTP_BASE).identity(b"k")
+    encrypted = make(**SFTP_BASE, pgp_public_key=keypair.public_b64).identity(b"k")
+    assert plain != encrypted
+    assert make(**SFTP_BASE).identity(b"k") == plain
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ("not base64 at all!", "neither an armored OpenPGP public key nor its base64"),
+        (base64.b64encode(b"just some bytes").decode(), "not an OpenPGP public key"),
+    ],
+)
+def test_bad_pgp_public_keys_are_refused_with_a_reason(key: str, words: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make(**SFTP_BASE, pgp_public_key=key)
+    assert words in describe_errors(caught.value, "destinations.x")
+
+
+def test_a_private_key_is_refused_without_being_echoed(keypair: Keypair) -> None:
+    with pytest.raises(ValidationError) as caught:
+        make(**SFTP_BASE, pgp_public_key=keypair.armored_private.decode())
+    text = describe_errors(caught.value, "destinations.x")
+    assert "is a private key: give the public key only" in text
+    body = keypair.armored_private.decode().splitlines()[3]
+    assert body[:40] not in text
+
+
+def test_pgp_key_and_key_file_together_are_refused(keypair: Keypair, tmp_path: Path) -> None:
+    key_file = tmp_path / "k.asc"
+    key_file.write_bytes(keypair.armored)
+    with pytest.raises(ValidationError, match="not both"):
+        make(**SFTP_BASE, pgp_public_key=keypair.public_b64, pgp_public_key_file=str(key_file))
+    with pytest.raises(ValidationError, match="cannot read pgp_public_key_file"):
+        make(**SFTP_BASE, pgp_public_key_file=str(tmp_path / "missing.asc"))
+
+
+def test_the_landing_zone_takes_no_encryption(keypair: Keypair) -> None:
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        make(type="dlz", pgp_public_key=keypair.public_b64)

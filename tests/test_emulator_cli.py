@@ -158,6 +158,7 @@ async def test_client_secret_comes_from_a_file(tmp_path: Path) -> None:
         (["--run-duration", "10-2"], "below min"),
         (["--max-destination-flows", "-1"], "max_destination_flows"),
         (["--adhoc-max-datasets-per-call", "0"], "adhoc_max_datasets_per_call"),
+        (["--storage-endpoint", "adls_gen2=http://127.0.0.1:1"], "no local server serves"),
     ],
 )
 async def test_bad_knobs_are_refused_with_a_reason(
@@ -198,6 +199,7 @@ async def test_help_documents_every_knob() -> None:
         "--token-lifetime",
         "--run-duration",
         "--run-failure-rate",
+        "--storage-endpoint",
         "--max-destination-flows",
         "--adhoc-max-datasets-per-call",
         "--data-dir",

@@ -46,7 +46,7 @@ def job(**changes: Any) -> Job:
         ({"path": "../etc"}, "path", "'..'"),
         ({"path": "a//b"}, "path", "empty"),
         ({"path": "spaces are bad"}, "path", "relative folder"),
-        ({"path": "/"}, "path", "relative folder"),
+        ({"path": "//"}, "path", "relative folder"),
         ({"dataset_id": "x y"}, "dataset_id", "dataset id"),
         ({"mode": "hourly:8"}, "mode", "hourly:9"),
         ({"mode": "daily", "after_run": "disable"}, "", "schedule"),
@@ -62,6 +62,13 @@ def test_bad_jobs_say_which_field_and_why(changes: dict[str, Any], field: str, w
     (error,) = caught.value.errors()
     assert ".".join(str(p) for p in error["loc"]) == field
     assert words in error["msg"]
+
+
+def test_slash_alone_is_the_storage_root() -> None:
+    """AEP takes `/` as the folder path (docs/aep-notes.md#destination-options)."""
+    assert job(path="/").path == "/"
+    assert job(path=" / ").path == "/"
+    assert job(path="/").job_id != job(path="ml").job_id
 
 
 def test_enums_are_case_insensitive_and_paths_trimmed() -> None:

@@ -134,3 +134,18 @@ def target_problems(spec: Mapping[str, Any], params: Mapping[str, Any]) -> list[
     if not isinstance(target, Mapping):
         return []
     return problems(target.get("spec"), dict(params), "params")
+
+
+def encryption_problems(spec: Mapping[str, Any], encryption: Mapping[str, Any] | None) -> list[str]:
+    """Why AEP's connection spec `spec` would refuse a base connection's file `encryption`
+    (its `encryptionSpecs`, docs/aep-notes.md#destination-options); none when there is none."""
+    if encryption is None:
+        return []
+    choices = [e for e in spec.get("encryptionSpecs") or () if isinstance(e, Mapping)]
+    if not choices:
+        return ["encryption: this spec takes no file encryption"]
+    # Adobe's example names the spec "Encryption spec", not the spec's own name: any name goes.
+    found = [
+        problems(c.get("spec"), encryption.get("params"), "encryption.params") for c in choices
+    ]
+    return min(found, key=len)

@@ -376,6 +376,9 @@ class LaneMembership(LaneCleanup):
                     auth = dest.auth()
                     if auth is not None:
                         body["auth"] = auth
+                    encryption = dest.encryption()
+                    if encryption is not None:
+                        body["encryption"] = encryption
                     self._bases[conn_name] = await self._api.create("connections", body)
                     log.info("base_connection_created", destination=name)
             return self._bases[conn_name]
