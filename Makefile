@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test tools lint check check-runtime bench-emulator bench-engine bench-daemon bench-soak clean
+.PHONY: demo test tools lint check check-runtime bench-emulator bench-engine bench-daemon bench-soak bench-delivery clean
 
 $(READY): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
@@ -42,7 +42,7 @@ check-runtime:
 	set -e; venv="$$(mktemp -d)"; trap 'rm -rf "$$venv"' EXIT; \
 	$(PYTHON) -m venv "$$venv"; \
 	"$$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check .; \
-	for module in pyarrow jsonschema redis; do \
+	for module in pyarrow jsonschema redis obstore asyncssh; do \
 		if "$$venv/bin/python" -c "import $$module" 2>/dev/null; then \
 			echo "$$module is installed without its extra"; exit 1; fi; \
 	done; \
@@ -62,6 +62,9 @@ bench-daemon: $(READY)
 	$(BIN)/python bench/daemon_spool.py
 
 # An hour with about 1,000 runs in flight (docs/benchmarks.md, "Soak"); draws docs/soak.png.
+bench-delivery: $(READY)
+	$(BIN)/python bench/delivery_verify.py
+
 bench-soak: $(READY)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/soak.py

@@ -59,6 +59,20 @@ type = "s3"
 bucket = "ml-features"
 role_arn = "arn:aws:iam::123456789012:role/aep-exporter"
 """
+VERIFY = """
+# Delivery verification: the emulator's destinations are local folders, read back as such.
+[destinations.landing-zone.verify]
+store = "local"
+root = "{destinations}/dlz/prod/dlz-destination"
+grace_s = 10
+poll_s = 1
+
+[destinations.ml-bucket.verify]
+store = "local"
+root = "{destinations}/s3/ml-features"
+grace_s = 10
+poll_s = 1
+"""
 
 
 async def _child(*args: str, stdout: Any = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
@@ -214,6 +228,7 @@ async def demo(workdir: Path, jobs_dir: Path, console: Console) -> int:
                 org_id=DEFAULT_ORG_ID,
                 not_ready=600 * TIME_SCALE,
             )
+            + VERIFY.format(destinations=(data_dir / "destinations").resolve())
         )
         spool = workdir / "spool"
         incoming = spool / "incoming"
@@ -247,9 +262,9 @@ async def demo(workdir: Path, jobs_dir: Path, console: Console) -> int:
 
 async def _show(console: Console, spool: Path, url: str) -> None:
     table = Table(title="results", title_justify="left")
-    for column in ("job file", "state", "records", "files"):
+    for column in ("job file", "state", "records", "files", "verified"):
         table.add_column(column, no_wrap=True)
-    table.add_column("exported to (under .demo/emulator/destinations) / why", overflow="fold")
+    table.add_column("landing URI / why", overflow="fold")
     landed: list[Path] = []
     async with aiohttp.ClientSession() as session:
         for name, result in sorted(_results(spool).items()):
@@ -260,11 +275,24 @@ async def _show(console: Console, spool: Path, url: str) -> None:
                 landed += [Path(f) for f in run["files"]]
                 where = run["folder"].split("/destinations/", 1)[-1]
             colour = {"succeeded": "green", "rejected": "yellow"}.get(result["state"], "red")
+            delivery = result.get("delivery") or {}
+            verdict = delivery.get("verdict", "-")
+            if verdict == "verified":
+                rows = delivery.get("rows")
+                counted = "files, bytes" if rows is None else f"{rows} rows"
+                verdict = f"[green]yes[/] ({counted})"
+            elif verdict == "mismatch":
+                verdict = "[red]mismatch[/]"
+            if result.get("landing_uri"):
+                where = result["landing_uri"]
+                if result.get("retention_days"):
+                    where += f" (kept {result['retention_days']} days)"
             table.add_row(
                 f"{result['folder']}/{name}",
                 f"[{colour}]{result['state']}[/]",
                 str(result["records"]),
                 str(result["files"]),
+                verdict,
                 where,
             )
     console.print(table)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from exporter.aep.facts import STORAGE_SPECS, StorageSpec, StorageType
+from exporter.delivery.config import VerifySettings
 from exporter.redaction import Secret
 
 S3_BUCKET = r"^(?!\d+\.\d+\.\d+\.\d+$)(?!xn--)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
@@ -62,6 +63,10 @@ def _holds_secret(annotation: Any) -> bool:
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
 
+    verify: VerifySettings | None = None
+    """Opt-in delivery verification and completion signals (exporter/delivery/); not part
+    of the storage's identity, so changing it makes no new connections."""
+
     @model_validator(mode="before")
     @classmethod
     def _secret_files(cls, data: Any) -> Any:
@@ -80,6 +85,12 @@ class _Base(BaseModel):
             out[name] = read_secret(Path(str(value)))
             del out[key]
         return out
+
+    @model_validator(mode="after")
+    def _verify_reader(self) -> _Base:
+        if self.verify is not None:
+            self.verify.require_reader(getattr(self, "type"))  # noqa: B009
+        return self
 
     @classmethod
     def _secret_fields(cls) -> set[str]:

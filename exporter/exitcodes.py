@@ -53,6 +53,11 @@ class Exit(IntEnum):
         "AEP (or IMS) could not be reached: DNS, refused connection, timeouts, TLS. Retrying "
         "later may help; the output names the host.",
     )
+    DELIVERY_MISMATCH = (
+        6,
+        "The run succeeded in AEP, but the destination's `verify` section found the export "
+        "folder differing from it (or missing); the output says what differs.",
+    )
     CORRUPT_JOURNAL = (
         65,
         "`run`: the journal is not a usable database (sysexits' EX_DATAERR); the log says how "
@@ -92,6 +97,7 @@ STATES = {
     "rejected": Exit.BAD_INPUT,
     "timed_out": Exit.TIMED_OUT,
     "cancelled": Exit.INTERRUPTED,
+    "delivery_mismatch": Exit.DELIVERY_MISMATCH,
 }
 CAUSES = {"auth": Exit.CREDENTIALS_REFUSED, "unreachable": Exit.UNREACHABLE}
 

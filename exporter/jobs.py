@@ -50,10 +50,20 @@ class JobState(enum.StrEnum):
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    DELIVERY_MISMATCH = "delivery_mismatch"
+    """The run succeeded in AEP but the export folder does not hold what it reported
+    (verification is opt-in per destination; exporter/delivery/)."""
 
 
 TERMINAL = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.REJECTED}
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.TIMED_OUT,
+        JobState.CANCELLED,
+        JobState.REJECTED,
+        JobState.DELIVERY_MISMATCH,
+    }
 )
 
 ORDER = (
@@ -92,7 +102,13 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         {JobState.RUNNING, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
     ),
     JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+        {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.TIMED_OUT,
+            JobState.CANCELLED,
+            JobState.DELIVERY_MISMATCH,
+        }
     ),
     **{s: frozenset() for s in TERMINAL},
 }
@@ -287,6 +303,25 @@ class RunError(BaseModel):
     message: Scrubbed
 
 
+class Delivery(BaseModel):
+    """What verification found at the destination (exporter/delivery/): the verdict, what
+    was counted there, and each difference from the run's metrics."""
+
+    model_config = ConfigDict(frozen=True)
+
+    verdict: Literal["verified", "mismatch"]
+    files: int = 0
+    bytes: int = 0
+    rows: int | None = None
+    """Rows counted from the Parquet footers; None for JSON (not counted without reading)."""
+    differences: tuple[str, ...] = ()
+    requests: int = 0
+    """Requests made to the store (listing, footer reads, marker writes)."""
+    success_marker: bool = False
+    manifest: str | None = None
+    """The manifest's name in the export folder, when one was written."""
+
+
 class Outcome(BaseModel):
     """How a job ended: what a result file, a queue message and a log line report."""
 
@@ -307,6 +342,11 @@ class Outcome(BaseModel):
     """For a job that failed on an error rather than a run: which kind (auth: credentials
     refused; unreachable: no connection to AEP or IMS). In-process only, for exit codes
     (exporter/exitcodes.py); results and the journal do not carry it."""
+    landing_uri: str | None = None
+    """The export folder's storage URI (docs/aep-notes.md#where-an-export-lands)."""
+    retention_days: int | None = None
+    """How long the destination keeps the files, where AEP says (the landing zone: 7)."""
+    delivery: Delivery | None = None
     query_id: str | None = None
     query_rows: int | None = None
     query_duration_s: float | None = None

@@ -2,7 +2,7 @@
 
 Exit codes: exporter/exitcodes.py (0 succeeded or, with --no-wait, triggered; 1 failed in AEP;
 2 bad usage, configuration or job; 3 timed out; 4 credentials refused; 5 AEP unreachable;
-130 interrupted; 143 terminated).
+6 delivery mismatch; 130 interrupted; 143 terminated).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def add_parser(subparsers: Any) -> None:
         help="export one dataset now and wait for the result",
         description="Create or reuse the flow for this export, trigger an ad hoc run and poll it "
         "until it ends. Exit codes: 0 succeeded, 1 failed in AEP, 2 bad input or config, "
-        "3 timed out, 4 credentials refused, 5 AEP unreachable, 130 interrupted (Ctrl-C), "
+        "3 timed out, 4 credentials refused, 5 AEP unreachable, 6 delivery mismatch, "
+        "130 interrupted (Ctrl-C), "
         "143 terminated (SIGTERM). A stopped command leaves its run to AEP; the same "
         "command again follows that run instead of starting another.",
     )
@@ -376,6 +377,18 @@ def report(outcome: Outcome, console: Console) -> None:
     ):
         if value not in (None, 0) or outcome.state == JobState.SUCCEEDED:
             console.print(f"  {label:<9}{value}", highlight=False, markup=False)
+    if outcome.landing_uri:
+        kept = f" (kept {outcome.retention_days} days)" if outcome.retention_days else ""
+        console.print(f"  {'landed':<9}{outcome.landing_uri}{kept}", highlight=False, markup=False)
+    if outcome.delivery is not None:
+        d = outcome.delivery
+        rows = "" if d.rows is None else f", {d.rows} rows"
+        console.print(
+            f"  {'verified' if d.verdict == 'verified' else 'MISMATCH':<9}"
+            f"{d.files} files, {d.bytes} bytes{rows} at the destination",
+            highlight=False,
+            markup=False,
+        )
     if outcome.message:
         console.print(f"  {outcome.message}", markup=False, highlight=False)
     for error in outcome.errors:

@@ -323,6 +323,15 @@ def test_the_runtime_dependencies_leave_the_emulator_and_redis_to_their_extras()
     assert {"test", "emulator", "redis"} <= set(self_reference[13:-1].split(","))
 
 
+def test_delivery_verification_is_an_extra_that_dev_pulls_in() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert requirement_names(extras["delivery"]) == {"obstore", "asyncssh"}
+    assert not requirement_names(project["dependencies"]) & {"obstore", "asyncssh"}
+    (self_reference,) = [r for r in extras["dev"] if r.startswith("aep-exporter[")]
+    assert "delivery" in self_reference[13:-1].split(",")
+
+
 def build_wheel(context: Path, dist: Path) -> Path:
     """The wheel pip builds from `context`; the build must print no deprecation warning
     (setuptools' banner for the old `project.license` table came three times per install)."""

@@ -20,7 +20,12 @@ from exporter.aep.api import Collection, RunInfo
 from exporter.aep.auth import OPERATION as IMS_OPERATION
 from exporter.aep.config import AepConfig
 from exporter.aep.envelopes import ConnectError
-from exporter.aep.facts import ADHOC_DATASET_ACCEPT, ADHOC_PATH, FLOW_SERVICE_PATH
+from exporter.aep.facts import (
+    ADHOC_DATASET_ACCEPT,
+    ADHOC_PATH,
+    FLOW_SERVICE_PATH,
+    LANDING_ZONE_PATH,
+)
 from exporter.aep.listing import (
     filterable,
     gather_all,
@@ -379,6 +384,22 @@ class HttpAep:
         async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", self.page_size):
             found.update({i["id"]: RunInfo.parse(i) for i in page if i.get("id") in asked})
         return found
+
+    async def landing_zone_credentials(self) -> dict[str, Any]:
+        """The Data Landing Zone's credentials for its destination container
+        (docs/aep-notes.md#data-landing-zone); the SAS in them is a secret."""
+        answer = await self.transport.request(
+            "GET",
+            f"{LANDING_ZONE_PATH}/credentials",
+            operation="landingzone.credentials",
+            query=[("type", "dlz_destination")],
+        )
+        if not isinstance(answer.body, Mapping):
+            raise ServerError(
+                "the landing zone's credentials answer is not an object",
+                operation="landingzone.credentials",
+            )
+        return dict(answer.body)
 
     async def runs_of_flow(self, flow_id: str, since_ms: int) -> list[RunInfo]:
         """Runs of `flow_id` created at or after `since_ms`, newest first."""

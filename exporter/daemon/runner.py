@@ -322,6 +322,8 @@ class JobRunner:
             partial=outcome.partial,
             message=outcome.message,
             errors=[e.model_dump() for e in outcome.errors],
+            landing_uri=outcome.landing_uri,
+            delivery=outcome.delivery.verdict if outcome.delivery else None,
             **_query_fields(outcome),
         )
 

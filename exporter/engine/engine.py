@@ -1,6 +1,7 @@
 """The export engine: one job from "export dataset D to X as F" to its outcome.
 
     received ─► flow_ready ─► triggering ─► running ─► succeeded | failed | timed_out
+                                                      └► delivery_mismatch (verify, opt-in)
         └─► querying ─┘  (a job with a query: engine/query.py)
 
 `flow_ready`: the dataset is a member of its lane's flow (lanes/). `triggering`: the mark
@@ -22,6 +23,7 @@ import structlog
 from exporter.aep.api import AepApi, RunInfo
 from exporter.aep.queries import QueryApi
 from exporter.clock import Clock
+from exporter.delivery.deliver import Deliverer, LandingZoneApi
 from exporter.destinations import Destination, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.engine.lanes import LaneFlow, LaneManager
@@ -104,6 +106,13 @@ class Engine:
         self._poller_task: asyncio.Task[None] | None = None
         self._renewal_task: asyncio.Task[None] | None = None
         self._destinations = destinations
+        self.delivery = Deliverer(
+            clock,
+            rng,
+            dlz_credentials=api.landing_zone_credentials
+            if isinstance(api, LandingZoneApi)
+            else None,
+        )
 
     async def __aenter__(self) -> Engine:
         """For one-shot use: no renewal task (the daemon calls `start()`)."""
@@ -137,6 +146,7 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.triggerer.aclose()
         await self.lanes.aclose()
+        await self.delivery.aclose()
 
     async def _renewals(self) -> None:
         """Keep every lane's schedule from running out (AEP stops a flow silently at its
@@ -250,6 +260,7 @@ class Engine:
         wait: bool,
         fence: Fence | None,
     ) -> Outcome:
+        destination = self._destinations[job.destination]
         flow_id = resume.flow_id if resume else None
         run_id = resume.run_id if resume and resume.state == JobState.RUNNING else None
         flow: LaneFlow | None = None
@@ -311,6 +322,13 @@ class Engine:
         outcome = self._from_run(job, run, started)
         if run.succeeded and job.after == "disable" and flow is not None:
             await self._after_run(flow)
+        if run.succeeded:
+            outcome = await self.delivery.deliver(
+                destination, job, run, outcome, schedule=flow.schedule if flow else None
+            )
+            outcome = outcome.model_copy(
+                update={"duration_s": round(self.clock.monotonic() - started, 3)}
+            )
         return outcome
 
     async def _start(
