@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from aep_emulator import connections as conn
-from aep_emulator import control, flows, landingzone, runs
+from aep_emulator import control, flows, landingzone, queryservice, runs
 from aep_emulator.clock import Clock, SystemClock
 from aep_emulator.facts import ADHOC_PATH, FLOW_SERVICE_PATH, IMS_TOKEN_PATH, LANDING_ZONE_PATH
 from aep_emulator.gateway import STATE_KEY, ims_token
@@ -60,6 +60,7 @@ def create_app(knobs: Knobs, data_dir: Path, *, clock: Clock | None = None) -> w
         name="landingzone.refresh",
     )
     r.add_get(LANDING_ZONE_PATH, landingzone.container_info, name="landingzone.info")
+    queryservice.add_routes(app)
     control.add_routes(app)
     return app
 

@@ -196,6 +196,55 @@ class DataLake:
             self._datasets[(sandbox, dataset_id)] = ds
         return batch
 
+    def create_from_table(
+        self, sandbox: str, name: str, table: pa.Table, *, rng: random.Random, now_ms: int
+    ) -> Dataset:
+        """A new dataset named `name` whose one batch holds `table` (a query's result)."""
+        if not _SANDBOX_RE.match(sandbox):
+            raise ValueError(f"invalid sandbox name {sandbox!r}")
+        with self._lock:
+            dataset_id = _object_id(rng, now_ms)
+            while (sandbox, dataset_id) in self._datasets or dataset_id in self._reserved:
+                dataset_id = _object_id(rng, now_ms)
+            self._reserved.add(dataset_id)
+        ds = Dataset(dataset_id, name, "", sandbox, now_ms, tuple(table.schema.names), ())
+        try:
+            ds = replace(ds, batches=(self._write_table(ds, table, rng, now_ms),))
+            with self._lock:
+                self._save(ds)
+                self._datasets[(sandbox, dataset_id)] = ds
+        except BaseException:
+            shutil.rmtree(self._dir(sandbox, dataset_id), ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._reserved.discard(dataset_id)
+        return ds
+
+    def append_table(
+        self, sandbox: str, dataset_id: str, table: pa.Table, *, rng: random.Random, now_ms: int
+    ) -> Batch:
+        """Add `table` as a new batch of an existing dataset (KeyError if absent)."""
+        ds = self.get(sandbox, dataset_id)
+        if ds is None:
+            raise KeyError(f"no dataset {dataset_id} in sandbox {sandbox}")
+        batch = self._write_table(ds, table, rng, now_ms)
+        with self._lock:
+            current = self._datasets[(sandbox, dataset_id)]
+            ds = replace(current, batches=(*current.batches, batch))
+            self._save(ds)
+            self._datasets[(sandbox, dataset_id)] = ds
+        return batch
+
+    def _write_table(self, ds: Dataset, table: pa.Table, rng: random.Random, now_ms: int) -> Batch:
+        batch_id = _ulid(rng, now_ms)
+        path = self._dir(ds.sandbox, ds.id) / "batches" / f"{batch_id}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return Batch(batch_id, now_ms, path, table.num_rows)
+
     def get(self, sandbox: str, dataset_id: str) -> Dataset | None:
         """The dataset, or None if the sandbox has no such dataset."""
         with self._lock:
@@ -335,6 +384,11 @@ def _object_id(rng: random.Random, now_ms: int) -> str:
 def _ulid(rng: random.Random, now_ms: int) -> str:
     value = (now_ms & (2**48 - 1)) << 80 | rng.getrandbits(80)
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def table_name(name: str) -> str:
+    """The Query Service table name of a dataset (Catalog tag `adobe/pqs/table`)."""
+    return _table_name(name)
 
 
 def _table_name(name: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 FLOW_SERVICE_PATH = "/data/foundation/flowservice"
 ADHOC_PATH = "/data/core/activation/disflowprovider/adhocrun"
 LANDING_ZONE_PATH = "/data/foundation/connectors/landingzone"
+QUERY_SERVICE_PATH = "/data/foundation/query"
 IMS_TOKEN_PATH = "/ims/token/v3"  # noqa: S105 - a URL path, not a secret
 
 DATALAKE_SOURCE_SPEC_ID = "23598e46-f560-407b-88d5-ea6207e49db0"

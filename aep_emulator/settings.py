@@ -131,6 +131,18 @@ class Knobs(BaseModel):
         le=1,
         description="share of successful runs that report warnings in errors[]",
     )
+    # Query Service (Data Distiller): batch queries run with DuckDB over the data lake.
+    query_duration_s: Annotated[Span, Flag(TIME, "--query-duration", "A-B")] = Field(
+        default=Span(min=5, max=20), description="emulated query duration, uniform in [A, B]"
+    )
+    query_failure_rate: Annotated[float, Flag(TIME, metavar="P")] = Field(
+        default=0.0, ge=0, le=1, description="share of queries that fail with an internal error"
+    )
+    query_timeout_s: Annotated[float, Flag(TIME, "--query-timeout", "S")] = Field(
+        default=86400.0,
+        gt=0,
+        description="emulated seconds after which a batch query fails with error 53400",
+    )
     allow_json_uncompressed: Annotated[bool, Flag(FAULTS)] = Field(
         default=False,
         description="accept JSON without GZIP, as Adobe's examples (not its rules) do",

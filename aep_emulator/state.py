@@ -161,6 +161,7 @@ class EmulatorState:
         self.arrivals = 0
         self._arrival_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.rate_buckets: dict[str, tuple[float, float]] = {}
+        self.queries: dict[str, Any] = {}  # Query Service: id -> queryservice.Query
 
     def sandbox(self, org_id: str, name: str) -> Sandbox:
         key = (org_id, name)
@@ -217,6 +218,7 @@ class EmulatorState:
         self.journal_seq = 0
         self.faults.clear()
         self.rate_buckets.clear()
+        self.queries.clear()
         if datasets:
             self.lake.clear()
 

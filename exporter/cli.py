@@ -32,7 +32,7 @@ class Command:
     needs: tuple[str, ...] = ()  # top-level modules of that extra, found before any import
 
 
-EMULATOR_NEEDS = ("aep_emulator", "pyarrow", "jsonschema", "obstore", "asyncssh")
+EMULATOR_NEEDS = ("aep_emulator", "pyarrow", "jsonschema", "obstore", "asyncssh", "duckdb")
 
 COMMANDS = (
     Command(

@@ -24,6 +24,13 @@ from exporter.redaction import Scrubbed
 PATH_RE = re.compile(r"^[0-9a-zA-Z/!\-_.*'()]+$")
 DATASET_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
 ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._:@-]{0,199}$")
+QUERY_RESULT = "query-result"
+"""The `dataset_id` of a job with a query: the dataset is the query's result, known only once
+the query has run."""
+PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+TABLE_TEMPLATE_RE = re.compile(r"^[A-Za-z_{][A-Za-z0-9_{}]{0,127}$")
+TABLE_PLACEHOLDERS = ("{job}", "{slot_date}", "{slot_time}")
+AUTO_PARAMS = ("job_id", "slot", "slot_date", "previous_date")
 MODES = ("once", "daily", "hourly:3", "hourly:6", "hourly:9", "hourly:12")
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 
@@ -34,6 +41,7 @@ class JobState(enum.StrEnum):
     """A job's life; see docs/design.md for the diagram."""
 
     RECEIVED = "received"
+    QUERYING = "querying"
     FLOW_READY = "flow_ready"
     TRIGGERING = "triggering"
     RUNNING = "running"
@@ -58,11 +66,27 @@ TERMINAL = frozenset(
     }
 )
 
-ORDER = (JobState.RECEIVED, JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING)
+ORDER = (
+    JobState.RECEIVED,
+    JobState.QUERYING,
+    JobState.FLOW_READY,
+    JobState.TRIGGERING,
+    JobState.RUNNING,
+)
 """The unfinished states, in the order a job goes through them."""
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset(
+        {
+            JobState.QUERYING,
+            JobState.FLOW_READY,
+            JobState.REJECTED,
+            JobState.FAILED,
+            JobState.TIMED_OUT,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.QUERYING: frozenset(
         {
             JobState.FLOW_READY,
             JobState.REJECTED,
@@ -119,6 +143,58 @@ class Job(BaseModel):
     labels: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=500)]] = (
         Field(default_factory=dict, max_length=50)
     )
+    query: str | None = Field(default=None, min_length=1, max_length=50_000)
+    """A Data Distiller query run before the export, whose result is the dataset exported: a
+    SELECT, or the name of a `.sql` file in the engine's `queries_dir`. `$name` parameters
+    are bound by Query Service from `query_params` and `job_id`, `slot`, `slot_date`,
+    `previous_date` (see docs/design.md, "Query jobs")."""
+    query_into: Literal["create", "insert"] | None = None
+    """`create` (default): CREATE TABLE `query_table` AS the SELECT, a new dataset;
+    `insert`: INSERT INTO the existing dataset whose table is `query_table`."""
+    query_table: str | None = Field(default=None, max_length=128)
+    """The table written; for `create`, {job}, {slot_date} and {slot_time} are filled in
+    (default `aep_exporter_{job}`)."""
+    query_params: dict[
+        Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=1000)]
+    ] = Field(default_factory=dict, max_length=50)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _query_dataset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("query") is not None:
+            given = data.get("dataset_id", QUERY_RESULT)
+            if given != QUERY_RESULT:
+                raise ValueError(
+                    "a job with a query exports the query's result: drop dataset_id "
+                    "(query_table names the table written)"
+                )
+            data = {**data, "dataset_id": QUERY_RESULT}
+        return data
+
+    @field_validator("query_params")
+    @classmethod
+    def _params(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not PARAM_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a parameter name (letters, digits, '_')")
+            if name in AUTO_PARAMS:
+                raise ValueError(f"{name!r} is set by the exporter; choose another name")
+        return value
+
+    @field_validator("query_table")
+    @classmethod
+    def _table(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        bare = value
+        for placeholder in TABLE_PLACEHOLDERS:
+            bare = bare.replace(placeholder, "x")
+        if not TABLE_TEMPLATE_RE.match(value) or "{" in bare or "}" in bare:
+            raise ValueError(
+                "must be a table name (letters, digits, '_') with optional "
+                + ", ".join(TABLE_PLACEHOLDERS)
+            )
+        return value
 
     @field_validator("format", "compression", mode="before")
     @classmethod
@@ -170,6 +246,12 @@ class Job(BaseModel):
                 "a once job without export_now would never run: AEP never runs a one-off "
                 "lane by itself; drop export_now or choose a daily or hourly mode"
             )
+        if self.query is None and (
+            self.query_into is not None or self.query_table is not None or self.query_params
+        ):
+            raise ValueError("query_into, query_table and query_params need a query")
+        if self.query_into == "insert" and self.query_table is None:
+            raise ValueError("query_into=insert needs query_table: the table to insert into")
         if self.mode != "once" and self.after_run == "disable":
             raise ValueError(
                 f"after_run=disable would stop the {self.mode} schedule; "
@@ -203,9 +285,15 @@ class Job(BaseModel):
             return self.id
         # A field added later is left out while unset, so older jobs keep their ids.
         unset = {"export_now"} if self.export_now is None else set()
+        unset |= {f for f in ("query", "query_into", "query_table") if getattr(self, f) is None}
+        unset |= set() if self.query_params else {"query_params"}
         content = self.model_dump(mode="json", exclude={"id", *unset})
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return f"job-{digest[:24]}"
+
+    @property
+    def has_query(self) -> bool:
+        return self.query is not None
 
 
 class RunError(BaseModel):
@@ -259,6 +347,11 @@ class Outcome(BaseModel):
     retention_days: int | None = None
     """How long the destination keeps the files, where AEP says (the landing zone: 7)."""
     delivery: Delivery | None = None
+    query_id: str | None = None
+    query_rows: int | None = None
+    query_duration_s: float | None = None
+    dataset_id: str | None = None
+    """The dataset exported, for a job with a query (its result)."""
 
 
 # -- reading a job document (a job file, a message, a request body) --------------------------

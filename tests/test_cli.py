@@ -16,9 +16,9 @@ from exporter.cli import COMMANDS, EMULATOR_NEEDS, build_parser, main
 # Modules a bare `aep-exporter --help` has no use for (each costs tens of milliseconds or more).
 HEAVY = (
     *("aiohttp", "pydantic", "structlog", "rich", "yaml", "watchfiles", "apscheduler"),
-    *("redis", "prometheus_client", "pyarrow", "jsonschema", "aep_emulator"),
+    *("redis", "prometheus_client", "pyarrow", "jsonschema", "duckdb", "aep_emulator"),
 )
-EXTRA_ONLY = ("pyarrow", "jsonschema")
+EXTRA_ONLY = ("pyarrow", "jsonschema", "duckdb")
 
 
 def test_the_lazy_listing_is_the_one_the_commands_modules_give() -> None:

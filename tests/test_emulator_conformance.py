@@ -836,6 +836,41 @@ async def scenario_landing_zone(aep: Conformance) -> None:
     assert refreshed.body["SASToken"] != credentials.body["SASToken"]
 
 
+# -- Query Service -----------------------------------------------------------------------------
+
+
+async def scenario_query_service(aep: Conformance) -> None:
+    """No spec file here covers Query Service: docs/aep-notes.md#query-service-data-distiller
+    (the queries endpoint guide's request and answer shapes)."""
+    base = "/data/foundation/query/queries"
+    await aep.emulator.seed(rows=5)
+    body = {
+        "dbName": "prod:all",
+        "sql": "SELECT country, count(*) AS n FROM features WHERE country = $c GROUP BY 1",
+        "name": "conformance",
+        "description": "a CTAS",
+        "queryParameters": {"c": "US"},
+        "ctasParameters": {"datasetName": "conformance_ctas"},
+    }
+    made = await aep.call("POST", base, body=body, status=202)
+    shape = {"isInsertInto", "request", "state", "rowCount", "errors", "isCTAS", "version", "id"}
+    assert shape <= set(made.body)
+    assert made.body["state"] == "SUBMITTED"
+    assert (made.body["isCTAS"], made.body["isInsertInto"]) == (True, False)
+    assert made.body["_links"]["cancel"]["method"] == "PATCH"
+    query_id = made.body["id"]
+    got = await aep.call("GET", f"{base}/{query_id}", status=200)
+    assert got.body["id"] == query_id
+    listed = await aep.call("GET", base, query={"property": f"id=={query_id}"}, status=200)
+    assert [q["id"] for q in listed.body["queries"]] == [query_id]
+    cancelled = await aep.call("PATCH", f"{base}/{query_id}", body={"op": "cancel"}, status=202)
+    assert cancelled.body == {"message": "Query cancel request received", "statusCode": 202}
+    killed = await aep.call("GET", f"{base}/{query_id}", status=200)
+    assert killed.body["state"] == "KILLED"
+    refused = await aep.call("POST", base, body={**body, "queryParameters": {}}, status=400)
+    assert set(refused.body) == {"message", "statusCode"}
+
+
 # -- list paging -------------------------------------------------------------------------------
 
 
@@ -939,6 +974,10 @@ async def test_landing_zone(aep: Conformance) -> None:
     await scenario_landing_zone(aep)
 
 
+async def test_query_service(aep: Conformance) -> None:
+    await scenario_query_service(aep)
+
+
 async def test_list_paging(aep: Conformance) -> None:
     await scenario_paging(aep)
 
@@ -959,6 +998,7 @@ def every_scenario() -> list[Scenario]:
         scenario_runs,
         scenario_guardrails,
         scenario_landing_zone,
+        scenario_query_service,
         scenario_paging,
     ]
 

@@ -308,10 +308,17 @@ def test_the_runtime_dependencies_leave_the_emulator_and_redis_to_their_extras()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = requirement_names(project["dependencies"])
     extras = project["optional-dependencies"]
-    # obstore and asyncssh: the emulator's writes to storage servers (--storage-endpoint).
-    assert requirement_names(extras["emulator"]) == {"pyarrow", "jsonschema", "obstore", "asyncssh"}
+    # obstore and asyncssh: the emulator's writes to storage servers (--storage-endpoint);
+    # duckdb: its Query Service.
+    assert requirement_names(extras["emulator"]) == {
+        "pyarrow",
+        "jsonschema",
+        "obstore",
+        "asyncssh",
+        "duckdb",
+    }
     assert requirement_names(extras["redis"]) == {"redis"}
-    assert not runtime & {"pyarrow", "jsonschema", "redis"}, runtime
+    assert not runtime & {"pyarrow", "jsonschema", "duckdb", "redis"}, runtime
     (self_reference,) = [r for r in extras["dev"] if r.startswith("aep-exporter[")]
     assert {"test", "emulator", "redis"} <= set(self_reference[13:-1].split(","))
 
@@ -400,8 +407,13 @@ def test_the_wheel_builds_from_the_docker_context_with_the_runtime_and_the_scrip
     requires = re.findall(r"^Requires-Dist: (.+)$", meta, re.MULTILINE)
     unconditional = requirement_names([r for r in requires if "extra ==" not in r])
     assert "aiohttp" in unconditional
-    assert not unconditional & {"pyarrow", "jsonschema", "redis"}, unconditional
-    for name, extra in (("pyarrow", "emulator"), ("jsonschema", "emulator"), ("redis", "redis")):
+    assert not unconditional & {"pyarrow", "jsonschema", "duckdb", "redis"}, unconditional
+    for name, extra in (
+        ("pyarrow", "emulator"),
+        ("jsonschema", "emulator"),
+        ("duckdb", "emulator"),
+        ("redis", "redis"),
+    ):
         assert any(r.startswith(name) and re.search(rf"extra == .{extra}.", r) for r in requires), (
             name,
             requires,
@@ -615,7 +627,7 @@ SECRET_FILES = {
     "redis": ("password", "password_file"),
 }
 # Values a schedule must be given (its name, its trigger, its job): the example's own.
-EXAMPLE_VALUES = {"schedules": {"name", "cron", "job"}}
+EXAMPLE_VALUES = {"schedules": {"name", "cron", "job"}, "engine": {"queries_dir"}}
 # The example shows one trigger, cron; the other, which excludes it, is named in its prose.
 ALTERNATIVES = {"schedules": {"interval_s"}}
 HEADER = re.compile(r"(?:#\s*)?\[\[?([A-Za-z0-9_.-]+)\]\]?")

@@ -34,6 +34,7 @@ from exporter.aep.listing import (
     pages,
     segment,
 )
+from exporter.aep.queries import HttpQueries, QueryInfo
 from exporter.aep.ratelimit import RateLimiter
 from exporter.aep.transport import Transport
 from exporter.clock import Clock
@@ -411,6 +412,27 @@ class HttpAep:
         runs = [r for r in runs if r.created_at_ms >= since_ms]
         runs.sort(key=lambda r: r.created_at_ms, reverse=True)
         return runs
+
+    # -- Query Service (exporter.aep.queries): the same transport, token and limiter ------------
+
+    @property
+    def _queries(self) -> HttpQueries:
+        return HttpQueries(self.transport, page_size=self.page_size)
+
+    async def submit_query(self, body: Mapping[str, Any]) -> QueryInfo:
+        return await self._queries.submit_query(body)
+
+    async def get_query(self, query_id: str) -> QueryInfo | None:
+        return await self._queries.get_query(query_id)
+
+    async def queries_named(self, name: str, since_ms: int) -> list[QueryInfo]:
+        return await self._queries.queries_named(name, since_ms)
+
+    async def cancel_query(self, query_id: str) -> None:
+        await self._queries.cancel_query(query_id)
+
+    async def dataset_of_table(self, table: str) -> str | None:
+        return await self._queries.dataset_of_table(table)
 
 
 def _was_sent(error: AepError) -> bool:

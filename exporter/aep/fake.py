@@ -21,6 +21,7 @@ from typing import Any, Literal, NoReturn
 from exporter.aep.adhoc import refusal
 from exporter.aep.api import Collection, RunInfo
 from exporter.aep.facts import ALREADY_RUNNING_PHRASE, NOT_ENABLED_PHRASE, NOT_READY_MESSAGE
+from exporter.aep.queries import QueryInfo
 from exporter.clock import Clock
 from exporter.errors import NotFoundError, PreconditionFailed, RequestError
 
@@ -83,6 +84,37 @@ class FakeRun:
 
 
 @dataclass
+class FakeQuery:
+    """A Query Service query and what it will turn out to be."""
+
+    id: str
+    name: str
+    table: str
+    created: float
+    complete_at: float
+    outcome: Literal["success", "failed"]
+    rows: int
+    killed: bool = False
+
+    def info(self, now: float) -> QueryInfo:
+        if self.killed:
+            state = "KILLED"
+        elif now < self.complete_at:
+            state = "IN_PROGRESS"
+        else:
+            state = "SUCCESS" if self.outcome == "success" else "FAILED"
+        errors = (("42601", "syntax error at or near the fake"),) if state == "FAILED" else ()
+        return QueryInfo(
+            id=self.id,
+            name=self.name,
+            state=state,
+            created_ms=int(self.created * 1000),
+            rows=self.rows if state == "SUCCESS" else 0,
+            errors=errors,
+        )
+
+
+@dataclass
 class _Failure:
     exc: FailureFactory
     times: int
@@ -122,6 +154,10 @@ class FakeAep:
         self.output = output
         self.entities: dict[Collection, dict[str, dict[str, Any]]] = {c: {} for c in COLLECTIONS}
         self.runs: dict[str, FakeRun] = {}
+        self.queries: dict[str, FakeQuery] = {}
+        self.tables: dict[str, str] = {}  # Query Service table -> dataset id
+        self.query_duration_s = 30.0
+        self.query_outcome: Literal["success", "failed"] = "success"
         self.calls: Counter[str] = Counter()
         self._failures: dict[str, deque[_Failure]] = {}
 
@@ -394,3 +430,51 @@ class FakeAep:
             key=lambda r: r.created_at_ms,
             reverse=True,
         )
+
+    # -- Query Service (exporter.aep.queries.QueryApi) -------------------------------------
+
+    async def submit_query(self, body: Mapping[str, Any]) -> QueryInfo:
+        """A query that ends `query_duration_s` later with `query_outcome`; a successful one
+        makes its table (a dataset id) when it ends."""
+        failure = self._begin("queries.create")
+        target = body.get("ctasParameters") or body.get("insertIntoParameters") or {}
+        now = self.clock.time()
+        query = FakeQuery(
+            id=str(uuid.uuid4()),
+            name=str(body.get("name", "")),
+            table=str(target.get("datasetName", "")),
+            created=now,
+            complete_at=now + self.query_duration_s,
+            outcome=self.query_outcome,
+            rows=self.output[1],
+        )
+        self.queries[query.id] = query
+        if failure is not None:
+            raise failure.make()
+        return query.info(now)
+
+    def _query_info(self, query: FakeQuery) -> QueryInfo:
+        info = query.info(self.clock.time())
+        if info.succeeded and query.table:
+            self.tables.setdefault(query.table, f"ds-{query.table}")
+        return info
+
+    async def get_query(self, query_id: str) -> QueryInfo | None:
+        self._begin("queries.get")
+        query = self.queries.get(query_id)
+        return None if query is None else self._query_info(query)
+
+    async def queries_named(self, name: str, since_ms: int) -> list[QueryInfo]:
+        self._begin("queries.list")
+        found = [self._query_info(q) for q in self.queries.values() if q.name == name]
+        return sorted((q for q in found if q.created_ms >= since_ms), key=lambda q: q.created_ms)
+
+    async def cancel_query(self, query_id: str) -> None:
+        self._begin("queries.patch")
+        query = self.queries.get(query_id)
+        if query is not None and not query.info(self.clock.time()).terminal:
+            query.killed = True
+
+    async def dataset_of_table(self, table: str) -> str | None:
+        self._begin("connectionSpecs.configs")
+        return self.tables.get(table)

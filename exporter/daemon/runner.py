@@ -165,6 +165,8 @@ class JobRunner:
         if task is None or task.done():
             return False
         self._cancelled[job_id] = reason
+        if self.engine.queries is not None:  # a cancelled job's query is cancelled in AEP too
+            await self.engine.queries.cancel(job_id)
         task.cancel()
         # Its outcome is being written (shielded); callers that need it wait on `filed`.
         await asyncio.wait({task}, timeout=STOP_WAIT_S)
@@ -322,4 +324,18 @@ class JobRunner:
             errors=[e.model_dump() for e in outcome.errors],
             landing_uri=outcome.landing_uri,
             delivery=outcome.delivery.verdict if outcome.delivery else None,
+            **_query_fields(outcome),
         )
+
+
+def _query_fields(outcome: Outcome) -> dict[str, object]:
+    """A query job's part of the canonical line (absent for other jobs: their line is as
+    before)."""
+    if outcome.query_id is None and outcome.dataset_id is None:
+        return {}
+    return {
+        "query_id": outcome.query_id,
+        "query_rows": outcome.query_rows,
+        "query_duration_s": outcome.query_duration_s,
+        "dataset_id": outcome.dataset_id,
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JOIN_SHARE = 0.05  # of the not-ready wait: 30 s of AEP's ten minutes
@@ -59,6 +61,10 @@ class EngineConfig(BaseModel):
     adopt_window_s: float = Field(default=3600.0, gt=0)
     """Runs created this long before a trigger are read to tell new runs from old ones: the
     clocks of AEP and this host may disagree by up to this much."""
+    queries_dir: Path | None = None
+    """The folder of `.sql` files a job's `query` may name (unset: jobs give SQL text)."""
+    query_db: str = Field(default="prod:all", min_length=1)
+    """The `dbName` of Data Distiller queries (Adobe's examples use `prod:all`)."""
 
     @property
     def join_window_s(self) -> float:

@@ -2,6 +2,7 @@
 
     received ─► flow_ready ─► triggering ─► running ─► succeeded | failed | timed_out
                                                       └► delivery_mismatch (verify, opt-in)
+        └─► querying ─┘  (a job with a query: engine/query.py)
 
 `flow_ready`: the dataset is a member of its lane's flow (lanes/). `triggering`: the mark
 that tells the job's run from older ones is journaled before the ad hoc call goes out (or, for
@@ -20,12 +21,14 @@ from typing import Any, Literal
 import structlog
 
 from exporter.aep.api import AepApi, RunInfo
+from exporter.aep.queries import QueryApi
 from exporter.clock import Clock
 from exporter.delivery.deliver import Deliverer, LandingZoneApi
 from exporter.destinations import Destination, unknown_destination
 from exporter.engine.config import EngineConfig
 from exporter.engine.lanes import LaneFlow, LaneManager
 from exporter.engine.poller import RunPoller, RunTimedOut, StatusUnreadable
+from exporter.engine.query import QueryDone, QueryFailed, QueryStep, has_queries
 from exporter.engine.trigger import Fence, Triggerer
 from exporter.errors import AepError, AuthError, ConfigError, NotAMember, TransportError
 from exporter.jobs import Job, JobState, Outcome, RunError
@@ -71,12 +74,14 @@ class Engine:
         identity_key: bytes = b"",
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        queries: QueryApi | None = None,
     ) -> None:
         """`identity_key` keys the hash that tells destinations apart by their credentials
         (the AEP client secret: the same for every daemon of the org, unknown to AEP's
         readers). `rng` draws every jitter of the engine's pieces (lanes, trigger, poller):
         the caller's, so a seeded one makes them repeatable; one is made only if none is
-        given."""
+        given. `queries` runs the Data Distiller query of jobs that have one (default: `api`
+        itself, when it has Query Service's verbs)."""
         self.api = api
         self.config = config
         self.clock = clock
@@ -96,6 +101,8 @@ class Engine:
             metrics.destination_flows_limit.set(config.max_flows)
         self.triggerer = Triggerer(api, config, clock, rng, metrics=metrics)
         self.poller = RunPoller(api, config, clock, rng, metrics=metrics)
+        query_api = queries if queries is not None else has_queries(api)
+        self.queries = QueryStep(query_api, config, clock, rng) if query_api is not None else None
         self._poller_task: asyncio.Task[None] | None = None
         self._renewal_task: asyncio.Task[None] | None = None
         self._destinations = destinations
@@ -197,6 +204,62 @@ class Engine:
             message = unknown_destination(job.destination, self._destinations)
             await on_state(Progress(JobState.REJECTED, detail=message))
             return self._outcome(job, JobState.REJECTED, started, message=message)
+        done: QueryDone | None = None
+        if job.has_query:
+            try:
+                done = await self._query(job, on_state, resume, deadline)
+            except QueryFailed as exc:
+                await on_state(Progress(exc.state, detail=exc.message))
+                return self._outcome(
+                    job,
+                    exc.state,
+                    started,
+                    message=exc.message,
+                    query_id=exc.query_id,
+                    errors=tuple(RunError(code=c, message=m) for c, m in exc.errors),
+                )
+            job = job.model_copy(update={"dataset_id": done.dataset_id, "id": job.job_id})
+        outcome = await self._export(job, on_state, resume, started, deadline, wait, fence)
+        if done is None:
+            return outcome
+        return outcome.model_copy(
+            update={
+                "query_id": done.query_id,
+                "query_rows": done.rows,
+                "query_duration_s": done.duration_s,
+                "dataset_id": done.dataset_id,
+            }
+        )
+
+    async def _query(
+        self, job: Job, on_state: OnState, resume: Progress | None, deadline: float
+    ) -> QueryDone:
+        if self.queries is None:
+            raise QueryFailed(
+                JobState.REJECTED, "this exporter has no Query Service client for the job's query"
+            )
+
+        async def on_querying(mark_ms: int) -> None:
+            await on_state(Progress(JobState.QUERYING, intent_ms=mark_ms))
+
+        return await self.queries.run(
+            job,
+            on_querying,
+            resume_state=resume.state if resume else None,
+            resume_mark_ms=resume.intent_ms if resume else None,
+            deadline=deadline,
+        )
+
+    async def _export(
+        self,
+        job: Job,
+        on_state: OnState,
+        resume: Progress | None,
+        started: float,
+        deadline: float,
+        wait: bool,
+        fence: Fence | None,
+    ) -> Outcome:
         destination = self._destinations[job.destination]
         flow_id = resume.flow_id if resume else None
         run_id = resume.run_id if resume and resume.state == JobState.RUNNING else None

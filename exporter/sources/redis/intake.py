@@ -333,6 +333,8 @@ class RedisIntake:
     async def _catch_up(self, record: JobRecord, at: Progress) -> JobRecord:
         """Journal the states another consumer reached, so that the job resumes there."""
         for state in ORDER[ORDER.index(record.state) + 1 : ORDER.index(at.state) + 1]:
+            if state is JobState.QUERYING and "query" not in record.spec:
+                continue  # a job without a query never passes through it
             await self._journal.advance(
                 record.job_id,
                 state,
