@@ -173,5 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return EXIT_MISSING_EXTRA
     args = build_parser([command.name] if command else []).parse_args(words)
+    # Until a command sets up its own: warnings and errors to stderr, never a log line on
+    # stdout, where `--json` and listings print what scripts read.
+    from exporter.logs import configure_logging
+
+    configure_logging("warning", stream=sys.stderr)
     code: int = args.func(args)
     return code

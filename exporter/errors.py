@@ -18,6 +18,10 @@ ExporterError
 ├── Corrupt                       [daemon.journal_file] the journal is not a usable database
 ├── Unwritable                    [daemon.journal] the daemon's writes are failing now
 ├── Stopped                       [oneshot] SIGINT or SIGTERM stopped the `export` command
+├── StoreError                    [delivery.stores] a destination could not be read back
+├── NotParquet                    [delivery.parquet] a file's footer is not Parquet's
+├── WebhookFailed                 [delivery.signals] a completion webhook was not accepted
+├── QueryFailed                   [engine.query] the job's Data Distiller query ended it
 └── AepError                      something AEP (or the way to it) answered or failed to
     ├── TransportError            no answer: connection refused/reset/dropped, timeout  [retry]
     │   ├── ConnectError          [aep.envelopes] no connection: never sent             [retry]

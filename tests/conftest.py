@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from aep_emulator.app import serve
 from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
@@ -119,6 +120,17 @@ def default_knobs(**changes: Any) -> Knobs:
         "seed": 1234,
     }
     return Knobs.model_validate({**base, **changes})
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command run in-process (`check`, `status`, …) configures structlog for the whole
+    process, as a CLI's edge does: its level and its stream (the test's captured stderr,
+    closed afterwards) must not reach the tests after it."""
+    saved = structlog.get_config()
+    saved["processors"] = list(saved["processors"])
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from exporter.errors import ExporterError
+
 MAGIC = b"PAR1"
 TAIL = 8 * 1024
 """Bytes read from a file's end at first: the footer of an export's file (a row group or a
@@ -25,7 +27,7 @@ _BINARY, _LIST, _SET, _MAP, _STRUCT = 8, 9, 10, 11, 12
 _MAX_DEPTH = 64
 
 
-class NotParquet(ValueError):
+class NotParquet(ExporterError, ValueError):
     """The bytes are not a Parquet file's footer; the message says why."""
 
 

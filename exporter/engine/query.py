@@ -29,7 +29,14 @@ from exporter.aep.api import AepApi
 from exporter.aep.queries import QueryApi, QueryInfo
 from exporter.clock import Clock
 from exporter.engine.config import EngineConfig
-from exporter.errors import AepError, ConfigError, ServerError, ThrottledError, TransportError
+from exporter.errors import (
+    AepError,
+    ConfigError,
+    ExporterError,
+    ServerError,
+    ThrottledError,
+    TransportError,
+)
 from exporter.jobs import Job, JobState
 from exporter.retry import Backoff
 
@@ -42,7 +49,7 @@ CANCEL_WITHIN_S = 30.0
 _UNREADABLE = (TransportError, ServerError, ThrottledError)
 
 
-class QueryFailed(Exception):
+class QueryFailed(ExporterError):
     """The job ends here: `state` (failed, timed_out, rejected), Query Service's own message
     and errors, and the query's id when there is one."""
 
