@@ -373,12 +373,21 @@ async def test_a_finished_job_is_not_run_again(tmp_path: Path, redis_server: Red
                 again = await submit(
                     client, {"job": job("once", first)}, {"job": job("once", first)}
                 )
-                duplicates = await logs.until("redis_message_duplicate", count=2)
+                async with asyncio.timeout(DEADLINE):
+                    while not set(again) <= {
+                        d["message_id"] for d in logs.named("redis_message_duplicate")
+                    }:
+                        logs.changed.clear()
+                        await logs.changed.wait()
                 await submit(client, {"job": job("after", second)})
                 results = await until_entries(client, RESULTS, 2, deadline_s=DEADLINE)
 
+    duplicates = logs.named("redis_message_duplicate")
     assert {d["why"] for d in duplicates} == {"done"}
-    assert [d["message_id"] for d in duplicates] == again
+    # Both resubmissions, in order; on a loaded machine the 2 s lease may also lapse while
+    # the first message is being acknowledged, and its own redelivery is seen as done too.
+    assert [d["message_id"] for d in duplicates if d["message_id"] in again] == again
+    assert {d["message_id"] for d in duplicates} <= {*again, original}
     assert original not in again
     assert [f["job_id"] for _, f in results] == ["once", "after"]
     assert await pending(client, JOBS, GROUP) == 0
@@ -839,7 +848,8 @@ async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_s
     server = await start_redis(folder, password=secret, persist=True)
     (tmp_path / "redis_password").write_text(secret + "\n")
     knobs = Knobs(not_ready_window_s=0.3, run_duration_s=Span(min=1, max=1), seed=9)
-    redis: dict[str, Any] = {"password_file": "redis_password", "outage_s": 3.0, "lease_s": 60}
+    # outage_s leaves the 1 s run time to end first, even on a loaded machine.
+    redis: dict[str, Any] = {"password_file": "redis_password", "outage_s": 6.0, "lease_s": 60}
     progress = f"{JOBS}:progress:outlived"
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         [dataset] = seed(state, 1)
