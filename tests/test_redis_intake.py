@@ -266,11 +266,13 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
         taken = sum(e["count"] for e in b_events if e["event"] == "redis_messages_taken_over")
         resumed = [e for e in b_events if e["event"] == "job_resumed"]
         assert taken > 0
-        # Taken over mid-way, from their journaled progress: triggering (with its mark) or
-        # running; the one-run-per-job count above shows none was triggered twice. (Which
-        # states the killed daemon's jobs were in depends on where batching had them.)
+        # Taken over mid-way, from their journaled progress (flow ready, triggering with its
+        # mark, or running); the one-run-per-job count above shows none was triggered twice.
+        # Which of these states the killed daemon's jobs were in depends on where batching
+        # and the machine's load had them: on a busy machine, all 27 once sat in flow_ready.
         states = Counter(e["state"] for e in resumed)
-        assert set(states) & {"triggering", "running"}, states
+        assert states, "the survivor resumed the dead daemon's jobs"
+        assert set(states) <= {"flow_ready", "triggering", "running"}, states
         a_done = {j for j, o in outcomes.items() if o["consumer"] == "a"}
         assert not a_done & {e["job_id"] for e in resumed}
 
@@ -864,7 +866,10 @@ async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_s
                     await server.stop()  # an outage is not
                     async with asyncio.timeout(DEADLINE):
                         code = await task
-                [finished] = logs.named("job_finished")
+                # The job ends during the outage, and its line is logged once its result is
+                # handed over; on a loaded machine the 70 may come first, and the next start
+                # settles it from the journal instead (checked below: one trigger, one result).
+                finished = logs.named("job_finished")
                 unreachable = logs.named("redis_unreachable")
                 died = logs.named("task_died")
                 server = await start_redis(folder, password=secret, persist=True, port=server.port)
@@ -881,9 +886,10 @@ async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_s
     assert logs.named("redis_retrying")
     assert {u["url"] for u in unreachable} == {server.url}
     assert min(u["seconds"] for u in unreachable) >= redis["outage_s"], "the whole outage_s"
-    assert finished["state"] == "succeeded"
+    assert len(finished) <= 1
+    assert all(f["state"] == "succeeded" for f in finished)
     assert (result["job_id"], result["state"]) == ("outlived", "succeeded")
-    assert result["run_id"] == finished["run_id"]
+    assert all(result["run_id"] == f["run_id"] for f in finished)
     assert triggers_by_job(state) == {"outlived": 1}
     assert secret not in repr(logs.entries)
 
