@@ -39,24 +39,11 @@ from exporter.errors import ConfigError
 SECRET_NAME = "aep_client_secret"  # noqa: S105 - a file name, not a secret
 
 
-class Settings(BaseSettings):
-    """Everything aep-exporter reads from its configuration."""
+class _FromToml(BaseSettings):
+    """What both settings models share: init values, then `EXPORTER_` variables, then the
+    TOML file; paths in it relative to the file's folder."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EXPORTER_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
-    secret_dirs: ClassVar[tuple[Path, ...]] = ()
     config_dir: ClassVar[Path | None] = None
-
-    aep: AepConfig
-    engine: EngineConfig = EngineConfig()
-    destinations: dict[str, Destination] = Field(default_factory=dict)
-    daemon: DaemonConfig = DaemonConfig()
-    log: LogConfig = LogConfig()
-    admin: AdminConfig = AdminConfig()
-    redis: RedisConfig | None = None
-    """The Redis Streams intake; off unless a [redis] section is given."""
-    schedules: list[ScheduleConfig] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -68,6 +55,37 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def _resolve(cls, value: Any) -> Path:
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and cls.config_dir is not None:
+            path = cls.config_dir / path
+        return path
+
+    @classmethod
+    def _resolve_dirs(cls, daemon: Mapping[str, Any]) -> dict[str, Any]:
+        """The [daemon] section with its `*_dir` paths made relative to the file."""
+        return {k: (str(cls._resolve(v)) if k.endswith("_dir") else v) for k, v in daemon.items()}
+
+
+class Settings(_FromToml):
+    """Everything aep-exporter reads from its configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EXPORTER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+    secret_dirs: ClassVar[tuple[Path, ...]] = ()
+
+    aep: AepConfig
+    engine: EngineConfig = EngineConfig()
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    daemon: DaemonConfig = DaemonConfig()
+    log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
+    redis: RedisConfig | None = None
+    """The Redis Streams intake; off unless a [redis] section is given."""
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -88,9 +106,7 @@ class Settings(BaseSettings):
         data["aep"] = aep
         daemon = data.get("daemon")
         if isinstance(daemon, Mapping):
-            data["daemon"] = {
-                k: (str(cls._resolve(v)) if k.endswith("_dir") else v) for k, v in daemon.items()
-            }
+            data["daemon"] = cls._resolve_dirs(daemon)
         admin = data.get("admin")
         if isinstance(admin, Mapping) and "token_file" in admin:
             data["admin"] = {**admin, "token_file": str(cls._resolve(admin["token_file"]))}
@@ -123,13 +139,6 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    @classmethod
-    def _resolve(cls, value: Any) -> Path:
-        path = Path(str(value)).expanduser()
-        if not path.is_absolute() and cls.config_dir is not None:
-            path = cls.config_dir / path
-        return path
 
 
 def describe_errors(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
@@ -203,7 +212,7 @@ def load_settings(path: Path | None, *, credentials_directory: str | None = None
     return Settings.model_construct(**{k: getattr(loaded, k) for k in Settings.model_fields})
 
 
-class LocalSettings(BaseSettings):
+class LocalSettings(_FromToml):
     """The settings that concern only this machine's files (the state folder, the schedules'
     names): what `status` reads, with no AEP credentials needed. Other sections are ignored
     here, not checked; `validate` checks them."""
@@ -211,41 +220,16 @@ class LocalSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EXPORTER_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
-    config_dir: ClassVar[Path | None] = None
 
     daemon: DaemonConfig = DaemonConfig()
     schedules: list[ScheduleConfig] = Field(default_factory=list)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     @model_validator(mode="before")
     @classmethod
     def _dirs(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("daemon"), Mapping):
-            data = {
-                **data,
-                "daemon": {
-                    k: (str(cls._resolve(v)) if k.endswith("_dir") else v)
-                    for k, v in data["daemon"].items()
-                },
-            }
+            data = {**data, "daemon": cls._resolve_dirs(data["daemon"])}
         return data
-
-    @classmethod
-    def _resolve(cls, value: Any) -> Path:  # (as Settings does: relative to the file)
-        path = Path(str(value)).expanduser()
-        if not path.is_absolute() and cls.config_dir is not None:
-            path = cls.config_dir / path
-        return path
 
 
 def load_local_settings(path: Path | None) -> LocalSettings:

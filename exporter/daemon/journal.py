@@ -264,28 +264,7 @@ class Journal:
     ) -> list[JobRecord]:
         """Jobs newest first (by creation time, then id), optionally of some states and one
         source; `before` is the (created, job_id) of the last job of the previous page."""
-        where: list[str] = []
-        args: list[Any] = []
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += [s.value for s in states]
-        if source is not None:
-            where.append("source = ?")
-            args.append(source)
-        if before is not None:
-            where.append("(created, job_id) < (?, ?)")
-            args += list(before)
-        sql = (
-            "SELECT * FROM jobs"  # noqa: S608 - only placeholders are interpolated
-            + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY created DESC, job_id DESC LIMIT ?"
-        )
-        args.append(limit)
-
-        def read() -> list[JobRecord]:
-            return [JobRecord.from_row(r) for r in self._db().execute(sql, args).fetchall()]
-
-        return await self._run(read)
+        return await self.search(states=states, source=source, before=before, limit=limit)
 
     async def search(
         self,
@@ -297,7 +276,7 @@ class Journal:
         before: tuple[float, str] | None = None,
         limit: int = 100,
     ) -> list[JobRecord]:
-        """Like `page`, also by the destination the job's spec names and by a piece of its id
+        """`page`, also by the destination the job's spec names and by a piece of its id
         (`text`, matched literally, case-sensitive): the status page's filters."""
         where: list[str] = []
         args: list[Any] = []
@@ -444,16 +423,7 @@ class Journal:
 
 def summary(path: Path, *, recent: int = 10) -> tuple[dict[str, int], list[JobRecord]]:
     """Counts by state and the most recent outcomes, read without disturbing a writer."""
-    conn = connect(path, readonly=True)
-    try:
-        counts = {
-            row["state"]: row["n"]
-            for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-        }
-        rows = conn.execute("SELECT * FROM jobs ORDER BY updated DESC LIMIT ?", (recent,))
-        return counts, [JobRecord.from_row(r) for r in rows]
-    finally:
-        conn.close()
+    return jobs_matching(path, recent=recent)
 
 
 def schedule_slots(path: Path) -> dict[str, float]:
