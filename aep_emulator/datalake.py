@@ -15,6 +15,7 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -158,25 +159,35 @@ class DataLake:
             raise ValueError(f"invalid sandbox name {sandbox!r}")
         if rows < 0:
             raise ValueError("rows must be >= 0")
+        dataset_id = self._reserve(sandbox, rng, now_ms)
+        ds = Dataset(dataset_id, name, description, sandbox, now_ms, tuple(_SCHEMA.names), ())
+        return self._publish(
+            ds, lambda ds: (self._write_batch(ds, rows, rng, now_ms),) if rows else ()
+        )
+
+    def _reserve(self, sandbox: str, rng: random.Random, now_ms: int) -> str:
+        """A new dataset id, reserved: not listed, since readers must not see a dataset whose
+        rows are still coming; `_publish` lists it or gives it back."""
         with self._lock:
             dataset_id = _object_id(rng, now_ms)
             while (sandbox, dataset_id) in self._datasets or dataset_id in self._reserved:
                 dataset_id = _object_id(rng, now_ms)
-            # Reserved, not listed: readers must not see a dataset whose rows are still coming.
             self._reserved.add(dataset_id)
-        ds = Dataset(dataset_id, name, description, sandbox, now_ms, tuple(_SCHEMA.names), ())
+        return dataset_id
+
+    def _publish(self, ds: Dataset, write: Callable[[Dataset], tuple[Batch, ...]]) -> Dataset:
+        """Write a reserved dataset's batches, then list it; on any failure its folder goes."""
         try:
-            batches = (self._write_batch(ds, rows, rng, now_ms),) if rows else ()
-            ds = replace(ds, batches=batches)
+            ds = replace(ds, batches=write(ds))
             with self._lock:
                 self._save(ds)
-                self._datasets[(sandbox, dataset_id)] = ds
+                self._datasets[(ds.sandbox, ds.id)] = ds
         except BaseException:
-            shutil.rmtree(self._dir(sandbox, dataset_id), ignore_errors=True)
+            shutil.rmtree(self._dir(ds.sandbox, ds.id), ignore_errors=True)
             raise
         finally:
             with self._lock:
-                self._reserved.discard(dataset_id)
+                self._reserved.discard(ds.id)
         return ds
 
     def append_rows(
@@ -188,13 +199,7 @@ class DataLake:
         ds = self.get(sandbox, dataset_id)
         if ds is None:
             raise KeyError(f"no dataset {dataset_id} in sandbox {sandbox}")
-        batch = self._write_batch(ds, rows, rng, now_ms)
-        with self._lock:
-            current = self._datasets[(sandbox, dataset_id)]
-            ds = replace(current, batches=(*current.batches, batch))
-            self._save(ds)
-            self._datasets[(sandbox, dataset_id)] = ds
-        return batch
+        return self._add_batch(ds, self._write_batch(ds, rows, rng, now_ms))
 
     def create_from_table(
         self, sandbox: str, name: str, table: pa.Table, *, rng: random.Random, now_ms: int
@@ -202,24 +207,9 @@ class DataLake:
         """A new dataset named `name` whose one batch holds `table` (a query's result)."""
         if not _SANDBOX_RE.match(sandbox):
             raise ValueError(f"invalid sandbox name {sandbox!r}")
-        with self._lock:
-            dataset_id = _object_id(rng, now_ms)
-            while (sandbox, dataset_id) in self._datasets or dataset_id in self._reserved:
-                dataset_id = _object_id(rng, now_ms)
-            self._reserved.add(dataset_id)
+        dataset_id = self._reserve(sandbox, rng, now_ms)
         ds = Dataset(dataset_id, name, "", sandbox, now_ms, tuple(table.schema.names), ())
-        try:
-            ds = replace(ds, batches=(self._write_table(ds, table, rng, now_ms),))
-            with self._lock:
-                self._save(ds)
-                self._datasets[(sandbox, dataset_id)] = ds
-        except BaseException:
-            shutil.rmtree(self._dir(sandbox, dataset_id), ignore_errors=True)
-            raise
-        finally:
-            with self._lock:
-                self._reserved.discard(dataset_id)
-        return ds
+        return self._publish(ds, lambda ds: (self._write_table(ds, table, rng, now_ms),))
 
     def append_table(
         self, sandbox: str, dataset_id: str, table: pa.Table, *, rng: random.Random, now_ms: int
@@ -228,12 +218,16 @@ class DataLake:
         ds = self.get(sandbox, dataset_id)
         if ds is None:
             raise KeyError(f"no dataset {dataset_id} in sandbox {sandbox}")
-        batch = self._write_table(ds, table, rng, now_ms)
+        return self._add_batch(ds, self._write_table(ds, table, rng, now_ms))
+
+    def _add_batch(self, ds: Dataset, batch: Batch) -> Batch:
+        """List a written batch as the dataset's newest (read again under the lock: another
+        append may have come meanwhile)."""
         with self._lock:
-            current = self._datasets[(sandbox, dataset_id)]
+            current = self._datasets[(ds.sandbox, ds.id)]
             ds = replace(current, batches=(*current.batches, batch))
             self._save(ds)
-            self._datasets[(sandbox, dataset_id)] = ds
+            self._datasets[(ds.sandbox, ds.id)] = ds
         return batch
 
     def _write_table(self, ds: Dataset, table: pa.Table, rng: random.Random, now_ms: int) -> Batch:
