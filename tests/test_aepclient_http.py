@@ -511,7 +511,13 @@ async def test_against_a_stub_aep_headers_relative_links_and_an_unnamed_running_
     assert "Content-Type" not in listed[0]
 
 
-async def test_a_trigger_that_could_not_get_a_token_was_not_sent(emulator: Emulator) -> None:
+@pytest.mark.parametrize("call", ["trigger", "read"])
+async def test_a_call_that_could_not_get_a_token_was_not_sent_nor_retried_again(
+    emulator: Emulator, call: str
+) -> None:
+    """A trigger without a token is never sent. And the token provider retries IMS with its
+    own backoff: the call that asked for the token must not retry that again (3 x 3 calls;
+    an unreachable host kept `export` silent for 14 s)."""
     ims_calls = 0
 
     async def unavailable(request: web.Request) -> web.Response:
@@ -522,35 +528,16 @@ async def test_a_trigger_that_could_not_get_a_token_was_not_sent(emulator: Emula
     app = web.Application()
     app.router.add_post("/ims/token/v3", unavailable)
     async with stub_server(app) as url, client(emulator, ims_url=url, max_attempts=3) as aep:
+        attempt: Awaitable[object] = (
+            aep.trigger("f1", "d1") if call == "trigger" else aep.get("flows", "f1")
+        )
         with pytest.raises(ServerError) as failed:
-            await aep.trigger("f1", "d1")
+            await attempt
     assert not isinstance(failed.value, TriggerOutcomeUnknown)
     assert failed.value.operation == "ims.token"
     assert failed.value.retryable
     assert ims_calls == 3
     assert await journal(emulator, "adhoc.run") == []
-
-
-async def test_a_read_that_could_not_get_a_token_tries_ims_only_its_own_attempts(
-    emulator: Emulator,
-) -> None:
-    """The token provider retries IMS with its own backoff; the read that asked for the token
-    must not retry that again (3 x 3 calls, and an unreachable host kept `export` silent for
-    14 s)."""
-    ims_calls = 0
-
-    async def unavailable(request: web.Request) -> web.Response:
-        nonlocal ims_calls
-        ims_calls += 1
-        return web.json_response({"error": "server_error"}, status=503)
-
-    app = web.Application()
-    app.router.add_post("/ims/token/v3", unavailable)
-    async with stub_server(app) as url, client(emulator, ims_url=url, max_attempts=3) as aep:
-        with pytest.raises(ServerError) as failed:
-            await aep.get("flows", "f1")
-    assert failed.value.operation == "ims.token"
-    assert ims_calls == 3
 
 
 async def test_a_refused_name_range_falls_back_to_comparing_every_entity(
