@@ -356,6 +356,13 @@ async def test_get_runs_asks_in_batches_and_follows_pages(emulator: Emulator) ->
         assert {r.id for r in later} == {
             r.id for r in runs if r.created_at_ms == runs[0].created_at_ms
         }
+        # The engine's mark: the newest run of the flow, in one answer of one run.
+        before = len(await journal(emulator, "runs.list"))
+        newest = await aep.newest_run(built.flow_id, 0)
+        assert newest is not None
+        assert newest.id in {r.id for r in later}
+        assert len(await journal(emulator, "runs.list")) == before + 1
+        assert await aep.newest_run(built.flow_id, runs[0].created_at_ms + 1) is None
 
 
 # -- TLS and secrets ------------------------------------------------------------------------
@@ -483,7 +490,12 @@ async def test_against_a_stub_aep_headers_relative_links_and_an_unnamed_running_
     async def runs(request: web.Request) -> web.Response:
         seen.append(dict(request.headers))
         if "continuationToken" not in request.query:
-            page = {"id": "old", "flowId": "f1", "createdAt": 1, "metrics": {}}
+            # (a server that ignores the status filter: the client still skips a finished run)
+            done = {
+                "statusSummary": {"status": "success"},
+                "durationSummary": {"completedAtUTC": 1},
+            }
+            page = {"id": "old", "flowId": "f1", "createdAt": 1, "metrics": done}
             links = {"next": {"href": "/runs?continuationToken=p2"}}
             return web.json_response({"items": [page], "_links": links})
         running = {"id": "r-9", "flowId": "f1", "createdAt": 2, "metrics": {}}

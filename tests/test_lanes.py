@@ -365,7 +365,10 @@ async def test_progress_journals_the_mark_before_the_call(
     emulator: Emulator, engines: Engines
 ) -> None:
     engine = await engines.make()
-    (dataset,) = await emulator.seed(rows=2)
+    first, dataset = await emulator.seed(rows=2, count=2)
+    # Another dataset of the lane exported first: its run is the flow's newest.
+    assert (await engine.run(job(first, id="first"))).state == JobState.SUCCEEDED
+    (newest,) = [int(r.created * 1000) for r in emulator.state.all_runs()]
     seen: list[Progress] = []
     calls_then: list[int] = []
 
@@ -377,8 +380,11 @@ async def test_progress_journals_the_mark_before_the_call(
     outcome = await engine.run(job(dataset), on_state)
     assert outcome.state == JobState.SUCCEEDED
     assert [p.state for p in seen] == [JobState.FLOW_READY, JobState.TRIGGERING, JobState.RUNNING]
-    assert calls_then == [0]
-    assert seen[1].intent_ms is not None
+    assert calls_then == [1]  # the first dataset's call only
+    # The mark is the flow's newest run, whatever its dataset: one short read.
+    assert seen[1].intent_ms == newest
+    (mine,) = [r for r in emulator.state.all_runs() if r.dataset_id == dataset]
+    assert int(mine.created * 1000) > newest
 
 
 async def test_two_daemons_making_one_lane_at_once_end_with_one_flow(

@@ -156,3 +156,7 @@ class AepApi(Protocol):
     async def runs_of_flow(self, flow_id: str, since_ms: int) -> list[RunInfo]:
         """Runs of a flow created at or after `since_ms`, newest first (`dataset_id` says
         which dataset each exports)."""
+
+    async def newest_run(self, flow_id: str, since_ms: int) -> RunInfo | None:
+        """The flow's newest run created at or after `since_ms`, whatever its dataset: one
+        short answer however many runs the flow has had."""

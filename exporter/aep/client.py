@@ -367,8 +367,18 @@ class HttpAep:
         return False
 
     async def _active_run(self, flow_id: str) -> str | None:
-        runs = await self.runs_of_flow(flow_id, 0)
-        return next((r.id for r in runs if not r.terminal), None)
+        """The flow's run in progress: asked for by status, not by listing its history."""
+        query = [
+            ("property", f"flowId=={flow_id}"),
+            ("property", "metrics.statusSummary.status==processing"),
+        ]
+        async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", self.page_size):
+            for item in page:
+                if item.get("flowId") == flow_id and "id" in item:
+                    run = RunInfo.parse(item)
+                    if not run.terminal:
+                        return run.id
+        return None
 
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:
         """The runs among `run_ids` that exist, by id; asked 100 ids per query, the queries
@@ -412,6 +422,22 @@ class HttpAep:
         runs = [r for r in runs if r.created_at_ms >= since_ms]
         runs.sort(key=lambda r: r.created_at_ms, reverse=True)
         return runs
+
+    async def newest_run(self, flow_id: str, since_ms: int) -> RunInfo | None:
+        """The flow's newest run created at or after `since_ms`, by `orderby=-createdAt`
+        and `limit=1` (runs are sortable: Adobe's sort-and-filter guide)."""
+        if not filterable(flow_id):
+            return None
+        query = [
+            ("property", f"flowId=={flow_id}"),
+            ("property", f"createdAt>={int(since_ms)}"),
+            ("orderby", "-createdAt"),
+        ]
+        async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", 1):
+            runs = [RunInfo.parse(i) for i in page if i.get("flowId") == flow_id and "id" in i]
+            fresh = [r for r in runs if r.created_at_ms >= since_ms]
+            return max(fresh, key=lambda r: r.created_at_ms) if fresh else None
+        return None
 
     # -- Query Service (exporter.aep.queries): the same transport, token and limiter ------------
 

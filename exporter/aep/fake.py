@@ -431,6 +431,13 @@ class FakeAep:
             reverse=True,
         )
 
+    async def newest_run(self, flow_id: str, since_ms: int) -> RunInfo | None:
+        self._begin("runs.list")
+        now = self.clock.time()
+        runs = [RunInfo.parse(r.view(now)) for r in self.runs.values() if r.flow_id == flow_id]
+        fresh = [r for r in runs if r.created_at_ms >= since_ms]
+        return max(fresh, key=lambda r: r.created_at_ms) if fresh else None
+
     # -- Query Service (exporter.aep.queries.QueryApi) -------------------------------------
 
     async def submit_query(self, body: Mapping[str, Any]) -> QueryInfo:
