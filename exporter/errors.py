@@ -98,6 +98,14 @@ class TransportError(AepError):
     retryable = True
 
 
+class SendWindowMissed(AepError):
+    """A call that must be on the wire by a time (a fenced trigger: the job's lease) was not
+    sent, because the token or the rate limiter made it wait past that time. Nothing reached
+    AEP: it is safe to fence again and send."""
+
+    retryable = True
+
+
 class AuthError(AepError):
     pass
 

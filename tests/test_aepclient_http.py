@@ -35,6 +35,7 @@ from exporter.errors import (
     PreconditionFailed,
     RequestError,
     RunInProgress,
+    SendWindowMissed,
     ServerError,
     TransportError,
 )
@@ -308,6 +309,28 @@ async def test_trigger_refusals_map_to_the_engines_errors(emulator: Emulator, ae
         await aep.trigger(built.flow_id, dataset)
     assert type(disabled.value) is FlowDisabled
     assert await statuses(emulator, "adhoc.run") == [400, 200, 400, 400, 400]
+
+
+async def test_a_trigger_held_past_its_send_by_time_is_not_sent(
+    emulator: Emulator, aep: HttpAep
+) -> None:
+    """A fenced trigger must be on the wire while the job's lease still holds: when the rate
+    limit holds it longer (here a 429's Retry-After of 30 s), it is not sent at all."""
+    datasets = await emulator.seed(rows=1)
+    built = await build_flow(aep, datasets)
+    await emulator.clock.advance(WINDOW)
+    clock = emulator.clock
+    aep.transport.limiter.on_throttled(30)
+    with pytest.raises(SendWindowMissed) as missed:
+        await aep.trigger_many(built.flow_id, datasets, send_by=clock.monotonic() + 10)
+    assert missed.value.retryable
+    assert "20.0 s after" in str(missed.value)
+    assert await statuses(emulator, "adhoc.run") == []  # nothing reached AEP
+    assert not list(emulator.state.all_runs())
+    # Asked again within its window, it goes.
+    runs = await aep.trigger_many(built.flow_id, datasets, send_by=clock.monotonic() + 10)
+    assert set(runs) == set(datasets)
+    assert await statuses(emulator, "adhoc.run") == [200]
 
 
 async def test_get_runs_asks_in_batches_and_follows_pages(emulator: Emulator) -> None:

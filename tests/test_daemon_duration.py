@@ -26,8 +26,10 @@ class SignallingAep(FakeAep):
         super().__init__(clock, ready_after_s=-1e9, run_duration_s=RUN_S)
         self.triggered = asyncio.Event()
 
-    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
-        started = await super().trigger_many(flow_id, dataset_ids)
+    async def trigger_many(
+        self, flow_id: str, dataset_ids: Sequence[str], *, send_by: float | None = None
+    ) -> dict[str, str]:
+        started = await super().trigger_many(flow_id, dataset_ids, send_by=send_by)
         self.triggered.set()
         return started
 

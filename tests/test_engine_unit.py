@@ -380,6 +380,34 @@ async def test_every_trigger_call_is_fenced_for_each_job_it_carries(
     assert [r.dataset_id for r in aep.runs.values()] == ["d2"], "d1 was never sent"
 
 
+async def test_a_call_held_past_a_fences_send_by_time_is_fenced_again_not_sent(
+    aep: FakeAep, clock: FakeClock
+) -> None:
+    """A fence says by when the call must be on the wire (the job's lease); a call that could
+    go out only later is not sent, and the jobs are fenced again before the next try."""
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k")
+    windows = iter([-1.0, 30.0])  # the first renewal's window has passed by the send
+    asked = 0
+
+    async def fence() -> float:
+        nonlocal asked
+        asked += 1
+        return clock.monotonic() + next(windows)
+
+    async with engine:
+        running = asyncio.create_task(engine.run(job("d1", id="fenced"), fence=fence))
+        for _ in range(100):
+            await clock.advance(10)
+            if running.done():
+                break
+        outcome = await running
+    assert outcome.state == JobState.SUCCEEDED
+    assert asked == 2
+    assert aep.calls["adhoc.unsent"] == 1
+    assert aep.calls["adhoc.run"] == 1  # only the call within its window reached AEP
+    assert engine.triggerer.sent == 1
+
+
 def test_lane_names_carry_the_fingerprint_and_not_the_dataset() -> None:
     manager = lanes(FakeAep(FakeClock()), FakeClock())
     key = manager.key(job("d1"))

@@ -45,6 +45,7 @@ from exporter.jobs import JobState, Outcome
 from exporter.settings import describe_errors, load_settings
 from exporter.sources.redis.errors import reply_code, retryable
 from exporter.sources.redis.intake import RedisIntake
+from exporter.sources.redis.messages import Message
 from tests.daemon_support import (
     Running,
     drop_job,
@@ -755,6 +756,29 @@ async def test_a_daemon_cut_off_from_redis_never_triggers_a_job_taken_over_meanw
     assert len(list(folder.glob("part-*"))) == int(result["files"]) > 0
     handed = logs.named("redis_job_handed_back") + logs.named("redis_trigger_fenced")
     assert handed, "a gave the job up itself, while cut off from Redis"
+
+
+async def test_the_fence_says_by_when_the_trigger_must_be_on_the_wire(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A renewed lease holds for `lease_s` from the renewal's start; the fence gives the
+    trigger three quarters of it, a quarter before the lease could lapse."""
+    client = redis_server.client
+    knobs = Knobs(not_ready_window_s=600, run_duration_s=Span(min=1, max=1), seed=4)
+    lease_s = 8.0
+    async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
+        [dataset] = seed(state, 1)
+        [message_id] = await submit(client, {"job": job("waiting", dataset)})
+        with watch_logs() as logs:
+            async with daemon_in_process(
+                tmp_path / "d", url, redis_server, lease_s=lease_s, outage_s=1
+            ) as (daemon, _):
+                await logs.until("trigger_not_ready")  # held, and fenced once already
+                [intake] = [s for s in daemon.services if isinstance(s, RedisIntake)]
+                before = daemon.clock.monotonic()
+                send_by = await Message(intake, message_id, "waiting").fence()
+                after = daemon.clock.monotonic()
+    assert before + lease_s * 0.75 <= send_by <= after + lease_s * 0.75
 
 
 async def test_a_running_job_outlives_redis_losing_its_data(

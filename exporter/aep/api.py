@@ -122,10 +122,13 @@ class AepApi(Protocol):
         """Start an ad hoc export; returns the run id. Raises `NotReadyError`,
         `AdhocNotEnabled` or `RunInProgress` (which carries the run id)."""
 
-    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+    async def trigger_many(
+        self, flow_id: str, dataset_ids: Sequence[str], *, send_by: float | None = None
+    ) -> dict[str, str]:
         """Start ad hoc exports of several datasets of a flow in one call; returns the run
         id of each dataset the answer names. Raises as `trigger`, and `FlowDisabled`,
-        `NotAMember`; AEP refuses the whole call when one dataset cannot run."""
+        `NotAMember`; AEP refuses the whole call when one dataset cannot run. A call that
+        could not be on the wire by `send_by` (monotonic) is not sent: `SendWindowMissed`."""
 
     async def list_prefixed(self, collection: Collection, prefix: str) -> list[dict[str, Any]]:
         """Entities of `collection` whose name starts with `prefix`, newest first."""

@@ -260,7 +260,9 @@ class HttpAep:
         """Start an ad hoc export of one dataset of a flow; returns the run id."""
         return (await self.trigger_many(flow_id, [dataset_id]))[dataset_id]
 
-    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+    async def trigger_many(
+        self, flow_id: str, dataset_ids: Sequence[str], *, send_by: float | None = None
+    ) -> dict[str, str]:
         """Start ad hoc exports of datasets of one flow in one call; returns the run id of
         each dataset the answer names (a dataset it leaves out has no known run).
 
@@ -281,6 +283,7 @@ class HttpAep:
                 json_body=trigger_body(flow_id, dataset_ids),
                 headers={"Accept": ADHOC_DATASET_ACCEPT},
                 idempotent=False,
+                send_by=send_by,
             )
         except (TransportError, ServerError) as exc:
             if not _was_sent(exc):

@@ -23,7 +23,7 @@ from exporter.aep.api import Collection, RunInfo
 from exporter.aep.facts import ALREADY_RUNNING_PHRASE, NOT_ENABLED_PHRASE, NOT_READY_MESSAGE
 from exporter.aep.queries import QueryInfo
 from exporter.clock import Clock
-from exporter.errors import NotFoundError, PreconditionFailed, RequestError
+from exporter.errors import NotFoundError, PreconditionFailed, RequestError, SendWindowMissed
 
 RunOutcome = Literal["success", "failed", "partial", "never"]
 COLLECTIONS: tuple[Collection, ...] = (
@@ -340,8 +340,13 @@ class FakeAep:
     async def trigger(self, flow_id: str, dataset_id: str) -> str:
         return (await self.trigger_many(flow_id, [dataset_id]))[dataset_id]
 
-    async def trigger_many(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+    async def trigger_many(
+        self, flow_id: str, dataset_ids: Sequence[str], *, send_by: float | None = None
+    ) -> dict[str, str]:
         """All or nothing, as the emulator: every dataset is checked before any run starts."""
+        if send_by is not None and self.clock.monotonic() > send_by:
+            self.calls["adhoc.unsent"] += 1
+            raise SendWindowMissed("not sent: past its send-by time", operation="adhoc.run")
         failure = self._begin("adhoc.run")
         for dataset_id in dataset_ids:
             self._check_trigger(flow_id, dataset_id)

@@ -42,7 +42,13 @@ from exporter.aep.envelopes import (
 )
 from exporter.aep.ratelimit import RateLimiter
 from exporter.clock import Clock, SystemClock, wait_within
-from exporter.errors import AepError, ClientClosed, PreconditionFailed, ServerError
+from exporter.errors import (
+    AepError,
+    ClientClosed,
+    PreconditionFailed,
+    SendWindowMissed,
+    ServerError,
+)
 from exporter.metrics import Metrics
 from exporter.retry import Backoff, Retrying, retry
 
@@ -190,11 +196,14 @@ class Transport:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        send_by: float | None = None,
     ) -> Response:
         """Send one logical request (several attempts when allowed); raise `AepError`s.
 
         `target` is a path on the platform host, possibly with an already-encoded query (a
-        `_links.next.href`); `query` pairs are encoded and appended.
+        `_links.next.href`); `query` pairs are encoded and appended. With `send_by` (this
+        transport's monotonic clock), an attempt that could go out only later, once it has
+        its token and its place in the rate limit, is not sent: `SendWindowMissed`.
         """
         method = method.upper()
         if idempotent is None:
@@ -212,7 +221,12 @@ class Transport:
             token = await self.tokens.token()
             try:
                 return await self._send(
-                    method, url, self._headers(token, headers, data is not None), data, operation
+                    method,
+                    url,
+                    self._headers(token, headers, data is not None),
+                    data,
+                    operation,
+                    send_by,
                 )
             except AepError as exc:
                 if exc.status != 401 or reauthenticated:
@@ -226,7 +240,12 @@ class Transport:
                 self.metrics.api_retry(operation)
             token = await self.tokens.token()
             return await self._send(
-                method, url, self._headers(token, headers, data is not None), data, operation
+                method,
+                url,
+                self._headers(token, headers, data is not None),
+                data,
+                operation,
+                send_by,
             )
 
         def retryable(exc: Exception) -> bool:
@@ -238,7 +257,7 @@ class Transport:
                 idempotent
                 and isinstance(exc, AepError)
                 and exc.retryable
-                and not isinstance(exc, PreconditionFailed)
+                and not isinstance(exc, (PreconditionFailed, SendWindowMissed))
                 and exc.operation != TOKEN_OPERATION
             )
 
@@ -301,10 +320,22 @@ class Transport:
         return sum(1 for t in self._exchanges if not t.done())
 
     async def _send(
-        self, method: str, url: URL, headers: dict[str, str], data: bytes | None, operation: str
+        self,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        data: bytes | None,
+        operation: str,
+        send_by: float | None = None,
     ) -> Response:
         try:
             async with self.limiter.slot():
+                if send_by is not None and (late := self.clock.monotonic() - send_by) > 0:
+                    raise SendWindowMissed(
+                        f"not sent: its place in the rate limit came {late:.1f} s after the "
+                        "time it had to be on the wire by",
+                        operation=operation,
+                    )
                 # A request on the wire finishes even if its caller is cancelled (a shutdown):
                 # AEP then acts on it as sent, and `drain()` waits for it before closing.
                 exchange = asyncio.ensure_future(

@@ -94,9 +94,10 @@ class Service(Protocol):
 @runtime_checkable
 class Fencing(Protocol):
     """An origin that must confirm, right before a job's trigger goes out, that the job is
-    still this daemon's (the Redis intake: its lease); see `Engine.run`'s `fence`."""
+    still this daemon's (the Redis intake: its lease), and by when the trigger must then be on
+    the wire; see `Engine.run`'s `fence`."""
 
-    async def fence(self) -> None: ...
+    async def fence(self) -> float | None: ...
 
 
 @runtime_checkable

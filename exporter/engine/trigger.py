@@ -38,6 +38,7 @@ from exporter.errors import (
     NotAMember,
     NotReadyError,
     RunInProgress,
+    SendWindowMissed,
     ServerError,
     ThrottledError,
     TransportError,
@@ -47,9 +48,11 @@ from exporter.retry import Backoff, Retrying, retry
 
 log = structlog.get_logger("exporter.trigger")
 BeforeSend = Callable[[int], Awaitable[None]]
-Fence = Callable[[], Awaitable[None]]
+Fence = Callable[[], Awaitable[float | None]]
 """Called right before each ad hoc call that carries the job's dataset: returns if the job
-may be sent now; raises if not (the job then gets that error, and is left out of the call)."""
+may be sent now, with the time (the engine's monotonic clock) the call must be on the wire by
+for it, or None for any time; raises if not (the job then gets that error, and is left out of
+the call). A call the rate limiter holds past that time is not sent, and is fenced again."""
 
 
 @dataclass(slots=True)
@@ -309,7 +312,7 @@ class Triggerer:
                 pending = [a for a in pending if not a.future.done()]
                 if not pending:
                     return
-            pending = await self._fence(pending)
+            pending, send_by = await self._fence(pending)
             if not pending:
                 continue
             if retrying and self._metrics is not None:
@@ -318,7 +321,14 @@ class Triggerer:
             pause = 0.0
             try:
                 self.sent += 1
-                runs = await self._api.trigger_many(flow_id, [a.dataset_id for a in pending])
+                runs = await self._api.trigger_many(
+                    flow_id, [a.dataset_id for a in pending], send_by=send_by
+                )
+            except SendWindowMissed as exc:
+                # Nothing went out: the jobs' fences are asked again before the next try.
+                self.sent -= 1
+                log.warning("trigger_send_window_missed", flow_id=flow_id, error=str(exc))
+                continue
             except RunInProgress as exc:
                 busy = next((a for a in pending if a.dataset_id == exc.dataset_id), None)
                 if busy is None and len(pending) == 1:
@@ -415,23 +425,26 @@ class Triggerer:
                 _fail(ask, error)
             return None
 
-    async def _fence(self, asks: list[_Ask]) -> list[_Ask]:
+    async def _fence(self, asks: list[_Ask]) -> tuple[list[_Ask], float | None]:
         """Ask the fence of every job in the call, at once, right before it goes out; a job
         whose fence refuses is dropped with its error, and an ask left with no job is not
-        sent. The asks to send."""
+        sent. The asks to send, and the earliest time a fence wants the call on the wire by."""
         fenced: list[tuple[_Ask, _Listener]] = []
-        checks: list[Awaitable[None]] = []
+        checks: list[Awaitable[float | None]] = []
         for ask in asks:
             for listener in ask.listeners:
                 if listener.fence is not None:
                     fenced.append((ask, listener))
                     checks.append(listener.fence())
         results = await asyncio.gather(*checks, return_exceptions=True)
+        send_by: float | None = None
         for (ask, listener), result in zip(fenced, results, strict=True):
             if isinstance(result, BaseException):
                 log.info("trigger_fenced", dataset_id=ask.dataset_id, error=repr(result))
                 ask.drop(listener, result)
-        return [a for a in asks if not a.future.done() and a.listeners]
+            elif result is not None:
+                send_by = result if send_by is None else min(send_by, result)
+        return [a for a in asks if not a.future.done() and a.listeners], send_by
 
     async def _adopt_all(self, flow_id: str, asks: Sequence[_Ask]) -> None:
         since = min(a.mark_ms or 0 for a in asks)

@@ -167,13 +167,17 @@ class Leases:
         await self._journal.forget(job_id, detail=f"handed back: {why}")
         log.warning("redis_job_handed_back", job_id=job_id, message_id=message_id, why=why)
 
-    async def fence(self, origin: Message) -> None:
+    async def fence(self, origin: Message) -> float:
         """Right before the job's trigger goes out (called by the engine for each call that
         carries it): renew its lease within a quarter of it. If Redis does not confirm the
         job is still this daemon's in that time, the trigger is not sent: the job stops here
         without an outcome (`asyncio.CancelledError`), handed back. A trigger sent under a
         lease renewed this recently is answered, or abandoned by the AEP client at its
-        request timeout, before a daemon that takes the job over looks for its run."""
+        request timeout, before a daemon that takes the job over looks for its run.
+
+        Returns the time (monotonic) the trigger must be on the wire by: three quarters of a
+        lease after the renewal began, a quarter before the lease could lapse. The AEP client
+        does not send it later (its rate limit or a token refresh may hold it that long)."""
         job_id, message_id = origin.job_id, origin.message_id
         began = self._clock.monotonic()
         try:
@@ -186,7 +190,7 @@ class Leases:
             status, holder = "unconfirmed", str(exc)
         if status == "ok" and self._held.get(job_id) == message_id:
             self.renewed(job_id, message_id, began)
-            return
+            return began + self.config.lease_s - self._fence_s
         if self._held.get(job_id) == message_id:
             self.release(job_id)
             why = lost_detail(status, holder) if status in ("lost", "done") else holder

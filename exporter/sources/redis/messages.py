@@ -35,8 +35,8 @@ class Message:
     async def settle(self, outcome: Outcome) -> None:
         await self.intake.settle(self, outcome)
 
-    async def fence(self) -> None:
-        await self.intake.leases.fence(self)
+    async def fence(self) -> float:
+        return await self.intake.leases.fence(self)
 
 
 @dataclass(frozen=True)
