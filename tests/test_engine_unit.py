@@ -16,7 +16,7 @@ from exporter.aep.fake import FakeAep
 from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
 from exporter.engine.config import EngineConfig
-from exporter.engine.engine import Engine
+from exporter.engine.engine import Engine, Progress
 from exporter.engine.lanes import LaneManager
 from exporter.engine.poller import (
     BATCH_HISTORY,
@@ -406,6 +406,27 @@ async def test_a_call_held_past_a_fences_send_by_time_is_fenced_again_not_sent(
     assert aep.calls["adhoc.unsent"] == 1
     assert aep.calls["adhoc.run"] == 1  # only the call within its window reached AEP
     assert engine.triggerer.sent == 1
+
+
+async def test_a_job_resumed_past_its_timeout_still_reads_its_run_once() -> None:
+    """A resumed job's timeout counts from its first start; one long spent still gets
+    `poll_max_s` to read its run, so a run that ended while the daemon was down is reported."""
+    clock = FakeClock(auto_advance=True)
+    aep = FakeAep(clock, ready_after_s=-1e9, run_duration_s=100)
+    engine = Engine(aep, DESTS, CONFIG, org_id="o", sandbox="prod", clock=clock, identity_key=b"k")
+    async with engine:
+        first = await engine.run(job("d1", id="late", timeout=1800), wait=False)
+        assert first.run_id is not None
+        await clock.advance(3600)  # down for an hour: the run ended meanwhile
+        began = clock.monotonic()
+        again = await engine.run(
+            job("d1", id="late", timeout=1800),
+            resume=Progress(JobState.RUNNING, flow_id=first.flow_id, run_id=first.run_id),
+            first_started=clock.time() - 5000,
+        )
+    assert again.state == JobState.SUCCEEDED, again
+    assert again.run_id == first.run_id
+    assert clock.monotonic() - began <= CONFIG.poll_max_s
 
 
 def test_lane_names_carry_the_fingerprint_and_not_the_dataset() -> None:

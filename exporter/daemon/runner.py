@@ -273,7 +273,13 @@ class JobRunner:
 
         try:
             fence = origin.fence if isinstance(origin, Fencing) else None
-            outcome = await self.engine.run(job, on_state, resume=resume, fence=fence)
+            outcome = await self.engine.run(
+                job,
+                on_state,
+                resume=resume,
+                fence=fence,
+                first_started=self._first_started.get(job.job_id),
+            )
         except asyncio.CancelledError:
             reason = self._cancelled.get(job.job_id)
             if reason is None:

@@ -174,14 +174,22 @@ class Engine:
         resume: Progress | None = None,
         wait: bool = True,
         fence: Fence | None = None,
+        first_started: float | None = None,
     ) -> Outcome:
         """Take `job` to a terminal outcome. With `resume`, continue from a journaled state:
         `triggering` first adopts a run of the dataset created after the journaled mark,
         `running` polls. With `wait=False`, return as soon as the run is known. `fence` is
         asked right before each ad hoc call that would start the job's run; what it raises
-        (it must not send), `run` raises."""
+        (it must not send), `run` raises. `first_started` (epoch seconds) is a resumed job's
+        first start: its timeout counts from then, not from the resume (a daemon restarting
+        again and again would otherwise keep a job forever), with at least `poll_max_s` left
+        so that a run that ended meanwhile is read and reported, not timed out unread."""
         started = self.clock.monotonic()
-        deadline = started + job.timeout
+        budget = job.timeout
+        if first_started is not None:
+            spent = max(0.0, self.clock.time() - first_started)
+            budget = max(job.timeout - spent, min(job.timeout, self.config.poll_max_s))
+        deadline = started + budget
         bound = structlog.contextvars.bound_contextvars(
             job_id=job.job_id,
             flow_id=resume.flow_id if resume else None,
