@@ -59,8 +59,8 @@ class EngineConfig(BaseModel):
     """A lane's source connection that no flow uses is deleted once it is this old (younger,
     another daemon may be about to use it in its change)."""
     adopt_window_s: float = Field(default=3600.0, gt=0)
-    """Runs created this long before a trigger are read to tell new runs from old ones: the
-    clocks of AEP and this host may disagree by up to this much."""
+    """How far back a trigger's mark looks for the flow's newest run (and a query's mark
+    for queries): the clocks of AEP and this host may disagree by up to this much."""
     queries_dir: Path | None = None
     """The folder of `.sql` files a job's `query` may name (unset: jobs give SQL text)."""
     query_db: str = Field(default="prod:all", min_length=1)
