@@ -28,6 +28,7 @@ ExporterError
     │   │   ├── TlsError          [aep.envelopes] the certificate could not be verified
     │   │   └── DnsError          [aep.envelopes] the host name does not resolve
     │   └── TriggerOutcomeUnknown [aep.adhoc] a trigger sent, its answer lost: look first
+    ├── SendWindowMissed          not sent: held past its fence's send-by time          [retry]
     ├── AuthError                 IMS refused the credentials, or the gateway the token
     ├── ThrottledError            429                                                   [retry]
     ├── ServerError               5xx                                                   [retry]

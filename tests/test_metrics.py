@@ -260,13 +260,15 @@ async def test_jobs_in_flight_are_shown_by_their_state(
         waiting = 0
         trigger_many = daemon.api.trigger_many
 
-        async def held_trigger(flow_id: str, dataset_ids: Sequence[str]) -> dict[str, str]:
+        async def held_trigger(
+            flow_id: str, dataset_ids: Sequence[str], *, send_by: float | None = None
+        ) -> dict[str, str]:
             nonlocal waiting  # datasets whose ad hoc call is held (a call may carry several)
             async with held:
                 waiting += len(dataset_ids)
                 held.notify_all()
             await gate.wait()
-            return await trigger_many(flow_id, dataset_ids)
+            return await trigger_many(flow_id, dataset_ids, send_by=send_by)
 
         monkeypatch.setattr(daemon.api, "trigger_many", held_trigger)
         for n, dataset in enumerate(datasets):
