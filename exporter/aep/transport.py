@@ -216,18 +216,21 @@ class Transport:
         data = None if json_body is None else json.dumps(json_body).encode()
         reauthenticated = False
 
+        async def attempt(token: str) -> Response:
+            return await self._send(
+                method,
+                url,
+                self._headers(token, headers, data is not None),
+                data,
+                operation,
+                send_by,
+            )
+
         async def send() -> Response:
             nonlocal reauthenticated
             token = await self.tokens.token()
             try:
-                return await self._send(
-                    method,
-                    url,
-                    self._headers(token, headers, data is not None),
-                    data,
-                    operation,
-                    send_by,
-                )
+                return await attempt(token)
             except AepError as exc:
                 if exc.status != 401 or reauthenticated:
                     raise
@@ -238,15 +241,7 @@ class Transport:
             log.info("aep_request_reauth", operation=operation, method=method)
             if self.metrics is not None:
                 self.metrics.api_retry(operation)
-            token = await self.tokens.token()
-            return await self._send(
-                method,
-                url,
-                self._headers(token, headers, data is not None),
-                data,
-                operation,
-                send_by,
-            )
+            return await attempt(await self.tokens.token())
 
         def retryable(exc: Exception) -> bool:
             # A 412 is retryable only by the caller, after re-reading the etag: the same
