@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import platform
+import secrets
 import statistics
 import sys
 import tempfile
@@ -133,7 +134,11 @@ def moto_server(files: list[tuple[str, bytes]]) -> tuple[Any, Callable[[], Await
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    keys = {"aws_access_key_id": "AKIAABCDEFGHIJKLMNOP", "aws_secret_access_key": "s" * 40}
+    # Made for this run: no credential is written into the repository.
+    keys = {
+        "aws_access_key_id": "AKIA" + secrets.token_hex(8).upper(),
+        "aws_secret_access_key": secrets.token_urlsafe(30),
+    }
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
     s3.create_bucket(Bucket="bench")
     for name, data in files:
@@ -156,6 +161,8 @@ def moto_server(files: list[tuple[str, bytes]]) -> tuple[Any, Callable[[], Await
 async def sftp_server(root: Path) -> tuple[Any, Callable[[], Awaitable[Store]]]:
     import asyncssh
 
+    password = secrets.token_urlsafe(16)  # made for this run
+
     class Server(asyncssh.SSHServer):
         def begin_auth(self, username: str) -> bool:
             return True
@@ -163,8 +170,8 @@ async def sftp_server(root: Path) -> tuple[Any, Callable[[], Awaitable[Store]]]:
         def password_auth_supported(self) -> bool:
             return True
 
-        def validate_password(self, username: str, password: str) -> bool:
-            return username == "bench" and password == "bench-password"  # noqa: S105
+        def validate_password(self, username: str, given: str) -> bool:
+            return username == "bench" and secrets.compare_digest(given, password)
 
     acceptor = await asyncssh.create_server(
         Server,
@@ -181,7 +188,7 @@ async def sftp_server(root: Path) -> tuple[Any, Callable[[], Awaitable[Store]]]:
                 "host": "127.0.0.1",
                 "port": port,
                 "username": "bench",
-                "password": "bench-password",
+                "password": password,
                 "known_hosts": None,
                 "client_keys": None,
             }
