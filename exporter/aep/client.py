@@ -376,11 +376,9 @@ class HttpAep:
             ("property", "metrics.statusSummary.status==processing"),
         ]
         async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", self.page_size):
-            for item in page:
-                if item.get("flowId") == flow_id and "id" in item:
-                    run = RunInfo.parse(item)
-                    if not run.terminal:
-                        return run.id
+            for run in _runs_of(page, flow_id):
+                if not run.terminal:
+                    return run.id
         return None
 
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, RunInfo]:
@@ -421,7 +419,7 @@ class HttpAep:
         query = [("property", f"flowId=={flow_id}"), ("property", f"createdAt>={int(since_ms)}")]
         runs: list[RunInfo] = []
         async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", self.page_size):
-            runs.extend(RunInfo.parse(i) for i in page if i.get("flowId") == flow_id and "id" in i)
+            runs.extend(_runs_of(page, flow_id))
         runs = [r for r in runs if r.created_at_ms >= since_ms]
         runs.sort(key=lambda r: r.created_at_ms, reverse=True)
         return runs
@@ -437,8 +435,7 @@ class HttpAep:
             ("orderby", "-createdAt"),
         ]
         async for page in pages(self.transport, f"{FS}/runs", query, "runs.list", 1):
-            runs = [RunInfo.parse(i) for i in page if i.get("flowId") == flow_id and "id" in i]
-            fresh = [r for r in runs if r.created_at_ms >= since_ms]
+            fresh = [r for r in _runs_of(page, flow_id) if r.created_at_ms >= since_ms]
             return max(fresh, key=lambda r: r.created_at_ms) if fresh else None
         return None
 
@@ -475,3 +472,9 @@ def _etag(body: Any, operation: str) -> str:
     if not isinstance(etag, str):
         raise ServerError("the answer has no etag", operation=operation)
     return etag
+
+
+def _runs_of(page: Sequence[Mapping[str, Any]], flow_id: str) -> list[RunInfo]:
+    """The runs of `flow_id` in a page of `GET /runs`, each item checked (should a server
+    ignore the `flowId` filter, no other flow's run gets in)."""
+    return [RunInfo.parse(i) for i in page if i.get("flowId") == flow_id and "id" in i]

@@ -437,11 +437,8 @@ class FakeAep:
         )
 
     async def newest_run(self, flow_id: str, since_ms: int) -> RunInfo | None:
-        self._begin("runs.list")
-        now = self.clock.time()
-        runs = [RunInfo.parse(r.view(now)) for r in self.runs.values() if r.flow_id == flow_id]
-        fresh = [r for r in runs if r.created_at_ms >= since_ms]
-        return max(fresh, key=lambda r: r.created_at_ms) if fresh else None
+        runs = await self.runs_of_flow(flow_id, since_ms)  # (one runs.list, newest first)
+        return runs[0] if runs else None
 
     # -- Query Service (exporter.aep.queries.QueryApi) -------------------------------------
 

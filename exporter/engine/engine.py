@@ -371,7 +371,7 @@ class Engine:
             await on_state(Progress(JobState.TRIGGERING, flow_id=flow.id, intent_ms=mark_ms))
 
         if not job.trigger_now:
-            mark = (await self.triggerer.marks(flow.id, [job.dataset_id]))[job.dataset_id]
+            mark = await self.triggerer.mark(flow.id)
             await before_send(mark)
             return await self._scheduled(job, flow, mark, deadline)
         return await self.triggerer.trigger(

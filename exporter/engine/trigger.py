@@ -202,16 +202,15 @@ class Triggerer:
             return fresh.id
         return None
 
-    async def marks(self, flow_id: str, dataset_ids: Sequence[str]) -> dict[str, int]:
-        """For each dataset, the creation time of the flow's newest run (AEP's clock), or the
-        start of the look-back window when the flow has none in it. No run of any of these
-        datasets is newer, so one of theirs created after the mark is new. One short read
-        however many runs the flow has had: listing every run of a busy lane in the window
-        made each mark read cost more the longer the daemon ran."""
+    async def mark(self, flow_id: str) -> int:
+        """The creation time of the flow's newest run (AEP's clock), or the start of the
+        look-back window when the flow has none in it: the mark of every dataset of the flow,
+        since no run of any of them is newer, so one of theirs created after it is new. One
+        short read however many runs the flow has had: listing every run of a busy lane in
+        the window made each mark read cost more the longer the daemon ran."""
         since = int((self._clock.time() - self._config.adopt_window_s) * 1000)
         newest = await self._api.newest_run(flow_id, since)
-        mark = since if newest is None else max(since, newest.created_at_ms)
-        return dict.fromkeys(dataset_ids, mark)
+        return since if newest is None else max(since, newest.created_at_ms)
 
     async def aclose(self) -> None:
         tasks = [q.worker for q in self._queues.values() if q.worker is not None]
@@ -281,11 +280,11 @@ class Triggerer:
         flow_id = queue.flow.id
         unmarked = [a for a in batch if a.mark_ms is None]
         if unmarked:
-            marks = await self._read_marks(queue, unmarked)
-            if marks is None:
+            mark = await self._read_mark(queue, unmarked)
+            if mark is None:
                 return
             for ask in unmarked:
-                ask.mark_ms = marks[ask.dataset_id]
+                ask.mark_ms = mark
             told = [(a, listener) for a in unmarked for listener in a.listeners]
             results = await asyncio.gather(
                 *(listener.before_send(a.mark_ms or 0) for a, listener in told),
@@ -388,16 +387,16 @@ class Triggerer:
                 return
             await self._pause(queue, batch, pause)
 
-    async def _read_marks(self, queue: _Queue, asks: list[_Ask]) -> dict[str, int] | None:
-        """The marks, read again after failures until the asks' deadlines or
-        `status_unreadable_s`: no call goes out without them (a lost answer could not be
-        told from an old run)."""
+    async def _read_mark(self, queue: _Queue, asks: list[_Ask]) -> int | None:
+        """The mark, read again after failures until the asks' deadlines or
+        `status_unreadable_s`: no call goes out without it (a lost answer could not be told
+        from an old run)."""
         unreadable = (TransportError, ServerError, ThrottledError)
 
-        async def read() -> dict[str, int] | None:
+        async def read() -> int | None:
             if all(a.future.done() for a in asks):
                 return None
-            return await self.marks(queue.flow.id, [a.dataset_id for a in asks])
+            return await self.mark(queue.flow.id)
 
         def retrying(r: Retrying) -> None:
             log.warning("trigger_marks_unreadable", flow_id=queue.flow.id, error=str(r.error))
