@@ -32,6 +32,8 @@ PREFIX = "aep_exporter"
 IN_FLIGHT_STATES = tuple(s for s in JobState if s not in TERMINAL)
 TRANSPORT_ERROR = "error"  # the status label of a request that got no HTTP answer
 # What became of a Redis stream message (docs/metrics.md).
+# What a local disk write was for (`exporter.daemon.storage`): each shown at 0 from the start.
+STORAGE_OPERATIONS = ("intake", "journal", "result")
 REDIS_OUTCOMES = ("started", "resumed", "taken_over", "duplicate", "dead_lettered", "published")
 
 # Seconds on the wire: AEP answers in tens of milliseconds to tens of seconds (60 s timeout).
@@ -170,6 +172,14 @@ class Metrics:
             ["schedule", "outcome"],
             registry=r,
         )
+        self.storage_errors = Counter(
+            f"{PREFIX}_storage_errors",
+            "Local disk operations that failed and will be retried, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        for operation in STORAGE_OPERATIONS:
+            self.storage_errors.labels(operation)
         for state in IN_FLIGHT_STATES:  # shown as 0, not absent, while no job is there
             self.jobs_in_flight_by_state.labels(state.value)
         self._exports(r)
@@ -289,6 +299,10 @@ class Metrics:
         """`count` slots of `schedule` handled: fired, duplicate, overlapping, missed or
         coalesced (`exporter.sources.schedules`)."""
         self.schedule_slots.labels(schedule, outcome).inc(count)
+
+    def storage_error(self, operation: str) -> None:
+        """A local write for `operation` (one of `STORAGE_OPERATIONS`) failed; it is retried."""
+        self.storage_errors.labels(operation).inc()
 
     # -- requests --------------------------------------------------------------------------
 

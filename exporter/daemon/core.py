@@ -88,7 +88,7 @@ class Daemon:
             rng=self.rng,
         )
         self.journal: Journal | None = None
-        self.faults = Faults(self.metrics.registry)
+        self.faults = Faults(self.metrics.storage_error)
         """Local writes failing now (a full disk): retried, and reported by /readyz."""
         self.services: list[Service] = []
         self.health = Health()

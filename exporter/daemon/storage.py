@@ -17,7 +17,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import prometheus_client
 import structlog
 
 from exporter.clock import Clock
@@ -31,7 +30,6 @@ STORAGE_ERRORS: tuple[type[Exception], ...] = (OSError, sqlite3.OperationalError
 RETRY = Backoff(
     max_attempts=sys.maxsize, base_delay_s=0.5, max_delay_s=30.0, max_elapsed_s=math.inf
 )
-OPERATIONS = ("intake", "journal", "result")
 # What waiting can cure: space, descriptors, memory, a busy database. (Not a missing folder
 # or a permission: at start those exit with their traceback; a job's writes retry anyway.)
 TRANSIENT_ERRNOS = frozenset(
@@ -50,20 +48,15 @@ def transient(exc: BaseException) -> bool:
 class Faults:
     """What local writes are failing now, by operation, for readiness and logs."""
 
-    def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
+    def __init__(self, counted: Callable[[str], None] | None = None) -> None:
+        """`counted` hears of each failure by its operation (the daemon's `Metrics`)."""
         self._failing: dict[str, str] = {}
-        self._errors = prometheus_client.Counter(
-            "aep_exporter_storage_errors",
-            "Local disk operations that failed and will be retried, by operation.",
-            ["operation"],
-            registry=registry,
-        )
-        for operation in OPERATIONS:
-            self._errors.labels(operation)
+        self._counted = counted
 
     def failed(self, operation: str, error: BaseException) -> None:
         self._failing[operation] = f"{type(error).__name__}: {error}"
-        self._errors.labels(operation).inc()
+        if self._counted is not None:
+            self._counted(operation)
 
     def worked(self, operation: str) -> None:
         self._failing.pop(operation, None)
