@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from exporter.clock import FakeClock
 from exporter.jobs import Job, JobState, Outcome, Rejected, parse_job
 from exporter.sources.spool import RESULT_SUFFIX, Spool
 from tests.bad_jobs import (
@@ -300,6 +301,16 @@ def test_a_claim_never_overwrites_a_file_in_processing(spool: Spool) -> None:
 def result_of(path: Path) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(path.with_name(path.name + RESULT_SUFFIX).read_text())
     return loaded
+
+
+def test_finish_stamps_the_result_with_the_spools_clock(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_767_225_690.0)  # 2026-01-01T00:01:30Z
+    spool = Spool(tmp_path / "spool", max_bytes=MAX_JOB_FILE_BYTES, clock=clock)
+    spool.ensure()
+    claimed = spool.claim(drop(spool, "a.json", as_json()))
+    assert claimed is not None
+    target = spool.finish(claimed, outcome())
+    assert result_of(target)["finished_at"] == "2026-01-01T00:01:30+00:00"
 
 
 @pytest.mark.parametrize(

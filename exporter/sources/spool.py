@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from exporter.clock import sleep_or_wake
+from exporter.clock import Clock, SystemClock, sleep_or_wake
 from exporter.daemon.admission import Admission, Admissions, already_submitted
 from exporter.daemon.journal import JobRecord
 from exporter.daemon.storage import RETRY
@@ -41,9 +41,10 @@ TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, 
 
 
 class Spool:
-    def __init__(self, root: Path, *, max_bytes: int) -> None:
+    def __init__(self, root: Path, *, max_bytes: int, clock: Clock | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.clock = clock or SystemClock()  # stamps a result's finished_at
         self.dirs = {name: root / name for name in FOLDERS}
 
     def ensure(self) -> None:
@@ -133,7 +134,9 @@ class Spool:
         result = {
             **outcome.model_dump(mode="json"),
             "file": path.name,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "finished_at": datetime.fromtimestamp(self.clock.time(), UTC).isoformat(
+                timespec="seconds"
+            ),
         }
         tmp = folder / f".{target.name}{RESULT_SUFFIX}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -191,7 +194,9 @@ class SpoolIntake:
     def __init__(self, admissions: Admissions) -> None:
         self.admissions = admissions
         config = admissions.settings.daemon
-        self.spool = Spool(config.spool_dir, max_bytes=config.max_job_file_bytes)
+        self.spool = Spool(
+            config.spool_dir, max_bytes=config.max_job_file_bytes, clock=admissions.clock
+        )
         self.claimed = 0
         self._wake = asyncio.Event()
         admissions.on_room(self._wake)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -342,7 +341,7 @@ class RedisStore:
             self._ttl_ms,
             self.config.results_maxlen,
             outcome_json,
-            f"{time.time():.3f}",
+            f"{self._clock.time():.3f}",
             *_flat(fields),
         ]
         reply: Any = await self._call("settle", partial(self._settle, keys, args))
