@@ -24,15 +24,18 @@ COPY pyproject.toml README.md LICENSE ./
 COPY exporter ./exporter
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
-# The runtime's dependencies and the [redis] extra (the Redis Streams intake is a job source
-# of the daemon, and its client is small); not [emulator]. Every dependency has a binary wheel
-# for CPython 3.11 on Linux (x86-64 and arm64), so no compiler is needed here either. The
+# The runtime's dependencies and the extras in EXTRAS: by default [redis] (the Redis Streams
+# intake is a job source of the daemon, and its client is small); never [emulator]. Delivery
+# verification at the destination needs [delivery] (obstore, asyncssh: 37 MB more):
+# `docker build --build-arg EXTRAS=redis,delivery .`. Every dependency has a binary wheel for
+# CPython 3.11 on Linux (x86-64 and arm64), so no compiler is needed here either. The
 # environment gets no pip of its own: the running image installs nothing. pip byte-compiles
 # everything, so nothing writes .pyc files at run time.
+ARG EXTRAS=redis
 RUN python -m venv --without-pip /opt/aep-exporter \
     && wheel="$(echo /dist/aep_exporter-*.whl)" \
     && python -m pip --python /opt/aep-exporter/bin/python install --no-cache-dir \
-        "${wheel}[redis]"
+        "${wheel}[${EXTRAS}]"
 
 # --- runtime: the interpreter, the environment, a non-root user ----------------------------
 FROM python:3.11-slim-bookworm

@@ -292,12 +292,20 @@ def test_the_image_installs_the_runtime_and_the_redis_extra_not_the_emulator(
     (install,) = [
         part for run in runs for part in run.split("&&") if " pip " in part and "install" in part
     ]
-    # The wheel is named through a variable, `"${wheel}[redis]"`: the brackets are no glob.
+    # The wheel is named through a variable, `"${wheel}[${EXTRAS}]"`: the brackets are no glob.
     assert any('wheel="$(echo /dist/aep_exporter-*.whl)"' in run for run in runs)
-    extras = re.findall(r"\$\{wheel\}\[([a-z,]+)\]", install)
-    assert extras == ["redis"], install
+    assert re.findall(r"\$\{wheel\}\[([^\]]+)\]", install) == ["${EXTRAS}"], install
+    (default,) = [i.args for i in stages[0] if i.keyword == "ARG" and i.args.startswith("EXTRAS=")]
+    assert default == "EXTRAS=redis"
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "redis" in declared["optional-dependencies"]
+    extras = declared["optional-dependencies"]
+    assert "redis" in extras
+    # What the Dockerfile offers as a build argument exists and is runtime, not a test tool.
+    offered = re.search(r"--build-arg EXTRAS=([a-z,]+)", DOCKERFILE.read_text())
+    assert offered is not None
+    for extra in offered.group(1).split(","):
+        assert extra in extras
+        assert extra not in {"emulator", "test", "dev", "bench"}
 
 
 def requirement_names(requirements: list[str]) -> set[str]:
