@@ -63,6 +63,23 @@ class Quiet:
         return None
 
 
+async def until_one_ends(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """A service's `run` over several tasks of its own: wait until one of them ends, then
+    cancel the others and wait for them. Raises the error a task that ended raised; returns
+    if it returned (the service then says it stopped)."""
+    running = set(tasks)
+    try:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+
+
 class Service(Protocol):
     """A part of the daemon with its own supervised task (admin server, Redis intake, ...)."""
 

@@ -37,7 +37,7 @@ from exporter.daemon.admission import Admissions
 from exporter.daemon.journal import JobRecord
 from exporter.engine.lanes import LaneManager
 from exporter.jobs import JobState
-from exporter.sources.http import BadQuery, decode_cursor, encode_cursor
+from exporter.sources.http import BadQuery, decode_cursor, encode_cursor, page_limit
 from exporter.sources.schedules import iso, upcoming, utc
 
 log = structlog.get_logger("exporter.admin")
@@ -227,13 +227,7 @@ class StatusPage:
         search = query.get("q", "").strip()
         if len(search) > MAX_SEARCH:
             raise BadQuery(f"search: at most {MAX_SEARCH} characters")
-        limit_text = query.get("limit", str(DEFAULT_LIMIT))
-        try:
-            limit = int(limit_text)
-        except ValueError:
-            raise BadQuery(f"limit: {limit_text!r} is not a whole number") from None
-        if not 1 <= limit <= MAX_LIMIT:
-            raise BadQuery(f"limit: must be between 1 and {MAX_LIMIT}")
+        limit = page_limit(query.get("limit"), default=DEFAULT_LIMIT, most=MAX_LIMIT)
         cursor = query.get("cursor")
         return {
             "state": state,

@@ -82,6 +82,20 @@ def encode_cursor(record: JobRecord) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def page_limit(text: str | None, *, default: int, most: int) -> int:
+    """A page's `limit` parameter: a whole number from 1 to `most`, `default` when not given.
+    Raises `BadQuery` saying which."""
+    if text is None:
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        raise BadQuery(f"limit: {text!r} is not a whole number") from None
+    if not 1 <= limit <= most:
+        raise BadQuery(f"limit: must be between 1 and {most}")
+    return limit
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
     bad = BadQuery("cursor: not a cursor this API returned (pass next_cursor as is)")
     try:
@@ -215,13 +229,7 @@ class JobsApi:
         sources = query.getall("source", [])
         if len(sources) > 1:
             raise BadQuery("source: give one source")
-        limit_text = query.get("limit", str(DEFAULT_LIMIT))
-        try:
-            limit = int(limit_text)
-        except ValueError:
-            raise BadQuery(f"limit: {limit_text!r} is not a whole number") from None
-        if not 1 <= limit <= MAX_LIMIT:
-            raise BadQuery(f"limit: must be between 1 and {MAX_LIMIT}")
+        limit = page_limit(query.get("limit"), default=DEFAULT_LIMIT, most=MAX_LIMIT)
         cursor = query.get("cursor")
         before = decode_cursor(cursor) if cursor is not None else None
         return states, (sources[0] if sources else None), limit, before

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 
 from exporter.clock import Clock, SystemClock, sleep_or_wake
-from exporter.daemon.admission import Admission, Admissions, already_submitted
+from exporter.daemon.admission import Admission, Admissions, already_submitted, until_one_ends
 from exporter.daemon.journal import JobRecord
 from exporter.daemon.storage import RETRY
 from exporter.engine.engine import Progress
@@ -227,14 +227,7 @@ class SpoolIntake:
         tasks = {asyncio.create_task(self._intake(), name="spool-intake")}
         if watch:
             tasks.add(asyncio.create_task(self._watch(), name="spool-watcher"))
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()  # its error is the service's
+        await until_one_ends(tasks)  # a task's error is the service's
         raise RuntimeError("the spool intake stopped")
 
     async def close(self) -> None:

@@ -67,7 +67,7 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from exporter.daemon.admission import Admission, Admissions
+from exporter.daemon.admission import Admission, Admissions, until_one_ends
 from exporter.daemon.config import RedisConfig
 from exporter.daemon.journal import JobRecord, Journal
 from exporter.engine.engine import Progress
@@ -135,16 +135,7 @@ class RedisIntake:
             asyncio.create_task(self.leases.watch(), name="redis-leases"),
             asyncio.create_task(self._failed.wait(), name="redis-failed"),
         }
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            error = None if task.cancelled() else task.exception()
-            if error is not None:
-                raise error
+        await until_one_ends(tasks)
         raise self._failure or RuntimeError("the Redis intake stopped")
 
     async def close(self) -> None:
