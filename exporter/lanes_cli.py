@@ -26,10 +26,11 @@ from rich.table import Table
 
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
+from exporter.engine.assemble import engine_for
 from exporter.engine.lanes import LaneView
 from exporter.errors import ConfigError, ExporterError
 from exporter.logs import configure_logging
-from exporter.oneshot import engine_for, settings_or_report
+from exporter.oneshot import settings_or_report
 from exporter.settings import Settings, add_config_argument
 
 EXIT_OK = 0

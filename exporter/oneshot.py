@@ -24,6 +24,7 @@ from rich.status import Status
 
 from exporter.aep.client import HttpAep
 from exporter.clock import Clock, SystemClock
+from exporter.engine.assemble import engine_for
 from exporter.engine.engine import Engine, Progress
 from exporter.errors import ConfigError, ExporterError
 from exporter.exitcodes import STATES, Exit, for_outcome
@@ -398,19 +399,6 @@ def report(outcome: Outcome, console: Console) -> None:
     if outcome.cause in HINTS:
         console.print(f"  {HINTS[outcome.cause]}", markup=False, highlight=False)
     sys.stderr.flush()
-
-
-def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
-    """The engine a one-shot command uses: the same lanes the daemon finds."""
-    return Engine(
-        api,
-        settings.destinations,
-        settings.engine,
-        org_id=settings.aep.org_id,
-        sandbox=settings.aep.sandbox,
-        clock=clock,
-        identity_key=settings.aep.client_secret.get_secret_value().encode(),
-    )
 
 
 def settings_or_report(args: argparse.Namespace, err: Console) -> Settings | None:
