@@ -37,7 +37,7 @@ from exporter.daemon.journal_file import Corrupt
 from exporter.daemon.reload import Reloader
 from exporter.daemon.runner import JobRunner
 from exporter.daemon.storage import STORAGE_ERRORS, Faults
-from exporter.engine.engine import Engine
+from exporter.engine.assemble import engine_for
 from exporter.metrics import Metrics
 from exporter.settings import Settings
 
@@ -76,17 +76,7 @@ class Daemon:
         self.api: AepApi = api or HttpAep.from_config(
             settings.aep, clock=clock, rng=self.rng, metrics=self.metrics
         )
-        self.engine = Engine(
-            self.api,
-            settings.destinations,
-            settings.engine,
-            org_id=settings.aep.org_id,
-            sandbox=settings.aep.sandbox,
-            clock=clock,
-            identity_key=settings.aep.client_secret.get_secret_value().encode(),
-            metrics=self.metrics,
-            rng=self.rng,
-        )
+        self.engine = engine_for(settings, self.api, clock, metrics=self.metrics, rng=self.rng)
         self.journal: Journal | None = None
         self.faults = Faults(self.metrics.storage_error)
         """Local writes failing now (a full disk): retried, and reported by /readyz."""

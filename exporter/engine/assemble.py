@@ -1,15 +1,27 @@
-"""One engine from the settings, as every command that exports builds it."""
+"""One engine from the settings, as every command that exports builds it: the daemon and the
+one-shot commands (`export`, `lanes`) find the same lanes."""
 
 from __future__ import annotations
 
-from exporter.aep.client import HttpAep
+import random
+
+from exporter.aep.api import AepApi
 from exporter.clock import Clock
 from exporter.engine.engine import Engine
+from exporter.metrics import Metrics
 from exporter.settings import Settings
 
 
-def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
-    """The engine a one-shot command uses: the same lanes the daemon finds."""
+def engine_for(
+    settings: Settings,
+    api: AepApi,
+    clock: Clock,
+    *,
+    metrics: Metrics | None = None,
+    rng: random.Random | None = None,
+) -> Engine:
+    """The engine for `settings`' org, sandbox, destinations and engine section, with the AEP
+    client secret as the key that tells destinations apart by their credentials."""
     return Engine(
         api,
         settings.destinations,
@@ -18,4 +30,6 @@ def engine_for(settings: Settings, api: HttpAep, clock: Clock) -> Engine:
         sandbox=settings.aep.sandbox,
         clock=clock,
         identity_key=settings.aep.client_secret.get_secret_value().encode(),
+        metrics=metrics,
+        rng=rng,
     )
