@@ -50,18 +50,17 @@ from harness import (
     BenchError,
     children_cpu_seconds,
     cpu_model,
+    emulator_headers,
     machine_busy_seconds,
     own_cpu_seconds,
     running_emulator,
 )
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_ID,
     FLOW_SERVICE_PATH,
-    IMS_TOKEN_PATH,
     STORAGE_SPECS,
     StorageType,
 )
@@ -219,24 +218,7 @@ async def build_world(
         expect=201,
     )
     dataset_refs = [{"dataSetId": d["id"], "name": d["name"]} for d in seeded["datasets"]]
-    async with session.post(
-        url + IMS_TOKEN_PATH,
-        data={
-            "grant_type": "client_credentials",
-            "client_id": DEFAULT_CLIENT_ID,
-            "client_secret": DEFAULT_CLIENT_SECRET,
-            "scope": "openid,AdobeID",
-        },
-    ) as resp:
-        if resp.status != 200:
-            raise BenchError(f"token request -> {resp.status}: {await resp.text()}")
-        token = (await resp.json())["access_token"]
-    api.headers = {
-        "Authorization": f"Bearer {token}",
-        "x-api-key": DEFAULT_CLIENT_ID,
-        "x-gw-ims-org-id": DEFAULT_ORG_ID,
-        "x-sandbox-name": "prod",
-    }
+    api.headers = await emulator_headers(session, url)
     dlz = STORAGE_SPECS[StorageType.DLZ]
     spec = {"id": dlz.connection_spec_id, "version": "1.0"}
     base = await api.create("connections", {"name": "bench DLZ", "connectionSpec": spec})

@@ -50,6 +50,7 @@ from harness import (
     Report,
     aep_config,
     children_cpu_seconds,
+    emulator_headers,
     emulator_with_datasets,
     fmt,
     machine,
@@ -58,7 +59,7 @@ from harness import (
     quantiles,
 )
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.settings import DEFAULT_ORG_ID
 from exporter.aep.api import RunInfo
 from exporter.aep.client import HttpAep
 from exporter.aep.config import AepConfig
@@ -67,7 +68,6 @@ from exporter.aep.facts import (
     ADHOC_PATH,
     DATALAKE_SOURCE_SPEC_NAME,
     FLOW_SERVICE_PATH,
-    IMS_TOKEN_PATH,
     NOT_READY_PHRASE,
     STORAGE_SPECS,
     StorageType,
@@ -532,19 +532,8 @@ class Aepp:
         self.retry_after_s = 0.0
 
     async def login(self) -> None:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": DEFAULT_CLIENT_ID,
-            "client_secret": DEFAULT_CLIENT_SECRET,
-            "scope": "openid,AdobeID",
-        }
-        async with self.session.post(self.url + IMS_TOKEN_PATH, data=form) as resp:
-            token = (await resp.json())["access_token"]
         self.headers = {
-            "Authorization": f"Bearer {token}",
-            "x-api-key": DEFAULT_CLIENT_ID,
-            "x-gw-ims-org-id": DEFAULT_ORG_ID,
-            "x-sandbox-name": "prod",
+            **await emulator_headers(self.session, self.url),
             "Content-Type": "application/json",
         }
 

@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
 from exporter.aep.config import AepConfig
+from exporter.aep.facts import IMS_TOKEN_PATH
 
 HOST = "127.0.0.1"
 STARTUP_DEADLINE = 30.0
@@ -296,6 +297,27 @@ def aep_config(url: str, **settings: Any) -> AepConfig:
         org_id=DEFAULT_ORG_ID,
         **settings,
     )
+
+
+async def emulator_headers(session: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    """What a raw request to the emulator at `url` carries: a token for its default
+    credentials and the org and sandbox headers (for benchmarks that speak HTTP themselves)."""
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": DEFAULT_CLIENT_ID,
+        "client_secret": DEFAULT_CLIENT_SECRET,
+        "scope": "openid,AdobeID",
+    }
+    async with session.post(url + IMS_TOKEN_PATH, data=form) as resp:
+        if resp.status != 200:
+            raise BenchError(f"token request -> {resp.status}: {await resp.text()}")
+        token = (await resp.json())["access_token"]
+    return {
+        "Authorization": f"Bearer {token}",
+        "x-api-key": DEFAULT_CLIENT_ID,
+        "x-gw-ims-org-id": DEFAULT_ORG_ID,
+        "x-sandbox-name": "prod",
+    }
 
 
 # -- the daemon as a child process ---------------------------------------------------------
