@@ -15,6 +15,14 @@ $(READY): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# The emulator's client secret (README's quick try, config/quick.toml, config/emulator.toml):
+# made at random once, in the emulator's default data folder, where `aep-exporter emulator`
+# reads it. Nothing in the repository holds one.
+.aep-emulator/client-secret:
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (python3.11 or python3)"; exit 1; }
+	@mkdir -p .aep-emulator
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))' > $@.tmp && mv $@.tmp $@
+
 demo: $(READY)
 	$(BIN)/aep-exporter demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import sys
@@ -16,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from aep_emulator.settings import KNOB_GROUPS, Flag, Knobs, Span
+from aep_emulator.settings import KNOB_GROUPS, SECRET_FILE, Flag, Knobs, Span
 
 DEFAULT_DATA_DIR = Path(".aep-emulator")
 SEEDED_EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -249,11 +250,36 @@ def apply_preset(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> N
             setattr(args, name, value)
 
 
+def kept_secret(data_dir: Path, made: str) -> tuple[str, Path]:
+    """The client secret kept in `data_dir` (`SECRET_FILE`), and where: the one a start made
+    before, else `made`, written there first (mode 0600, whole or not at all)."""
+    path = data_dir / SECRET_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".{SECRET_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(made + "\n")
+        try:
+            os.link(tmp, path)  # fails if another start made it meanwhile: theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    secret = path.read_text().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty: delete it to have a new secret made")
+    return secret, path
+
+
 def run_serve(args: argparse.Namespace) -> int:
     apply_preset(args, args.option_defaults)
     try:
         knobs = knobs_from(args)
-    except (ValidationError, OSError) as exc:
+        if args.client_secret is None:
+            knobs.client_secret, where = kept_secret(args.data_dir, knobs.client_secret)
+            print(f"client secret in {where} (the exporter's aep.client_secret_file)", flush=True)
+    except (ValidationError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.preset and (kept := seeded_before(args.data_dir, knobs.sandboxes[0], args.seed)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -13,8 +14,15 @@ from aep_emulator.facts import StorageType
 from aep_emulator.storage import parse_endpoints
 
 DEFAULT_CLIENT_ID = "emulator-client"
-DEFAULT_CLIENT_SECRET = "emulator-secret"  # noqa: S105 - the emulator's documented default
+SECRET_FILE = "client-secret"  # noqa: S105 - a file name, not a secret
+"""Where `aep-exporter emulator` keeps its client secret, in its data folder, when no
+`--client-secret-file` is given: made at random on the first start, read on the next."""
 DEFAULT_ORG_ID = "EMULATOR000000000000000@AdobeOrg"
+
+
+def new_secret() -> str:
+    """A client secret nobody else knows: no emulator accepts a secret printed anywhere."""
+    return secrets.token_urlsafe(24)
 
 
 class Span(BaseModel):
@@ -85,10 +93,10 @@ class Knobs(BaseModel):
         default=DEFAULT_CLIENT_ID, description="the accepted client id, also the API key"
     )
     client_secret: Annotated[str, Flag(IDENTITY, "--client-secret-file", "FILE", True)] = Field(
-        default=DEFAULT_CLIENT_SECRET,
+        default_factory=new_secret,
         repr=False,
-        description="file holding the accepted client secret (default: the documented "
-        f"{DEFAULT_CLIENT_SECRET!r})",
+        description=f"file holding the accepted client secret (default: {SECRET_FILE} in the "
+        "data folder, made at random on the first start)",
     )
     org_id: Annotated[str, Flag(IDENTITY)] = Field(
         default=DEFAULT_ORG_ID, description="the IMS org of the tokens it issues"

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import SecretStr
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_ORG_ID, SECRET_FILE, new_secret
 from exporter.aep.config import AepConfig
 from exporter.aep.facts import IMS_TOKEN_PATH
 
@@ -39,6 +39,9 @@ STOP_DEADLINE = 10.0
 DAEMON_STARTUP_DEADLINE = 60.0
 RESULT_FOLDERS = ("done", "failed", "rejected")  # of the daemon's spool
 TICKS = os.sysconf("SC_CLK_TCK")
+CLIENT_SECRET = new_secret()
+"""The client secret of every emulator a benchmark starts (written to its data folder, where
+the emulator reads it), made at random for this run."""
 MODULE = ("-m", "exporter")  # how the emulator is launched: `python -m exporter emulator …`
 
 Report = dict[str, Any]
@@ -193,6 +196,8 @@ async def running_emulator(
     own = data_dir is None
     folder = Path(tempfile.mkdtemp(prefix="bench-emulator-")) if data_dir is None else data_dir
     seeded = ["--seed", str(seed)] if seed is not None else []
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SECRET_FILE).write_text(CLIENT_SECRET + "\n")
     proc: asyncio.subprocess.Process | None = None
     drain: asyncio.Task[None] | None = None
     try:
@@ -293,7 +298,7 @@ def aep_config(url: str, **settings: Any) -> AepConfig:
         platform_url=url,
         ims_url=url,
         client_id=DEFAULT_CLIENT_ID,
-        client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+        client_secret=SecretStr(CLIENT_SECRET),
         org_id=DEFAULT_ORG_ID,
         **settings,
     )
@@ -305,7 +310,7 @@ async def emulator_headers(session: aiohttp.ClientSession, url: str) -> dict[str
     form = {
         "grant_type": "client_credentials",
         "client_id": DEFAULT_CLIENT_ID,
-        "client_secret": DEFAULT_CLIENT_SECRET,
+        "client_secret": CLIENT_SECRET,
         "scope": "openid,AdobeID",
     }
     async with session.post(url + IMS_TOKEN_PATH, data=form) as resp:
@@ -395,7 +400,7 @@ async def running_daemon(config: Path, log: Path) -> AsyncIterator[Daemon]:
 
 def write_config(folder: Path, url: str, **sections: Mapping[str, Any]) -> Path:
     """A daemon configuration for the emulator at `url`, one DLZ destination named `lake`."""
-    (folder / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
+    (folder / "client_secret").write_text(CLIENT_SECRET)
     base: dict[str, dict[str, Any]] = {
         "aep": {
             "platform_url": url,

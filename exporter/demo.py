@@ -21,7 +21,7 @@ import watchfiles
 from rich.console import Console
 from rich.table import Table
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_ORG_ID, SECRET_FILE
 
 TIME_SCALE = 0.005  # AEP's 600 s not-ready window takes 3 s
 DEADLINE_S = 180.0
@@ -219,7 +219,8 @@ async def demo(workdir: Path, jobs_dir: Path, console: Console) -> int:
             f"2. Emulator listening on {url} (AEP's ten-minute 'not ready' window takes 3 s here)",
             highlight=False,
         )
-        (workdir / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
+        # The secret the emulator made at random in its data folder on its first start.
+        (workdir / "client_secret").write_text((data_dir / SECRET_FILE).read_text())
         config = workdir / "exporter.toml"
         config.write_text(
             CONFIG.format(

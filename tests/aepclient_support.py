@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from aep_emulator.settings import DEFAULT_CLIENT_ID
 from exporter.aep.api import AepApi
 from exporter.aep.config import AepConfig
 from exporter.aep.facts import StorageType
 from tests import workflow
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 
 
 def config_for(emulator: Emulator, **changes: Any) -> AepConfig:
@@ -20,7 +20,7 @@ def config_for(emulator: Emulator, **changes: Any) -> AepConfig:
         "platform_url": emulator.url,
         "ims_url": emulator.url,
         "client_id": DEFAULT_CLIENT_ID,
-        "client_secret": DEFAULT_CLIENT_SECRET,
+        "client_secret": EMULATOR_SECRET,
         "org_id": emulator.knobs.org_id,
         "rate_limit_rps": 50,
         "max_attempts": 8,

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from aep_emulator.settings import DEFAULT_CLIENT_ID, Knobs
 from aep_emulator.state import EmulatorState
 from exporter.aep.facts import FLOW_SERVICE_PATH
 from exporter.clock import FakeClock
@@ -21,6 +21,10 @@ from exporter.clock import FakeClock
 # Storage servers on loopback (S3, Azure Blob, GCS, SFTP) and a GnuPG key pair, session-scoped,
 # made on demand.
 pytest_plugins = ["tests.storage_servers", "tests.pgp_support"]
+
+EMULATOR_SECRET = "emulator-test-secret"
+"""The client secret every test's emulator accepts (`Knobs` makes a random one otherwise, as
+`aep-exporter emulator` does): a test credential, never a real one."""
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Emulator:
                 form={
                     "grant_type": "client_credentials",
                     "client_id": DEFAULT_CLIENT_ID,
-                    "client_secret": DEFAULT_CLIENT_SECRET,
+                    "client_secret": EMULATOR_SECRET,
                     "scope": "openid,AdobeID",
                 },
                 auth=False,
@@ -115,6 +119,7 @@ class Emulator:
 def default_knobs(**changes: Any) -> Knobs:
     """Test defaults: no latency, a short not-ready window and short runs (emulated)."""
     base: dict[str, Any] = {
+        "client_secret": EMULATOR_SECRET,
         "not_ready_window_s": 60,
         "run_duration_s": {"min": 5, "max": 5},
         "seed": 1234,

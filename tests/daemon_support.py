@@ -17,18 +17,19 @@ from typing import Any
 
 import watchfiles
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_ORG_ID
 from aep_emulator.state import EmulatorState
 from exporter.clock import Clock
 from exporter.daemon.core import Daemon
 from exporter.ops.systemd import VARIABLES as NOTIFY_VARIABLES
 from exporter.settings import Settings
 from exporter.sources.spool import Spool, SpoolIntake
+from tests.conftest import EMULATOR_SECRET
 
 
 def write_config(folder: Path, url: str, **sections: dict[str, Any]) -> Path:
     """A daemon config for the emulator at `url`; `sections` override keys per section."""
-    (folder / "client_secret").write_text(DEFAULT_CLIENT_SECRET)
+    (folder / "client_secret").write_text(EMULATOR_SECRET)
     base: dict[str, dict[str, Any]] = {
         "aep": {
             "platform_url": url,

@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from aep_emulator.settings import DEFAULT_CLIENT_SECRET
 from exporter.aep.adhoc import TriggerOutcomeUnknown
 from exporter.aep.api import Collection, FlowInfo
 from exporter.aep.client import HttpAep
@@ -41,7 +40,7 @@ from exporter.errors import (
 )
 from tests import workflow
 from tests.aepclient_support import build_flow, config_for, journal
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 
 T = TypeVar("T")
 WINDOW = 60.0  # default_knobs: a new flow is "not ready" for this long
@@ -492,7 +491,7 @@ async def test_no_secret_in_logs_errors_or_reprs(emulator: Emulator) -> None:
     events = {e["event"] for e in logs}
     assert {"aep_request_retry", "aep_request_reauth", "aep_token_refreshed"} <= events
     texts = [repr(e) for e in logs] + reprs + [t for e in errors for t in _texts(e)]
-    for secret in [DEFAULT_CLIENT_SECRET, wrong, *emulator.state.tokens]:
+    for secret in [EMULATOR_SECRET, wrong, *emulator.state.tokens]:
         assert not [t for t in texts if secret in t]
 
 
@@ -631,5 +630,5 @@ async def test_a_redirect_is_refused_and_nothing_goes_to_the_other_origin(
     assert reached == []
     assert f"HTTP {status}" in str(refused.value)
     assert "redirects are not followed" in str(refused.value)
-    assert DEFAULT_CLIENT_SECRET not in str(refused.value)
+    assert EMULATOR_SECRET not in str(refused.value)
     assert not refused.value.retryable

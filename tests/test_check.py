@@ -18,7 +18,6 @@ import pytest
 from aep_emulator.app import serve
 from aep_emulator.settings import (
     DEFAULT_CLIENT_ID,
-    DEFAULT_CLIENT_SECRET,
     Knobs,
     Permission,
     Span,
@@ -34,6 +33,7 @@ from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import Journal
 from exporter.jobs import JobState
+from tests.conftest import EMULATOR_SECRET
 from tests.pgp_support import Keypair
 
 DEADLINE = 20.0
@@ -42,7 +42,12 @@ GCS_SECRET = "A" * 40  # the shape of a Google HMAC secret (40 base64 characters
 
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
-    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0,
+        run_duration_s=Span(min=0, max=0),
+        seed=1,
+    )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
         yield running
 
@@ -57,7 +62,7 @@ def write_config(
     tmp_path: Path,
     url: str,
     *,
-    secret: str = DEFAULT_CLIENT_SECRET,
+    secret: str = EMULATOR_SECRET,
     sandbox: str = "prod",
     gcs_secret: str = GCS_SECRET,
     extra: str = "",

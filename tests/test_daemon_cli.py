@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, Knobs, Span
+from aep_emulator.settings import DEFAULT_ORG_ID, Knobs, Span
 from aep_emulator.state import EmulatorState
 from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, Journal
 from exporter.jobs import JobState, Outcome
 from tests.bad_jobs import BY_NAME, CASES, DESTINATIONS, MAX_JOB_FILE_BYTES, as_json, as_yaml
+from tests.conftest import EMULATOR_SECRET
 from tests.daemon_support import write_config as emulator_config
 
 pytestmark = pytest.mark.slow
@@ -311,7 +312,12 @@ job = { dataset_id = "ds_0002", destination = "archive", path = "ml/nightly" }
 @pytest.fixture
 async def aep(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0,
+        run_duration_s=Span(min=0, max=0),
+        seed=1,
+    )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
         yield running
 
@@ -389,7 +395,7 @@ async def test_lanes_list_shows_one_lane_for_two_exports_to_one_place(
     assert row(table.stdout, lane["lane"], flow_id, "lake", "ml/lane", "PARQUET/GZIP", "once", "2")
     end = datetime.fromtimestamp(lane["end_time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert end in table.stdout
-    assert DEFAULT_CLIENT_SECRET not in table.stdout + table.stderr
+    assert EMULATOR_SECRET not in table.stdout + table.stderr
 
 
 async def test_lanes_prune_dry_run_lists_and_prune_retires_an_idle_lane(

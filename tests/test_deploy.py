@@ -95,8 +95,11 @@ def test_compose_mounts_agree_with_the_daemons_settings(
     config_source = DEPLOY / mounts[str(CONFIG_PATH)]
     state_volume = mounts[STATE_VOLUME]
     assert state_volume in compose["volumes"], "the journal and spool outlive the container"
-    client_secret = (DEPLOY / compose["secrets"][SECRET_NAME]["file"]).read_text().strip()
+    # Both secrets come from the operator's environment: none is kept in the repository.
+    assert compose["secrets"][SECRET_NAME] == {"environment": "AEP_EXPORTER_CLIENT_SECRET"}
     assert compose["secrets"]["admin_token"] == {"environment": "AEP_EXPORTER_ADMIN_TOKEN"}
+    assert not list((DEPLOY / "compose").glob("*secret*"))
+    client_secret = "c" * 48  # what `openssl rand -hex 24` gives
     assert set(exporter["secrets"]) == {SECRET_NAME, "admin_token"}
     settings = load_with_secrets(
         config_source.read_text(),

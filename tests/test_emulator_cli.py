@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID
+from aep_emulator.settings import DEFAULT_CLIENT_ID, SECRET_FILE
 
 pytestmark = pytest.mark.slow
 STARTUP = 20.0
@@ -102,7 +103,7 @@ async def test_serves_seeded_datasets_and_stops_cleanly_on_sigterm(tmp_path: Pat
                 data={
                     "grant_type": "client_credentials",
                     "client_id": "my-client",
-                    "client_secret": "emulator-secret",
+                    "client_secret": (tmp_path / SECRET_FILE).read_text().strip(),
                     "scope": "openid",
                 },
             ) as resp:
@@ -125,29 +126,57 @@ async def test_serves_seeded_datasets_and_stops_cleanly_on_sigterm(tmp_path: Pat
             assert await proc.wait() == 0
 
 
+async def token_status(url: str, secret: str) -> int:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": DEFAULT_CLIENT_ID,
+        "client_secret": secret,
+        "scope": "openid",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/ims/token/v3", data=form) as resp,
+    ):
+        return resp.status
+
+
 async def test_client_secret_comes_from_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("from-a-file\n")
-    async with (
-        running("--data-dir", str(tmp_path), "--client-secret-file", str(secret)) as (
-            _,
-            url,
-        ),
-        aiohttp.ClientSession() as session,
+    async with running("--data-dir", str(tmp_path), "--client-secret-file", str(secret)) as (
+        _,
+        url,
     ):
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": DEFAULT_CLIENT_ID,
-            "scope": "openid",
-        }
-        async with session.post(
-            f"{url}/ims/token/v3", data={**form, "client_secret": "emulator-secret"}
-        ) as resp:
-            assert resp.status == 401
-        async with session.post(
-            f"{url}/ims/token/v3", data={**form, "client_secret": "from-a-file"}
-        ) as resp:
-            assert resp.status == 200
+        assert await token_status(url, "from-a-file") == 200
+        assert await token_status(url, "emulator-secret") == 401  # the old published default
+    assert not (tmp_path / SECRET_FILE).exists()  # a given secret is not copied anywhere
+
+
+async def test_without_a_secret_file_one_is_made_at_random_kept_and_reused(
+    tmp_path: Path,
+) -> None:
+    kept = tmp_path / SECRET_FILE
+    async with running("--data-dir", str(tmp_path)) as (_, url):
+        secret = kept.read_text().strip()
+        assert len(secret) >= 32
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert await token_status(url, secret) == 200
+        assert await token_status(url, "emulator-secret") == 401
+    async with running("--data-dir", str(tmp_path)) as (_, url):  # a restart keeps it
+        assert kept.read_text().strip() == secret
+        assert await token_status(url, secret) == 200
+    other = tmp_path / "other"
+    async with running("--data-dir", str(other)) as (_, url):  # another data folder: another
+        assert (other / SECRET_FILE).read_text().strip() != secret
+        assert await token_status(url, secret) == 401
+
+
+async def test_an_empty_secret_file_is_refused_not_served(tmp_path: Path) -> None:
+    (tmp_path / SECRET_FILE).write_text("\n")
+    proc = await exporter("emulator", "--port", "0", "--data-dir", str(tmp_path))
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "is empty: delete it" in err.decode()
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ from yarl import URL
 from aep_emulator.app import create_app
 from aep_emulator.connections import MASK
 from aep_emulator.control import PREFIX as CONTROL_PREFIX
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from aep_emulator.settings import DEFAULT_CLIENT_ID
 from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
@@ -59,7 +59,7 @@ from exporter.aep.facts import (
     STORAGE_SPECS,
     StorageType,
 )
-from tests.conftest import Answer, Emulator, default_knobs
+from tests.conftest import EMULATOR_SECRET, Answer, Emulator, default_knobs
 from tests.openapi import (
     KNOWN_DEVIATIONS,
     SCHEMAS_FILE,
@@ -228,7 +228,7 @@ async def scenario_ims_token(aep: Conformance) -> None:
     form = {
         "grant_type": "client_credentials",
         "client_id": DEFAULT_CLIENT_ID,
-        "client_secret": DEFAULT_CLIENT_SECRET,
+        "client_secret": EMULATOR_SECRET,
         "scope": "openid,AdobeID,read_organizations",
     }
     answer = await aep.emulator.request("POST", IMS_TOKEN_PATH, form=form, auth=False)

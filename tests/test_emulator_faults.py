@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 from aep_emulator import middleware
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from aep_emulator.settings import DEFAULT_CLIENT_ID, Knobs
 from exporter.aep.facts import FLOW_SERVICE_PATH, StorageType
-from tests.conftest import Answer, Emulator, default_knobs
+from tests.conftest import EMULATOR_SECRET, Answer, Emulator, default_knobs
 from tests.workflow import base_connection, flow, source_connection, target_connection
 
 CONNECTION_SPECS = "/connectionSpecs"
@@ -173,7 +173,7 @@ async def test_the_control_api_and_ims_are_never_throttled(emulator: Emulator) -
             form={
                 "grant_type": "client_credentials",
                 "client_id": DEFAULT_CLIENT_ID,
-                "client_secret": DEFAULT_CLIENT_SECRET,
+                "client_secret": EMULATOR_SECRET,
                 "scope": "openid",
             },
             auth=False,
@@ -528,7 +528,7 @@ async def test_a_new_secret_is_used_but_never_shown(emulator: Emulator) -> None:
         "scope": "openid",
     }
     old = await emulator.request(
-        "POST", "/ims/token/v3", form={**form, "client_secret": DEFAULT_CLIENT_SECRET}, auth=False
+        "POST", "/ims/token/v3", form={**form, "client_secret": EMULATOR_SECRET}, auth=False
     )
     assert old.status == 401
     new = await emulator.request(
@@ -559,7 +559,7 @@ async def test_invalid_knob_values_are_refused_with_details(
     assert answer.status == 400, answer.body
     assert answer.body["error"] == "invalid knob values"
     assert any(field in map(str, d["loc"]) for d in answer.body["details"]), answer.body
-    assert DEFAULT_CLIENT_SECRET not in answer.text
+    assert EMULATOR_SECRET not in answer.text
     assert (await emulator.control("GET", "/config")) == before
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs
+from aep_emulator.settings import DEFAULT_CLIENT_ID, Knobs
 from exporter.aep.facts import (
     ADHOC_DATASET_ACCEPT,
     ADHOC_PATH,
@@ -20,13 +20,13 @@ from exporter.aep.facts import (
     NOT_READY_PHRASE,
     StorageType,
 )
-from tests.conftest import Answer, Emulator, default_knobs
+from tests.conftest import EMULATOR_SECRET, Answer, Emulator, default_knobs
 from tests.workflow import base_connection, flow, source_connection, target_connection
 
 GOOD_FORM = {
     "grant_type": "client_credentials",
     "client_id": DEFAULT_CLIENT_ID,
-    "client_secret": DEFAULT_CLIENT_SECRET,
+    "client_secret": EMULATOR_SECRET,
     "scope": "openid,AdobeID,read_organizations",
 }
 LIFETIME_S = 3_600
@@ -112,7 +112,7 @@ async def test_parameters_in_the_query_string_are_accepted(emulator: Emulator) -
 
 async def test_body_parameters_complete_the_query_string(emulator: Emulator) -> None:
     query = {"grant_type": "client_credentials", "scope": "openid"}
-    form = {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+    form = {"client_id": DEFAULT_CLIENT_ID, "client_secret": EMULATOR_SECRET}
     answer = await ims(emulator, form, params=query)
     assert answer.status == 200, answer.body
 

@@ -42,7 +42,16 @@ def test_every_knob_has_an_option_whose_default_is_the_models() -> None:
 
 
 def test_no_options_give_the_models_defaults() -> None:
-    assert knobs() == Knobs()
+    # (but the client secret: each Knobs makes its own at random)
+    assert knobs().model_dump(exclude={"client_secret"}) == Knobs().model_dump(
+        exclude={"client_secret"}
+    )
+
+
+def test_every_knobs_has_its_own_random_client_secret() -> None:
+    secrets = {Knobs().client_secret for _ in range(50)}
+    assert len(secrets) == 50
+    assert all(len(s) >= 32 for s in secrets)
 
 
 # The options as they were written out by hand, before being derived from the model: each

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Knobs, Span
+from aep_emulator.settings import DEFAULT_CLIENT_ID, Knobs, Span
 from aep_emulator.state import EmulatorState
 from exporter.aep.config import AepConfig
 from exporter.clock import SystemClock
@@ -30,7 +30,7 @@ from exporter.exitcodes import Exit
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export
 from exporter.settings import Settings
-from tests.conftest import Emulator, default_knobs
+from tests.conftest import EMULATOR_SECRET, Emulator, default_knobs
 
 pytestmark = pytest.mark.slow
 DEADLINE = 30.0
@@ -39,13 +39,18 @@ DEADLINE = 30.0
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0,
+        run_duration_s=Span(min=0, max=0),
+        seed=1,
+    )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
         yield running
 
 
 def write_config(tmp_path: Path, url: str, *, extra: str = "", aep: str = "") -> Path:
-    (tmp_path / "secret").write_text(DEFAULT_CLIENT_SECRET + "\n")
+    (tmp_path / "secret").write_text(EMULATOR_SECRET + "\n")
     path = tmp_path / "exporter.toml"
     path.write_text(f"""
 [aep]
@@ -109,7 +114,7 @@ async def test_exports_a_dataset_and_prints_the_outcome_as_json(
     assert outcome["state"] == "succeeded"
     assert outcome["records"] == 42
     assert outcome["files"] == 1
-    assert DEFAULT_CLIENT_SECRET not in out + err
+    assert EMULATOR_SECRET not in out + err
 
 
 async def test_a_failed_run_exits_1_and_says_why(
@@ -258,7 +263,7 @@ async def test_a_run_past_the_timeout_exits_3(emulator: Emulator) -> None:
             platform_url=emulator.url,
             ims_url=emulator.url,
             client_id=DEFAULT_CLIENT_ID,
-            client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+            client_secret=SecretStr(EMULATOR_SECRET),
             org_id=emulator.knobs.org_id,
         ),
         engine=EngineConfig(not_ready_wait_s=60, poll_max_s=60),

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import SecretStr
 from rich.console import Console
 
-from aep_emulator.settings import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from aep_emulator.settings import DEFAULT_CLIENT_ID
 from exporter.aep.config import AepConfig
 from exporter.clock import FakeClock
 from exporter.destinations import DlzDestination
@@ -20,7 +20,7 @@ from exporter.jobs import Job, JobState
 from exporter.oneshot import _export
 from exporter.oneshot_state import ExportNote, default_folder
 from exporter.settings import Settings
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 
 
 def note(folder: Path, clock: FakeClock, job_id: str = "j") -> ExportNote:
@@ -70,7 +70,7 @@ async def test_a_rerun_adopts_the_run_a_stopped_trigger_started(
             platform_url=emulator.url,
             ims_url=emulator.url,
             client_id=DEFAULT_CLIENT_ID,
-            client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+            client_secret=SecretStr(EMULATOR_SECRET),
             org_id=emulator.knobs.org_id,
         ),
         engine=EngineConfig(not_ready_wait_s=60, poll_max_s=60),

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aep_emulator.settings import DEFAULT_CLIENT_SECRET
 from exporter.cli import build_parser
 from exporter.ops.probe import base_url, cmd_probe
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 from tests.daemon_support import write_config
 from tests.test_admin import admin_daemon
 
@@ -78,7 +77,7 @@ def test_the_address_comes_from_the_daemons_configuration(tmp_path: Path) -> Non
     assert base_url(probe_args("--config", str(config))) == "http://127.0.0.1:9999"
     config = write_config(tmp_path, "http://127.0.0.1:1", admin={"host": "::1", "port": 9465})
     assert base_url(probe_args("--config", str(config))) == "http://[::1]:9465"
-    assert (tmp_path / "client_secret").read_text() == DEFAULT_CLIENT_SECRET
+    assert (tmp_path / "client_secret").read_text() == EMULATOR_SECRET
 
 
 def test_a_disabled_admin_server_is_a_configuration_error(

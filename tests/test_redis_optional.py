@@ -22,6 +22,7 @@ from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import REDIS_EXTRA
 from exporter.daemon.core import EXIT_CONFIG, EXIT_OK
+from tests.conftest import EMULATOR_SECRET
 from tests.daemon_support import Running, drop_job, results, until_results
 from tests.daemon_support import write_config as daemon_config
 from tests.test_oneshot import write_config as oneshot_config
@@ -38,7 +39,12 @@ WITHOUT_REDIS = (
 @pytest.fixture(name="live")
 async def live_fixture(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(not_ready_window_s=0, run_duration_s=Span(min=0, max=0), seed=1)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0,
+        run_duration_s=Span(min=0, max=0),
+        seed=1,
+    )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as running:
         yield running
 

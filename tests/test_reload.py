@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_CLIENT_SECRET, Knobs, Span
+from aep_emulator.settings import Knobs, Span
 from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import DaemonConfig, LogConfig, ScheduleConfig
@@ -30,7 +30,7 @@ from exporter.errors import ConfigError
 from exporter.settings import Settings
 from exporter.sources.schedules import Schedules, trigger_of
 from tests.aepclient_support import config_for
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 from tests.daemon_support import (
     Running,
     daemon_process,
@@ -112,7 +112,12 @@ def set_run_duration(state: EmulatorState, seconds: float) -> None:
 async def test_sighup_takes_new_destinations_and_schedules_and_refuses_a_broken_config(
     tmp_path: Path,
 ) -> None:
-    knobs = Knobs(not_ready_window_s=0.2, run_duration_s=Span(min=0.1, max=0.2), seed=5)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0.2,
+        run_duration_s=Span(min=0.1, max=0.2),
+        seed=5,
+    )
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         dataset = state.lake.create_dataset(
             "prod", "features", 10, rng=random.Random(1), now_ms=0
@@ -174,7 +179,7 @@ async def test_sighup_takes_new_destinations_and_schedules_and_refuses_a_broken_
             syntax, destination = lines(running, "reload_refused")
             assert "line" in syntax["reason"]
             assert "schedule 'third': unknown destination 'nowhere'" in destination["reason"]
-            assert all(DEFAULT_CLIENT_SECRET not in r["reason"] for r in (syntax, destination))
+            assert all(EMULATOR_SECRET not in r["reason"] for r in (syntax, destination))
             assert len(lines(running, "reload_done")) == 1
 
             new_fires = len(lines(running, "schedule_fired", schedule="new"))

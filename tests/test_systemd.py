@@ -41,7 +41,7 @@ from exporter.ops.systemd import (
     monotonic_usec,
 )
 from exporter.settings import Settings
-from tests.conftest import Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator
 from tests.daemon_support import (
     Running,
     kill,
@@ -151,7 +151,12 @@ BAD_LEFT = 20  # unreadable job files a crashed run left claimed: recovery rejec
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_the_daemon_tells_systemd_what_it_does_in_order(tmp_path: Path) -> None:
-    knobs = Knobs(not_ready_window_s=0.2, run_duration_s=Span(min=0.2, max=0.3), seed=5)
+    knobs = Knobs(
+        client_secret=EMULATOR_SECRET,
+        not_ready_window_s=0.2,
+        run_duration_s=Span(min=0.2, max=0.3),
+        seed=5,
+    )
     async with (
         serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state),
         listening(str(tmp_path / "notify")) as systemd,
