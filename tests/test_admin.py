@@ -30,12 +30,13 @@ from aep_emulator.settings import DEFAULT_CLIENT_ID, Span
 from exporter.clock import FakeClock
 from exporter.daemon.admission import Service
 from exporter.daemon.assemble import build_daemon
-from exporter.daemon.config import AdminConfig, is_loopback
+from exporter.daemon.config import AdminConfig
 from exporter.daemon.core import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Daemon
 from exporter.daemon.journal import JobRecord
 from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 from exporter.jobs import TERMINAL, Rejected, parse_job
+from exporter.net import is_loopback
 from exporter.ops.admin import AdminServer
 from exporter.ops.admin_token import ensure_token, read_token
 from exporter.redaction import SECRETS
@@ -883,9 +884,11 @@ def test_settings_refuse_binding_beyond_loopback_without_a_token(tmp_path: Path)
         ("", False),
         ("10.0.0.5", False),
         ("localhost.example.com", False),
+        ("localhost.localdomain", True),
+        (None, False),
     ],
 )
-def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+def test_what_counts_as_loopback(host: str | None, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 

@@ -7,11 +7,10 @@ loopback host, which is where the emulator listens.
 
 from __future__ import annotations
 
-import ipaddress
-
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
+from exporter.net import is_loopback
 from exporter.redaction import Secret
 from exporter.retry import Backoff
 
@@ -23,18 +22,6 @@ DEFAULT_SCOPES = (
     "additional_info.projectedProductContext",
     "session",
 )
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether `host` names this machine (`localhost`, 127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_url(value: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from exporter.destinations import read_secret
 from exporter.jobs import Job
+from exporter.net import is_loopback
 from exporter.redaction import SECRETS, Secret
 
 
@@ -127,7 +127,7 @@ class RedisConfig(BaseModel):
         if (
             parts.scheme == "redis"
             and has_password
-            and not _loopback(parts.hostname or "")
+            and not is_loopback(parts.hostname)
             and not self.insecure_plaintext
         ):
             raise ValueError(
@@ -175,16 +175,6 @@ def _is_password(pair: str) -> bool:
 
 
 MIN_TOKEN_CHARS = 16
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` reaches this machine only: 127.0.0.0/8, ::1 or localhost."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name (or "", every interface): assume it is reachable
 
 
 class AdminConfig(BaseModel):
@@ -332,13 +322,3 @@ class ScheduleConfig(BaseModel):
         if self.cron is not None:
             return f"cron {self.cron} ({self.timezone})"
         return f"every {self.interval_s} s"
-
-
-def _loopback(host: str) -> bool:
-    """Whether `host` names this machine (a name or a loopback address)."""
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

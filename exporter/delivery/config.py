@@ -8,29 +8,16 @@ values are `Secret`s, so they are scrubbed from every message like the destinati
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from exporter.net import is_loopback
 from exporter.redaction import Secret
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 EXTRA_HINT = "pip install 'aep-exporter[delivery]'"
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether `host` names this machine (plain HTTP is allowed there only: test servers)."""
-    if not host:
-        return False
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_url(value: str, what: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from exporter.delivery.config import EXTRA_HINT, VerifySettings, is_loopback
+from exporter.delivery.config import EXTRA_HINT, VerifySettings
 from exporter.delivery.landing import Landing, azure_parts, blob_base
 from exporter.destinations import (
     AdlsGen2Destination,
@@ -32,6 +32,7 @@ from exporter.destinations import (
     SftpDestination,
 )
 from exporter.errors import ConfigError, ExporterError
+from exporter.net import is_loopback
 from exporter.redaction import SECRETS
 
 GCS_XML_ENDPOINT = "https://storage.googleapis.com"
