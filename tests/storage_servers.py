@@ -448,6 +448,10 @@ class SftpServer:
     key_user: str
     private_key_b64: str
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    host_public_key: str = ""  # the server's host key, as a known_hosts line carries it
+
+    def known_hosts_line(self) -> str:
+        return f"[{self.host}]:{self.port} {self.host_public_key}\n"
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the server's loop and wait for it, within the deadline."""
@@ -547,7 +551,15 @@ def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SftpServer
         port = acceptor.sockets[0].getsockname()[1]
         key_b64 = base64.b64encode(user_key.export_private_key("openssh")).decode()
         found = SftpServer(
-            "127.0.0.1", port, root, "exporter", password, "exporter-key", key_b64, loop
+            "127.0.0.1",
+            port,
+            root,
+            "exporter",
+            password,
+            "exporter-key",
+            key_b64,
+            loop,
+            host_key.export_public_key().decode().strip(),
         )
         try:
             yield found

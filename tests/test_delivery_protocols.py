@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import obstore
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +36,7 @@ from exporter.aep.client import HttpAep
 from exporter.delivery.deliver import Deliverer
 from exporter.delivery.landing import Landing
 from exporter.delivery.signals import MANIFEST, SUCCESS_MARKER
-from exporter.delivery.stores import Store
+from exporter.delivery.stores import SftpStore, Store, StoreError, open_store
 from exporter.destinations import Destination
 from exporter.engine.engine import Engine
 from exporter.jobs import Job, JobState, Outcome
@@ -394,3 +395,69 @@ async def test_the_landing_zone_is_read_with_the_sas_aep_hands_out(
         assert result.delivery.rows == 30
         assert {SUCCESS_MARKER, MANIFEST} <= listed
     assert sas.split("sig=")[1] not in result.model_dump_json()
+
+
+# -- an SFTP server's host key -----------------------------------------------------------
+
+
+def sftp_with_known_hosts(sftp: SftpServer, known_hosts: Path | None, host: str) -> Destination:
+    verify: dict[str, Any] = {} if known_hosts is None else {"known_hosts": str(known_hosts)}
+    return destination(
+        "sftp",
+        host=host,
+        port=sftp.port,
+        username=sftp.password_user,
+        password=sftp.password,
+        verify=verify,
+    )
+
+
+async def test_the_sftp_servers_key_must_be_the_one_known_hosts_names(
+    sftp_server: SftpServer, tmp_path: Path
+) -> None:
+    place = Landing(uri="sftp://test/", prefix="")
+    right = tmp_path / "right_known_hosts"
+    right.write_text(sftp_server.known_hosts_line())
+    store = open_store(sftp_with_known_hosts(sftp_server, right, sftp_server.host), place)
+    try:
+        assert isinstance(await store.list(""), list)
+    finally:
+        await store.aclose()
+
+    impostor = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[{sftp_server.host}]:{sftp_server.port} {impostor.strip()}\n")
+    store = open_store(sftp_with_known_hosts(sftp_server, wrong, sftp_server.host), place)
+    try:
+        with pytest.raises(StoreError, match="SFTP connection failed"):
+            await store.list("")
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("host", "given", "checked_against"),
+    [
+        ("sftp.example.com", False, "the user's ~/.ssh/known_hosts"),
+        ("sftp.example.com", True, "the given file"),
+        ("127.0.0.1", True, "the given file"),
+        ("127.0.0.1", False, "nothing: a server on this machine"),
+        ("localhost", False, "nothing: a server on this machine"),
+    ],
+)
+def test_an_sftp_key_goes_unchecked_only_on_this_machine(
+    sftp_server: SftpServer, tmp_path: Path, host: str, given: bool, checked_against: str
+) -> None:
+    known = tmp_path / "known_hosts" if given else None
+    store = open_store(
+        sftp_with_known_hosts(sftp_server, known, host), Landing(uri="sftp://x/", prefix="")
+    )
+    assert isinstance(store, SftpStore)
+    # asyncssh reads ~/.ssh/known_hosts when the option is absent; None turns checking off.
+    options = store.connect_options
+    expected: object = {
+        "the user's ~/.ssh/known_hosts": "absent",
+        "the given file": str(known),
+        "nothing: a server on this machine": None,
+    }[checked_against]
+    assert options.get("known_hosts", "absent") == expected

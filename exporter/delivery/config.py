@@ -91,8 +91,8 @@ class VerifySettings(_Section):
     ssh_key: Secret | None = None
     """An SFTP private key (OpenSSH/PEM text) for reading; else the destination's."""
     known_hosts: Path | None = None
-    """SFTP: the known_hosts file the server's key must be in; without it the key is not
-    checked (say so in the review: only for test servers)."""
+    """SFTP: the known_hosts file the server's key must be in. Without it, the daemon user's
+    ~/.ssh/known_hosts; only a server on this machine (loopback) goes unchecked."""
     port: int | None = Field(default=None, ge=1, le=65535)
     attempts: int = Field(default=4, ge=1, le=20)
     """Tries of each request to an object store (obstore retries 5xx, dropped connections
