@@ -37,6 +37,7 @@ from exporter.engine.config import EngineConfig
 from exporter.errors import ConfigError
 
 SECRET_NAME = "aep_client_secret"  # noqa: S105 - a file name, not a secret
+NESTED_PATHS = ("known_hosts", "root")  # paths in a destination's verify section
 
 
 class _FromToml(BaseSettings):
@@ -116,14 +117,24 @@ class Settings(_FromToml):
         dests = data.get("destinations")
         if isinstance(dests, Mapping):
             data["destinations"] = {
-                name: {
-                    k: (str(cls._resolve(v)) if k.endswith("_file") else v) for k, v in dest.items()
-                }
-                if isinstance(dest, Mapping)
-                else dest
+                name: cls._paths(dest) if isinstance(dest, Mapping) else dest
                 for name, dest in dests.items()
             }
         return data
+
+    @classmethod
+    def _paths(cls, section: Mapping[str, Any], also: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A destination's `*_file` paths, and in its sections (`verify`, its `webhook`) the
+        `*_file` paths and `known_hosts` and `root` too, made relative to the file."""
+        out: dict[str, Any] = {}
+        for key, value in section.items():
+            if isinstance(value, Mapping):
+                out[key] = cls._paths(value, also=NESTED_PATHS)
+            elif isinstance(value, str) and (key.endswith("_file") or key in also):
+                out[key] = str(cls._resolve(value))
+            else:
+                out[key] = value
+        return out
 
     @model_validator(mode="after")
     def _schedules(self) -> Settings:

@@ -77,6 +77,40 @@ password_file = "sftp-password"
     assert auth["params"]["password"] == "pw"
 
 
+def test_verify_section_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    """Not against the daemon's working folder (systemd starts it in /): the read secret, the
+    known_hosts file and the webhook's secret of a verify section sit beside the config."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "read-password").write_text("read-pw\n")
+    (tmp_path / "secrets" / "hook").write_text("hook-secret\n")
+    (tmp_path / "known_hosts").write_text("")
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """client_secret = "s"
+[destinations.partner]
+type = "sftp"
+host = "sftp.example.com"
+username = "ml"
+password = "pw"
+[destinations.partner.verify]
+password_file = "secrets/read-password"
+known_hosts = "known_hosts"
+[destinations.partner.verify.webhook]
+url = "https://hooks.example.com/aep"
+secret_file = "secrets/hook"
+""",
+    )
+    assert Path.cwd() != tmp_path
+    verify = load_settings(path).destinations["partner"].verify
+    assert verify is not None
+    assert verify.password is not None
+    assert verify.password.get_secret_value() == "read-pw"
+    assert verify.known_hosts == tmp_path / "known_hosts"
+    assert verify.webhook is not None
+    assert verify.webhook.secret.get_secret_value() == "hook-secret"
+
+
 def test_unknown_keys_and_bad_values_are_all_listed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
