@@ -66,7 +66,7 @@ class _FromToml(BaseSettings):
 
     @classmethod
     def _resolve_dirs(cls, daemon: Mapping[str, Any]) -> dict[str, Any]:
-        """The [daemon] section with its `*_dir` paths made relative to the file."""
+        """A section with its `*_dir` paths made relative to the file."""
         return {k: (str(cls._resolve(v)) if k.endswith("_dir") else v) for k, v in daemon.items()}
 
 
@@ -105,9 +105,9 @@ class Settings(_FromToml):
                     aep["client_secret"] = read_secret(folder / SECRET_NAME)
                     break
         data["aep"] = aep
-        daemon = data.get("daemon")
-        if isinstance(daemon, Mapping):
-            data["daemon"] = cls._resolve_dirs(daemon)
+        for section in ("daemon", "engine"):  # state_dir, spool_dir; queries_dir
+            if isinstance(data.get(section), Mapping):
+                data[section] = cls._resolve_dirs(data[section])
         admin = data.get("admin")
         if isinstance(admin, Mapping) and "token_file" in admin:
             data["admin"] = {**admin, "token_file": str(cls._resolve(admin["token_file"]))}

@@ -111,6 +111,11 @@ secret_file = "secrets/hook"
     assert verify.webhook.secret.get_secret_value() == "hook-secret"
 
 
+def test_the_queries_folder_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + 'client_secret = "s"\n[engine]\nqueries_dir = "sql"\n')
+    assert load_settings(path).engine.queries_dir == tmp_path / "sql"
+
+
 def test_unknown_keys_and_bad_values_are_all_listed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
