@@ -9,6 +9,7 @@ and user matches the settings and the Dockerfile.
 from __future__ import annotations
 
 import os
+import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -131,7 +132,8 @@ def test_compose_mounts_agree_with_the_daemons_settings(
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, Any]]:
-    """Every object of deploy/k8s by kind; kustomization.yaml lists exactly these files."""
+    """Every object of deploy/k8s by kind; kustomization.yaml lists exactly these files. The
+    Secret is the one its secretGenerator makes from files (its `files` as `data` keys)."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(kustomization["resources"]) == files
@@ -140,6 +142,17 @@ def manifests() -> dict[str, dict[str, Any]]:
         for doc in yaml.safe_load_all((K8S / name).read_text()):
             assert doc["kind"] not in found, f"two {doc['kind']} objects"
             found[doc["kind"]] = doc
+    assert "Secret" not in found, "no Secret with values in the repository: a generator"
+    (generator,) = kustomization["secretGenerator"]
+    assert generator["options"]["disableNameSuffixHash"], "the StatefulSet names it as is"
+    assert not generator.get("literals"), "secrets come from files, not the manifest"
+    sources = dict(f.split("=", 1) for f in generator["files"])
+    found["Secret"] = {
+        "kind": "Secret",
+        "metadata": {"name": generator["name"]},
+        "data": dict.fromkeys(sources),
+        "sources": sources,
+    }
     return found
 
 
@@ -160,8 +173,15 @@ def test_k8s_has_a_secret_a_configmap_a_statefulset_and_a_service(
     (claim,) = statefulset["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"]
     secret = manifests["Secret"]
-    assert set(secret["stringData"]) == {SECRET_NAME, "admin_token"}
-    assert all(v.startswith("REPLACE") for v in secret["stringData"].values()), "no real secret"
+    assert set(secret["data"]) == {SECRET_NAME, "admin_token"}
+    # Its files are the operator's, in a folder git ignores: none is in the repository.
+    for source in secret["sources"].values():
+        ignored = subprocess.run(  # noqa: S603
+            ["git", "check-ignore", "--quiet", f"deploy/k8s/{source}"],  # noqa: S607
+            cwd=ROOT,
+            check=False,
+        )
+        assert ignored.returncode == 0, f"git would track deploy/k8s/{source}"
 
 
 def test_the_pod_mounts_config_secrets_and_state_where_the_daemon_reads_them(
@@ -186,7 +206,7 @@ def test_the_pod_mounts_config_secrets_and_state_where_the_daemon_reads_them(
     assert volumes[secret_mount]["secret"]["secretName"] == manifests["Secret"]["metadata"]["name"]
     assert volumes[secret_mount]["secret"]["defaultMode"] & 0o040, "readable by the pod's group"
     settings = load_with_secrets(
-        text, tmp_path, dict.fromkeys(manifests["Secret"]["stringData"], "x" * 32)
+        text, tmp_path, dict.fromkeys(manifests["Secret"]["data"], "x" * 32)
     )
     assert settings.admin.token is not None
     assert str(settings.daemon.state_dir) == STATE_VOLUME
