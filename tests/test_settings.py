@@ -19,6 +19,17 @@ org_id = "ORG@AdobeOrg"
 """
 
 
+PARTNER_SFTP = (
+    MINIMAL
+    + """client_secret = "s"
+[destinations.partner]
+type = "sftp"
+host = "sftp.example.com"
+username = "ml"
+"""
+)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "exporter.toml"
     path.write_text(text)
@@ -62,13 +73,8 @@ def test_destination_secret_files_resolve_against_the_config_folder(tmp_path: Pa
     (tmp_path / "sftp-password").write_text("pw")
     path = write(
         tmp_path,
-        MINIMAL
-        + """client_secret = "s"
-[destinations.partner]
-type = "sftp"
-host = "sftp.example.com"
-username = "ml"
-password_file = "sftp-password"
+        PARTNER_SFTP
+        + """password_file = "sftp-password"
 """,
     )
     dest = load_settings(path).destinations["partner"]
@@ -86,13 +92,8 @@ def test_verify_section_paths_resolve_against_the_config_folder(tmp_path: Path) 
     (tmp_path / "known_hosts").write_text("")
     path = write(
         tmp_path,
-        MINIMAL
-        + """client_secret = "s"
-[destinations.partner]
-type = "sftp"
-host = "sftp.example.com"
-username = "ml"
-password = "pw"
+        PARTNER_SFTP
+        + """password = "pw"
 [destinations.partner.verify]
 password_file = "secrets/read-password"
 known_hosts = "known_hosts"
