@@ -116,6 +116,12 @@ class Emulator:
         return [d["id"] for d in made["datasets"]]
 
 
+def emulator_knobs(**changes: Any) -> Knobs:
+    """`Knobs(**changes)` that accept the tests' `EMULATOR_SECRET` (a bare `Knobs()` makes a
+    random secret, as `aep-exporter emulator` does)."""
+    return Knobs(client_secret=EMULATOR_SECRET, **changes)
+
+
 def default_knobs(**changes: Any) -> Knobs:
     """Test defaults: no latency, a short not-ready window and short runs (emulated)."""
     base: dict[str, Any] = {

@@ -33,7 +33,7 @@ from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import Journal
 from exporter.jobs import JobState
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import EMULATOR_SECRET, emulator_knobs
 from tests.pgp_support import Keypair
 
 DEADLINE = 20.0
@@ -42,8 +42,7 @@ GCS_SECRET = "A" * 40  # the shape of a Google HMAC secret (40 base64 characters
 
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0,
         run_duration_s=Span(min=0, max=0),
         seed=1,

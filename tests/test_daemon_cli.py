@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import DEFAULT_ORG_ID, Knobs, Span
+from aep_emulator.settings import DEFAULT_ORG_ID, Span
 from aep_emulator.state import EmulatorState
 from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, Journal
 from exporter.jobs import JobState, Outcome
 from tests.bad_jobs import BY_NAME, CASES, DESTINATIONS, MAX_JOB_FILE_BYTES, as_json, as_yaml
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import EMULATOR_SECRET, emulator_knobs
 from tests.daemon_support import write_config as emulator_config
 
 pytestmark = pytest.mark.slow
@@ -312,8 +312,7 @@ job = { dataset_id = "ds_0002", destination = "archive", path = "ml/nightly" }
 @pytest.fixture
 async def aep(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0,
         run_duration_s=Span(min=0, max=0),
         seed=1,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import Span
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import emulator_knobs
 from tests.daemon_support import (
     daemon_process,
     drop_job,
@@ -39,8 +39,7 @@ KILLS = 20
 @pytest.mark.timeout(600)
 async def test_sigkill_at_twenty_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> None:
     rng = random.Random(20261127)
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=0.2, max=1.0),
         latency_ms=Span(min=1, max=8),

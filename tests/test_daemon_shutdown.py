@@ -18,7 +18,7 @@ from aep_emulator.settings import Knobs, Span
 from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.journal import FILE_NAME, summary
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import emulator_knobs
 from tests.daemon_support import (
     drop_job,
     kill,
@@ -68,8 +68,7 @@ def seed(state: EmulatorState, count: int, start: int) -> list[str]:
 
 @pytest.mark.timeout(300)
 async def test_sigterm_with_jobs_in_every_state(tmp_path: Path) -> None:
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.2,
         run_duration_s=Span(min=0.1, max=0.2),
         seed=3,
@@ -151,7 +150,7 @@ async def test_sigterm_with_jobs_in_every_state(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     # Every call hangs for a minute, so the first SIGTERM has requests to wait for.
-    knobs = Knobs(client_secret=EMULATOR_SECRET, slow_rate=1.0, slow_ms=60_000, seed=4)
+    knobs = emulator_knobs(slow_rate=1.0, slow_ms=60_000, seed=4)
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         config = write_config(tmp_path, url, daemon={"shutdown_grace_s": 30})
         drop(tmp_path / "spool", seed(state, 2, 0), "stuck")
@@ -175,7 +174,7 @@ async def test_a_stop_the_daemon_began_itself_still_gives_a_signal_its_grace(
     # A task dies (intake: the spool is deleted) while calls hang on the wire: the daemon
     # begins its graceful stop by itself. A SIGTERM then (systemctl stop, say) is the first
     # signal, not the second: it must not cut the grace short; a second one does.
-    knobs = Knobs(client_secret=EMULATOR_SECRET, slow_rate=1.0, slow_ms=60_000, seed=5)
+    knobs = emulator_knobs(slow_rate=1.0, slow_ms=60_000, seed=5)
     async with serve(knobs, tmp_path / "emulator", clock=SystemClock()) as (url, state):
         config = write_config(
             tmp_path, url, daemon={"shutdown_grace_s": 30, "watch": False, "rescan_s": 0.2}

@@ -30,7 +30,7 @@ from exporter.exitcodes import Exit
 from exporter.jobs import Job, JobState
 from exporter.oneshot import EXIT, _export
 from exporter.settings import Settings
-from tests.conftest import EMULATOR_SECRET, Emulator, default_knobs
+from tests.conftest import EMULATOR_SECRET, Emulator, default_knobs, emulator_knobs
 
 pytestmark = pytest.mark.slow
 DEADLINE = 30.0
@@ -39,8 +39,7 @@ DEADLINE = 30.0
 @pytest.fixture
 async def live(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0,
         run_duration_s=Span(min=0, max=0),
         seed=1,

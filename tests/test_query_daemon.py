@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import Span
 from exporter.clock import SystemClock
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import emulator_knobs
 from tests.daemon_support import (
     drop_job,
     kill,
@@ -27,8 +27,7 @@ from tests.daemon_support import (
 @pytest.mark.timeout(120)
 async def test_sigkill_during_the_query_leaves_one_query_and_one_export(tmp_path: Path) -> None:
     # The query takes 1.5 s of real time: the kill lands while it is in progress.
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=0.2, max=0.2),
         seed=3,

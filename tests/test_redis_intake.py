@@ -35,7 +35,7 @@ from structlog.typing import EventDict
 
 from aep_emulator.app import serve
 from aep_emulator.runs import settle as settle_runs
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import Span
 from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import RedisConfig
@@ -46,7 +46,7 @@ from exporter.settings import describe_errors, load_settings
 from exporter.sources.redis.errors import reply_code, retryable
 from exporter.sources.redis.intake import RedisIntake
 from exporter.sources.redis.messages import Message
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import emulator_knobs
 from tests.daemon_support import (
     Running,
     drop_job,
@@ -77,8 +77,7 @@ GROUP = "aep-exporter"
 RESULTS = "aep-exporter:results"
 DEAD = "aep-exporter:dead-letter"
 DEADLINE = 30.0  # real seconds: a bound on a wait for an event, never a sleep
-FAST = Knobs(
-    client_secret=EMULATOR_SECRET,
+FAST = emulator_knobs(
     not_ready_window_s=0.3,
     run_duration_s=Span(min=0.2, max=0.5),
     latency_ms=Span(min=1, max=3),
@@ -202,8 +201,7 @@ async def test_two_daemons_share_500_jobs_and_one_is_killed_half_way(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=0.2, max=1.0),
         latency_ms=Span(min=1, max=8),
@@ -472,8 +470,7 @@ async def test_a_restarted_daemon_resumes_its_own_jobs(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=3, max=3),
         seed=5,
@@ -562,8 +559,7 @@ async def test_restarts_are_no_deliveries_but_takeovers_are(
     deliveries: with max_deliveries=2 it outlives three of them. A job taken over from
     daemons that keep dying on it still ends in the dead-letter stream."""
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=600, max=600),
         seed=4,
@@ -666,8 +662,7 @@ async def test_the_heartbeat_gives_up_a_job_another_daemon_took_and_forgets_it(
     """Another consumer holds the job: its lock says so or, with no lock and no progress
     left, its message pending with that consumer does (not a loss of Redis's data)."""
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=600, max=600),
         seed=3,
@@ -731,8 +726,7 @@ async def test_a_daemon_cut_off_from_redis_never_triggers_a_job_taken_over_meanw
     # AEP refuses the dataset's ad hoc run for 10 minutes of its clock, which stands still
     # until the test moves it; runs take a moment, so a second trigger would start a second
     # run rather than be told one is in progress.
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=600,
         run_duration_s=Span(min=0.05, max=0.05),
         seed=12,
@@ -787,8 +781,7 @@ async def test_the_fence_says_by_when_the_trigger_must_be_on_the_wire(
     """A renewed lease holds for `lease_s` from the renewal's start; the fence gives the
     trigger three quarters of it, a quarter before the lease could lapse."""
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=600,
         run_duration_s=Span(min=1, max=1),
         seed=4,
@@ -817,8 +810,7 @@ async def test_a_running_job_outlives_redis_losing_its_data(
     for a takeover. Its lock and progress are made again, and so is the group; the job
     finishes and its result is published. A job submitted afterwards runs too."""
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=600, max=600),
         seed=8,
@@ -865,8 +857,7 @@ async def test_a_restart_after_redis_lost_its_data_resumes_the_job(
     start. The journal's job is not forgotten as "no longer pending": it is resumed, its
     keys are made again, and its result is published."""
     client = redis_server.client
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=600, max=600),
         seed=10,
@@ -911,8 +902,7 @@ async def test_a_long_redis_outage_stops_the_daemon_with_70_and_the_next_start_s
     folder = tmp_path / "redis"
     server = await start_redis(folder, password=secret, persist=True)
     (tmp_path / "redis_password").write_text(secret + "\n")
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=1, max=1),
         seed=9,
@@ -998,8 +988,7 @@ async def test_redis_refusing_commands_for_a_while_is_waited_out(
     # The run ends when the test moves the emulator's clock, inside the last while, so the
     # settle comes there however loaded the machine; each while stays well under the lease
     # (10 s: a job whose lease lapses while Redis refuses is handed back, as it must be).
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.3,
         run_duration_s=Span(min=600, max=600),
         seed=6,

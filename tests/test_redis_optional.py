@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from aep_emulator.app import serve
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import Span
 from aep_emulator.state import EmulatorState
 from exporter.clock import SystemClock
 from exporter.daemon.config import REDIS_EXTRA
 from exporter.daemon.core import EXIT_CONFIG, EXIT_OK
-from tests.conftest import EMULATOR_SECRET
+from tests.conftest import emulator_knobs
 from tests.daemon_support import Running, drop_job, results, until_results
 from tests.daemon_support import write_config as daemon_config
 from tests.test_oneshot import write_config as oneshot_config
@@ -39,8 +39,7 @@ WITHOUT_REDIS = (
 @pytest.fixture(name="live")
 async def live_fixture(tmp_path: Path) -> AsyncIterator[tuple[str, EmulatorState]]:
     """An emulator on the real clock whose waits are all zero, for child processes."""
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0,
         run_duration_s=Span(min=0, max=0),
         seed=1,

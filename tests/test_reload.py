@@ -30,7 +30,7 @@ from exporter.errors import ConfigError
 from exporter.settings import Settings
 from exporter.sources.schedules import Schedules, trigger_of
 from tests.aepclient_support import config_for
-from tests.conftest import EMULATOR_SECRET, Emulator
+from tests.conftest import EMULATOR_SECRET, Emulator, emulator_knobs
 from tests.daemon_support import (
     Running,
     daemon_process,
@@ -112,8 +112,7 @@ def set_run_duration(state: EmulatorState, seconds: float) -> None:
 async def test_sighup_takes_new_destinations_and_schedules_and_refuses_a_broken_config(
     tmp_path: Path,
 ) -> None:
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.2,
         run_duration_s=Span(min=0.1, max=0.2),
         seed=5,

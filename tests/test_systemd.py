@@ -28,7 +28,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from aep_emulator.app import serve
-from aep_emulator.settings import Knobs, Span
+from aep_emulator.settings import Span
 from exporter.clock import SystemClock
 from exporter.daemon.config import AdminConfig
 from exporter.daemon.core import EXIT_OK, Daemon
@@ -41,7 +41,7 @@ from exporter.ops.systemd import (
     monotonic_usec,
 )
 from exporter.settings import Settings
-from tests.conftest import EMULATOR_SECRET, Emulator
+from tests.conftest import Emulator, emulator_knobs
 from tests.daemon_support import (
     Running,
     kill,
@@ -151,8 +151,7 @@ BAD_LEFT = 20  # unreadable job files a crashed run left claimed: recovery rejec
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_the_daemon_tells_systemd_what_it_does_in_order(tmp_path: Path) -> None:
-    knobs = Knobs(
-        client_secret=EMULATOR_SECRET,
+    knobs = emulator_knobs(
         not_ready_window_s=0.2,
         run_duration_s=Span(min=0.2, max=0.3),
         seed=5,
